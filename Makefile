@@ -1,0 +1,39 @@
+# Quickstart targets. Everything installs into .venv from pyproject.toml; nothing by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Simulated CPU devices, so that every sharding path runs on a laptop.
+CPU_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: demo test lint format setup setup-test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.core-installed: pyproject.toml setup.py | $(VENV)/bin/python
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml setup.py | $(VENV)/bin/python
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@ $(VENV)/.core-installed
+
+setup: $(VENV)/.core-installed
+setup-test: $(VENV)/.test-installed
+
+demo: setup
+	$(CPU_DEVICES) $(PY) main.py --model configs/demo.json --summary
+
+test: setup-test
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup-test
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

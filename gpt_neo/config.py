@@ -1,0 +1,474 @@
+"""GPT-Neo JSON model configs -> one typed, frozen `Config`.
+
+GPT-Neo read its JSON into a `defaultdict(lambda: None)`, so a typo silently became `None` and
+`"rotary_emb": false` switched rotary embeddings *on*. Here every key is declared once, with its
+type and default, and everything downstream trusts the validated `Config`:
+
+- unknown keys are errors (with the closest known key suggested);
+- values are type-checked (`true` is not an int, `"12"` is not an int);
+- known keys whose feature is not built yet are errors when they would turn that feature on;
+- GPT-Neo's aliases are accepted: `n_heads` -> `n_head`, `activation_fn` -> `activation_function`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt_neo.models.activations import ACTIVATIONS
+
+ATTENTION_TYPES = ("global", "local", "linear", "none")
+PRECISIONS = ("float32", "bfloat16")
+OPTIMIZERS = ("adam", "adafactor")
+LR_DECAYS = ("cosine", "linear", "constant")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
+
+# GPT-Neo spellings that mean the same key as ours.
+ALIASES = {"n_heads": "n_head", "activation_fn": "activation_function"}
+
+# Keys GPT-Neo accepts whose feature this library does not implement yet. A config may carry
+# them switched off (false/null/0/empty), which is what every released config does; any other
+# value is refused rather than silently ignored.
+NOT_SUPPORTED_YET = {
+    "moe_layers": "mixture of experts",
+    "moe_params": "mixture of experts",
+    "moe_activation": "mixture of experts",
+    "mlm_training": "masked-LM training",
+    "mlm_mask_id": "masked-LM training",
+    "mlm_cls_token_id": "masked-LM training",
+    "mlm_mask_prob": "masked-LM training",
+    "mlm_same_token_prob": "masked-LM training",
+    "mlm_random_token_prob": "masked-LM training",
+    "mlm_mask_ignore_ids": "masked-LM training",
+    "mlp_glu": "the experimental GLU feed-forward",
+    "scalenorm": "the experimental ScaleNorm",
+    "rezero": "the experimental ReZero blocks",
+    "macaron": "the experimental macaron feed-forward",
+    "num_mem_kv": "the experimental memory key/values",
+    "axial_pos_emb": "the experimental axial position embedding",
+    "rotary_emb": "the experimental rotary position embedding",
+    "share_parameters": "the experimental cross-layer parameter sharing",
+    "no_weight_tie": "the experimental untied output head",
+    "entmax_loss": "the experimental entmax loss",
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with a message that says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One entry of `datasets`: GPT-Neo's `[dataset_id, stitch, sampling_mode, weight]`."""
+
+    dataset_id: str
+    stitch: int | None = None
+    sampling_mode: str | None = None
+    weight: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated GPT-Neo model config. Field names are GPT-Neo's JSON keys."""
+
+    # --- architecture ---------------------------------------------------------------------
+    n_embd: int
+    """Model width d_model."""
+    n_head: int
+    """Attention heads; head dim = n_embd // n_head. GPT-Neo's README spelling `n_heads` works."""
+    n_layer: int
+    """Transformer blocks."""
+    n_ctx: int
+    """Sequence length, and rows of the learned position embedding."""
+    n_vocab: int
+    """Embedding rows (may be padded above the tokenizer's size, e.g. 50304)."""
+    attention_types: tuple[str, ...] = ()
+    """One of global/local/linear/none per layer. JSON takes GPT-Neo's shorthand
+    `[[["global","local"],12]]` or a flat list; missing means all global."""
+    local_attention_radius: int = 256
+    """Window of `local` layers: query p sees keys (p - radius, p]."""
+    activation_function: str = "gelu"
+    """MLP activation by GPT-Neo name; `gelu` is the tanh approximation (HF `gelu_new`)."""
+    scale_by_depth: bool = False
+    """Multiply the MLP output projection's init std by 1/sqrt(n_layer)."""
+    scale_by_in: bool = False
+    """Multiply the MLP projections' init std by 1/sqrt(fan_in)."""
+    embed_dropout: float = 0.0
+    """Dropout on token + position embeddings (training only)."""
+    attn_dropout: float = 0.0
+    """Dropout on attention probabilities of `global` layers, as in GPT-Neo (training only)."""
+    res_dropout: float = 0.0
+    """Dropout on each residual branch's output (training only)."""
+    precision: str = "float32"
+    """`float32`, or `bfloat16` compute with float32 master parameters."""
+    recompute_grad: bool = False
+    """Rematerialise each block's activations in the backward pass (`jax.checkpoint`)."""
+    attention_kernel: str = "auto"
+    """Softmax-attention kernel: `auto` (cuDNN flash on GPU, splash on TPU where it applies,
+    else XLA), or force one of `xla`, `cudnn`, `splash`. Not a GPT-Neo key."""
+
+    # --- optimisation (consumed by training) ----------------------------------------------
+    opt_name: str = "adam"
+    """`adam` (AdamW) or `adafactor`."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    lr_decay: str = "cosine"
+    """`cosine`, `linear` (both to 10% of lr at lr_decay_end) or `constant`."""
+    lr_decay_end: int | None = None
+    """Decay horizon in steps; default train_steps."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to lr."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and norm parameters)."""
+    ada_epsilon1: float = 1e-30
+    ada_epsilon2: float = 1e-3
+    gradient_clipping: float = 1.0
+    """Global-norm gradient clip."""
+    z_loss: float = 1e-4
+    """Coefficient of the logsumexp(logits)^2 auxiliary loss."""
+    log_grads: bool = False
+    """Log per-parameter gradient norms."""
+    tokens_per_mb_per_replica: int | None = None
+    """Gradient-accumulation microbatch size, in tokens per data-parallel replica."""
+
+    # --- run, data and evaluation ---------------------------------------------------------
+    model_path: str | None = None
+    """Checkpoint and log directory (local or gs://)."""
+    mesh_shape: str | None = None
+    """`"x:4,y:2"`: named mesh axes and their sizes; missing means all devices on one axis `x`."""
+    layout: str | None = None
+    """`"batch:x,heads:y"`: tensor dimension -> mesh axis rules; missing means `batch` on the
+    first mesh axis."""
+    train_batch_size: int | None = None
+    train_steps: int | None = None
+    iterations: int | None = None
+    """Steps per host loop between logging/syncs."""
+    datasets: tuple[DatasetEntry, ...] = ()
+    no_dataset: bool = False
+    input_fn: str = "sequential_input"
+    seed: int = 1
+    shuffle_input_filenames: bool = True
+    eval_batch_size: int | None = None
+    eval_steps: int = 0
+    eval_tasks: tuple[str, ...] = ()
+    predict_batch_size: int = 1
+    predict_steps: int = 0
+    predict_max_steps: int | None = None
+    remove_partial_sequences: bool = False
+    padding_id: int | None = None
+    eos_id: int | None = None
+    model: str = "GPT"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def d_mlp(self) -> int:
+        """GPT-Neo's `intermediate_expanded`: 4 * n_embd."""
+        return 4 * self.n_embd
+
+    def replace(self, **changes) -> Config:
+        """A copy with `changes` applied and validated again."""
+        return from_dict({**to_dict(self), **changes}, source="Config.replace")
+
+
+REQUIRED = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab")
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+KNOWN_KEYS = frozenset(_FIELDS) | frozenset(ALIASES) | frozenset(NOT_SUPPORTED_YET)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    overrides: Mapping[str, object] | Sequence[str] | None = None,
+) -> Config:
+    """Read one or more GPT-Neo JSON configs, merge them in order (later wins), apply overrides.
+
+    `overrides` is a mapping or a list of `"key=value"` strings (value parsed as JSON, else kept
+    as a string); it applies last. A bare name such as `gpt3_small` is looked up as
+    `configs/<name>.json`, like GPT-Neo's `--model`. Raises `ConfigError`.
+    """
+    paths = [path_or_paths] if isinstance(path_or_paths, str | os.PathLike) else path_or_paths
+    if not paths:
+        raise ConfigError("no config file given: pass at least one JSON config")
+    merged: dict = {}
+    sources: list[str] = []
+    for path in paths:
+        resolved = resolve_config_path(path)
+        merged.update(_read_json(resolved))
+        sources.append(str(resolved))
+    merged.update(parse_overrides(overrides))
+    return from_dict(merged, source=" + ".join(sources))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if candidate.suffix != ".json":
+        for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+            named = root / "configs" / f"{candidate}.json"
+            if named.is_file():
+                return named
+    raise ConfigError(
+        f"config file not found: {path}. Pass a path to a .json file or the name of a file "
+        "in configs/ (for example --model gpt3_small)."
+    )
+
+
+def _read_json(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{path}: line {err.lineno}, column {err.colno}: malformed JSON ({err.msg}). "
+            "Fix the JSON syntax there (a trailing comma or a missing quote is typical)."
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a model config must be a JSON object {{...}}, not {type(data).__name__}"
+        )
+    return data
+
+
+def parse_overrides(overrides: Mapping[str, object] | Sequence[str] | None) -> dict:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. n_layer=4)")
+        try:
+            parsed[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain JSON-able values (attention_types flat, datasets as 4-lists)."""
+    out = {}
+    for name in _FIELDS:
+        value = getattr(cfg, name)
+        if name == "datasets":
+            value = [[d.dataset_id, d.stitch, d.sampling_mode, d.weight] for d in value]
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[name] = value
+    return out
+
+
+def from_dict(raw: Mapping[str, object], *, source: str = "<dict>") -> Config:
+    """Validate a merged key -> value mapping into a `Config`. Raises `ConfigError`."""
+    values = _canonical_keys(dict(raw), source)
+    for key in REQUIRED:
+        if values.get(key) is None:
+            raise ConfigError(f"{source}: required key '{key}' is missing")
+    kwargs = {key: _coerce(key, value, _HINTS[key], source) for key, value in values.items()}
+    if "attention_types" in values:
+        kwargs["attention_types"] = expand_attention_types(values["attention_types"], source)
+    else:
+        kwargs["attention_types"] = ("global",) * kwargs["n_layer"]
+    if "datasets" in values:
+        kwargs["datasets"] = _parse_datasets(values["datasets"], source)
+    if kwargs.get("lr_decay") is None and "lr_decay" in kwargs:
+        kwargs["lr_decay"] = "constant"
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or _allows_none(k)}
+    cfg = Config(**kwargs)
+    _validate(cfg, source)
+    return cfg
+
+
+def _canonical_keys(values: dict, source: str) -> dict:
+    out = {}
+    for key, value in values.items():
+        if key in NOT_SUPPORTED_YET:
+            if _is_switched_off(value):
+                continue
+            raise ConfigError(
+                f"{source}: key '{key}' = {json.dumps(value)} enables "
+                f"{NOT_SUPPORTED_YET[key]}, which is not supported yet. Remove the key "
+                "(or set it to false/null) to train without it."
+            )
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}'.{hint}")
+        canonical = ALIASES.get(key, key)
+        if canonical in out and out[canonical] != value:
+            raise ConfigError(
+                f"{source}: '{key}' and '{canonical}' both given with different values "
+                f"({json.dumps(value)} vs {json.dumps(out[canonical])}); keep one."
+            )
+        out[canonical] = value
+    return out
+
+
+def _is_switched_off(value) -> bool:
+    return value is None or value is False or value == 0 or value in ([], {}, "")
+
+
+def _allows_none(key: str) -> bool:
+    return type(None) in typing.get_args(_HINTS[key])
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp in names:
+        return names[tp]
+    if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return names.get(args[0], str(args[0])) + " or null"
+    return "a list"
+
+
+def _coerce(key: str, value, tp, source: str):
+    """Check `value` against the field type; ints may stand for floats, not the reverse."""
+    if key in ("attention_types", "datasets"):
+        return None  # parsed separately
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+        value = bool(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, float) and value.is_integer():
+            ok, value = True, int(value)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(tp) is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        raise ConfigError(
+            f"{source}: key '{key}' must be {_type_name(tp)}, got {json.dumps(value)} "
+            f"({type(value).__name__})"
+        )
+    return value
+
+
+def expand_attention_types(spec, source: str = "<config>") -> tuple[str, ...]:
+    """GPT-Neo's `[[["global","local"],12]]` -> ("global","local",...); a flat list passes through."""
+    bad = ConfigError(
+        f'{source}: \'attention_types\' must be a list like [[["global", "local"], 12]] '
+        f'or a flat list like ["global", "local", ...], got {json.dumps(spec)}'
+    )
+    if not isinstance(spec, list) or not spec:
+        raise bad
+    if all(isinstance(t, str) for t in spec):
+        return tuple(spec)
+    layers: list[str] = []
+    for item in spec:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise bad
+        kinds, repeat = item
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        if not (isinstance(kinds, list) and all(isinstance(k, str) for k in kinds)):
+            raise bad
+        if not (isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 0):
+            raise bad
+        layers.extend(kinds * repeat)
+    return tuple(layers)
+
+
+def _parse_datasets(spec, source: str) -> tuple[DatasetEntry, ...]:
+    if not isinstance(spec, list):
+        raise ConfigError(f"{source}: 'datasets' must be a list, got {json.dumps(spec)}")
+    entries = []
+    for item in spec:
+        if isinstance(item, str):
+            entries.append(DatasetEntry(item))
+            continue
+        if not (isinstance(item, list) and 1 <= len(item) <= 4 and isinstance(item[0], str)):
+            raise ConfigError(
+                f"{source}: each 'datasets' entry must be a dataset id or "
+                f"[dataset_id, stitch, sampling_mode, weight], got {json.dumps(item)}"
+            )
+        dataset_id, stitch, mode, weight = [*item, None, None, None][:4]
+        if stitch is not None and not (isinstance(stitch, int) and stitch > 0):
+            raise ConfigError(
+                f"{source}: dataset '{dataset_id}': stitch must be a positive integer or null"
+            )
+        if mode is not None and not isinstance(mode, str):
+            raise ConfigError(
+                f"{source}: dataset '{dataset_id}': sampling_mode must be a string or null"
+            )
+        if weight is not None and not (isinstance(weight, int | float) and weight > 0):
+            raise ConfigError(
+                f"{source}: dataset '{dataset_id}': weight must be a positive number or null"
+            )
+        entries.append(
+            DatasetEntry(dataset_id, stitch, mode, None if weight is None else float(weight))
+        )
+    return tuple(entries)
+
+
+def _one_of(source: str, key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{source}: unknown {key} '{value}'.{hint} Choose one of: {', '.join(allowed)}."
+        )
+
+
+def _validate(cfg: Config, source: str) -> None:
+    for key in ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "local_attention_radius"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(
+            f"{source}: n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}); "
+            f"head dim would be {cfg.n_embd / cfg.n_head:g}. Pick n_head from the divisors of n_embd."
+        )
+    if len(cfg.attention_types) != cfg.n_layer:
+        raise ConfigError(
+            f"{source}: attention_types expands to {len(cfg.attention_types)} layers but "
+            f"n_layer is {cfg.n_layer}; make the repeat counts add up to n_layer."
+        )
+    for kind in set(cfg.attention_types):
+        _one_of(source, "attention type", kind, ATTENTION_TYPES)
+    _one_of(source, "activation_function", cfg.activation_function, sorted(ACTIVATIONS))
+    _one_of(source, "precision", cfg.precision, PRECISIONS)
+    _one_of(source, "opt_name", cfg.opt_name.lower(), OPTIMIZERS)
+    _one_of(source, "lr_decay", cfg.lr_decay, LR_DECAYS)
+    _one_of(source, "attention_kernel", cfg.attention_kernel, ATTENTION_KERNELS)
+    _one_of(source, "model", cfg.model, ("GPT",))
+    for key in ("embed_dropout", "attn_dropout", "res_dropout"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {getattr(cfg, key)}")
+    for key in ("train_batch_size", "train_steps", "iterations", "eval_batch_size"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1, got {value}")
+    from gpt_neo.mesh import check_layout  # mesh imports config; import here to avoid a cycle
+
+    check_layout(cfg, source)

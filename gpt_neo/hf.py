@@ -1,0 +1,259 @@
+"""Hugging Face `GPTNeoForCausalLM` folders <-> (Config, params).
+
+Reads and writes safetensors directly, so neither direction needs PyTorch or `transformers`;
+only legacy `pytorch_model.bin` folders need torch (loaded with `weights_only=True`, which
+refuses pickled code). Weight correspondence (HF stores Linear weights as [out, in]):
+
+    transformer.wte.weight                     wte                 [vocab, embd]
+    transformer.wpe.weight                     wpe                 [n_ctx, embd]
+    transformer.h.{i}.ln_1/ln_2.{weight,bias}  blocks[i].ln_1/ln_2.{scale,bias}
+    transformer.h.{i}.attn.attention.q_proj    blocks[i].attn.q    transpose, split heads
+      (k_proj, v_proj likewise; out_proj -> o transposed, out_proj.bias -> o_bias)
+    transformer.h.{i}.mlp.c_fc / c_proj        blocks[i].mlp.fc_* / proj_*  (transpose)
+    transformer.ln_f.{weight,bias}             ln_f.{scale,bias}
+    lm_head.weight                             tied to wte (not stored)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gpt_neo.config import Config, ConfigError, from_dict
+from gpt_neo.models.gpt import param_shardings
+
+# Our activation names -> HF's ACT2FN names for the same function.
+HF_ACTIVATIONS = {
+    "gelu": "gelu_new",
+    "relu": "relu",
+    "silu": "silu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "mish": "mish",
+    "id": "linear",
+}
+FROM_HF_ACTIVATIONS = {hf: ours for ours, hf in HF_ACTIVATIONS.items()} | {"swish": "silu"}
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _weight_map(cfg: Config) -> Iterator[tuple[str, tuple, Transform, Transform]]:
+    """(HF name, our param path, ours->HF, HF->ours) for every tensor."""
+    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+    same = (lambda a: a, lambda a: a)
+    linear = (lambda a: a.T, lambda a: a.T)
+    yield "transformer.wte.weight", ("wte",), *same
+    yield "transformer.wpe.weight", ("wpe",), *same
+    for i in range(cfg.n_layer):
+        pre = f"transformer.h.{i}"
+        for norm in ("ln_1", "ln_2"):
+            yield f"{pre}.{norm}.weight", ("blocks", i, norm, "scale"), *same
+            yield f"{pre}.{norm}.bias", ("blocks", i, norm, "bias"), *same
+        for proj in ("q", "k", "v"):
+            yield (
+                f"{pre}.attn.attention.{proj}_proj.weight",
+                ("blocks", i, "attn", proj),
+                lambda a: a.reshape(d, h * hd).T,
+                lambda a: a.T.reshape(d, h, hd),
+            )
+        yield (
+            f"{pre}.attn.attention.out_proj.weight",
+            ("blocks", i, "attn", "o"),
+            lambda a: a.reshape(h * hd, d).T,
+            lambda a: a.T.reshape(h, hd, d),
+        )
+        yield f"{pre}.attn.attention.out_proj.bias", ("blocks", i, "attn", "o_bias"), *same
+        yield f"{pre}.mlp.c_fc.weight", ("blocks", i, "mlp", "fc_kernel"), *linear
+        yield f"{pre}.mlp.c_fc.bias", ("blocks", i, "mlp", "fc_bias"), *same
+        yield f"{pre}.mlp.c_proj.weight", ("blocks", i, "mlp", "proj_kernel"), *linear
+        yield f"{pre}.mlp.c_proj.bias", ("blocks", i, "mlp", "proj_bias"), *same
+    yield "transformer.ln_f.weight", ("ln_f", "scale"), *same
+    yield "transformer.ln_f.bias", ("ln_f", "bias"), *same
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {}) if isinstance(key, str) else tree[key]
+    tree[path[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def hf_incompatibilities(cfg: Config) -> list[str]:
+    """Config keys HF's GPTNeoForCausalLM cannot express (empty when exportable)."""
+    problems = []
+    if unsupported := sorted(set(cfg.attention_types) - {"global", "local"}):
+        problems.append(f"attention_types contains {unsupported} (HF supports global and local)")
+    if cfg.activation_function not in HF_ACTIVATIONS:
+        problems.append(
+            f"activation_function '{cfg.activation_function}' "
+            f"(HF-expressible: {', '.join(sorted(HF_ACTIVATIONS))})"
+        )
+    return problems
+
+
+def compress_attention_types(kinds: tuple[str, ...]) -> list:
+    """("global","local")*12 -> [[["global","local"],12]], the shortest repeating form."""
+    n = len(kinds)
+    for period in range(1, n + 1):
+        if n % period == 0 and kinds == kinds[:period] * (n // period):
+            return [[list(kinds[:period]), n // period]]
+    raise AssertionError("unreachable: the whole sequence is its own period")
+
+
+def hf_config(cfg: Config) -> dict:
+    eos = cfg.eos_id if cfg.eos_id is not None else 50256
+    return {
+        "architectures": ["GPTNeoForCausalLM"],
+        "model_type": "gpt_neo",
+        "vocab_size": cfg.n_vocab,
+        "max_position_embeddings": cfg.n_ctx,
+        "hidden_size": cfg.n_embd,
+        "num_layers": cfg.n_layer,
+        "num_heads": cfg.n_head,
+        "attention_types": compress_attention_types(cfg.attention_types),
+        "intermediate_size": cfg.d_mlp,
+        "window_size": cfg.local_attention_radius,
+        "activation_function": HF_ACTIVATIONS[cfg.activation_function],
+        "resid_dropout": cfg.res_dropout,
+        "embed_dropout": cfg.embed_dropout,
+        "attention_dropout": cfg.attn_dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(
+    cfg: Config, params: dict, out_dir: str | os.PathLike, *, force: bool = False
+) -> Path:
+    """Write a `GPTNeoForCausalLM` folder (config.json + model.safetensors, float32).
+
+    Refuses an existing non-empty `out_dir` unless `force`. Raises `ConfigError` for configs
+    HF GPT-Neo cannot express (linear/none layers, other activations).
+    """
+    from safetensors.numpy import save_file
+
+    if problems := hf_incompatibilities(cfg):
+        raise ConfigError(
+            "Hugging Face GPT-Neo cannot express this config: " + "; ".join(problems) + "."
+        )
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; choose another directory or force")
+    out.mkdir(parents=True, exist_ok=True)
+    host = jax.device_get(params)
+    tensors = {
+        name: np.ascontiguousarray(to_hf(np.asarray(_get(host, path), np.float32)))
+        for name, path, to_hf, _ in _weight_map(cfg)
+    }
+    # Write under temporary names, then rename: a crash never leaves a half-written model.
+    tmp_weights, tmp_config = out / ".model.safetensors.tmp", out / ".config.json.tmp"
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+    os.replace(tmp_weights, out / "model.safetensors")
+    os.replace(tmp_config, out / "config.json")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Import
+
+
+def _config_from_hf(hf: dict, source: str, overrides: dict | None) -> Config:
+    if hf.get("model_type") != "gpt_neo":
+        raise ConfigError(
+            f"{source}: model_type is {hf.get('model_type')!r}, not 'gpt_neo'; only Hugging Face "
+            "GPT-Neo (GPTNeoForCausalLM) folders can be imported."
+        )
+    d = hf.get("hidden_size", 2048)
+    if hf.get("intermediate_size") not in (None, 4 * d):
+        raise ConfigError(
+            f"{source}: intermediate_size {hf['intermediate_size']} != 4*hidden_size; unsupported"
+        )
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise ConfigError(
+            f"{source}: layer_norm_epsilon {hf['layer_norm_epsilon']} != 1e-5; unsupported"
+        )
+    act = hf.get("activation_function", "gelu_new")
+    if act not in FROM_HF_ACTIVATIONS:
+        raise ConfigError(f"{source}: activation_function {act!r} has no GPT-Neo equivalent")
+    return from_dict(
+        {
+            "n_embd": d,
+            "n_head": hf.get("num_heads", 16),
+            "n_layer": hf.get("num_layers", 24),
+            "n_ctx": hf.get("max_position_embeddings", 2048),
+            "n_vocab": hf.get("vocab_size", 50257),
+            "attention_types": hf.get("attention_types", [[["global", "local"], 12]]),
+            "local_attention_radius": hf.get("window_size", 256),
+            "activation_function": FROM_HF_ACTIVATIONS[act],
+            "embed_dropout": hf.get("embed_dropout", 0.0),
+            "attn_dropout": hf.get("attention_dropout", 0.0),
+            "res_dropout": hf.get("resid_dropout", 0.0),
+            "eos_id": hf.get("eos_token_id"),
+            **(overrides or {}),
+        },
+        source=source,
+    )
+
+
+def _read_weights(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    if (index := folder / "model.safetensors.index.json").is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    if (folder / "pytorch_model.bin").is_file():
+        try:
+            import torch
+        except ImportError:
+            raise ConfigError(
+                f"{folder}/pytorch_model.bin needs PyTorch to read (pip install torch), or "
+                "convert the folder to safetensors"
+            ) from None
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    raise ConfigError(
+        f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def import_hf(hf_dir: str | os.PathLike, *, overrides: dict | None = None, mesh=None):
+    """Read a `GPTNeoForCausalLM` folder -> (Config, float32 params).
+
+    `overrides` sets run keys (mesh_shape, layout, model_path, ...) on the derived config;
+    with `mesh`, parameters are placed sharded per the layout.
+    """
+    folder = Path(hf_dir)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: no config.json; not a Hugging Face model folder")
+    cfg = _config_from_hf(json.loads((folder / "config.json").read_text()), str(folder), overrides)
+    weights = {k.removeprefix("model."): v for k, v in _read_weights(folder).items()}
+    params: dict = {"blocks": [{} for _ in range(cfg.n_layer)]}
+    for name, path, _, from_hf in _weight_map(cfg):
+        if name not in weights:
+            raise ConfigError(f"{folder}: weight {name} is missing; the folder is incomplete")
+        _set(params, path, np.asarray(from_hf(np.asarray(weights[name], np.float32)), np.float32))
+    if mesh is not None:
+        return cfg, jax.device_put(params, param_shardings(cfg, mesh))
+    return cfg, jax.tree.map(jax.numpy.asarray, params)

@@ -1,0 +1,226 @@
+"""Attention: global (causal), local (sliding window), linear (causal), per-backend kernels.
+
+All softmax attention here is *unscaled*: GPT-Neo folds 1/sqrt(head_dim) into q's init
+(mesh-tf `fold_scaling_into_initializer`), and Hugging Face's GPT-Neo computes q.k unscaled
+too, so trained checkpoints need exactly that. Scores and softmax are float32, as in both.
+
+Kernels for softmax attention (config key `attention_kernel`):
+- `xla`: plain einsums, the reference every other kernel is tested against. Local layers use a
+  blocked form that costs O(T * window), not O(T^2).
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on NVIDIA
+  GPUs (bfloat16/float16 only, no attention dropout).
+- `splash`: Pallas splash attention on TPU (sequence a multiple of 128, no attention dropout,
+  sequence and head dims not sharded).
+`auto` picks the fastest kernel that applies and falls back to `xla`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gpt_neo.config import Config, ConfigError
+from gpt_neo.mesh import constrain, layout_rules
+from gpt_neo.models.layers import ParamDecl, dropout, normal, zeros
+
+Q_AXES = ("batch", "seq", "heads", "kv")
+KV_AXES = ("batch", "kv_seq", "heads", "kv")
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+LINEAR_CHUNK = 64
+
+
+def param_decls(cfg: Config) -> dict[str, ParamDecl]:
+    """q/k/v/o as mesh-tf's `attention_params_simple` initialises them (scale folded into q)."""
+    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+    return {
+        "q": ParamDecl((d, h, hd), ("embd", "heads", "kv"), normal(d**-0.5 * hd**-0.5)),
+        "k": ParamDecl((d, h, hd), ("embd", "heads", "kv"), normal(d**-0.5)),
+        "v": ParamDecl((d, h, hd), ("embd", "heads", "kv"), normal(d**-0.5)),
+        "o": ParamDecl((h, hd, d), ("heads", "kv", "embd"), normal((h * hd) ** -0.5)),
+        "o_bias": ParamDecl((d,), ("embd",), zeros),
+    }
+
+
+def attention(cfg: Config, kind: str, p: dict, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """One attention sub-block. x: [batch, seq, embd] -> [batch, seq, embd]."""
+    q = constrain(jnp.einsum("bte,ehd->bthd", x, p["q"]), cfg, Q_AXES)
+    k = constrain(jnp.einsum("bte,ehd->bthd", x, p["k"]), cfg, KV_AXES)
+    v = constrain(jnp.einsum("bte,ehd->bthd", x, p["v"]), cfg, KV_AXES)
+    if kind == "linear":
+        out = causal_linear_attention(q, k, v)
+    else:
+        window = cfg.local_attention_radius if kind == "local" else None
+        # GPT-Neo applies attention dropout in global layers only.
+        rate = cfg.attn_dropout if (kind == "global" and rng is not None) else 0.0
+        out = softmax_attention(cfg, q, k, v, window=window, dropout_rate=rate, rng=rng)
+    out = constrain(out, cfg, Q_AXES)
+    return jnp.einsum("bthd,hde->bte", out, p["o"]) + p["o_bias"]
+
+
+def softmax_attention(cfg, q, k, v, *, window=None, dropout_rate=0.0, rng=None):
+    """Causal softmax attention, optionally windowed: query i sees keys j with 0 <= i-j < window."""
+    kernel = resolve_kernel(cfg, q.dtype, q.shape[1], dropout_rate > 0)
+    if kernel == "cudnn":
+        return dot_product_attention(q, k, v, window=window, implementation="cudnn")
+    if kernel == "splash":
+        return splash_attention(cfg, q, k, v, window=window)
+    if window is not None and q.shape[1] > window:
+        return blocked_local_attention(q, k, v, window=window)
+    return dense_attention(q, k, v, window=window, dropout_rate=dropout_rate, rng=rng)
+
+
+def resolve_kernel(cfg: Config, dtype, seq_len: int, has_dropout: bool) -> str:
+    backend = jax.default_backend()
+    splash_ok = seq_len % 128 == 0 and not _seq_or_head_dim_sharded(cfg)
+    if cfg.attention_kernel == "auto":
+        if has_dropout:
+            return "xla"
+        if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+            return "cudnn"
+        if backend == "tpu" and splash_ok:
+            return "splash"
+        return "xla"
+    if cfg.attention_kernel != "xla" and has_dropout:
+        raise ConfigError(
+            f"attention_kernel '{cfg.attention_kernel}' has no attention dropout; set "
+            "attn_dropout to 0 or attention_kernel to 'auto'."
+        )
+    if cfg.attention_kernel == "splash" and not splash_ok:
+        raise ConfigError(
+            "attention_kernel 'splash' needs n_ctx to be a multiple of 128 and no sequence or "
+            "head-dim sharding in the layout; use attention_kernel 'auto'."
+        )
+    return cfg.attention_kernel
+
+
+def _seq_or_head_dim_sharded(cfg: Config) -> bool:
+    return any(axis in layout_rules(cfg) for axis in ("seq", "kv_seq", "kv"))
+
+
+def _causal_scores(q, k, q_pos, k_pos, window):
+    """float32 scores with invisible (future, outside-window, padding) keys masked."""
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+    offset = q_pos[:, None] - k_pos[None, :]
+    visible = (offset >= 0) & (k_pos[None, :] >= 0)
+    if window is not None:
+        visible &= offset < window
+    return jnp.where(visible, scores, MASK_VALUE)
+
+
+def dense_attention(q, k, v, *, window=None, dropout_rate=0.0, rng=None):
+    """Reference: full [T, T] scores. q, k, v: [batch, seq, heads, head_dim]."""
+    pos = jnp.arange(q.shape[1])
+    probs = jax.nn.softmax(_causal_scores(q, k, pos, pos, window), axis=-1)
+    probs = dropout(probs, dropout_rate, rng)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def blocked_local_attention(q, k, v, *, window: int):
+    """Sliding-window attention in O(T * window): each block of `window` queries attends to its
+    own block of keys and the previous one, which together hold every key it may see."""
+    b, t, h, d = q.shape
+    pad = -t % window
+    if pad:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    n = (t + pad) // window
+
+    def blocks(a):  # [b, n, window, h, d]
+        return a.reshape(b, n, window, h, d)
+
+    def with_previous(a):  # [b, n, 2*window, h, d]
+        a = blocks(a)
+        previous = jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]
+        return jnp.concatenate([previous, a], axis=2)
+
+    q_pos = jnp.arange(window)
+    k_pos = jnp.arange(-window, window)  # relative to the block start; < 0 is the previous block
+
+    def one_block(qb, kb, vb, start):
+        scores = _causal_scores(qb, kb, start + q_pos, start + k_pos, window)
+        probs = jax.nn.softmax(scores, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(vb.dtype), vb)
+
+    starts = jnp.arange(n) * window
+    out = jax.vmap(one_block, in_axes=(1, 1, 1, 0), out_axes=1)(
+        blocks(q), with_previous(k), with_previous(v), starts
+    )
+    return out.reshape(b, n * window, h, d)[:, :t]
+
+
+def causal_linear_attention(q, k, v, *, chunk: int = LINEAR_CHUNK, eps: float = 1e-6):
+    """GPT-Neo's causal linear attention without its [b, s, h, d, d] cumulative tensor.
+
+    GPT-Neo: q = softmax(q over features), k = exp(k), C_i = sum_{j<=i} k_j (x) v_j,
+    Z_i = sum_{j<=i} k_j, out_i = sum_d q_i[d] * C_i[d, :] / (Z_i[d] + eps).
+    Folding the per-feature normaliser into q (q'_i = q_i / (Z_i + eps)) makes this
+    out_i = q'_i . C_i, computed chunk by chunk: exact within a chunk, a [b, h, d, d] running
+    state across chunks (lax.scan), so memory is O(T * d + d * d), not O(T * d * d).
+    """
+    dtype = v.dtype
+    q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
+    k = jnp.exp(k.astype(jnp.float32))
+    v = v.astype(jnp.float32)
+    q = q / (jnp.cumsum(k, axis=1) + eps)
+    b, t, h, d = q.shape
+    pad = -t % chunk
+    if pad:  # trailing zeros: later positions never influence earlier ones
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    n = (t + pad) // chunk
+    q, k, v = (a.reshape(b, n, chunk, h, -1).swapaxes(0, 1) for a in (q, k, v))
+    causal = jnp.tril(jnp.ones((chunk, chunk), dtype=bool))
+
+    def step(state, qkv):
+        qc, kc, vc = qkv
+        scores = jnp.where(causal, jnp.einsum("bqhd,bkhd->bhqk", qc, kc), 0.0)
+        out = jnp.einsum("bhqk,bkhe->bqhe", scores, vc) + jnp.einsum("bqhd,bhde->bqhe", qc, state)
+        return state + jnp.einsum("bkhd,bkhe->bhde", kc, vc), out
+
+    state = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
+    _, out = jax.lax.scan(step, state, (q, k, v))
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, -1)[:, :t].astype(dtype)
+
+
+def dot_product_attention(q, k, v, *, window=None, implementation=None):
+    """`jax.nn.dot_product_attention` (cuDNN flash on GPU) with GPT-Neo's masking, unscaled."""
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=1.0,
+        is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0),
+        implementation=implementation,
+    )
+
+
+def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None):
+    """Pallas splash attention (TPU); `interpret=True` runs the same kernel on CPU for tests."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = layout_rules(cfg)
+    batch_axis = rules.get("batch") if not mesh.empty else None
+    heads_axis = rules.get("heads") if not mesh.empty else None
+    t = q.shape[1]
+    local_heads = q.shape[2] // (mesh.shape[heads_axis] if heads_axis else 1)
+    if window is None:
+        mask = sm.CausalMask((t, t))
+    else:
+        mask = sm.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([mask] * local_heads), head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+    def run(q, k, v):  # [b, t, h, d] -> kernel's [h, t, d] per example
+        def per_example(q, k, v):
+            return kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1)).swapaxes(0, 1)
+
+        return jax.vmap(per_example)(q, k, v)
+
+    if mesh.empty:
+        return run(q, k, v)
+    spec = jax.sharding.PartitionSpec(batch_axis, None, heads_axis, None)
+    return jax.shard_map(run, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)

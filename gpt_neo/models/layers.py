@@ -1,0 +1,93 @@
+"""Building blocks: parameter declarations, LayerNorm, dropout, the MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from gpt_neo.config import Config
+from gpt_neo.mesh import constrain
+from gpt_neo.models.activations import ACTIVATION_PARAMS, ACTIVATIONS
+
+LAYER_NORM_EPS = 1e-5  # GPT-Neo and Hugging Face GPT-Neo both use 1e-5
+MLP_AXES = ("batch", "seq", "mlp")
+
+Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    """A parameter before it exists: shape, logical axis per dimension, float32 initializer."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: Initializer
+
+
+def normal(std: float) -> Initializer:
+    return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
+
+
+def constant(value: float) -> Initializer:
+    return lambda key, shape: jnp.full(shape, value, jnp.float32)
+
+
+zeros = constant(0.0)
+ones = constant(1.0)
+
+
+def norm_decls(cfg: Config) -> dict[str, ParamDecl]:
+    return {
+        "scale": ParamDecl((cfg.n_embd,), ("embd",), ones),
+        "bias": ParamDecl((cfg.n_embd,), ("embd",), zeros),
+    }
+
+
+def layer_norm(x: jax.Array, p: dict) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32 whatever the activation dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; a no-op when rate is 0 or there is no rng (evaluation)."""
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def mlp_decls(cfg: Config) -> dict:
+    """GPT-Neo's `linear()` init: N(0, 0.02), times 1/sqrt(n_layer) on the output projection
+    with `scale_by_depth`, times 1/sqrt(fan_in) on both with `scale_by_in`."""
+    d, m = cfg.n_embd, cfg.d_mlp
+    fc_std = proj_std = 0.02
+    if cfg.scale_by_depth:
+        proj_std /= cfg.n_layer**0.5
+    if cfg.scale_by_in:
+        fc_std /= d**0.5
+        proj_std /= m**0.5
+    decls = {
+        "fc_kernel": ParamDecl((d, m), ("embd", "mlp"), normal(fc_std)),
+        "fc_bias": ParamDecl((m,), ("mlp",), zeros),
+        "proj_kernel": ParamDecl((m, d), ("mlp", "embd"), normal(proj_std)),
+        "proj_bias": ParamDecl((d,), ("embd",), zeros),
+    }
+    learnable = ACTIVATION_PARAMS.get(cfg.activation_function)
+    if learnable:
+        decls["act"] = {name: ParamDecl((), (), constant(v)) for name, v in learnable.items()}
+    return decls
+
+
+def mlp(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
+    """[batch, seq, embd] -> [batch, seq, embd] through the 4*n_embd hidden layer."""
+    h = jnp.einsum("bte,em->btm", x, p["fc_kernel"]) + p["fc_bias"]
+    h = constrain(h, cfg, MLP_AXES)
+    h = ACTIVATIONS[cfg.activation_function](h, p.get("act", {}))
+    return jnp.einsum("btm,me->bte", h, p["proj_kernel"]) + p["proj_bias"]

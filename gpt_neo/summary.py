@@ -1,0 +1,150 @@
+"""`main.py --summary`: parameter count, FLOPs per token, per-device memory, parameter shardings.
+
+Everything here is computed from the config alone (mesh sizes from `mesh_shape`), so a
+summary of a TPU-pod config can be read on a laptop.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from gpt_neo.config import Config
+from gpt_neo.mesh import layout_rules, logical_spec, mesh_axes
+from gpt_neo.models.gpt import (
+    FLOP_CONVENTIONS,
+    flops_per_token,
+    param_count,
+    param_decl_leaves,
+    param_path,
+)
+
+BYTES_PER_PARAM = 4  # float32 master copies, whatever the compute precision
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    name: str  # blocks/*/attn/q style, layers folded together
+    layers: int  # how many parameters share the row
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    spec: str  # mesh axis per dimension, "-" where replicated
+    device_shape: tuple[int, ...]
+
+
+def _device_shape(cfg: Config, shape, axes) -> tuple[int, ...]:
+    sizes = mesh_axes(cfg) or {}
+    rules = layout_rules(cfg)
+    return tuple(
+        dim // sizes.get(rules.get(axis), 1) if axis else dim
+        for dim, axis in zip(shape, axes, strict=True)
+    )
+
+
+def param_rows(cfg: Config) -> list[ParamRow]:
+    grouped: dict[str, list] = defaultdict(list)
+    for path, decl in param_decl_leaves(cfg)[0]:
+        grouped[re.sub(r"^blocks/\d+/", "blocks/*/", param_path(path))].append(decl)
+    rows = []
+    for name, decls in grouped.items():
+        decl = decls[0]
+        spec = logical_spec(cfg, decl.axes)
+        rows.append(
+            ParamRow(
+                name,
+                len(decls),
+                decl.shape,
+                decl.axes,
+                ",".join(a or "-" for a in spec) or "-",
+                _device_shape(cfg, decl.shape, decl.axes),
+            )
+        )
+    return rows
+
+
+def optimizer_state_elements(cfg: Config, device_shape: tuple[int, ...]) -> int:
+    """Optimizer-state floats per device for one parameter."""
+    if cfg.opt_name.lower() == "adam":
+        return 2 * math.prod(device_shape)  # first and second moments
+    if len(device_shape) < 2:  # adafactor: unfactored second moment for vectors and scalars
+        return math.prod(device_shape)
+    # adafactor: row and column statistics of the two trailing dimensions
+    return math.prod(device_shape) // device_shape[-1] + math.prod(device_shape) // device_shape[-2]
+
+
+def memory_per_device(cfg: Config) -> dict[str, int]:
+    """Bytes per device of float32 parameters and optimizer state, under the configured mesh."""
+    params = optimizer = 0
+    for row in param_rows(cfg):
+        params += row.layers * math.prod(row.device_shape)
+        optimizer += row.layers * optimizer_state_elements(cfg, row.device_shape)
+    return {"parameters": params * BYTES_PER_PARAM, "optimizer state": optimizer * BYTES_PER_PARAM}
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _bytes(n: int) -> str:
+    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n} B"
+
+
+def print_summary(cfg: Config, console: Console | None = None) -> None:
+    console = console or Console(width=max(Console().width, 120))
+    total = param_count(cfg)
+    kinds = ", ".join(
+        f"{cfg.attention_types.count(k)} {k}" for k in dict.fromkeys(cfg.attention_types)
+    )
+    console.print(
+        f"[bold]GPT-Neo model[/bold]: {cfg.n_layer} layers ({kinds}), n_embd {cfg.n_embd}, "
+        f"{cfg.n_head} heads x {cfg.head_dim}, n_ctx {cfg.n_ctx}, n_vocab {cfg.n_vocab}, "
+        f"activation {cfg.activation_function}, precision {cfg.precision}"
+    )
+    console.print(
+        f"parameters: {total:,} ({_human(total)}); without position embedding "
+        f"{param_count(cfg, include_position_embedding=False):,}"
+    )
+    for convention, meaning in FLOP_CONVENTIONS.items():
+        console.print(
+            f"training FLOPs/token, {convention}: {_human(flops_per_token(cfg, convention), 'FLOP')} "
+            f"[dim]({meaning})[/dim]"
+        )
+    sizes = mesh_axes(cfg)
+    mesh_text = cfg.mesh_shape or "all devices on axis x"
+    devices = math.prod(sizes.values()) if sizes else None
+    rules = ", ".join(f"{k}->{v}" for k, v in layout_rules(cfg).items()) or "replicated"
+    console.print(f"mesh: {mesh_text} ({devices or '?'} devices); layout rules: {rules}")
+    memory = memory_per_device(cfg)
+    console.print(
+        f"per-device memory ({cfg.opt_name}): parameters {_bytes(memory['parameters'])} + "
+        f"optimizer state {_bytes(memory['optimizer state'])} = "
+        f"{_bytes(sum(memory.values()))} [dim](float32; activations not included)[/dim]"
+    )
+    table = Table(title="parameters and their sharding (- = replicated)", box=None)
+    for column in ("parameter", "count", "shape", "logical axes", "mesh axes", "per device"):
+        table.add_column(column, no_wrap=True)
+    for row in param_rows(cfg):
+        table.add_row(
+            row.name,
+            str(row.layers),
+            _dims(row.shape),
+            ",".join(a or "-" for a in row.axes) or "-",
+            row.spec,
+            _dims(row.device_shape),
+        )
+    console.print(table)
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "scalar"

@@ -1,0 +1,198 @@
+"""Config loading: GPT-Neo keys, merging, overrides, and one clear error per bad input."""
+
+import dataclasses
+import json
+
+import pytest
+
+import gpt_neo
+from gpt_neo.config import ConfigError, load_config
+from tests.helpers import GPT_NEO_CONFIGS, REPO
+
+BASE = {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_ctx": 16, "n_vocab": 100}
+
+
+def write(tmp_path, data, name="cfg.json"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def error_of(tmp_path, data) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, data))
+    return str(err.value)
+
+
+ORIGINAL_CONFIGS = sorted(GPT_NEO_CONFIGS.glob("*.json"))
+
+
+def test_the_original_gpt_neo_configs_are_all_present():
+    assert len(ORIGINAL_CONFIGS) == 10
+
+
+@pytest.mark.parametrize("path", ORIGINAL_CONFIGS, ids=lambda p: p.stem)
+def test_every_original_gpt_neo_config_loads(path):
+    raw = json.loads(path.read_text())
+    cfg = load_config(path)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (raw["n_layer"], raw["n_embd"], raw["n_head"])
+    assert len(cfg.attention_types) == raw["n_layer"]
+    assert cfg.activation_function == raw["activation_function"]
+    assert cfg.mesh_shape == raw["mesh_shape"] and cfg.layout == raw["layout"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.stem)
+def test_every_shipped_preset_loads(path):
+    assert load_config(path).n_layer >= 1
+
+
+def test_attention_types_shorthand_expands_per_layer(tmp_path):
+    spec = [[["global", "local"], 2], [["none"], 1]]
+    cfg = load_config(write(tmp_path, {**BASE, "n_layer": 5, "attention_types": spec}))
+    assert cfg.attention_types == ("global", "local", "global", "local", "none")
+
+
+def test_par_config_expands_to_five_global_and_fourteen_none_layers():
+    cfg = load_config(GPT_NEO_CONFIGS / "gpt3_PAR_small_256.json")
+    assert cfg.attention_types[:3] == ("global", "none", "none")
+    assert cfg.attention_types.count("global") == 5 and cfg.attention_types.count("none") == 14
+
+
+def test_flat_attention_types_and_default_all_global(tmp_path):
+    flat = load_config(write(tmp_path, {**BASE, "attention_types": ["local", "global"]}))
+    assert flat.attention_types == ("local", "global")
+    assert load_config(write(tmp_path, BASE)).attention_types == ("global", "global")
+
+
+def test_later_files_win_and_overrides_apply_last(tmp_path):
+    first = write(tmp_path, {**BASE, "lr": 0.1, "n_ctx": 16}, "a.json")
+    second = write(tmp_path, {"lr": 0.2, "precision": "bfloat16"}, "b.json")
+    cfg = load_config([first, second], overrides=["lr=0.3", "layout=batch:x"])
+    assert (cfg.lr, cfg.precision, cfg.n_ctx, cfg.layout) == (0.3, "bfloat16", 16, "batch:x")
+    assert load_config([first, second], overrides={"n_ctx": 8}).n_ctx == 8
+
+
+def test_gpt_neo_aliases_n_heads_and_activation_fn(tmp_path):
+    raw = {**BASE, "n_heads": 8, "activation_fn": "relu"}
+    del raw["n_head"]
+    cfg = load_config(write(tmp_path, raw))
+    assert (cfg.n_head, cfg.activation_function) == (8, "relu")
+
+
+def test_alias_conflicting_with_its_key_is_an_error(tmp_path):
+    message = error_of(tmp_path, {**BASE, "n_heads": 8})
+    assert "'n_heads' and 'n_head'" in message
+
+
+def test_config_is_frozen_and_replace_revalidates(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.n_layer = 3
+    assert cfg.replace(n_layer=3, attention_types=[[["local"], 3]]).attention_types[2] == "local"
+    with pytest.raises(ConfigError, match="expands to 2 layers but n_layer is 3"):
+        cfg.replace(n_layer=3)
+    with pytest.raises(ConfigError):
+        cfg.replace(n_head=7)
+
+
+def test_bare_name_resolves_to_configs_dir():
+    assert load_config("demo").n_layer == load_config(REPO / "configs" / "demo.json").n_layer
+
+
+def test_datasets_entries_bare_ids_and_tuples(tmp_path):
+    cfg = load_config(
+        write(tmp_path, {**BASE, "datasets": ["owt", ["pile", 25, "documents_random", 1.0]]})
+    )
+    assert [d.dataset_id for d in cfg.datasets] == ["owt", "pile"]
+    assert (cfg.datasets[1].stitch, cfg.datasets[1].sampling_mode) == (25, "documents_random")
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_malformed_json_names_file_line_and_column(tmp_path):
+    text = '{\n  "n_embd": 64,\n  "n_head": 4,,\n}'
+    message = error_of(tmp_path, text)
+    assert "cfg.json" in message and "line 3" in message and "column 15" in message
+
+
+def test_unknown_key_suggests_the_closest_known_key(tmp_path):
+    message = error_of(tmp_path, {**BASE, "n_layers": 3})
+    assert "unknown key 'n_layers'" in message and "Did you mean 'n_layer'" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("n_layer", "12", "an integer"),
+        ("n_layer", True, "an integer"),
+        ("lr", "fast", "a number"),
+        ("recompute_grad", "yes", "true or false"),
+        ("layout", 3, "a string"),
+    ],
+)
+def test_wrong_type_names_key_and_expected_type(tmp_path, key, value, expected):
+    message = error_of(tmp_path, {**BASE, key: value})
+    assert f"'{key}'" in message and expected in message
+
+
+def test_missing_required_key(tmp_path):
+    raw = dict(BASE)
+    del raw["n_vocab"]
+    assert "required key 'n_vocab'" in error_of(tmp_path, raw)
+
+
+def test_n_embd_not_divisible_by_n_head(tmp_path):
+    message = error_of(tmp_path, {**BASE, "n_head": 5})
+    assert "n_embd (64) must be divisible by n_head (5)" in message
+
+
+def test_attention_types_must_sum_to_n_layer(tmp_path):
+    message = error_of(tmp_path, {**BASE, "attention_types": [[["global", "local"], 2]]})
+    assert "expands to 4 layers but n_layer is 2" in message
+
+
+def test_unknown_attention_type(tmp_path):
+    message = error_of(tmp_path, {**BASE, "attention_types": ["global", "lokal"]})
+    assert "unknown attention type 'lokal'" in message and "'local'" in message
+
+
+def test_unknown_activation_suggests(tmp_path):
+    message = error_of(tmp_path, {**BASE, "activation_function": "gelu2"})
+    assert "unknown activation_function 'gelu2'" in message and "Did you mean 'gelu'" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("moe_layers", [1]),
+        ("mlm_training", True),
+        ("rotary_emb", True),
+        ("num_mem_kv", 4),
+        ("axial_pos_emb", [4, 4]),
+        ("mlp_glu", True),
+    ],
+)
+def test_features_not_built_yet_are_refused_not_ignored(tmp_path, key, value):
+    message = error_of(tmp_path, {**BASE, key: value})
+    assert f"key '{key}'" in message and "not supported yet" in message
+
+
+@pytest.mark.parametrize("value", [False, None, 0, []])
+def test_features_not_built_yet_may_be_present_switched_off(tmp_path, value):
+    assert load_config(write(tmp_path, {**BASE, "rotary_emb": value, "moe_layers": value}))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(REPO / "configs" / "demo.json", overrides=["n_layer"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("no/such/config.json")
+
+
+def test_public_surface():
+    assert gpt_neo.load_config is load_config
+    assert issubclass(gpt_neo.ConfigError, ValueError)

@@ -1,0 +1,165 @@
+"""Model summary: counts checked against transformers, memory against real sharded arrays."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import gpt_neo
+from gpt_neo.hf import hf_config
+from gpt_neo.models.gpt import flops_per_token, param_count
+from gpt_neo.summary import memory_per_device, param_rows
+from main import main
+from tests.helpers import REPO, tiny_config
+
+
+@pytest.mark.parametrize("preset", ["gpt_neo_125M", "gpt_neo_1.3B", "gpt_neo_2.7B"])
+def test_released_shapes_have_the_parameter_count_of_transformers_gpt_neo(preset):
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    cfg = gpt_neo.load_config(REPO / "configs" / f"{preset}.json")
+    with torch.device("meta"):  # shapes only, no memory
+        model = GPTNeoForCausalLM(GPTNeoConfig(**hf_config(cfg)))
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())  # lm_head is tied
+
+
+def test_flops_per_token_conventions():
+    cfg = tiny_config(n_layer=2, attention_types=["global", "none"], n_ctx=16)
+    d, v, t = 64, 128, 16
+    # by hand: wte + one attention (4 d^2 + d) + two MLPs (8 d^2 + 5 d) + 3 norms...
+    n = v * d + (4 * d * d + d) + 2 * (8 * d * d + 5 * d) + 3 * 2 * d + 2 * d
+    assert param_count(cfg, include_position_embedding=False) == n
+    one_attention_layer = 1 * 8 * 8 * t  # L=1 (the none layer has no attention), H=8, Q=8
+    assert flops_per_token(cfg, "6N+12LHQT") == 6 * n + 12 * one_attention_layer
+    assert flops_per_token(cfg, "6N+6LHQT (causal)") == 6 * n + 6 * one_attention_layer
+    with pytest.raises(ValueError, match="unknown FLOP convention"):
+        flops_per_token(cfg, "8N")
+
+
+def test_per_device_memory_equals_the_bytes_of_real_sharded_parameters():
+    cfg = tiny_config(mesh_shape="x:2,y:4", layout="embd:x,heads:y,vocab:y,intermediate_expanded:y")
+    params = gpt_neo.init_params(cfg, 0, mesh=gpt_neo.make_mesh(cfg))
+    device = jax.devices()[0]
+    on_device = sum(
+        s.data.nbytes
+        for leaf in jax.tree.leaves(params)
+        for s in leaf.addressable_shards
+        if s.device == device
+    )
+    memory = memory_per_device(cfg)
+    assert memory["parameters"] == on_device
+    assert memory["optimizer state"] == 2 * on_device  # Adam: m and v, sharded like the params
+    adafactor = memory_per_device(cfg.replace(opt_name="adafactor"))["optimizer state"]
+    assert adafactor < on_device
+
+
+def test_summary_rows_cover_every_parameter():
+    cfg = tiny_config()
+    rows = param_rows(cfg)
+    assert sum(r.layers for r in rows) == len(jax.tree.leaves(gpt_neo.init_params(cfg, 0)))
+
+
+def test_cli_summary_prints_counts_shardings_and_runs_a_forward_pass(capsys):
+    assert main(["--model", str(REPO / "configs" / "demo.json"), "--summary"]) == 0
+    out = capsys.readouterr().out
+    cfg = gpt_neo.load_config(REPO / "configs" / "demo.json")
+    assert f"parameters: {param_count(cfg):,}" in out
+    assert "6N+12LHQT" in out and "6N+6LHQT (causal)" in out
+    assert "per-device memory (adam)" in out
+    wte_row = next(line for line in out.splitlines() if line.strip().startswith("wte "))
+    assert "vocab,embd" in wte_row and "y,-" in wte_row and "4096x512" in wte_row
+    assert "forward pass on 8 cpu devices" in out
+    loss = float(out.split("loss at init ")[1].split()[0])
+    assert abs(loss - np.log(cfg.n_vocab)) < 0.5  # a fresh model guesses uniformly
+
+
+def test_cli_overrides_apply(capsys):
+    demo = str(REPO / "configs" / "demo.json")
+    assert (
+        main(
+            [
+                "--model",
+                demo,
+                "--set",
+                "n_layer=2",
+                'attention_types=["global","local"]',
+                "--summary",
+            ]
+        )
+        == 0
+    )
+    assert "2 layers (1 global, 1 local)" in capsys.readouterr().out
+
+
+BAD_CONFIGS = {
+    "malformed": ('{"n_embd": 64,\n "n_head": 4,,}', "line 2, column 14"),
+    "unknown key": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "n_embed": 3}',
+        "Did you mean 'n_embd'",
+    ),
+    "wrong type": (
+        '{"n_embd": "64", "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10}',
+        "must be an integer",
+    ),
+    "indivisible heads": (
+        '{"n_embd": 64, "n_head": 6, "n_layer": 1, "n_ctx": 8, "n_vocab": 10}',
+        "divisible by n_head",
+    ),
+    "layer count": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 3, "n_ctx": 8, "n_vocab": 10, "attention_types": [[["global", "local"], 1]]}',
+        "n_layer is 3",
+    ),
+    "activation": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "activation_function": "gleu"}',
+        "unknown activation_function",
+    ),
+    "attention type": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "attention_types": ["sparse"]}',
+        "unknown attention type",
+    ),
+    "layout": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "mesh_shape": "x:8", "layout": "batch:x,heads:x"}',
+        "mesh axis 'x'",
+    ),
+    "not supported": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "moe_layers": [0]}',
+        "not supported yet",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_cli_bad_config_is_one_error_line_and_exit_code_2(tmp_path, capsys, case):
+    text, expected = BAD_CONFIGS[case]
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    assert main(["--model", str(path), "--summary"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_process_exits_2_without_traceback(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"n_embd": 64}')
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--model", str(path), "--summary"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "required key 'n_head'" in result.stderr
+
+
+def test_cli_help_documents_each_flag():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for flag in ("--model", "--set", "--summary"):
+        assert flag in result.stdout
