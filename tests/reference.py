@@ -90,6 +90,11 @@ ACTIVATIONS = {
 }
 
 
+def activation(name, x, p):
+    with np.errstate(invalid="ignore"):  # proottanh: fractional powers of negatives are NaN
+        return ACTIVATIONS[name](x, p)
+
+
 def layer_norm(x, p):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -119,7 +124,6 @@ def causal_linear_attention(q, k, v, eps=1e-6):
 def forward(cfg, params, tokens):
     """float64 logits [batch, seq, vocab]."""
     p = _to_float64(params)
-    act = ACTIVATIONS[cfg.activation_function]
     batch_logits = []
     for row in np.asarray(tokens):
         t = len(row)
@@ -135,7 +139,7 @@ def forward(cfg, params, tokens):
                     a = softmax_attention(q, k, v, window)
                 x = x + np.einsum("thd,hde->te", a, b["attn"]["o"]) + b["attn"]["o_bias"]
             h = layer_norm(x, b["ln_2"]) @ b["mlp"]["fc_kernel"] + b["mlp"]["fc_bias"]
-            h = act(h, b["mlp"].get("act", {}))
+            h = activation(cfg.activation_function, h, b["mlp"].get("act", {}))
             x = x + h @ b["mlp"]["proj_kernel"] + b["mlp"]["proj_bias"]
         batch_logits.append(layer_norm(x, p["ln_f"]) @ p["wte"].T)
     return np.stack(batch_logits)

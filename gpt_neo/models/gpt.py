@@ -17,6 +17,7 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from gpt_neo.config import Config, ConfigError
@@ -92,29 +93,30 @@ def param_shardings(cfg: Config, mesh: Mesh):
 def init_params(cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> dict:
     """Initialise parameters (float32), directly sharded over `mesh` per the layout.
 
-    Each parameter's key is derived from its path, so values do not depend on the mesh, the
-    layout, or which other parameters exist. Nothing is materialised whole on one device.
+    Each parameter's key is the seed's key folded with a hash of its path, so values do not
+    depend on the mesh, the layout, or which other parameters exist. Nothing is materialised
+    whole on one device: each parameter is produced by a jitted initializer with output
+    sharding, compiled once per distinct (shape, sharding) and shared by every layer.
     """
-    return _compiled_init(cfg, mesh)(seed)
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled_init(cfg: Config, mesh: Mesh | None):
     leaves, treedef = param_decl_leaves(cfg)
+    root = jax.random.key(seed)
+    values = []
+    for path, decl in leaves:
+        sharding = None if mesh is None else named_sharding(mesh, cfg, decl.axes)
+        make = _initializer(decl.init.kind, decl.shape, sharding)
+        salt = np.uint32(zlib.crc32(param_path(path).encode()))
+        values.append(make(root, salt, np.float32(decl.init.scale)))
+    return jax.tree.unflatten(treedef, values)
 
-    def init(seed):
-        root = jax.random.key(seed)
-        return jax.tree.unflatten(
-            treedef,
-            [
-                decl.init(jax.random.fold_in(root, zlib.crc32(param_path(p).encode())), decl.shape)
-                for p, decl in leaves
-            ],
-        )
 
-    if mesh is None:
-        return jax.jit(init)
-    return jax.jit(init, out_shardings=param_shardings(cfg, mesh))
+@functools.lru_cache(maxsize=256)
+def _initializer(kind: str, shape: tuple[int, ...], sharding: NamedSharding | None):
+    def make(root, salt, scale):
+        if kind == "constant":
+            return jnp.full(shape, scale, jnp.float32)
+        return scale * jax.random.normal(jax.random.fold_in(root, salt), shape, jnp.float32)
+
+    return jax.jit(make, out_shardings=sharding)
 
 
 def forward(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None = None):

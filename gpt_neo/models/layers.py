@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -15,7 +14,14 @@ from gpt_neo.models.activations import ACTIVATION_PARAMS, ACTIVATIONS
 LAYER_NORM_EPS = 1e-5  # GPT-Neo and Hugging Face GPT-Neo both use 1e-5
 MLP_AXES = ("batch", "seq", "mlp")
 
-Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
+
+@dataclass(frozen=True)
+class Init:
+    """How a parameter starts: `normal` with std `scale`, or `constant` equal to `scale`.
+    Data, not a closure, so that parameters of one shape share one compiled initializer."""
+
+    kind: str
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -24,15 +30,15 @@ class ParamDecl:
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
-    init: Initializer
+    init: Init
 
 
-def normal(std: float) -> Initializer:
-    return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
+def normal(std: float) -> Init:
+    return Init("normal", float(std))
 
 
-def constant(value: float) -> Initializer:
-    return lambda key, shape: jnp.full(shape, value, jnp.float32)
+def constant(value: float) -> Init:
+    return Init("constant", float(value))
 
 
 zeros = constant(0.0)
