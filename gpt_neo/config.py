@@ -150,24 +150,38 @@ class Config:
     """`"batch:x,heads:y"`: tensor dimension -> mesh axis rules; missing means `batch` on the
     first mesh axis."""
     train_batch_size: int | None = None
+    """Global batch, in sequences of n_ctx tokens."""
     train_steps: int | None = None
+    """Total optimizer steps."""
     iterations: int | None = None
     """Steps per host loop between logging/syncs."""
     datasets: tuple[DatasetEntry, ...] = ()
+    """Mixture of `[dataset_id, stitch, sampling_mode, weight]` (ids name dataset configs)."""
     no_dataset: bool = False
+    """Allow a config with no datasets (sampling only)."""
     input_fn: str = "sequential_input"
+    """GPT-Neo's input pipeline name."""
     seed: int = 1
+    """Seed for parameter init and data order."""
     shuffle_input_filenames: bool = True
     eval_batch_size: int | None = None
+    """Evaluation batch; default train_batch_size."""
     eval_steps: int = 0
+    """Evaluation batches per evaluation; 0 disables it."""
     eval_tasks: tuple[str, ...] = ()
     predict_batch_size: int = 1
     predict_steps: int = 0
+    """Sample after each checkpoint when > 0."""
     predict_max_steps: int | None = None
+    """Most new tokens per sample; default up to n_ctx."""
     remove_partial_sequences: bool = False
+    """Strip the prompt from predictions."""
     padding_id: int | None = None
+    """Padding token id (default from the dataset config)."""
     eos_id: int | None = None
+    """End-of-text token id (default from the dataset config)."""
     model: str = "GPT"
+    """Model family; GPT-Neo only ever had `GPT`."""
 
     @property
     def head_dim(self) -> int:
@@ -200,7 +214,7 @@ def load_config(
     """Read one or more GPT-Neo JSON configs, merge them in order (later wins), apply overrides.
 
     `overrides` is a mapping or a list of `"key=value"` strings (value parsed as JSON, else kept
-    as a string); it applies last. A bare name such as `gpt3_small` is looked up as
+    as a string); it applies last. A bare name such as `gpt_neo_125M` is looked up as
     `configs/<name>.json`, like GPT-Neo's `--model`. Raises `ConfigError`.
     """
     paths = [path_or_paths] if isinstance(path_or_paths, str | os.PathLike) else path_or_paths
@@ -227,12 +241,17 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
                 return named
     raise ConfigError(
         f"config file not found: {path}. Pass a path to a .json file or the name of a file "
-        "in configs/ (for example --model gpt3_small)."
+        "in configs/ (for example --model gpt_neo_125M)."
     )
 
 
 def _read_json(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: byte {err.start} is not UTF-8; save the config as UTF-8 JSON"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -107,7 +107,14 @@ def test_auto_kernel_on_cpu_is_the_xla_reference():
 
 
 def test_forced_kernels_refuse_what_they_cannot_do():
+    cudnn, splash = tiny_config(attention_kernel="cudnn"), tiny_config(attention_kernel="splash")
     with pytest.raises(ConfigError, match="no attention dropout"):
-        attn.resolve_kernel(tiny_config(attention_kernel="cudnn"), jnp.bfloat16, 128, True)
+        attn.resolve_kernel(cudnn, jnp.bfloat16, 128, True)
+    with pytest.raises(ConfigError, match="needs precision bfloat16"):
+        attn.resolve_kernel(cudnn, jnp.float32, 128, False)
     with pytest.raises(ConfigError, match="multiple of 128"):
-        attn.resolve_kernel(tiny_config(attention_kernel="splash"), jnp.float32, 100, False)
+        attn.resolve_kernel(splash, jnp.float32, 100, False)
+    seq_sharded = tiny_config(attention_kernel="splash", mesh_shape="x:8", layout="sequence:x")
+    with pytest.raises(ConfigError, match="shards the sequence"):
+        attn.resolve_kernel(seq_sharded, jnp.float32, 128, False)
+    assert attn.resolve_kernel(splash, jnp.float32, 128, False) == "splash"

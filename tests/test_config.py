@@ -116,6 +116,17 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
     assert "cfg.json" in message and "line 3" in message and "column 15" in message
 
 
+def test_non_utf8_file_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"n_embd": 64, "model_path": "caf\xe9"}')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_top_level_must_be_an_object(tmp_path):
+    assert "must be a JSON object" in error_of(tmp_path, "[1, 2]")
+
+
 def test_unknown_key_suggests_the_closest_known_key(tmp_path):
     message = error_of(tmp_path, {**BASE, "n_layers": 3})
     assert "unknown key 'n_layers'" in message and "Did you mean 'n_layer'" in message

@@ -70,27 +70,35 @@ def softmax_attention(cfg, q, k, v, *, window=None, dropout_rate=0.0, rng=None):
 
 
 def resolve_kernel(cfg: Config, dtype, seq_len: int, has_dropout: bool) -> str:
-    backend = jax.default_backend()
-    splash_ok = seq_len % 128 == 0 and not _seq_or_head_dim_sharded(cfg)
+    """The kernel to run: `auto` prefers the backend's fused kernel and falls back to XLA;
+    a forced kernel that cannot run this attention is a `ConfigError`."""
     if cfg.attention_kernel == "auto":
-        if has_dropout:
-            return "xla"
-        if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
-            return "cudnn"
-        if backend == "tpu" and splash_ok:
-            return "splash"
-        return "xla"
-    if cfg.attention_kernel != "xla" and has_dropout:
+        preferred = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+        usable = _why_not(cfg, preferred, dtype, seq_len, has_dropout) is None
+        return preferred if usable else "xla"
+    if reason := _why_not(cfg, cfg.attention_kernel, dtype, seq_len, has_dropout):
         raise ConfigError(
-            f"attention_kernel '{cfg.attention_kernel}' has no attention dropout; set "
-            "attn_dropout to 0 or attention_kernel to 'auto'."
-        )
-    if cfg.attention_kernel == "splash" and not splash_ok:
-        raise ConfigError(
-            "attention_kernel 'splash' needs n_ctx to be a multiple of 128 and no sequence or "
-            "head-dim sharding in the layout; use attention_kernel 'auto'."
+            f"attention_kernel '{cfg.attention_kernel}' cannot run this model: {reason}. "
+            "Use attention_kernel 'auto' to fall back to XLA where it does not apply."
         )
     return cfg.attention_kernel
+
+
+def _why_not(cfg: Config, kernel: str, dtype, seq_len: int, has_dropout: bool) -> str | None:
+    """Why `kernel` cannot compute this attention, or None when it can."""
+    if kernel == "xla":
+        return None
+    if has_dropout:
+        return "it has no attention dropout (set attn_dropout to 0)"
+    if _seq_or_head_dim_sharded(cfg):
+        return "the layout shards the sequence or the head dimension"
+    if kernel == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
+        return "cuDNN flash attention needs precision bfloat16"
+    if kernel == "cudnn" and (cfg.head_dim % 8 or cfg.head_dim > 128):
+        return f"cuDNN flash attention needs a head dim that is a multiple of 8, at most 128 (got {cfg.head_dim})"
+    if kernel == "splash" and seq_len % 128:
+        return f"splash attention needs a sequence length that is a multiple of 128 (got {seq_len})"
+    return None
 
 
 def _seq_or_head_dim_sharded(cfg: Config) -> bool:
