@@ -22,6 +22,8 @@ setup: $(VENV)/.core-installed
 setup-test: $(VENV)/.test-installed
 
 demo: setup
+	$(PY) data/build_demo_corpus.py
+	$(PY) main.py --model configs/demo.json --check_dataset --check_records 0
 	$(CPU_DEVICES) $(PY) main.py --model configs/demo.json --summary
 
 test: setup-test

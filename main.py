@@ -32,6 +32,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "applied after all --model files",
     )
     parser.add_argument(
+        "--check_dataset",
+        action="store_true",
+        help="print decoded samples and the token-id range of each dataset; exit 1 if an id is "
+        ">= n_vocab",
+    )
+    parser.add_argument(
+        "--check_records",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="--check_dataset reads the first N records of each dataset (0: all)",
+    )
+    parser.add_argument(
         "--summary",
         action="store_true",
         help="print parameter count, FLOPs/token, per-device memory and parameter shardings, "
@@ -80,9 +93,15 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.model, overrides=args.overrides)
+        if args.check_dataset:
+            from gpt_neo.inputs import check_datasets
+
+            if not cfg.datasets:
+                raise ConfigError("the model config lists no 'datasets' to check")
+            return 0 if check_datasets(cfg, max_records=args.check_records) else 1
         if not args.summary:
             print(
-                "nothing to do: training is not available yet; pass --summary to inspect the model",
+                "nothing to do: training is not available yet; pass --summary or --check_dataset",
                 file=sys.stderr,
             )
             return 2

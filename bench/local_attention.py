@@ -32,11 +32,15 @@ def main():
     args = parser.parse_args()
     dense = jax.jit(lambda q, k, v: dense_attention(q, k, v, window=args.window))
     blocked = jax.jit(lambda q, k, v: blocked_local_attention(q, k, v, window=args.window))
-    print(f"backend {jax.default_backend()}, window {args.window}, {args.heads} heads x {args.head_dim}")
+    print(
+        f"backend {jax.default_backend()}, window {args.window}, {args.heads} heads x {args.head_dim}"
+    )
     print(f"{'T':>6} {'dense ms':>10} {'blocked ms':>11} {'dense/blocked':>14}")
     for t in args.lengths:
         keys = jax.random.split(jax.random.key(t), 3)
-        q, k, v = (jax.random.normal(key, (1, t, args.heads, args.head_dim), jnp.float32) for key in keys)
+        q, k, v = (
+            jax.random.normal(key, (1, t, args.heads, args.head_dim), jnp.float32) for key in keys
+        )
         d, b = seconds_per_call(dense, q, k, v), seconds_per_call(blocked, q, k, v)
         print(f"{t:>6} {d * 1e3:>10.1f} {b * 1e3:>11.1f} {d / b:>14.2f}")
 

@@ -54,3 +54,22 @@ def hf_logits(model, tokens):
 
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+SAMPLE_TEXTS = [
+    "def f(x):\n    return x + 1\n",
+    "  leading spaces and trailing  \n\n",
+    "Unicode: naïve café — “quotes” ﬁ ligature, full-width ２０２６, emoji 🚀, tab\tend",
+    "A literal <|endoftext|> inside a document stays text.",
+    "Ünïcödé " * 20,
+]
+
+
+def train_tokenizer_file(folder, texts=SAMPLE_TEXTS, vocab_size=400):
+    """A small byte-level BPE trained on the fly; returns its tokenizer.json path."""
+    from gpt_neo.encoders import TRAINED_TOKENIZER_NAME, train_byte_level_bpe
+
+    tokenizer = train_byte_level_bpe(texts * 20, vocab_size)
+    path = Path(folder) / TRAINED_TOKENIZER_NAME
+    tokenizer.save(str(path))
+    return path

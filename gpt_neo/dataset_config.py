@@ -1,0 +1,93 @@
+"""Dataset configs (`configs/dataset_configs/<id>.json`), GPT-Neo's format.
+
+    {"n_vocab": 50257, "path": "gs://bucket/pile_*.tfrecords", "eval_path": "...",
+     "tokenizer_is_pretrained": true, "tokenizer_path": "gpt2", "eos_id": 50256, "padding_id": 50257}
+
+A model config's `datasets` entries name them by id (the file stem) or by path. Relative data
+paths are relative to the working directory, as in GPT-Neo. `mode` (not a GPT-Neo key) records
+how `data/create_tfrecords.py` wrote the records: `documents` or `chunks`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gpt_neo.config import ConfigError
+from gpt_neo.encoders import Encoder, load_encoder
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KEYS = {"n_vocab", "path", "eval_path", "tokenizer_is_pretrained", "tokenizer_path", "eos_id",
+        "padding_id", "lambada_tokens_path", "mode"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    n_vocab: int
+    path: str
+    eval_path: str = ""
+    tokenizer_path: str | None = None
+    tokenizer_is_pretrained: bool = False
+    eos_id: int = 1  # GPT-Neo's defaults
+    padding_id: int = 0
+    lambada_tokens_path: str | None = None
+    mode: str | None = None
+
+    def encoder(self) -> Encoder:
+        if self.tokenizer_path is None:
+            raise ConfigError(f"dataset '{self.name}' names no tokenizer_path")
+        return load_encoder(self.tokenizer_path)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "name" and v is not None}
+
+
+def resolve_dataset_config_path(dataset_id: str) -> Path:
+    if dataset_id.endswith(".json"):
+        path = Path(dataset_id)
+        if path.is_file():
+            return path
+        raise ConfigError(f"dataset config not found: {dataset_id}")
+    candidates = [
+        Path.cwd() / "configs" / "dataset_configs" / f"{dataset_id}.json",
+        REPO_ROOT / "configs" / "dataset_configs" / f"{dataset_id}.json",
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"dataset '{dataset_id}': no dataset config at {candidates[0]}; write one (see "
+        "data/create_tfrecords.py --write_dataset_config) or name a .json path in 'datasets'"
+    )
+
+
+def load_dataset_config(dataset_id: str) -> DatasetConfig:
+    path = resolve_dataset_config_path(dataset_id)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{path}: line {err.lineno}, column {err.colno}: malformed JSON ({err.msg})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a dataset config must be a JSON object")
+    if unknown := sorted(set(raw) - KEYS):
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(KEYS)}")
+    for key in ("n_vocab", "path"):
+        if key not in raw:
+            raise ConfigError(f"{path}: required key '{key}' is missing")
+    if not isinstance(raw["n_vocab"], int) or raw["n_vocab"] < 1:
+        raise ConfigError(f"{path}: 'n_vocab' must be a positive integer")
+    if raw.get("mode") not in (None, "documents", "chunks"):
+        raise ConfigError(f"{path}: 'mode' must be 'documents' or 'chunks'")
+    return DatasetConfig(name=path.stem, **{k: v for k, v in raw.items() if v is not None})
+
+
+def write_dataset_config(cfg: DatasetConfig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    return path

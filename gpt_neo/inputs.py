@@ -1,0 +1,431 @@
+"""Training and eval batches from TFRecords: dataset mixtures, sampling modes, exact resume.
+
+tf.data (TensorFlow pinned to the CPU) reads, parses, interleaves and shuffles records; this
+module turns records into examples and batches. Its position is a small JSON-able state,
+saved in the training checkpoint, from which the next batch is exactly the one an
+uninterrupted run would have produced.
+
+How that is possible without saving shuffle buffers. Each dataset's files (this host's share,
+`jax.process_index()`-strided) are permuted per epoch by the seed and read in *groups* of up
+to `GROUP_FILES` files: a group is one deterministic tf.data stream (round-robin interleave,
+then a seeded example shuffle), a pure function of (seed, dataset, group number). A reader's
+state is (group number, records consumed in it); restoring rebuilds that group's stream and
+skips the consumed records, so a restore costs at most one group's worth of reading. Which
+dataset each example of batch b comes from is drawn from a generator seeded by (seed, b), so
+the mixture needs no state beyond the batch counter. The random window of `documents_random`
+is drawn from a generator seeded by the example's first record's position.
+
+Sampling modes (`datasets` entries `[dataset_id, stitch, sampling_mode, weight]`):
+- `documents_random`: join `stitch` documents (more if they are shorter than n_ctx + 1
+  tokens together) with end-of-text between them, take a random n_ctx + 1 window;
+- `documents_fixed`: the same join, its first n_ctx + 1 tokens;
+- `chunks` (and bare ids, GPT-Neo's `sequential_input`): records of exactly n_ctx + 1 tokens.
+Examples are [n_ctx + 1] int32: inputs are [:-1], labels [1:].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpt_neo.config import Config, ConfigError
+from gpt_neo.dataset_config import DatasetConfig, load_dataset_config
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+GROUP_FILES = 8
+SHUFFLE_BUFFER = 10_000
+SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
+STATE_VERSION = 1
+
+
+def tf():
+    import tensorflow
+
+    tensorflow.config.set_visible_devices([], "GPU")  # never touch the accelerator
+    return tensorflow
+
+
+def natural_key(path: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def list_files(pattern: str, *, what: str) -> list[str]:
+    """Files matching a local or gs:// glob (comma-separated globs allowed), naturally sorted."""
+    t = tf()
+    files = sorted(
+        {f for p in pattern.split(",") if p.strip() for f in t.io.gfile.glob(p.strip())},
+        key=natural_key,
+    )
+    if not files:
+        raise ConfigError(f"{what}: the pattern '{pattern}' matches no files")
+    return files
+
+
+class CorruptRecordError(ConfigError):
+    pass
+
+
+@dataclass
+class ReaderStats:
+    skipped_files: list[str] = field(default_factory=list)  # "file (from record k)"
+
+
+class RecordReader:
+    """One dataset's records, in a deterministic shuffled order, with a resumable position."""
+
+    def __init__(self, files: list[str], *, seed: int, name: str, shuffle: bool = True,
+                 skip_corrupt: bool = False):  # fmt: skip
+        self.files, self.seed, self.name = files, seed, name
+        self.shuffle, self.skip_corrupt = shuffle, skip_corrupt
+        self.group_files = max(1, min(GROUP_FILES, len(files)))
+        self.groups_per_epoch = -(-len(files) // self.group_files)
+        self.shuffle_buffer = SHUFFLE_BUFFER
+        self.fingerprint = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+        self.group, self.offset = 0, 0
+        self.stats = ReaderStats()
+        self._truncated: dict[str, int] = {}  # corrupt file -> records readable before damage
+        self._iterator = None
+
+    # --- position -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"group": self.group, "offset": self.offset, "files": self.fingerprint}
+
+    def restore(self, state: dict) -> None:
+        if state["files"] != self.fingerprint:
+            raise ConfigError(
+                f"dataset '{self.name}': its files changed since the checkpoint was written "
+                "(the data position cannot be restored); restore the files or start a new run"
+            )
+        self.group, self.offset = int(state["group"]), int(state["offset"])
+        self._iterator = None
+
+    # --- reading --------------------------------------------------------------------------
+    def group_files_of(self, group: int) -> list[str]:
+        epoch, index = divmod(group, self.groups_per_epoch)
+        order = np.arange(len(self.files))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        chosen = order[index * self.group_files : (index + 1) * self.group_files]
+        return [self.files[i] for i in chosen]
+
+    def _open(self):
+        t = tf()
+        files = self.group_files_of(self.group)
+        paths = t.constant(files)
+        # -1 reads a file whole; a damaged file is cut where its damage starts (skip mode)
+        limits = t.constant([self._truncated.get(f, -1) for f in files], t.int64)
+
+        def one_file(index):
+            records = t.data.TFRecordDataset(paths[index]).take(limits[index])
+            return records.enumerate().map(lambda i, r: (index, i, r))
+
+        stream = t.data.Dataset.range(len(files)).interleave(
+            one_file, cycle_length=len(files), block_length=1
+        )
+        if self.shuffle:
+            seed = int(np.random.default_rng([self.seed, self.group, 1]).integers(2**31))
+            stream = stream.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        stream = stream.map(_parse, num_parallel_calls=t.data.AUTOTUNE, deterministic=True)
+        self._iterator = iter(stream.prefetch(t.data.AUTOTUNE).as_numpy_iterator())
+        self._group_paths = files
+        # Records already consumed are skipped here rather than by tf.data, so that every
+        # record's index is seen and truncated files can be told at the group's end.
+        self._to_skip = self.offset
+        self._seen = [0] * len(files)
+
+    def next_record(self) -> tuple[np.ndarray, str, int]:
+        """(tokens int32, file, record index in file); advances the position."""
+        t = tf()
+        while True:
+            if self._iterator is None:
+                self._open()
+            try:
+                file_index, record_index, tokens = next(self._iterator)
+            except StopIteration:
+                self._check_complete()
+                self.group, self.offset, self._iterator = self.group + 1, 0, None
+                continue
+            except (t.errors.DataLossError, t.errors.InvalidArgumentError) as err:
+                self._handle_corrupt(err)
+                continue
+            self._seen[file_index] = max(self._seen[file_index], int(record_index) + 1)
+            if self._to_skip:
+                self._to_skip -= 1
+                continue
+            self.offset += 1
+            return tokens, self._group_paths[file_index], int(record_index)
+
+    def _check_complete(self) -> None:
+        """TFRecord readers end a truncated file quietly; GPT-Neo's file names carry their
+        record count, which tells a truncated file from a short one."""
+        for path, seen in zip(self._group_paths, self._seen, strict=True):
+            expected = records_in_name(path)
+            if expected is None or seen >= expected or path in self._truncated:
+                continue
+            if not self.skip_corrupt:
+                raise CorruptRecordError(
+                    f"dataset '{self.name}': {path} is corrupt or truncated at record {seen} (its "
+                    f"name promises {expected} records). Re-create the file, or let the pipeline "
+                    "skip damaged records (InputPipeline(skip_corrupt=True)); they are reported."
+                )
+            self._truncated[path] = seen
+            self.stats.skipped_files.append(f"{path} (from record {seen})")
+
+    def _handle_corrupt(self, err) -> None:
+        path, good = locate_corruption(self._group_paths)
+        if path is None:
+            raise ConfigError(f"dataset '{self.name}': reading failed: {err.message}") from None
+        if not self.skip_corrupt:
+            raise CorruptRecordError(
+                f"dataset '{self.name}': {path} is corrupt or truncated at record {good}. "
+                "Re-create the file, or let the pipeline skip damaged records "
+                "(InputPipeline(skip_corrupt=True)); skipped files are reported."
+            )
+        self._truncated[path] = good
+        self.stats.skipped_files.append(f"{path} (from record {good})")
+        self._iterator = None  # rebuild the group without the damaged tail, skip what was read
+
+
+def records_in_name(path: str) -> int | None:
+    """The record count in a `{name}_{i}_{n}.tfrecords` file name, as GPT-Neo wrote them."""
+    match = re.search(r"_(\d+)\.tfrecords$", path)
+    return int(match.group(1)) if match else None
+
+
+def _parse(file_index, record_index, record):
+    t = tf()
+    parsed = t.io.parse_single_example(record, {"text": t.io.VarLenFeature(t.int64)})
+    return file_index, record_index, t.cast(t.sparse.to_dense(parsed["text"]), t.int32)
+
+
+def iter_records(files: list[str], limit: int = 0) -> Iterator[np.ndarray]:
+    """Token arrays of `files` in order, at most `limit` (0: all); corruption is a
+    `CorruptRecordError` naming the file and record."""
+    t = tf()
+    count = 0
+    for path in files:
+        index = 0
+        try:
+            for record in t.data.TFRecordDataset(path).as_numpy_iterator():
+                parsed = t.io.parse_single_example(record, {"text": t.io.VarLenFeature(t.int64)})
+                yield parsed["text"].values.numpy().astype(np.int32)
+                count, index = count + 1, index + 1
+                if count == limit:
+                    return
+        except (t.errors.DataLossError, t.errors.InvalidArgumentError):
+            raise CorruptRecordError(f"{path} is corrupt or truncated at record {index}") from None
+        expected = records_in_name(path)
+        if expected is not None and index < expected:
+            raise CorruptRecordError(
+                f"{path} is corrupt or truncated at record {index} (its name promises {expected})"
+            )
+
+
+def locate_corruption(files: list[str]) -> tuple[str | None, int]:
+    """The first file that fails to read or parse, and its number of good records."""
+    t = tf()
+    for path in files:
+        good = 0
+        try:
+            for record in t.data.TFRecordDataset(path).as_numpy_iterator():
+                t.io.parse_single_example(record, {"text": t.io.VarLenFeature(t.int64)})
+                good += 1
+        except (t.errors.DataLossError, t.errors.InvalidArgumentError):
+            return path, good
+    return None, 0
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+
+
+@dataclass
+class DatasetSource:
+    """One entry of the mixture: its reader, how it makes examples, and its weight."""
+
+    config: DatasetConfig
+    reader: RecordReader
+    mode: str
+    stitch: int
+    weight: float
+    n_vocab: int
+    n_ctx: int
+
+    def _checked(self, tokens: np.ndarray, path: str, index: int) -> np.ndarray:
+        if tokens.size and (int(tokens.max()) >= self.n_vocab or int(tokens.min()) < 0):
+            bad = int(tokens.max()) if int(tokens.max()) >= self.n_vocab else int(tokens.min())
+            raise ConfigError(
+                f"dataset '{self.config.name}': {path} record {index} holds token id {bad}, "
+                f"outside the model's n_vocab {self.n_vocab}; the data was made with another "
+                "tokenizer, or n_vocab is too small"
+            )
+        return tokens
+
+    def next_example(self) -> np.ndarray:
+        length = self.n_ctx + 1
+        if self.mode == "chunks":
+            tokens, path, index = self.reader.next_record()
+            if tokens.size != length:
+                raise ConfigError(
+                    f"dataset '{self.config.name}': {path} record {index} has {tokens.size} "
+                    f"tokens; sampling mode 'chunks' needs n_ctx + 1 = {length}. Re-create it with "
+                    f"--mode chunks --chunk_size {self.n_ctx}, or sample it with documents_random"
+                )
+            return self._checked(tokens, path, index)
+        start = (self.reader.group, self.reader.offset)
+        pieces, total, eos = [], 0, self.config.eos_id
+        while len(pieces) < self.stitch or total < length:
+            tokens, path, index = self.reader.next_record()
+            tokens = self._checked(tokens, path, index)
+            if tokens.size == 0:
+                continue
+            if tokens[-1] != eos:  # documents-mode records already end with the separator
+                tokens = np.append(tokens, np.int32(eos))
+            pieces.append(tokens)
+            total += tokens.size
+        joined = np.concatenate(pieces)
+        offset = 0
+        if self.mode == "documents_random":
+            rng = np.random.default_rng([self.reader.seed, *start, 2])
+            offset = int(rng.integers(0, joined.size - length + 1))
+        return joined[offset : offset + length]
+
+
+class InputPipeline:
+    """Batches [batch, n_ctx + 1] int32 from the config's dataset mixture, resumable.
+
+    `state()` is the position after the last batch returned; `restore(state)` continues from
+    it. `eval=True` reads `eval_path` in a fixed order from the start.
+    """
+
+    def __init__(self, cfg: Config, *, batch_size: int | None = None, eval: bool = False,
+                 process_index: int | None = None, process_count: int | None = None,
+                 skip_corrupt: bool = False):  # fmt: skip
+        import jax
+
+        if not cfg.datasets:
+            raise ConfigError("the model config lists no 'datasets'")
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        global_batch = batch_size or (
+            (cfg.eval_batch_size or cfg.train_batch_size) if eval else cfg.train_batch_size
+        )
+        if not global_batch:
+            raise ConfigError("set train_batch_size (and eval_batch_size for eval) in the config")
+        if global_batch % self.process_count:
+            raise ConfigError(
+                f"batch size {global_batch} does not divide over {self.process_count} hosts"
+            )
+        self.batch_size = global_batch // self.process_count
+        self.seed = cfg.seed
+        self.sources = [
+            self._source(cfg, i, entry, eval, skip_corrupt) for i, entry in enumerate(cfg.datasets)
+        ]
+        weights = np.array([s.weight for s in self.sources], np.float64)
+        self.weights = weights / weights.sum()
+        self.batch = 0
+
+    def _source(self, cfg: Config, i: int, entry, eval: bool, skip_corrupt: bool) -> DatasetSource:
+        dataset = load_dataset_config(entry.dataset_id)
+        if dataset.n_vocab > cfg.n_vocab:
+            raise ConfigError(
+                f"dataset '{dataset.name}' has n_vocab {dataset.n_vocab} but the model's n_vocab is "
+                f"{cfg.n_vocab}; raise the model's n_vocab"
+            )
+        mode = entry.sampling_mode or (
+            "chunks" if dataset.mode in (None, "chunks") else "documents_random"
+        )
+        if mode not in SAMPLING_MODES:
+            raise ConfigError(
+                f"dataset '{dataset.name}': unknown sampling_mode '{mode}'; use one of {SAMPLING_MODES}"
+            )
+        pattern = dataset.eval_path if eval else dataset.path
+        if not pattern:
+            raise ConfigError(f"dataset '{dataset.name}' has no {'eval_path' if eval else 'path'}")
+        files = list_files(
+            pattern, what=f"dataset '{dataset.name}' {'eval_path' if eval else 'path'}"
+        )
+        host_files = files[self.process_index :: self.process_count]
+        if not host_files:
+            raise ConfigError(
+                f"dataset '{dataset.name}' has {len(files)} files for {self.process_count} hosts; "
+                "write more, smaller files (create_tfrecords --files_per)"
+            )
+        seed = int(np.random.default_rng([cfg.seed, i, self.process_index]).integers(2**31))
+        reader = RecordReader(host_files, seed=seed, name=dataset.name, shuffle=not eval,
+                              skip_corrupt=skip_corrupt)  # fmt: skip
+        return DatasetSource(dataset, reader, mode, entry.stitch or 1, entry.weight or 1.0,
+                             cfg.n_vocab, cfg.n_ctx)  # fmt: skip
+
+    def state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "batch": self.batch,
+            "readers": [s.reader.state() for s in self.sources],
+        }
+
+    def restore(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION or len(state["readers"]) != len(self.sources):
+            raise ConfigError("the saved data position does not match this config's datasets")
+        self.batch = int(state["batch"])
+        for source, reader_state in zip(self.sources, state["readers"], strict=True):
+            source.reader.restore(reader_state)
+
+    def choices(self, batch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, batch, self.process_index, 3])
+        return rng.choice(len(self.sources), size=self.batch_size, p=self.weights)
+
+    def next_batch(self) -> np.ndarray:
+        rows = [self.sources[k].next_example() for k in self.choices(self.batch)]
+        self.batch += 1
+        return np.stack(rows)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            yield self.next_batch()
+
+
+# --------------------------------------------------------------------------------------------
+# main.py --check_dataset
+
+
+def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, out=print) -> bool:
+    """Print decoded samples and the token-id range of each dataset; False if an id is out of
+    range. Reads up to `max_records` records per dataset (0: all of them)."""
+    ok = True
+    for entry in cfg.datasets:
+        dataset = load_dataset_config(entry.dataset_id)
+        encoder = dataset.encoder()
+        files = list_files(dataset.path, what=f"dataset '{dataset.name}' path")
+        low, high, count, lengths = None, None, 0, []
+        for tokens in iter_records(files, limit=max_records):
+            count += 1
+            lengths.append(tokens.size)
+            if tokens.size:
+                low = int(tokens.min()) if low is None else min(low, int(tokens.min()))
+                high = int(tokens.max()) if high is None else max(high, int(tokens.max()))
+            if count <= samples:
+                text = encoder.decode(tokens)
+                out(f"--- {dataset.name} record {count - 1} ({tokens.size} tokens) ---")
+                out(text[:500] + (" [...] " + text[-200:] if len(text) > 700 else ""))
+        scope = "all" if max_records == 0 or count < max_records else f"the first {count}"
+        out(
+            f"{dataset.name}: {len(files)} files; read {scope} records; record length "
+            f"{min(lengths, default=0)}..{max(lengths, default=0)} tokens; token ids {low}..{high}; "
+            f"tokenizer '{encoder.name}' has {encoder.vocab_size} ids; model n_vocab {cfg.n_vocab}"
+        )
+        if high is not None and high >= cfg.n_vocab:
+            out(f"error: {dataset.name}: token id {high} >= n_vocab {cfg.n_vocab}")
+            ok = False
+        if encoder.vocab_size > cfg.n_vocab:
+            out(
+                f"error: {dataset.name}: tokenizer size {encoder.vocab_size} > n_vocab {cfg.n_vocab}"
+            )
+            ok = False
+    return ok

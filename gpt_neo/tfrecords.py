@@ -1,0 +1,363 @@
+"""Raw text -> tokenized TFRecords in GPT-Neo's format (the engine of data/create_tfrecords.py).
+
+Format: one `tf.train.Example` per record with one feature, `text`, an int64 list of token
+ids; files named `{name}_{i}_{n_records}.tfrecords` (GPT-Neo's readers parse the record count
+from that suffix). Two modes:
+
+- `documents`: one record per document, the document's tokens followed by the separator;
+- `chunks`: the token stream of all documents (each followed by the separator) cut into
+  records of exactly `chunk_size + 1` tokens; a document's tail carries into the next record.
+
+Work is split into *units*: runs of consecutive input files of about `UNIT_BYTES`, fixed by
+the input alone (not by `--processes`), so a re-run with any process count resumes. Each unit
+writes hidden `.tmp` files; when a unit finishes, the manifest `{name}.manifest.json` records
+it (atomically). When all units are done, the `.tmp` files are renamed, in unit order, to
+their final names. A file only ever appears under a final name when it is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt_neo.config import ConfigError
+from gpt_neo.corpus import CorpusStats, fix_text, read_documents, wikitext_detokenize
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
+
+UNIT_BYTES = 32 * 2**20
+ENCODE_BATCH = 256
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TFRecordJob:
+    """Everything that decides the output; a re-run with other settings is refused."""
+
+    name: str
+    output_dir: str
+    encoder: str  # load_encoder spec: "gpt2", "byte", or a tokenizer path
+    mode: str = "documents"
+    separator: tuple[int, ...] = ()
+    minimum_size: int = 1
+    files_per: int = 100_000
+    chunk_size: int = 2048
+    ftfy: bool = False
+    wikitext_detokenize: bool = False
+
+
+@dataclass
+class WriteStats(CorpusStats):
+    empty: int = 0  # documents with no text
+    too_short: int = 0  # documents under --minimum_size tokens
+    documents_written: int = 0
+    records: int = 0
+    tokens: int = 0  # tokens written, separators included
+    tail_tokens_dropped: int = 0  # chunks mode: the last partial record of each unit
+
+
+def tf():
+    import tensorflow
+
+    tensorflow.config.set_visible_devices([], "GPU")  # data work never touches an accelerator
+    return tensorflow
+
+
+def plan_units(files: Sequence[Path]) -> list[list[str]]:
+    """Consecutive files grouped to about `UNIT_BYTES` each (a bigger file is its own unit)."""
+    unit_bytes = UNIT_BYTES
+    units: list[list[str]] = []
+    size = 0
+    for path in files:
+        file_size = path.stat().st_size
+        if not units or size + file_size > unit_bytes:
+            units.append([])
+            size = 0
+        units[-1].append(str(path))
+        size += file_size
+    return units
+
+
+def serialize(tokens: Sequence[int]) -> bytes:
+    t = tf()
+    feature = t.train.Feature(int64_list=t.train.Int64List(value=tokens))
+    return t.train.Example(features=t.train.Features(feature={"text": feature})).SerializeToString()
+
+
+class _RotatingWriter:
+    """Writes records into `.tmp` files of at most `files_per` records each."""
+
+    def __init__(self, job: TFRecordJob, unit: int):
+        self.job, self.unit = job, unit
+        self.files: list[tuple[str, int]] = []
+        self._writer = None
+
+    def write(self, record: bytes) -> None:
+        if self._writer is None or self.files[-1][1] == self.job.files_per:
+            self._open()
+        self._writer.write(record)
+        path, count = self.files[-1]
+        self.files[-1] = (path, count + 1)
+
+    def _open(self) -> None:
+        self.close()
+        path = (
+            f"{self.job.output_dir}/.{self.job.name}.unit{self.unit:06d}.{len(self.files):04d}.tmp"
+        )
+        self._writer = tf().io.TFRecordWriter(path)
+        self.files.append((path, 0))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _documents(
+    job: TFRecordJob, files: Sequence[str], stats: WriteStats, progress
+) -> Iterator[str]:
+    for path in files:
+        for text in read_documents(path, stats):
+            if job.wikitext_detokenize:
+                text = wikitext_detokenize(text)
+            if job.ftfy:
+                text = fix_text(text)
+            if not text:
+                stats.empty += 1
+                continue
+            yield text
+        if progress is not None:
+            progress.put(("file", os.path.getsize(path)))
+
+
+def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+_ENCODERS: dict = {}
+
+
+def process_unit(job: TFRecordJob, unit: int, files: Sequence[str], progress=None) -> tuple:
+    """Tokenize one unit into `.tmp` record files. Returns (unit, [(tmp, n)], WriteStats)."""
+    from gpt_neo.encoders import load_encoder
+
+    encoder = _ENCODERS.get(job.encoder) or _ENCODERS.setdefault(
+        job.encoder, load_encoder(job.encoder)
+    )
+    stats = WriteStats()
+    writer = _RotatingWriter(job, unit)
+    pending: list[int] = []  # chunks mode: tokens not yet written
+    record_len = job.chunk_size + 1
+    for texts in _batched(_documents(job, files, stats, progress), ENCODE_BATCH):
+        written_before = stats.tokens
+        for ids in encoder.encode_batch(texts):
+            if len(ids) < job.minimum_size:
+                stats.too_short += 1
+                continue
+            stats.documents_written += 1
+            if job.mode == "documents":
+                record = [*ids, *job.separator]
+                writer.write(serialize(record))
+                stats.records += 1
+                stats.tokens += len(record)
+                continue
+            pending.extend(ids)
+            pending.extend(job.separator)
+            while len(pending) >= record_len:
+                writer.write(serialize(pending[:record_len]))
+                del pending[:record_len]
+                stats.records += 1
+                stats.tokens += record_len
+        if progress is not None:
+            progress.put(("batch", len(texts), stats.tokens - written_before))
+    stats.tail_tokens_dropped = len(pending)
+    writer.close()
+    return unit, writer.files, stats
+
+
+def _process_unit_star(args):
+    return process_unit(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest: which units are done, with which settings
+
+
+def _fingerprint(job: TFRecordJob, units: list[list[str]]) -> str:
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(job), units], default=list).encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_manifest(path: str) -> dict | None:
+    t = tf()
+    if not t.io.gfile.exists(path):
+        return None
+    with t.io.gfile.GFile(path) as handle:
+        return json.loads(handle.read())
+
+
+def _write_atomic(path: str, text: str) -> None:
+    t = tf()
+    tmp = path + ".tmp"
+    with t.io.gfile.GFile(tmp, "w") as handle:
+        handle.write(text)
+    t.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _check_writable(output_dir: str) -> None:
+    t = tf()
+    try:
+        t.io.gfile.makedirs(output_dir)
+        probe = f"{output_dir}/.write-probe"
+        with t.io.gfile.GFile(probe, "w") as handle:
+            handle.write("ok")
+        t.io.gfile.remove(probe)
+    except (t.errors.OpError, OSError) as err:
+        raise ConfigError(
+            f"--output_dir {output_dir} is not writable ({err.__class__.__name__}); choose a "
+            "directory you can write to"
+        ) from None
+
+
+@dataclass
+class Result:
+    files: list[tuple[str, int]]  # final paths and record counts
+    stats: WriteStats
+    seconds: float
+    already_complete: bool = False
+
+
+def create_tfrecords(
+    job: TFRecordJob, input_files: Sequence[Path], *, processes: int = 1, show_progress: bool = True
+) -> Result:
+    """Tokenize `input_files` into TFRecords under `job.output_dir`; resumes an interrupted run."""
+    if job.mode not in ("documents", "chunks"):
+        raise ConfigError(f"--mode must be 'documents' or 'chunks', not {job.mode!r}")
+    start = time.perf_counter()
+    _check_writable(job.output_dir)
+    units = plan_units(input_files)
+    manifest_path = f"{job.output_dir}/{job.name}.manifest.json"
+    fingerprint = _fingerprint(job, units)
+    manifest = _read_manifest(manifest_path) or {
+        "version": MANIFEST_VERSION, "fingerprint": fingerprint, "units": {}, "final": None,
+    }  # fmt: skip
+    if manifest["fingerprint"] != fingerprint:
+        raise ConfigError(
+            f"{manifest_path} belongs to a run with other inputs or settings; use another "
+            "--output_dir or --name, or delete that run's files to start over"
+        )
+    if manifest["final"] is not None:
+        stats = WriteStats(**manifest["stats"])
+        return Result([tuple(f) for f in manifest["final"]], stats, 0.0, already_complete=True)
+
+    todo = [(job, u, files) for u, files in enumerate(units) if str(u) not in manifest["units"]]
+    for unit, files, stats in _run_units(job, todo, units, processes, show_progress):
+        manifest["units"][str(unit)] = {"files": files, "stats": dataclasses.asdict(stats)}
+        _write_atomic(manifest_path, json.dumps(manifest))
+
+    final, total = _finalize(job, manifest)
+    manifest["final"], manifest["stats"] = final, dataclasses.asdict(total)
+    _write_atomic(manifest_path, json.dumps(manifest))
+    return Result(final, total, time.perf_counter() - start)
+
+
+def _finalize(job: TFRecordJob, manifest: dict) -> tuple[list, WriteStats]:
+    """Rename every unit's `.tmp` files, in unit order, to `{name}_{i}_{n}.tfrecords`."""
+    t = tf()
+    final, total, index = [], WriteStats(), 0
+    for unit in sorted(manifest["units"], key=int):
+        entry = manifest["units"][unit]
+        total.add(WriteStats(**entry["stats"]))
+        for tmp, count in entry["files"]:
+            if count == 0:
+                continue
+            path = f"{job.output_dir}/{job.name}_{index}_{count}.tfrecords"
+            if t.io.gfile.exists(tmp):  # not renamed yet (an earlier run may have stopped midway)
+                t.io.gfile.rename(tmp, path, overwrite=True)
+            final.append((path, count))
+            index += 1
+    return final, total
+
+
+def _run_units(job, todo, units, processes, show_progress):
+    from tqdm import tqdm
+
+    total_bytes = sum(os.path.getsize(f) for u in units for f in u)
+    done_bytes = sum(os.path.getsize(f) for u in units for f in u) - sum(
+        os.path.getsize(f) for _, _, files in todo for f in files
+    )
+    bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
+               disable=not show_progress, desc=f"tokenizing {job.name}")  # fmt: skip
+    docs = tokens = 0
+    start = time.perf_counter()
+
+    def on_progress(message):
+        nonlocal docs, tokens
+        if message[0] == "file":
+            bar.update(message[1])
+        else:
+            docs, tokens = docs + message[1], tokens + message[2]
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s")
+
+    try:
+        if processes <= 1 or len(todo) <= 1:
+            yield from _run_in_process(todo, on_progress)
+        else:
+            yield from _run_in_pool(todo, processes, on_progress)
+    finally:
+        bar.close()
+
+
+def _init_worker():
+    # one tokenizer thread per process: the processes already use every core
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+class _CallbackQueue:
+    def __init__(self, callback):
+        self.put = callback
+
+
+def _run_in_process(todo, on_progress):
+    queue = _CallbackQueue(on_progress)
+    for job, unit, files in todo:
+        yield process_unit(job, unit, files, queue)
+
+
+def _run_in_pool(todo, processes, on_progress):
+    # spawn, not fork: TensorFlow and tokenizers hold threads that do not survive a fork
+    context = multiprocessing.get_context("spawn")
+    workers = min(processes, len(todo))
+    with (
+        context.Manager() as manager,
+        context.Pool(workers, initializer=_init_worker) as pool,
+    ):
+        queue = manager.Queue()
+        pending = pool.imap_unordered(_process_unit_star, [(*t, queue) for t in todo])
+        while True:
+            while not queue.empty():
+                on_progress(queue.get())
+            try:
+                result = pending.next(timeout=0.2)
+            except multiprocessing.TimeoutError:
+                continue
+            except StopIteration:
+                break
+            yield result
+        while not queue.empty():
+            on_progress(queue.get())

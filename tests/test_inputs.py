@@ -1,0 +1,261 @@
+"""The input pipeline: sampling modes, mixture weights, shuffling, hosts, exact resume, errors."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from gpt_neo import inputs
+from gpt_neo.config import ConfigError, from_dict
+from gpt_neo.inputs import CorruptRecordError, InputPipeline, check_datasets
+from gpt_neo.tfrecords import serialize, tf
+
+EOS = 0
+N_CTX = 16
+
+
+def document(doc_id: int, length: int) -> list[int]:
+    """Tokens doc_id*1000 + 1, + 2, ... then EOS: position and source readable from any token."""
+    return [doc_id * 1000 + j for j in range(1, length + 1)] + [EOS]
+
+
+def write_dataset(folder, name, docs_per_file, *, first_id=1, lengths=(5, 9, 23), mode="documents",
+                  eval_docs=None, n_vocab=1_000_000):  # fmt: skip
+    """TFRecord files + a dataset config; returns (config path, {doc_id: tokens})."""
+    folder.mkdir(parents=True, exist_ok=True)
+    docs, doc_id = {}, first_id
+    for file_index, count in enumerate(docs_per_file):
+        with tf().io.TFRecordWriter(
+            str(folder / f"{name}_{file_index}_{count}.tfrecords")
+        ) as writer:
+            for k in range(count):
+                tokens = document(doc_id, lengths[k % len(lengths)])
+                if mode == "chunks":
+                    tokens = (tokens * N_CTX)[: N_CTX + 1]
+                docs[doc_id] = tokens
+                writer.write(serialize(tokens))
+                doc_id += 1
+    config = {"n_vocab": n_vocab, "path": str(folder / f"{name}_*.tfrecords"), "eos_id": EOS,
+              "padding_id": EOS, "tokenizer_path": "byte", "mode": mode}  # fmt: skip
+    if eval_docs:
+        with tf().io.TFRecordWriter(str(folder / f"{name}eval_0_{eval_docs}.tfrecords")) as writer:
+            for k in range(eval_docs):
+                writer.write(serialize(document(900 + k, 30)))
+        config["eval_path"] = str(folder / f"{name}eval_*.tfrecords")
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return str(path), docs
+
+
+def model_config(datasets, **kw):
+    keys = {"n_embd": 8, "n_head": 1, "n_layer": 1, "n_ctx": N_CTX, "n_vocab": 1_000_000,
+            "train_batch_size": 4, "datasets": datasets, **kw}  # fmt: skip
+    return from_dict(keys)
+
+
+def pipeline(cfg, **kw):
+    return InputPipeline(
+        cfg,
+        process_index=kw.pop("process_index", 0),
+        process_count=kw.pop("process_count", 1),
+        **kw,
+    )
+
+
+def batches(p, n):
+    return [p.next_batch() for _ in range(n)]
+
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    monkeypatch.setattr(inputs, "GROUP_FILES", 2)
+    monkeypatch.setattr(inputs, "SHUFFLE_BUFFER", 7)
+
+
+def test_documents_random_examples_are_windows_of_eos_joined_documents(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [20, 20])
+    for batch in batches(pipeline(model_config([[path, 2, "documents_random", 1.0]])), 10):
+        assert batch.shape == (4, N_CTX + 1) and batch.dtype == np.int32
+        for row in batch:
+            for a, b in itertools.pairwise(row):
+                # inside a document tokens count up by one; documents end with EOS
+                assert b == a + 1 or b == EOS or a == EOS
+
+
+def test_documents_fixed_examples_start_at_a_document_start(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [20])
+    rows = np.concatenate(batches(pipeline(model_config([[path, 2, "documents_fixed", 1.0]])), 5))
+    assert np.all(rows[:, 0] % 1000 == 1)
+
+
+def test_chunks_mode_yields_the_records_themselves(tmp_path):
+    path, docs = write_dataset(tmp_path, "c", [10, 10], mode="chunks")
+    rows = np.concatenate(batches(pipeline(model_config([[path, None, "chunks", None]])), 5))
+    records = {tuple(t) for t in docs.values()}
+    assert all(tuple(r) in records for r in rows)
+    assert len({tuple(r) for r in rows}) == 20  # one epoch: every record exactly once
+
+
+def test_bare_dataset_id_of_a_chunk_dataset_reads_chunks(tmp_path):
+    path, docs = write_dataset(tmp_path, "c", [6], mode="chunks")
+    rows = batches(pipeline(model_config([path])), 1)[0]
+    assert {tuple(r) for r in rows} <= {tuple(t) for t in docs.values()}
+
+
+def test_example_level_shuffle_is_a_permutation_within_each_epoch(tmp_path, small_groups):
+    path, docs = write_dataset(tmp_path, "c", [5, 5, 5, 5, 5], mode="chunks")
+    rows = np.concatenate(batches(pipeline(model_config([[path, None, "chunks", None]])), 25))
+    first_epoch, second_epoch = rows[:25], rows[25:50]
+    order = [int(r[0]) // 1000 for r in first_epoch]
+    assert sorted(order) == sorted(docs)  # every record once
+    assert order != sorted(order)  # not file order
+    assert [int(r[0]) // 1000 for r in second_epoch] != order  # reshuffled next epoch
+
+
+def test_mixture_weights_are_respected(tmp_path):
+    a, _ = write_dataset(tmp_path / "a", "a", [50], first_id=1)
+    b, _ = write_dataset(tmp_path / "b", "b", [50], first_id=60)
+    cfg = model_config(
+        [[a, 1, "documents_fixed", 3.0], [b, 1, "documents_fixed", 1.0]], train_batch_size=20
+    )
+    rows = np.concatenate(batches(pipeline(cfg), 50))
+    from_a = np.mean(rows[:, 0] // 1000 < 60)
+    assert abs(from_a - 0.75) < 0.04  # 1000 draws: 4 sigma is 0.055, 3 sigma 0.041
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [20, 20, 20])
+    entry = [[path, 2, "documents_random", 1.0]]
+    one, two = (batches(pipeline(model_config(entry, seed=5)), 6) for _ in range(2))
+    other = batches(pipeline(model_config(entry, seed=6)), 6)
+    assert all(np.array_equal(x, y) for x, y in zip(one, two, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(one, other, strict=True))
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, 13, 30])
+def test_restoring_the_state_continues_exactly_like_an_uninterrupted_run(
+    tmp_path, small_groups, stop_after
+):
+    a, _ = write_dataset(tmp_path / "a", "a", [4, 3, 5, 2, 4], first_id=1)
+    b, _ = write_dataset(tmp_path / "b", "b", [6, 6], first_id=60, mode="chunks")
+    cfg = model_config([[a, 3, "documents_random", 2.0], [b, None, "chunks", 1.0]])
+    uninterrupted = batches(pipeline(cfg), stop_after + 10)
+    first = pipeline(cfg)
+    batches(first, stop_after)
+    state = json.loads(json.dumps(first.state()))  # it survives a JSON round trip
+    assert len(json.dumps(state)) < 300  # small: positions, not buffers
+    resumed = pipeline(cfg)
+    resumed.restore(state)
+    for expected, got in zip(uninterrupted[stop_after:], batches(resumed, 10), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_hosts_read_disjoint_files(tmp_path):
+    path, _ = write_dataset(tmp_path, "c", [4, 4, 4, 4], mode="chunks")
+    cfg = model_config([[path, None, "chunks", None]], train_batch_size=4)
+    seen = []
+    for host in range(2):
+        p = pipeline(cfg, process_index=host, process_count=2)
+        assert p.batch_size == 2
+        seen.append({int(r[0]) // 1000 for b in batches(p, 4) for r in b})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
+
+
+def test_eval_pipeline_reads_eval_path_from_the_start_in_a_fixed_order(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [10], eval_docs=12)
+    cfg = model_config([[path, 1, "documents_fixed", 1.0]], eval_batch_size=2)
+    one, two = (batches(pipeline(cfg, eval=True), 3) for _ in range(2))
+    assert all(np.array_equal(x, y) for x, y in zip(one, two, strict=True))
+    assert one[0].shape == (2, N_CTX + 1)
+    assert [int(r[0]) for b in one for r in b] == [(900 + k) * 1000 + 1 for k in range(6)]
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_empty_glob_names_the_pattern(tmp_path):
+    config = tmp_path / "none.json"
+    config.write_text(json.dumps({"n_vocab": 10, "path": str(tmp_path / "nothing_*.tfrecords")}))
+    with pytest.raises(ConfigError, match=r"pattern '.*nothing_\*\.tfrecords' matches no files"):
+        pipeline(model_config([str(config)]))
+
+
+def truncate(path, keep_bytes):
+    path.write_bytes(path.read_bytes()[:keep_bytes])
+
+
+def test_truncated_file_names_file_and_record_or_is_skipped_and_counted(tmp_path):
+    path, _ = write_dataset(tmp_path, "c", [6, 6], mode="chunks")
+    damaged = tmp_path / "c_1_6.tfrecords"
+    truncate(damaged, 4 * (damaged.stat().st_size // 6) + 10)  # records 0..3 intact
+    cfg = model_config([[path, None, "chunks", None]])
+    with pytest.raises(
+        CorruptRecordError, match=r"c_1_6\.tfrecords is corrupt or truncated at record 4"
+    ):
+        batches(pipeline(cfg), 3)
+    skipping = pipeline(cfg, skip_corrupt=True)
+    rows = np.concatenate(batches(skipping, 5))  # 10 good records, then the next epoch
+    assert len({tuple(r) for r in rows[:10]}) == 10
+    assert skipping.sources[0].reader.stats.skipped_files == [f"{damaged} (from record 4)"]
+
+
+def test_damaged_record_mid_file_names_file_and_record_or_is_skipped(tmp_path):
+    path, _ = write_dataset(tmp_path, "c", [6, 6], mode="chunks")
+    damaged = tmp_path / "c_0_6.tfrecords"
+    data = bytearray(damaged.read_bytes())
+    data[2 * (len(data) // 6) + 20] ^= 0xFF  # inside record 2's payload: its checksum fails
+    damaged.write_bytes(bytes(data))
+    cfg = model_config([[path, None, "chunks", None]])
+    with pytest.raises(
+        CorruptRecordError, match=r"c_0_6\.tfrecords is corrupt or truncated at record 2"
+    ):
+        batches(pipeline(cfg), 3)
+    skipping = pipeline(cfg, skip_corrupt=True)
+    rows = np.concatenate(batches(skipping, 2))
+    assert len({tuple(r) for r in rows}) == 8  # 2 good records of the damaged file + 6
+    assert skipping.sources[0].reader.stats.skipped_files == [f"{damaged} (from record 2)"]
+
+
+def test_token_ids_outside_n_vocab_name_the_file_and_record(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [5], n_vocab=50)
+    with pytest.raises(
+        ConfigError,
+        match=r"d_0_5\.tfrecords record \d+ holds token id \d+, outside the model's n_vocab 2000",
+    ):
+        batches(pipeline(model_config([[path, 1, "documents_fixed", 1.0]], n_vocab=2000)), 1)
+
+
+def test_chunk_records_of_the_wrong_length_are_explained(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [5])
+    with pytest.raises(ConfigError, match=r"needs n_ctx \+ 1 = 17.*--chunk_size 16"):
+        batches(pipeline(model_config([[path, None, "chunks", None]])), 1)
+
+
+def test_dataset_vocab_larger_than_the_models_is_refused(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [5], n_vocab=2_000_000)
+    with pytest.raises(ConfigError, match="has n_vocab 2000000 but the model's n_vocab is 1000000"):
+        pipeline(model_config([path]))
+
+
+def test_restoring_over_changed_files_is_refused(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [5, 5])
+    cfg = model_config([[path, 1, "documents_fixed", 1.0]])
+    state = pipeline(cfg).state()
+    write_dataset(tmp_path, "d", [5, 5, 5])
+    with pytest.raises(ConfigError, match="files changed since the checkpoint"):
+        pipeline(cfg).restore(state)
+
+
+def test_check_dataset_reports_id_range_and_fails_on_ids_beyond_n_vocab(tmp_path):
+    path, docs = write_dataset(tmp_path, "d", [5], lengths=(3,))
+    lines = []
+    assert check_datasets(model_config([path]), out=lines.append)
+    summary = lines[-1]
+    assert (
+        f"token ids 0..{max(max(d) for d in docs.values())}" in summary
+        and "read all records" in summary
+    )
+    lines.clear()
+    assert not check_datasets(model_config([path], n_vocab=4000), out=lines.append)
+    assert any("error:" in line and ">= n_vocab 4000" in line for line in lines)
