@@ -8,10 +8,10 @@ import tarfile
 import pytest
 
 from gpt_neo import tfrecords
-from gpt_neo.config import ConfigError
+from gpt_neo.config import ConfigError, from_dict
 from gpt_neo.corpus import list_input_files, wikitext_detokenize
 from gpt_neo.encoders import load_encoder
-from gpt_neo.inputs import iter_records
+from gpt_neo.inputs import InputPipeline, iter_records
 from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 from tests.helpers import SAMPLE_TEXTS, train_tokenizer_file
 
@@ -199,7 +199,7 @@ def test_output_dir_that_is_not_writable(corpus, tmp_path):
         create_tfrecords(job, list_input_files(raw), show_progress=False)
 
 
-def test_non_local_filesystems_work_through_tf_io_gfile(corpus):
+def test_non_local_filesystems_work_through_tf_io_gfile(corpus, tmp_path):
     # gs:// goes through the same tf.io.gfile calls; TensorFlow's in-memory ram:// filesystem
     # stands in for it (TF's GCS client has fixed endpoints, so no local emulator can serve it).
     raw, tokenizer = corpus
@@ -208,6 +208,15 @@ def test_non_local_filesystems_work_through_tf_io_gfile(corpus):
     result = create_tfrecords(job, list_input_files(raw), show_progress=False)
     assert result.files[0][0].startswith("ram://corpus/r_0_")
     assert len(read_back(result)) == len(expected_documents())
+    # and the training pipeline streams them from there
+    dataset = tmp_path / "ram.json"
+    dataset.write_text(
+        json.dumps({"n_vocab": 400, "path": "ram://corpus/r_*.tfrecords", "eos_id": 0})
+    )
+    cfg = from_dict({"n_embd": 8, "n_head": 1, "n_layer": 1, "n_ctx": 8, "n_vocab": 400,
+                     "train_batch_size": 2, "datasets": [[str(dataset), 1, "documents_fixed", 1.0]]})  # fmt: skip
+    batch = InputPipeline(cfg, process_index=0, process_count=1).next_batch()
+    assert batch.shape == (2, 9)
 
 
 def test_cli_flags_mean_what_they_say_and_default_off(tmp_path, monkeypatch, capsys):
