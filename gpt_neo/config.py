@@ -224,28 +224,37 @@ def load_config(
     sources: list[str] = []
     for path in paths:
         resolved = resolve_config_path(path)
-        merged.update(_read_json(resolved))
+        merged.update(read_json_object(resolved))
         sources.append(str(resolved))
     merged.update(parse_overrides(overrides))
     return from_dict(merged, source=" + ".join(sources))
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_named_config(name: str, folder: str) -> Path | None:
+    """`<folder>/<name>.json` under the working directory, else under this checkout."""
+    for root in (Path.cwd(), REPO_ROOT):
+        if (path := root / folder / f"{name}.json").is_file():
+            return path
+    return None
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    if candidate.suffix != ".json":
-        for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
-            named = root / "configs" / f"{candidate}.json"
-            if named.is_file():
-                return named
+    if candidate.suffix != ".json" and (named := find_named_config(str(candidate), "configs")):
+        return named
     raise ConfigError(
         f"config file not found: {path}. Pass a path to a .json file or the name of a file "
         "in configs/ (for example --model gpt_neo_125M)."
     )
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a UTF-8 file; any problem is a `ConfigError` naming the spot."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -261,7 +270,7 @@ def _read_json(path: Path) -> dict:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: a model config must be a JSON object {{...}}, not {type(data).__name__}"
+            f"{path}: a config must be a JSON object {{...}}, not {type(data).__name__}"
         )
     return data
 

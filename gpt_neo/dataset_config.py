@@ -15,10 +15,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gpt_neo.config import ConfigError
+from gpt_neo.config import REPO_ROOT, ConfigError, find_named_config, read_json_object
 from gpt_neo.encoders import Encoder, load_encoder
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"n_vocab", "path", "eval_path", "tokenizer_is_pretrained", "tokenizer_path", "eos_id",
         "padding_id", "lambada_tokens_path", "mode"}  # fmt: skip
 
@@ -51,29 +50,18 @@ def resolve_dataset_config_path(dataset_id: str) -> Path:
         if path.is_file():
             return path
         raise ConfigError(f"dataset config not found: {dataset_id}")
-    candidates = [
-        Path.cwd() / "configs" / "dataset_configs" / f"{dataset_id}.json",
-        REPO_ROOT / "configs" / "dataset_configs" / f"{dataset_id}.json",
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
+    if path := find_named_config(dataset_id, "configs/dataset_configs"):
+        return path
     raise ConfigError(
-        f"dataset '{dataset_id}': no dataset config at {candidates[0]}; write one (see "
-        "data/create_tfrecords.py --write_dataset_config) or name a .json path in 'datasets'"
+        f"dataset '{dataset_id}': no configs/dataset_configs/{dataset_id}.json here or in "
+        f"{REPO_ROOT}; write one (see data/create_tfrecords.py --write_dataset_config) or name "
+        "a .json path in 'datasets'"
     )
 
 
 def load_dataset_config(dataset_id: str) -> DatasetConfig:
     path = resolve_dataset_config_path(dataset_id)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"{path}: line {err.lineno}, column {err.colno}: malformed JSON ({err.msg})"
-        ) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a dataset config must be a JSON object")
+    raw = read_json_object(path)
     if unknown := sorted(set(raw) - KEYS):
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(KEYS)}")
     for key in ("n_vocab", "path"):

@@ -93,7 +93,7 @@ def test_dataset_configs_resolve_by_path_and_by_id(tmp_path, monkeypatch, tokeni
     (folder / "typo.json").write_text(json.dumps({**raw, "n_vocb": 3}))
     with pytest.raises(ConfigError, match="unknown key"):
         load_dataset_config("typo")
-    with pytest.raises(ConfigError, match="no dataset config"):
+    with pytest.raises(ConfigError, match=r"no configs/dataset_configs/absent\.json"):
         load_dataset_config("absent")
 
 
