@@ -1,4 +1,13 @@
-"""GPT-Neo command line: python main.py --model cfg.json [--set key=value ...] --summary"""
+"""GPT-Neo command line.
+
+    python main.py --model cfg.json                  # train (resumes from model_path)
+    python main.py --model cfg.json --summary        # parameters, FLOPs, memory, shardings
+    python main.py --model cfg.json --check_dataset  # decoded samples, token-id range
+
+Exit codes: 0 done, 1 --check_dataset found a problem, 2 bad input (config, data, paths),
+3 training diverged (non-finite loss; the last checkpoint is kept), 75 preempted by SIGTERM
+(a checkpoint was written: run the same command again to resume).
+"""
 
 from __future__ import annotations
 
@@ -45,6 +54,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="--check_dataset reads the first N records of each dataset (0: all)",
     )
     parser.add_argument(
+        "--steps_per_checkpoint",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="save a checkpoint (and evaluate, if eval_steps > 0) every N steps",
+    )
+    parser.add_argument(
+        "--new", action="store_true", help="delete model_path first (asks to confirm)"
+    )
+    parser.add_argument("--yes", action="store_true", help="with --new: do not ask")
+    parser.add_argument("--tpu", metavar="NAME", help="run on this TPU VM's chips")
+    parser.add_argument(
+        "--gpu_ids", nargs="+", metavar="ID", help="run on these GPUs (0 1 ... or device:GPU:0 ...)"
+    )
+    parser.add_argument(
+        "--skip_corrupt_records",
+        action="store_true",
+        help="skip damaged TFRecords (reported) instead of stopping",
+    )
+    parser.add_argument(
+        "--coordinator_address", metavar="HOST:PORT", help="multi-process: process 0's address"
+    )
+    parser.add_argument(
+        "--num_processes", type=int, metavar="N", help="multi-process: how many processes"
+    )
+    parser.add_argument(
+        "--process_id", type=int, metavar="I", help="multi-process: this process's index"
+    )
+    parser.add_argument(
         "--summary",
         action="store_true",
         help="print parameter count, FLOPs/token, per-device memory and parameter shardings, "
@@ -87,8 +125,60 @@ def forward_check(cfg) -> None:
     )
 
 
+def delete_model_path(model_path: str, assume_yes: bool) -> None:
+    from gpt_neo.tfrecords import tf
+
+    t = tf()
+    if not t.io.gfile.exists(model_path):
+        return
+    if not assume_yes:
+        answer = input(f"--new: delete everything in {model_path}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise SystemExit("not deleted; nothing done")
+    t.io.gfile.rmtree(model_path)
+    print(f"deleted {model_path}")
+
+
+def run_training(cfg, args) -> int:
+    from gpt_neo import launch
+    from gpt_neo.checkpoint import Checkpointer
+    from gpt_neo.config import ConfigError
+    from gpt_neo.inputs import InputPipeline
+    from gpt_neo.mesh import make_mesh
+    from gpt_neo.metrics import Metrics
+    from gpt_neo.train import EXIT_DIVERGED, TrainingDiverged, train
+
+    if not cfg.model_path:
+        raise ConfigError("set model_path in the config (where checkpoints and logs go)")
+    if args.steps_per_checkpoint < 1:
+        raise ConfigError("--steps_per_checkpoint must be at least 1")
+    launch.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    if args.new:
+        delete_model_path(cfg.model_path, args.yes)
+    mesh = make_mesh(cfg)
+    pipeline = InputPipeline(cfg, skip_corrupt=args.skip_corrupt_records)
+    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+    try:
+        return train(
+            cfg,
+            mesh,
+            steps_per_checkpoint=args.steps_per_checkpoint,
+            checkpointer=checkpointer,
+            metrics=Metrics(cfg, cfg.model_path),
+            pipeline=pipeline,
+        )
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        checkpointer.close()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from gpt_neo import launch
+
+    launch.select_platform(args.tpu, args.gpu_ids)
     from gpt_neo.config import ConfigError, load_config
 
     try:
@@ -99,20 +189,16 @@ def main(argv=None) -> int:
             if not cfg.datasets:
                 raise ConfigError("the model config lists no 'datasets' to check")
             return 0 if check_datasets(cfg, max_records=args.check_records) else 1
-        if not args.summary:
-            print(
-                "nothing to do: training is not available yet; pass --summary or --check_dataset",
-                file=sys.stderr,
-            )
-            return 2
-        from gpt_neo.summary import print_summary
+        if args.summary:
+            from gpt_neo.summary import print_summary
 
-        print_summary(cfg)
-        forward_check(cfg)
+            print_summary(cfg)
+            forward_check(cfg)
+            return 0
+        return run_training(cfg, args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

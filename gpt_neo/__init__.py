@@ -1,5 +1,11 @@
 """gpt-neo: GPT-Neo's JSON-configured language models on JAX named-mesh sharding."""
 
+import os
+
+os.environ.setdefault(
+    "TF_CPP_MIN_LOG_LEVEL", "2"
+)  # TensorFlow (data only) logs errors, not chatter
+
 from gpt_neo.config import Config, ConfigError, load_config
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import apply, init_params

@@ -144,6 +144,8 @@ class Config:
     # --- run, data and evaluation ---------------------------------------------------------
     model_path: str | None = None
     """Checkpoint and log directory (local or gs://)."""
+    keep_checkpoints: int = 5
+    """How many of the newest checkpoints to keep under model_path. Not a GPT-Neo key."""
     mesh_shape: str | None = None
     """`"x:4,y:2"`: named mesh axes and their sizes; missing means all devices on one axis `x`."""
     layout: str | None = None
@@ -493,7 +495,13 @@ def _validate(cfg: Config, source: str) -> None:
     for key in ("embed_dropout", "attn_dropout", "res_dropout"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {getattr(cfg, key)}")
-    for key in ("train_batch_size", "train_steps", "iterations", "eval_batch_size"):
+    for key in (
+        "train_batch_size",
+        "train_steps",
+        "iterations",
+        "eval_batch_size",
+        "keep_checkpoints",
+    ):
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1, got {value}")

@@ -1,5 +1,6 @@
-"""Shared test helpers: paths, a tiny config, random Hugging Face GPT-Neo models."""
+"""Shared test helpers: paths, a tiny config, random Hugging Face GPT-Neo models, datasets."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,93 @@ def train_tokenizer_file(folder, texts=SAMPLE_TEXTS, vocab_size=400):
     path = Path(folder) / TRAINED_TOKENIZER_NAME
     tokenizer.save(str(path))
     return path
+
+
+def document(doc_id: int, length: int, eos: int = 0) -> list[int]:
+    """Tokens doc_id*1000 + 1, + 2, ... then eos: position and source readable from any token."""
+    return [doc_id * 1000 + j for j in range(1, length + 1)] + [eos]
+
+
+def write_dataset(folder, name, docs_per_file, *, first_id=1, lengths=(5, 9, 23), mode="documents",
+                  eval_docs=None, n_vocab=1_000_000, n_ctx=16, eos=0):  # fmt: skip
+    """TFRecord files + a dataset config; returns (config path, {doc_id: tokens})."""
+    folder.mkdir(parents=True, exist_ok=True)
+    docs, doc_id = {}, first_id
+    for file_index, count in enumerate(docs_per_file):
+        with _tf().io.TFRecordWriter(
+            str(folder / f"{name}_{file_index}_{count}.tfrecords")
+        ) as writer:
+            for k in range(count):
+                tokens = document(doc_id, lengths[k % len(lengths)], eos)
+                if mode == "chunks":
+                    tokens = (tokens * n_ctx)[: n_ctx + 1]
+                docs[doc_id] = tokens
+                writer.write(_serialize(tokens))
+                doc_id += 1
+    config = {"n_vocab": n_vocab, "path": str(folder / f"{name}_*.tfrecords"), "eos_id": eos,
+              "padding_id": eos, "tokenizer_path": "byte", "mode": mode}  # fmt: skip
+    if eval_docs:
+        with _tf().io.TFRecordWriter(str(folder / f"{name}eval_0_{eval_docs}.tfrecords")) as writer:
+            for k in range(eval_docs):
+                writer.write(_serialize(document(900 + k, 30, eos)))
+        config["eval_path"] = str(folder / f"{name}eval_*.tfrecords")
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return str(path), docs
+
+
+def _tf():
+    from gpt_neo.tfrecords import tf
+
+    return tf()
+
+
+def _serialize(tokens):
+    from gpt_neo.tfrecords import serialize
+
+    return serialize(tokens)
+
+
+def write_text_dataset(folder, *, docs=60, eval_docs=8, seed=0):
+    """A learnable byte-level dataset (repetitive English), train and eval, through
+    create_tfrecords; returns the dataset config path. n_vocab must be at least 258."""
+    import random
+
+    from gpt_neo.corpus import list_input_files
+    from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
+
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "hex",
+    ]
+    rng = random.Random(seed)
+    folder = Path(folder)
+    for split, count in (("train", docs), ("eval", eval_docs)):
+        raw = folder / "raw" / split
+        raw.mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            start = rng.randrange(len(words))
+            sentence = " ".join(words[(start + i) % len(words)] for i in range(rng.randint(20, 60)))
+            (raw / f"{k:04d}.txt").write_text(sentence.capitalize() + ".")
+        job = TFRecordJob(
+            name=split, output_dir=str(folder / "tfrecords"), encoder="byte", separator=(256,)
+        )
+        create_tfrecords(job, list_input_files(raw), show_progress=False)
+    config = {"n_vocab": 258, "path": str(folder / "tfrecords" / "train_*.tfrecords"),
+              "eval_path": str(folder / "tfrecords" / "eval_*.tfrecords"), "tokenizer_path": "byte",
+              "eos_id": 256, "padding_id": 257, "mode": "documents"}  # fmt: skip
+    path = folder / "text.json"
+    path.write_text(json.dumps(config))
+    return str(path)

@@ -9,43 +9,10 @@ import pytest
 from gpt_neo import inputs
 from gpt_neo.config import ConfigError, from_dict
 from gpt_neo.inputs import CorruptRecordError, InputPipeline, check_datasets
-from gpt_neo.tfrecords import serialize, tf
+from tests.helpers import write_dataset
 
 EOS = 0
 N_CTX = 16
-
-
-def document(doc_id: int, length: int) -> list[int]:
-    """Tokens doc_id*1000 + 1, + 2, ... then EOS: position and source readable from any token."""
-    return [doc_id * 1000 + j for j in range(1, length + 1)] + [EOS]
-
-
-def write_dataset(folder, name, docs_per_file, *, first_id=1, lengths=(5, 9, 23), mode="documents",
-                  eval_docs=None, n_vocab=1_000_000):  # fmt: skip
-    """TFRecord files + a dataset config; returns (config path, {doc_id: tokens})."""
-    folder.mkdir(parents=True, exist_ok=True)
-    docs, doc_id = {}, first_id
-    for file_index, count in enumerate(docs_per_file):
-        with tf().io.TFRecordWriter(
-            str(folder / f"{name}_{file_index}_{count}.tfrecords")
-        ) as writer:
-            for k in range(count):
-                tokens = document(doc_id, lengths[k % len(lengths)])
-                if mode == "chunks":
-                    tokens = (tokens * N_CTX)[: N_CTX + 1]
-                docs[doc_id] = tokens
-                writer.write(serialize(tokens))
-                doc_id += 1
-    config = {"n_vocab": n_vocab, "path": str(folder / f"{name}_*.tfrecords"), "eos_id": EOS,
-              "padding_id": EOS, "tokenizer_path": "byte", "mode": mode}  # fmt: skip
-    if eval_docs:
-        with tf().io.TFRecordWriter(str(folder / f"{name}eval_0_{eval_docs}.tfrecords")) as writer:
-            for k in range(eval_docs):
-                writer.write(serialize(document(900 + k, 30)))
-        config["eval_path"] = str(folder / f"{name}eval_*.tfrecords")
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(config))
-    return str(path), docs
 
 
 def model_config(datasets, **kw):

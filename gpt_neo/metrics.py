@@ -1,0 +1,167 @@
+"""Training metrics: a console progress line, `metrics.jsonl`, TensorBoard event files and a
+loss-curve PNG, all under `model_path` (written by process 0 only).
+
+MFU = achieved model FLOP/s / (devices x peak FLOP/s per device). Achieved FLOPs count
+`flops_per_token` in the named convention (6N+12LHQT, PaLM's). The peak comes from a table of
+accelerators' dense bf16 peaks; on CPU, where no table can know the machine, it is a float32
+matmul measured when training starts, and the progress line says which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from gpt_neo.config import Config
+from gpt_neo.models.gpt import flops_per_token
+
+FLOP_CONVENTION = "6N+12LHQT"
+PEAK_BF16_FLOPS = {  # dense, per chip / GPU
+    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12,
+}  # fmt: skip
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(FLOP/s, where the number comes from) for one of this process's devices."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_BF16_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak, f"{kind} bf16 peak"
+    return measured_matmul_flops() / jax.local_device_count(), "measured f32 matmul"
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a float32 [n, n] matmul on the first device (CPU: all cores)."""
+    import jax.numpy as jnp
+
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+class Metrics:
+    def __init__(self, cfg: Config, model_path: str, *, console=print):
+        self.cfg, self.model_path, self.console = cfg, model_path, console
+        self.enabled = jax.process_index() == 0
+        self.history: list[tuple[int, float]] = []
+        self.evals: list[tuple[int, float]] = []
+        self.tokens_per_step = (cfg.train_batch_size or 0) * cfg.n_ctx
+        self.flops_per_token = flops_per_token(cfg, FLOP_CONVENTION)
+        self._tb = None
+
+    # --- sinks ---------------------------------------------------------------------------
+    def _jsonl(self, record: dict) -> None:
+        if self.enabled:
+            with open(os.path.join(self.model_path, "metrics.jsonl"), "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _tensorboard(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        from gpt_neo.tfrecords import tf
+
+        t = tf()
+        if self._tb is None:
+            self._tb = t.summary.create_file_writer(os.path.join(self.model_path, "tensorboard"))
+        with self._tb.as_default(step=step):
+            for name, value in scalars.items():
+                t.summary.scalar(name, value)
+        self._tb.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.console(text)
+
+    # --- events --------------------------------------------------------------------------
+    def start(self, step: int, trainer) -> None:
+        self.first_step, self.started = step, time.perf_counter()
+        self.peak, self.peak_source = peak_flops_per_device()
+        self.devices = jax.device_count()
+        os.makedirs(self.model_path, exist_ok=True)
+        self.message(
+            f"training from step {step} to {self.cfg.train_steps} on {self.devices} "
+            f"{jax.default_backend()} device(s), mesh {dict(trainer.mesh.shape)}, batch "
+            f"{trainer.batch_size} x {self.cfg.n_ctx} tokens"
+            + (f", {trainer.n_micro} microbatches" if trainer.n_micro > 1 else "")
+        )
+
+    def log_train(self, step: int, history: list[dict], seconds: float) -> None:
+        last = history[-1]
+        tokens_per_s = len(history) * self.tokens_per_step / max(seconds, 1e-9)
+        mfu = tokens_per_s * self.flops_per_token / (self.devices * self.peak)
+        remaining = (self.cfg.train_steps - step) * seconds / len(history)
+        loss = float(np.mean([float(m["loss"]) for m in history]))
+        self.history.append((step, loss))
+        record = {
+            "step": step, "loss": loss, "z_loss": float(last["z_loss"]), "lr": float(last["lr"]),
+            "grad_norm": float(last["grad_norm"]), "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "time": time.time(),
+        }  # fmt: skip
+        self._jsonl(record)
+        self._tensorboard(
+            step,
+            {k: record[k] for k in ("loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "mfu")},
+        )
+        self.message(
+            f"step {step}/{self.cfg.train_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
+            f"grad norm {record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% "
+            f"({FLOP_CONVENTION}, peak {self.peak / 1e9:,.0f} GFLOP/s/device {self.peak_source}) | "
+            f"ETA {_duration(remaining)}"
+        )
+
+    def log_eval(self, step: int, results: dict) -> None:
+        self.evals.append((step, results["eval_loss"]))
+        self._jsonl({"step": step, **results, "time": time.time()})
+        self._tensorboard(step, results)
+        self.message(
+            f"eval at step {step}: loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}"
+        )
+        self.plot()
+
+    def plot(self) -> str | None:
+        """Write loss_curve.png (train and eval loss against step) next to metrics.jsonl."""
+        if not self.enabled or not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot(*zip(*self.history, strict=True), label="train loss", lw=1)
+        if self.evals:
+            ax.plot(*zip(*self.evals, strict=True), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = os.path.join(self.model_path, "loss_curve.png")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def finish(self, step: int, checkpoint_dir: str) -> None:
+        self.message(
+            f"done: step {step} in {_duration(time.perf_counter() - self.started)}; checkpoint "
+            f"{checkpoint_dir}/{step}; metrics {os.path.join(self.model_path, 'metrics.jsonl')}; "
+            f"TensorBoard {os.path.join(self.model_path, 'tensorboard')}; plot "
+            f"{os.path.join(self.model_path, 'loss_curve.png')}"
+        )
+        self.plot()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -1,0 +1,318 @@
+"""Training: the train state, the jitted step (with gradient accumulation), and the loop.
+
+The train state is one pytree: `{"params", "opt_state", "step", "rng"}`; the input pipeline's
+position is saved next to it in every checkpoint, so a restored run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gpt_neo.config import Config, ConfigError
+from gpt_neo.mesh import layout_rules
+from gpt_neo.models.gpt import forward, init_params, param_decl_leaves, param_shardings
+from gpt_neo.optim import learning_rate, make_optimizer
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; rerun to resume
+EXIT_DIVERGED = 3  # non-finite loss or gradient; the last good checkpoint is untouched
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def loss_fn(cfg: Config, params, tokens, rng):
+    """Mean next-token cross-entropy of tokens [batch, n_ctx + 1], plus GPT-Neo's z-loss
+    (z_loss * logsumexp(logits)^2). Returns (total, (cross_entropy, z_loss))."""
+    logits = forward(cfg, params, tokens[:, :-1], rng)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    cross_entropy = jnp.mean(log_z - target)
+    z_loss = cfg.z_loss * jnp.mean(jnp.square(log_z))
+    return cross_entropy + z_loss, (cross_entropy, z_loss)
+
+
+def num_microbatches(cfg: Config, batch_size: int, data_parallel: int) -> int:
+    """GPT-Neo's `tokens_per_mb_per_replica`: sequences per microbatch = tokens // n_ctx,
+    lowered until it divides the per-replica batch."""
+    per_replica = batch_size // data_parallel
+    if not cfg.tokens_per_mb_per_replica:
+        return 1
+    size = max(1, min(per_replica, cfg.tokens_per_mb_per_replica // cfg.n_ctx))
+    while per_replica % size:
+        size -= 1
+    return per_replica // size
+
+
+def split_microbatches(batch, n_micro: int, data_parallel: int):
+    """[B, T] -> [n_micro, B / n_micro, T] so that every microbatch takes an equal share of
+    each data-parallel replica's rows (the rows stay on their devices)."""
+    b, t = batch.shape
+    rows = b // (data_parallel * n_micro)
+    return (
+        batch.reshape(data_parallel, n_micro, rows, t)
+        .swapaxes(0, 1)
+        .reshape(n_micro, b // n_micro, t)
+    )
+
+
+def gradients(
+    cfg: Config,
+    params,
+    batch,
+    step_rng,
+    n_micro: int = 1,
+    data_parallel: int = 1,
+    batch_spec=(None, None),
+):
+    """(grads, cross_entropy, z_loss) of the mean loss over batch [B, n_ctx + 1], accumulated
+    over `n_micro` microbatches (a lax.scan) when the batch does not fit at once."""
+    uses_dropout = max(cfg.embed_dropout, cfg.attn_dropout, cfg.res_dropout) > 0
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)
+
+    def grads_of(tokens, index):
+        rng = jax.random.fold_in(step_rng, index) if uses_dropout else None
+        (_, (ce, z)), grads = grad_fn(params, tokens, rng)
+        return grads, ce, z
+
+    if n_micro == 1:
+        return grads_of(batch, 0)
+    micro = split_microbatches(batch, n_micro, data_parallel)
+    micro = jax.lax.with_sharding_constraint(micro, P(None, *batch_spec))
+
+    def accumulate(total, xs):
+        index, tokens = xs
+        return jax.tree.map(jnp.add, total, grads_of(tokens, index)), None
+
+    zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+    total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(n_micro), micro))
+    return jax.tree.map(lambda x: x / n_micro, total)
+
+
+def train_step(cfg: Config, optimizer, n_micro: int, data_parallel: int, batch_spec, state, batch):
+    """One optimizer step on a global batch [B, n_ctx + 1]; returns (state, metrics)."""
+    params = state["params"]
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grads, ce, z = gradients(cfg, params, batch, step_rng, n_micro, data_parallel, batch_spec)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_state = {
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+    }
+    metrics = {
+        "loss": ce,
+        "z_loss": z,
+        "grad_norm": optax.global_norm(grads),
+        "lr": learning_rate(cfg, state["step"]),
+    }
+    return new_state, metrics
+
+
+class Trainer:
+    """The jitted step and the shardings of everything it touches, for one config and mesh."""
+
+    def __init__(self, cfg: Config, mesh: Mesh, *, batch_size: int | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.batch_size = batch_size or cfg.train_batch_size
+        if not self.batch_size:
+            raise ConfigError("set train_batch_size in the config")
+        batch_axis = layout_rules(cfg).get("batch")
+        self.data_parallel = mesh.shape[batch_axis] if batch_axis else 1
+        if self.batch_size % self.data_parallel:
+            raise ConfigError(
+                f"train_batch_size {self.batch_size} is not divisible by the data-parallel size "
+                f"{self.data_parallel} (mesh axis '{batch_axis}')"
+            )
+        self.n_micro = num_microbatches(cfg, self.batch_size, self.data_parallel)
+        self.optimizer = make_optimizer(cfg)
+        self.batch_sharding = NamedSharding(mesh, P(batch_axis, None))
+        self.replicated = NamedSharding(mesh, P())
+        self.state_shardings = self._state_shardings()
+        step = functools.partial(
+            train_step, cfg, self.optimizer, self.n_micro, self.data_parallel, (batch_axis, None)
+        )
+        self.step = jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=0,
+        )
+
+    def _abstract_params(self):
+        leaves, treedef = param_decl_leaves(self.cfg)
+        shardings = jax.tree.leaves(param_shardings(self.cfg, self.mesh))
+        return jax.tree.unflatten(
+            treedef,
+            [
+                jax.ShapeDtypeStruct(d.shape, jnp.float32, sharding=s)
+                for (_, d), s in zip(leaves, shardings, strict=True)
+            ],
+        )
+
+    def _state_shardings(self):
+        params = self._abstract_params()
+        opt = jax.jit(self.optimizer.init).lower(params).compile().output_shardings
+        # moments follow their parameter's sharding; counters come back single-device: replicate
+        opt = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else self.replicated, opt)
+        return {
+            "params": jax.tree.map(lambda p: p.sharding, params),
+            "opt_state": opt,
+            "step": self.replicated,
+            "rng": self.replicated,
+        }
+
+    def abstract_state(self):
+        """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""
+        params = self._abstract_params()
+        shapes = {
+            "params": params,
+            "opt_state": jax.eval_shape(self.optimizer.init, params),
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+        }
+        return jax.tree.map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            shapes,
+            self.state_shardings,
+        )
+
+    def init_state(self, seed: int):
+        params = init_params(self.cfg, seed, self.mesh)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings["opt_state"])(
+            params
+        )
+        rng = jax.random.key_data(jax.random.key(seed ^ 0x5EED))
+        return {
+            "params": params,
+            "opt_state": opt_state,
+            "step": jax.device_put(jnp.int32(0), self.replicated),
+            "rng": jax.device_put(rng.astype(jnp.uint32), self.replicated),
+        }
+
+    def place(self, host_batch: np.ndarray):
+        """This host's rows -> one global array sharded over the data-parallel axis."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, host_batch)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Preemption:
+    """SIGTERM (a preempted TPU VM, SLURM's time limit) asks the loop to stop at a step boundary."""
+
+    requested: bool = False
+
+    def install(self):
+        signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "requested", True))
+        return self
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes then stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+
+def check_finite(history: list[dict], first_step: int) -> None:
+    for offset, metrics in enumerate(history):
+        if not all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm")):
+            step = first_step + offset + 1
+            raise TrainingDiverged(
+                f"step {step}: loss {float(metrics['loss'])} / gradient norm "
+                f"{float(metrics['grad_norm'])} is not finite; stopped without saving it. The last "
+                "checkpoint is intact: lower lr, raise warmup_steps, or check the data, then rerun"
+            )
+
+
+def evaluate(cfg: Config, trainer: Trainer, params, steps: int) -> dict:
+    """Mean cross-entropy (without z-loss) over `steps` eval batches from the start of eval_path."""
+    from gpt_neo.inputs import InputPipeline
+
+    pipeline = InputPipeline(cfg, eval=True)
+    eval_fn = _eval_fn(cfg, trainer)
+    losses = [float(eval_fn(params, trainer.place(pipeline.next_batch()))) for _ in range(steps)]
+    loss = float(np.mean(losses))
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_fn(cfg: Config, trainer: Trainer):
+    def cross_entropy(params, tokens):
+        return loss_fn(cfg, params, tokens, None)[1][0]
+
+    return jax.jit(
+        cross_entropy, in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding)
+    )
+
+
+def train(
+    cfg: Config, mesh: Mesh, *, steps_per_checkpoint: int, checkpointer, metrics, pipeline=None
+) -> int:
+    """Train to `train_steps`, resuming from the latest checkpoint. Returns the exit code."""
+    from gpt_neo.inputs import InputPipeline
+
+    if not cfg.train_steps:
+        raise ConfigError("set train_steps in the config")
+    trainer = Trainer(cfg, mesh)
+    pipeline = pipeline or InputPipeline(cfg)
+    restored = checkpointer.restore_latest(cfg, trainer.abstract_state())
+    if restored is None:
+        state = trainer.init_state(cfg.seed)
+    else:
+        state, data_state = restored
+        pipeline.restore(data_state)
+    step = int(state["step"])
+    if step >= cfg.train_steps:
+        metrics.message(
+            f"training is complete: step {step} of {cfg.train_steps} is in {checkpointer.directory}"
+        )
+        return 0
+    metrics.start(step, trainer)
+    preemption = Preemption().install()
+    iterations = cfg.iterations or 1
+    with jax.set_mesh(mesh):  # activation shardings are traced against this mesh
+        while step < cfg.train_steps:
+            until_checkpoint = steps_per_checkpoint - step % steps_per_checkpoint
+            todo = min(iterations, cfg.train_steps - step, until_checkpoint)
+            history, start = [], time.perf_counter()
+            for _ in range(todo):
+                state, step_metrics = trainer.step(state, trainer.place(pipeline.next_batch()))
+                history.append(step_metrics)
+                if jax.process_count() == 1 and preemption.requested:
+                    break  # finish this step, then save
+            history = jax.device_get(history)
+            check_finite(history, step)
+            step += len(history)
+            metrics.log_train(step, history, time.perf_counter() - start)
+            stop = preemption.agreed()
+            boundary = step % steps_per_checkpoint == 0 or step == cfg.train_steps
+            if boundary or stop:
+                checkpointer.save(step, state, pipeline.state(), cfg)
+            if boundary and cfg.eval_steps:
+                metrics.log_eval(step, evaluate(cfg, trainer, state["params"], cfg.eval_steps))
+            if stop:
+                checkpointer.wait()
+                metrics.message(
+                    f"preempted: saved step {step} to {checkpointer.directory}; rerun to resume"
+                )
+                return EXIT_PREEMPTED
+    checkpointer.wait()
+    metrics.finish(step, checkpointer.directory)
+    return 0

@@ -1,0 +1,272 @@
+"""Training: schedule, optimizers, microbatching, the loop, checkpoints, resume, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import gpt_neo
+from gpt_neo.config import from_dict
+from gpt_neo.optim import learning_rate, make_optimizer
+from gpt_neo.train import Trainer, gradients, loss_fn
+from main import main
+from tests.helpers import write_text_dataset
+
+ARCH = {"n_embd": 32, "n_head": 4, "n_layer": 2, "n_ctx": 32, "n_vocab": 320,
+        "attention_types": ["global", "local"], "local_attention_radius": 8}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_text_dataset(tmp_path_factory.mktemp("text"))
+
+
+def run_config(tmp_path, dataset, **overrides):
+    keys = {**ARCH, "train_batch_size": 8, "train_steps": 8, "iterations": 2, "lr": 3e-3,
+            "warmup_steps": 2, "lr_decay_end": 8, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y",
+            "datasets": [[dataset, 1, "documents_random", 1.0]], "model_path": str(tmp_path / "run"),
+            **overrides}  # fmt: skip
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(keys))
+    return str(path)
+
+
+def final_params(model_path, step):
+    return ocp.StandardCheckpointer().restore(f"{model_path}/checkpoints/{step}/state")["params"]
+
+
+# ---- optimizer and schedule ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
+def test_learning_rate_schedule_is_gpt_neos(decay):
+    cfg = from_dict({**ARCH, "lr": 1e-3, "warmup_steps": 10, "lr_decay": decay, "train_steps": 100})
+    for step in (0, 5, 10, 50, 100, 150):
+        t = min(step, 100) / 100
+        decayed = {"cosine": 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))),
+                   "linear": 1e-3 * (1 - 0.9 * t), "constant": 1e-3}[decay]  # fmt: skip
+        expected = decayed * min(1.0, step / 10)
+        assert float(learning_rate(cfg, step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+def _one_update(cfg, grad_value):
+    params = gpt_neo.init_params(cfg, 0)
+    optimizer = make_optimizer(cfg)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, grad_value), params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    return params, updates
+
+
+def test_weight_decay_hits_matrices_only_not_biases_or_any_norm():
+    cfg = from_dict(
+        {**ARCH, "lr": 1.0, "weight_decay": 0.1, "lr_decay": "constant", "gradient_clipping": 0}
+    )
+    params, updates = _one_update(cfg, 0.0)  # zero gradients: only decay moves anything
+    np.testing.assert_allclose(updates["wte"], -0.1 * params["wte"], rtol=1e-6)
+    np.testing.assert_allclose(
+        updates["blocks"][0]["mlp"]["fc_kernel"],
+        -0.1 * params["blocks"][0]["mlp"]["fc_kernel"],
+        rtol=1e-6,
+    )
+    for leaf in (
+        updates["ln_f"]["scale"],
+        updates["ln_f"]["bias"],
+        updates["blocks"][1]["attn"]["o_bias"],
+    ):
+        assert float(jnp.abs(leaf).max()) == 0.0
+
+
+def test_adam_has_bias_correction():
+    cfg = from_dict({**ARCH, "lr": 1e-2, "lr_decay": "constant", "gradient_clipping": 0})
+    _, updates = _one_update(cfg, 0.5)
+    # corrected first step: m_hat / sqrt(v_hat) = 1, so every update is -lr (BERT's Adam: -0.45 lr)
+    np.testing.assert_allclose(updates["ln_f"]["bias"], -1e-2, rtol=1e-4)
+
+
+def test_adafactor_follows_the_schedule():
+    cfg = from_dict(
+        {**ARCH, "opt_name": "adafactor", "lr": 1e-2, "warmup_steps": 4, "train_steps": 10}
+    )
+    params = gpt_neo.init_params(cfg, 0)
+    optimizer = make_optimizer(cfg)
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = optimizer.init(params)
+    first, state = optimizer.update(grads, state, params)  # step 0: warmup lr is 0
+    second, _ = optimizer.update(grads, state, params)
+    assert float(jnp.abs(first["wte"]).max()) == 0.0 and float(jnp.abs(second["wte"]).max()) > 0
+
+
+# ---- the step ------------------------------------------------------------------------------
+
+
+def _batch(cfg, seed=0):
+    return np.random.default_rng(seed).integers(0, 258, (8, cfg.n_ctx + 1)).astype(np.int32)
+
+
+def test_reported_loss_is_cross_entropy_with_z_loss_apart(tmp_path):
+    cfg = from_dict({**ARCH, "train_batch_size": 8, "mesh_shape": "x:8", "z_loss": 0.01})
+    trainer = Trainer(cfg, gpt_neo.make_mesh(cfg))
+    state = trainer.init_state(0)
+    params = jax.device_get(state["params"])
+    tokens = _batch(cfg)
+    with jax.set_mesh(trainer.mesh):
+        _, metrics = trainer.step(state, trainer.place(tokens))
+    logits = np.asarray(gpt_neo.apply(cfg, params, tokens[:, :-1]), np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ce = np.mean(lse - np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0])
+    assert float(metrics["loss"]) == pytest.approx(ce, rel=1e-5)
+    assert float(metrics["z_loss"]) == pytest.approx(0.01 * np.mean(lse**2), rel=1e-5)
+
+
+def test_microbatched_gradients_equal_the_unsplit_batch():
+    cfg = from_dict(
+        {**ARCH, "train_batch_size": 8, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y"}
+    )
+    trainer = Trainer(cfg.replace(tokens_per_mb_per_replica=32), gpt_neo.make_mesh(cfg))
+    assert trainer.n_micro == 2  # 1 sequence per microbatch, 2 per replica
+    state = trainer.init_state(0)
+    rng = jax.random.key(0)
+    with jax.set_mesh(trainer.mesh):
+        batch = trainer.place(_batch(cfg))
+        whole = jax.jit(lambda p, b: gradients(cfg, p, b, rng))(state["params"], batch)
+        split = jax.jit(lambda p, b: gradients(cfg, p, b, rng, 2, 4, ("x", None)))(
+            state["params"], batch
+        )
+    assert float(split[1]) == pytest.approx(float(whole[1]), rel=1e-6)  # cross-entropy
+    for a, b in zip(jax.tree.leaves(whole[0]), jax.tree.leaves(split[0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # float32 reassociation
+
+
+def test_loss_fn_without_rng_is_deterministic_and_finite():
+    cfg = from_dict(ARCH)
+    params = gpt_neo.init_params(cfg, 0)
+    total, (ce, z) = loss_fn(cfg, params, jnp.asarray(_batch(cfg)), None)
+    assert (
+        float(total) == pytest.approx(float(ce) + float(z)) and abs(float(ce) - np.log(320)) < 0.5
+    )
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+
+def test_training_runs_logs_and_saves_then_reports_complete(tmp_path, dataset, capsys):
+    model = run_config(
+        tmp_path, dataset, train_steps=20, lr_decay_end=20, eval_steps=2, eval_batch_size=8
+    )
+    assert main(["--model", model, "--steps_per_checkpoint", "10"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "step 20/20 | loss" in out
+        and "tok/s | MFU" in out
+        and "ETA" in out
+        and "eval at step 20" in out
+    )
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
+    assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "10",
+        "20",
+    ]
+    assert main(["--model", model]) == 0
+    assert "training is complete: step 20 of 20" in capsys.readouterr().out
+
+
+def test_resuming_continues_exactly_and_on_another_mesh(tmp_path, dataset):
+    full = run_config(tmp_path / "full", dataset, res_dropout=0.1)
+    assert main(["--model", full, "--steps_per_checkpoint", "4"]) == 0
+    reference = final_params(tmp_path / "full" / "run", 8)
+
+    half = run_config(tmp_path / "half", dataset, res_dropout=0.1, train_steps=4)
+    assert main(["--model", half, "--steps_per_checkpoint", "4"]) == 0
+    assert main(["--model", half, "--set", "train_steps=8", "--steps_per_checkpoint", "4"]) == 0
+    resumed = final_params(tmp_path / "half" / "run", 8)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+
+    moved = run_config(tmp_path / "moved", dataset, res_dropout=0.1, train_steps=4)
+    assert main(["--model", moved, "--steps_per_checkpoint", "4"]) == 0
+    other_mesh = [
+        "train_steps=8",
+        "mesh_shape=x:2,y:4",
+        "layout=batch:x,heads:y,intermediate_expanded:y",
+    ]
+    assert main(["--model", moved, "--set", *other_mesh, "--steps_per_checkpoint", "4"]) == 0
+    for a, b in zip(
+        jax.tree.leaves(reference),
+        jax.tree.leaves(final_params(tmp_path / "moved" / "run", 8)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, atol=2e-5)  # same math, other reduction order
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path, dataset, capsys):
+    model = run_config(tmp_path, dataset, train_steps=2)
+    assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
+    assert main(["--model", model, "--set", "n_embd=64", "train_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "written for another model (n_embd: checkpoint 32, config 64)" in err
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, dataset, capsys
+):
+    model = run_config(tmp_path, dataset, train_steps=2, iterations=1, lr_decay="constant")
+    assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
+    code = main(
+        [
+            "--model",
+            model,
+            "--set",
+            "train_steps=8",
+            "lr=1e30",
+            "gradient_clipping=0",
+            "--steps_per_checkpoint",
+            "2",
+        ]
+    )
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "is not finite" in err and "The last checkpoint is intact" in err
+    step = int(err.split("error: step ")[1].split(":")[0])
+    assert 3 <= step <= 4  # the first step after the restore that sees the blown-up weights
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert (
+        kept == ["2"] and np.isfinite(jax.tree.leaves(final_params(tmp_path / "run", 2))[0]).all()
+    )
+
+
+def test_bad_run_settings_exit_2(tmp_path, dataset, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--model", run_config(tmp_path, dataset, model_path=str(blocker / "run"))]) == 2
+    assert "not writable" in capsys.readouterr().err
+    missing = run_config(
+        tmp_path, dataset, datasets=[["no_such_dataset", 1, "documents_random", 1.0]]
+    )
+    assert main(["--model", missing]) == 2
+    assert "no_such_dataset" in capsys.readouterr().err
+    assert main(["--model", run_config(tmp_path, dataset, model_path=None)]) == 2
+    assert "set model_path" in capsys.readouterr().err
+
+
+def test_new_deletes_model_path_after_confirmation(tmp_path, dataset, monkeypatch, capsys):
+    model = run_config(tmp_path, dataset, train_steps=2)
+    assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    with pytest.raises(SystemExit):
+        main(["--model", model, "--new"])
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert main(["--model", model, "--new", "--yes", "--steps_per_checkpoint", "2"]) == 0
+    assert "training from step 0" in capsys.readouterr().out
