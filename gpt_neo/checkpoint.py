@@ -23,7 +23,10 @@ class Checkpointer:
     def __init__(self, model_path: str, keep: int):
         self.directory = f"{model_path.rstrip('/')}/checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, create=True
+            max_to_keep=keep,
+            enable_async_checkpointing=True,
+            create=True,
+            cleanup_tmp_directories=True,  # remove what a killed run was still writing
         )
         try:
             self.manager = ocp.CheckpointManager(
