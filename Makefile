@@ -24,7 +24,9 @@ setup-test: $(VENV)/.test-installed
 demo: setup
 	$(PY) data/build_demo_corpus.py
 	$(PY) main.py --model configs/demo.json --check_dataset --check_records 0
-	$(CPU_DEVICES) $(PY) main.py --model configs/demo.json --summary
+	$(CPU_DEVICES) $(PY) main.py --model configs/demo.json --summary \
+		--set mesh_shape=x:4,y:2 layout=batch:x,heads:y,vocab:y,intermediate_expanded:y
+	$(PY) main.py --model configs/demo.json --steps_per_checkpoint 50
 
 test: setup-test
 	$(PY) -m pytest -n 2 --durations=15 tests

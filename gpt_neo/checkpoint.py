@@ -9,6 +9,8 @@ a run may resume on another `mesh_shape`/`layout`.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -21,6 +23,8 @@ ARCHITECTURE_KEYS = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "attenti
 
 class Checkpointer:
     def __init__(self, model_path: str, keep: int):
+        if "://" not in model_path:  # orbax wants absolute local paths
+            model_path = os.path.abspath(model_path)
         self.directory = f"{model_path.rstrip('/')}/checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,

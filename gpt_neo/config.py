@@ -163,6 +163,9 @@ class Config:
     """Allow a config with no datasets (sampling only)."""
     input_fn: str = "sequential_input"
     """GPT-Neo's input pipeline name."""
+    input_streams: int | None = None
+    """Independent input streams the global batch is drawn from (default: one per host). Fix
+    it (e.g. 8) to get the same batches on any number of hosts that divides it. Not a GPT-Neo key."""
     seed: int = 1
     """Seed for parameter init and data order."""
     shuffle_input_filenames: bool = True

@@ -86,7 +86,9 @@ class RecordReader:
         self.group_files = max(1, min(GROUP_FILES, len(files)))
         self.groups_per_epoch = -(-len(files) // self.group_files)
         self.shuffle_buffer = SHUFFLE_BUFFER
-        self.fingerprint = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+        self.fingerprint = hashlib.sha256("\n".join(files).encode()).hexdigest()[
+            :7
+        ]  # fits the int32 that process_allgather carries
         self.group, self.offset = 0, 0
         self.stats = ReaderStats()
         self._truncated: dict[str, int] = {}  # corrupt file -> records readable before damage
@@ -297,11 +299,72 @@ class DatasetSource:
         return joined[offset : offset + length]
 
 
+class Stream:
+    """An independent stream of examples: every dataset's files[r::streams], its own seeds and
+    its own mixture draws. The global batch is the streams' rows, stream by stream."""
+
+    def __init__(self, cfg: Config, index: int, count: int, *, eval: bool, skip_corrupt: bool):
+        self.index, self.seed = index, cfg.seed
+        self.sources = [
+            _source(cfg, i, entry, index, count, eval, skip_corrupt)
+            for i, entry in enumerate(cfg.datasets)
+        ]
+        weights = np.array([s.weight for s in self.sources], np.float64)
+        self.weights = weights / weights.sum()
+
+    def choices(self, batch: int, rows: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, batch, self.index, 3])
+        return rng.choice(len(self.sources), size=rows, p=self.weights)
+
+    def rows(self, batch: int, rows: int) -> list[np.ndarray]:
+        return [self.sources[k].next_example() for k in self.choices(batch, rows)]
+
+
+def _source(
+    cfg: Config, i: int, entry, stream: int, streams: int, eval: bool, skip_corrupt: bool
+) -> DatasetSource:
+    dataset = load_dataset_config(entry.dataset_id)
+    if dataset.n_vocab > cfg.n_vocab:
+        raise ConfigError(
+            f"dataset '{dataset.name}' has n_vocab {dataset.n_vocab} but the model's n_vocab is "
+            f"{cfg.n_vocab}; raise the model's n_vocab"
+        )
+    mode = entry.sampling_mode or (
+        "chunks" if dataset.mode in (None, "chunks") else "documents_random"
+    )
+    if mode not in SAMPLING_MODES:
+        raise ConfigError(
+            f"dataset '{dataset.name}': unknown sampling_mode '{mode}'; use one of {SAMPLING_MODES}"
+        )
+    key = "eval_path" if eval else "path"
+    pattern = getattr(dataset, key)
+    if not pattern:
+        raise ConfigError(f"dataset '{dataset.name}' has no {key}")
+    files = list_files(pattern, what=f"dataset '{dataset.name}' {key}")
+    stream_files = files[stream::streams]
+    if not stream_files:
+        raise ConfigError(
+            f"dataset '{dataset.name}' {key} has {len(files)} files for {streams} input streams "
+            "(one per host unless input_streams is set); write more, smaller files "
+            "(create_tfrecords --files_per)"
+        )
+    seed = int(np.random.default_rng([cfg.seed, i, stream]).integers(2**31))
+    reader = RecordReader(
+        stream_files, seed=seed, name=dataset.name, shuffle=not eval, skip_corrupt=skip_corrupt
+    )
+    return DatasetSource(
+        dataset, reader, mode, entry.stitch or 1, entry.weight or 1.0, cfg.n_vocab, cfg.n_ctx
+    )
+
+
 class InputPipeline:
     """Batches [batch, n_ctx + 1] int32 from the config's dataset mixture, resumable.
 
-    `state()` is the position after the last batch returned; `restore(state)` continues from
-    it. `eval=True` reads `eval_path` in a fixed order from the start.
+    The global batch is drawn from `input_streams` independent streams (default: one per
+    host); this host produces its streams' rows. With `input_streams` fixed, any number of
+    hosts that divides it sees the same global batches. `state()` is the position after the
+    last batch returned; `restore(state)` continues from it. `eval=True` reads `eval_path` in
+    a fixed order from the start.
     """
 
     def __init__(self, cfg: Config, *, batch_size: int | None = None, eval: bool = False,
@@ -311,78 +374,80 @@ class InputPipeline:
 
         if not cfg.datasets:
             raise ConfigError("the model config lists no 'datasets'")
-        self.process_index = jax.process_index() if process_index is None else process_index
-        self.process_count = jax.process_count() if process_count is None else process_count
+        index = jax.process_index() if process_index is None else process_index
+        hosts = jax.process_count() if process_count is None else process_count
         global_batch = batch_size or (
             (cfg.eval_batch_size or cfg.train_batch_size) if eval else cfg.train_batch_size
         )
         if not global_batch:
             raise ConfigError("set train_batch_size (and eval_batch_size for eval) in the config")
-        if global_batch % self.process_count:
+        streams = cfg.input_streams or hosts
+        if streams % hosts or global_batch % streams:
             raise ConfigError(
-                f"batch size {global_batch} does not divide over {self.process_count} hosts"
+                f"input_streams {streams} must be a multiple of the {hosts} host(s) and divide the "
+                f"batch size {global_batch}"
             )
-        self.batch_size = global_batch // self.process_count
-        self.seed = cfg.seed
-        self.sources = [
-            self._source(cfg, i, entry, eval, skip_corrupt) for i, entry in enumerate(cfg.datasets)
+        self.process_count = hosts
+        self.rows_per_stream = global_batch // streams
+        self.batch_size = global_batch // hosts  # rows this host produces
+        per_host = streams // hosts
+        self.streams = [
+            Stream(cfg, r, streams, eval=eval, skip_corrupt=skip_corrupt)
+            for r in range(index * per_host, (index + 1) * per_host)
         ]
-        weights = np.array([s.weight for s in self.sources], np.float64)
-        self.weights = weights / weights.sum()
         self.batch = 0
 
-    def _source(self, cfg: Config, i: int, entry, eval: bool, skip_corrupt: bool) -> DatasetSource:
-        dataset = load_dataset_config(entry.dataset_id)
-        if dataset.n_vocab > cfg.n_vocab:
-            raise ConfigError(
-                f"dataset '{dataset.name}' has n_vocab {dataset.n_vocab} but the model's n_vocab is "
-                f"{cfg.n_vocab}; raise the model's n_vocab"
-            )
-        mode = entry.sampling_mode or (
-            "chunks" if dataset.mode in (None, "chunks") else "documents_random"
-        )
-        if mode not in SAMPLING_MODES:
-            raise ConfigError(
-                f"dataset '{dataset.name}': unknown sampling_mode '{mode}'; use one of {SAMPLING_MODES}"
-            )
-        pattern = dataset.eval_path if eval else dataset.path
-        if not pattern:
-            raise ConfigError(f"dataset '{dataset.name}' has no {'eval_path' if eval else 'path'}")
-        files = list_files(
-            pattern, what=f"dataset '{dataset.name}' {'eval_path' if eval else 'path'}"
-        )
-        host_files = files[self.process_index :: self.process_count]
-        if not host_files:
-            raise ConfigError(
-                f"dataset '{dataset.name}' has {len(files)} files for {self.process_count} hosts; "
-                "write more, smaller files (create_tfrecords --files_per)"
-            )
-        seed = int(np.random.default_rng([cfg.seed, i, self.process_index]).integers(2**31))
-        reader = RecordReader(host_files, seed=seed, name=dataset.name, shuffle=not eval,
-                              skip_corrupt=skip_corrupt)  # fmt: skip
-        return DatasetSource(dataset, reader, mode, entry.stitch or 1, entry.weight or 1.0,
-                             cfg.n_vocab, cfg.n_ctx)  # fmt: skip
+    @property
+    def sources(self) -> list[DatasetSource]:
+        return [source for stream in self.streams for source in stream.sources]
 
     def state(self) -> dict:
+        """This host's position: the batch counter and every local reader's position."""
         return {
             "version": STATE_VERSION,
             "batch": self.batch,
-            "readers": [s.reader.state() for s in self.sources],
+            "streams": {
+                str(s.index): [src.reader.state() for src in s.sources] for s in self.streams
+            },
         }
 
-    def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION or len(state["readers"]) != len(self.sources):
-            raise ConfigError("the saved data position does not match this config's datasets")
-        self.batch = int(state["batch"])
-        for source, reader_state in zip(self.sources, state["readers"], strict=True):
-            source.reader.restore(reader_state)
+    def global_state(self) -> dict:
+        """Every host's position (all streams), the same on every host; what checkpoints hold."""
+        local = self.state()
+        if self.process_count == 1:
+            return local
+        from jax.experimental import multihost_utils
 
-    def choices(self, batch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, batch, self.process_index, 3])
-        return rng.choice(len(self.sources), size=self.batch_size, p=self.weights)
+        rows = [[int(k), i, r["group"], r["offset"], int(r["files"], 16)]
+                for k, readers in local["streams"].items() for i, r in enumerate(readers)]  # fmt: skip
+        gathered = np.asarray(multihost_utils.process_allgather(np.array(rows, np.int32))).reshape(
+            -1, 5
+        )
+        streams: dict[str, list] = {}
+        for stream, _, group, offset, files in sorted(gathered.tolist()):
+            streams.setdefault(str(stream), []).append(
+                {"group": group, "offset": offset, "files": f"{files:07x}"}
+            )
+        return {"version": STATE_VERSION, "batch": local["batch"], "streams": streams}
+
+    def restore(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(
+                "the saved data position was written by another version; start a new run"
+            )
+        for stream in self.streams:
+            readers = state["streams"].get(str(stream.index))
+            if readers is None or len(readers) != len(stream.sources):
+                raise ConfigError(
+                    "the saved data position does not match this config's datasets or input "
+                    "streams (set input_streams to the value the run started with)"
+                )
+            for source, reader_state in zip(stream.sources, readers, strict=True):
+                source.reader.restore(reader_state)
+        self.batch = int(state["batch"])
 
     def next_batch(self) -> np.ndarray:
-        rows = [self.sources[k].next_example() for k in self.choices(self.batch)]
+        rows = [row for s in self.streams for row in s.rows(self.batch, self.rows_per_stream)]
         self.batch += 1
         return np.stack(rows)
 
@@ -395,6 +460,12 @@ class InputPipeline:
 # main.py --check_dataset
 
 
+def unigram_entropy(counts: np.ndarray) -> float:
+    """Entropy in nats of the token distribution given by `counts`."""
+    p = counts[counts > 0] / max(int(counts.sum()), 1)
+    return float(-(p * np.log(p)).sum())
+
+
 def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, out=print) -> bool:
     """Print decoded samples and the token-id range of each dataset; False if an id is out of
     range. Reads up to `max_records` records per dataset (0: all of them)."""
@@ -404,12 +475,16 @@ def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, 
         encoder = dataset.encoder()
         files = list_files(dataset.path, what=f"dataset '{dataset.name}' path")
         low, high, count, lengths = None, None, 0, []
+        counts = np.zeros(0, np.int64)
         for tokens in iter_records(files, limit=max_records):
             count += 1
             lengths.append(tokens.size)
             if tokens.size:
                 low = int(tokens.min()) if low is None else min(low, int(tokens.min()))
                 high = int(tokens.max()) if high is None else max(high, int(tokens.max()))
+                seen = np.bincount(tokens[tokens >= 0])
+                counts = np.pad(counts, (0, max(0, seen.size - counts.size)))
+                counts[: seen.size] += seen
             if count <= samples:
                 text = encoder.decode(tokens)
                 out(f"--- {dataset.name} record {count - 1} ({tokens.size} tokens) ---")
@@ -419,6 +494,10 @@ def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, 
             f"{dataset.name}: {len(files)} files; read {scope} records; record length "
             f"{min(lengths, default=0)}..{max(lengths, default=0)} tokens; token ids {low}..{high}; "
             f"tokenizer '{encoder.name}' has {encoder.vocab_size} ids; model n_vocab {cfg.n_vocab}"
+        )
+        out(
+            f"{dataset.name}: unigram entropy {unigram_entropy(counts):.3f} nats/token (the loss of "
+            "a model that ignores context; training should go well below it)"
         )
         if high is not None and high >= cfg.n_vocab:
             out(f"error: {dataset.name}: token id {high} >= n_vocab {cfg.n_vocab}")

@@ -39,8 +39,9 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     num_processes = num_processes or os.environ.get(ENV["num_processes"])
     process_id = process_id if process_id is not None else os.environ.get(ENV["process_id"])
     if coordinator_address or num_processes:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU processes need a collectives library to talk (no effect on TPU/GPU backends);
+        # set before anything initialises a backend
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=int(num_processes),

@@ -304,7 +304,7 @@ def train(
             stop = preemption.agreed()
             boundary = step % steps_per_checkpoint == 0 or step == cfg.train_steps
             if boundary or stop:
-                checkpointer.save(step, state, pipeline.state(), cfg)
+                checkpointer.save(step, state, pipeline.global_state(), cfg)
             if boundary and cfg.eval_steps:
                 metrics.log_eval(step, evaluate(cfg, trainer, state["params"], cfg.eval_steps))
             if stop:

@@ -121,7 +121,7 @@ def _serialize(tokens):
     return serialize(tokens)
 
 
-def write_text_dataset(folder, *, docs=60, eval_docs=8, seed=0):
+def write_text_dataset(folder, *, docs=60, eval_docs=8, seed=0, files_per=100_000):
     """A learnable byte-level dataset (repetitive English), train and eval, through
     create_tfrecords; returns the dataset config path. n_vocab must be at least 258."""
     import random
@@ -155,7 +155,11 @@ def write_text_dataset(folder, *, docs=60, eval_docs=8, seed=0):
             sentence = " ".join(words[(start + i) % len(words)] for i in range(rng.randint(20, 60)))
             (raw / f"{k:04d}.txt").write_text(sentence.capitalize() + ".")
         job = TFRecordJob(
-            name=split, output_dir=str(folder / "tfrecords"), encoder="byte", separator=(256,)
+            name=split,
+            output_dir=str(folder / "tfrecords"),
+            encoder="byte",
+            separator=(256,),
+            files_per=files_per,
         )
         create_tfrecords(job, list_input_files(raw), show_progress=False)
     config = {"n_vocab": 258, "path": str(folder / "tfrecords" / "train_*.tfrecords"),
@@ -164,3 +168,16 @@ def write_text_dataset(folder, *, docs=60, eval_docs=8, seed=0):
     path = folder / "text.json"
     path.write_text(json.dumps(config))
     return str(path)
+
+
+def restore_params(state_dir):
+    """The params of a saved train state, on this process's first device, whatever the mesh
+    or process count that wrote it."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(str(state_dir)).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+    return checkpointer.restore(str(state_dir), target)["params"]

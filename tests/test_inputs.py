@@ -218,11 +218,31 @@ def test_check_dataset_reports_id_range_and_fails_on_ids_beyond_n_vocab(tmp_path
     path, docs = write_dataset(tmp_path, "d", [5], lengths=(3,))
     lines = []
     assert check_datasets(model_config([path]), out=lines.append)
-    summary = lines[-1]
+    summary = lines[-2]
     assert (
         f"token ids 0..{max(max(d) for d in docs.values())}" in summary
         and "read all records" in summary
     )
+    tokens = np.concatenate([np.asarray(d) for d in docs.values()])
+    p = np.unique(tokens, return_counts=True)[1] / tokens.size
+    assert f"unigram entropy {-(p * np.log(p)).sum():.3f} nats/token" in "\n".join(lines)
     lines.clear()
     assert not check_datasets(model_config([path], n_vocab=4000), out=lines.append)
     assert any("error:" in line and ">= n_vocab 4000" in line for line in lines)
+
+
+def test_fixed_input_streams_give_the_same_global_batch_on_any_host_count(tmp_path):
+    path, _ = write_dataset(tmp_path, "d", [6, 6, 6, 6])
+    cfg = model_config([[path, 2, "documents_random", 1.0]], input_streams=2)
+    single = batches(pipeline(cfg), 4)
+    hosts = [pipeline(cfg, process_index=h, process_count=2) for h in range(2)]
+    for expected in single:
+        np.testing.assert_array_equal(np.concatenate([h.next_batch() for h in hosts]), expected)
+    # a position saved on one host count restores on the other
+    merged = {
+        **hosts[0].state(),
+        "streams": {**hosts[0].state()["streams"], **hosts[1].state()["streams"]},
+    }
+    one = pipeline(cfg)
+    one.restore(merged)
+    np.testing.assert_array_equal(one.next_batch(), np.concatenate([h.next_batch() for h in hosts]))

@@ -11,11 +11,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from gpt_neo.train import EXIT_PREEMPTED
-from tests.helpers import REPO, write_text_dataset
+from tests.helpers import REPO, restore_params, write_text_dataset
 
 STEPS, EVERY = 60, 10
 
@@ -37,8 +36,19 @@ def config(tmp_path, dataset, name):
 
 
 def start(model):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, str(REPO / "main.py"), "--model", model, "--steps_per_checkpoint", str(EVERY)]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    command = [
+        sys.executable,
+        str(REPO / "main.py"),
+        "--model",
+        model,
+        "--steps_per_checkpoint",
+        str(EVERY),
+    ]
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -73,8 +83,7 @@ def checkpoint_steps(run):
 
 
 def params_at(run, step):
-    state = ocp.StandardCheckpointer().restore(f"{run}/checkpoints/{step}/state")
-    return jax.tree.leaves(state["params"])
+    return jax.tree.leaves(restore_params(f"{run}/checkpoints/{step}/state"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import gpt_neo
@@ -13,7 +12,7 @@ from gpt_neo.config import from_dict
 from gpt_neo.optim import learning_rate, make_optimizer
 from gpt_neo.train import Trainer, gradients, loss_fn
 from main import main
-from tests.helpers import write_text_dataset
+from tests.helpers import restore_params, write_text_dataset
 
 ARCH = {"n_embd": 32, "n_head": 4, "n_layer": 2, "n_ctx": 32, "n_vocab": 320,
         "attention_types": ["global", "local"], "local_attention_radius": 8}  # fmt: skip
@@ -36,7 +35,7 @@ def run_config(tmp_path, dataset, **overrides):
 
 
 def final_params(model_path, step):
-    return ocp.StandardCheckpointer().restore(f"{model_path}/checkpoints/{step}/state")["params"]
+    return restore_params(f"{model_path}/checkpoints/{step}/state")
 
 
 # ---- optimizer and schedule ----------------------------------------------------------------

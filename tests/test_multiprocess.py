@@ -1,0 +1,95 @@
+"""Two processes x 4 CPU devices (localhost coordinator) train like one process x 8 devices,
+and a checkpoint written by the pair restores in the pair."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import REPO, restore_params, write_text_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_text_dataset(tmp_path_factory.mktemp("text"), docs=40, eval_docs=4, files_per=10)
+
+
+def config(tmp_path, dataset, name, steps):
+    keys = {"n_embd": 32, "n_head": 4, "n_layer": 2, "n_ctx": 32, "n_vocab": 320,
+            "attention_types": ["global", "local"], "local_attention_radius": 8,
+            "train_batch_size": 8, "train_steps": steps, "iterations": 1, "lr": 3e-3, "warmup_steps": 2,
+            "lr_decay_end": 8, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y", "input_streams": 2,
+            "datasets": [[dataset, 1, "documents_random", 1.0]], "model_path": str(tmp_path / name)}  # fmt: skip
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(keys))
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(model, processes: int, devices_each: int, *extra: str):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    command = [
+        sys.executable,
+        str(REPO / "main.py"),
+        "--model",
+        model,
+        "--steps_per_checkpoint",
+        "4",
+        *extra,
+    ]
+    if processes > 1:
+        command += [
+            "--coordinator_address",
+            f"127.0.0.1:{free_port()}",
+            "--num_processes",
+            str(processes),
+        ]
+    launched = []
+    for i in range(processes):
+        rank = ["--process_id", str(i)] if processes > 1 else []
+        launched.append(
+            subprocess.Popen(
+                command + rank,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=300)[0] for p in launched]
+    for p, out in zip(launched, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+def test_two_processes_train_like_one_and_resume(tmp_path, dataset):
+    run(config(tmp_path, dataset, "one", 8), processes=1, devices_each=8)
+    pair = config(tmp_path, dataset, "pair", 4)
+    run(pair, processes=2, devices_each=4)
+    run(pair, 2, 4, "--set", "train_steps=8")
+    assert (tmp_path / "pair" / "checkpoints" / "4").is_dir()
+    np.testing.assert_allclose(losses(tmp_path / "pair"), losses(tmp_path / "one"), rtol=1e-5)
+    one = restore_params(tmp_path / "one/checkpoints/8/state")
+    pair_params = restore_params(tmp_path / "pair/checkpoints/8/state")
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(pair_params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
