@@ -64,6 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--new", action="store_true", help="delete model_path first (asks to confirm)"
     )
     parser.add_argument("--yes", action="store_true", help="with --new: do not ask")
+    parser.add_argument(
+        "--sacred_id",
+        default="nosacred",
+        help="a name for this run, kept in its sacred record (GPT-Neo's run_experiment.py id)",
+    )
+    parser.add_argument(
+        "--sacred_mongo_url",
+        metavar="URL",
+        help="record the run in this MongoDB with sacred's MongoObserver (default: files under "
+        "model_path/sacred)",
+    )
     parser.add_argument("--tpu", metavar="NAME", help="run on this TPU VM's chips")
     parser.add_argument(
         "--gpu_ids", nargs="+", metavar="ID", help="run on these GPUs (0 1 ... or device:GPU:0 ...)"
@@ -145,7 +156,7 @@ def run_training(cfg, args) -> int:
     from gpt_neo.config import ConfigError
     from gpt_neo.inputs import InputPipeline
     from gpt_neo.mesh import make_mesh
-    from gpt_neo.metrics import Metrics
+    from gpt_neo.metrics import Metrics, with_run_record
     from gpt_neo.train import EXIT_DIVERGED, TrainingDiverged, train
 
     if not cfg.model_path:
@@ -158,14 +169,21 @@ def run_training(cfg, args) -> int:
     mesh = make_mesh(cfg)
     pipeline = InputPipeline(cfg, skip_corrupt=args.skip_corrupt_records)
     checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
-    try:
+
+    def body(run):
+        metrics = Metrics(cfg, cfg.model_path, run=run)
         return train(
             cfg,
             mesh,
             steps_per_checkpoint=args.steps_per_checkpoint,
             checkpointer=checkpointer,
-            metrics=Metrics(cfg, cfg.model_path),
+            metrics=metrics,
             pipeline=pipeline,
+        )
+
+    try:
+        return with_run_record(
+            cfg, cfg.model_path, body, sacred_id=args.sacred_id, mongo_url=args.sacred_mongo_url
         )
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)

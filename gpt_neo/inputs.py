@@ -39,7 +39,7 @@ from gpt_neo.dataset_config import DatasetConfig, load_dataset_config
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 GROUP_FILES = 8
-SHUFFLE_BUFFER = 10_000
+SHUFFLE_BUFFER = 2_000
 SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
 STATE_VERSION = 1
 
@@ -130,16 +130,35 @@ class RecordReader:
         stream = t.data.Dataset.range(len(files)).interleave(
             one_file, cycle_length=len(files), block_length=1
         )
-        if self.shuffle:
-            seed = int(np.random.default_rng([self.seed, self.group, 1]).integers(2**31))
-            stream = stream.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
         stream = stream.map(_parse, num_parallel_calls=t.data.AUTOTUNE, deterministic=True)
         self._iterator = iter(stream.prefetch(t.data.AUTOTUNE).as_numpy_iterator())
         self._group_paths = files
-        # Records already consumed are skipped here rather than by tf.data, so that every
-        # record's index is seen and truncated files can be told at the group's end.
+        # The example shuffle is a buffer kept here, drawn from a generator seeded by (seed,
+        # group): tf.data's shuffle would also depend on TensorFlow's global seed, which other
+        # libraries set. Records already consumed are skipped here too, so that every record's
+        # index is seen and truncated files can be told at the group's end.
+        self._buffer: list = []
+        self._exhausted = False
+        self._draw = np.random.default_rng([self.seed, self.group, 1])
         self._to_skip = self.offset
         self._seen = [0] * len(files)
+
+    def _take(self):
+        """The next record of the group in shuffled order, or None at the group's end."""
+        size = self.shuffle_buffer if self.shuffle else 1
+        while not self._exhausted and len(self._buffer) < size:
+            try:
+                file_index, record_index, tokens = next(self._iterator)
+            except StopIteration:
+                self._exhausted = True
+                break
+            self._seen[file_index] = max(self._seen[file_index], int(record_index) + 1)
+            self._buffer.append((file_index, record_index, tokens))
+        if not self._buffer:
+            return None
+        pick = int(self._draw.integers(len(self._buffer))) if self.shuffle else 0
+        self._buffer[pick], self._buffer[-1] = self._buffer[-1], self._buffer[pick]
+        return self._buffer.pop()
 
     def next_record(self) -> tuple[np.ndarray, str, int]:
         """(tokens int32, file, record index in file); advances the position."""
@@ -148,15 +167,15 @@ class RecordReader:
             if self._iterator is None:
                 self._open()
             try:
-                file_index, record_index, tokens = next(self._iterator)
-            except StopIteration:
-                self._check_complete()
-                self.group, self.offset, self._iterator = self.group + 1, 0, None
-                continue
+                item = self._take()
             except (t.errors.DataLossError, t.errors.InvalidArgumentError) as err:
                 self._handle_corrupt(err)
                 continue
-            self._seen[file_index] = max(self._seen[file_index], int(record_index) + 1)
+            if item is None:
+                self._check_complete()
+                self.group, self.offset, self._iterator = self.group + 1, 0, None
+                continue
+            file_index, record_index, tokens = item
             if self._to_skip:
                 self._to_skip -= 1
                 continue

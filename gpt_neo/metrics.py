@@ -49,9 +49,44 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def with_run_record(cfg: Config, model_path: str, body, *, sacred_id: str | None = None,
+                    mongo_url: str | None = None):  # fmt: skip
+    """Run `body(run)` inside a sacred run: config, host and metrics recorded by a
+    FileStorageObserver under `model_path/sacred`, or a MongoObserver when `mongo_url` is
+    given. `run.log_scalar(name, value, step)` records a metric. Only process 0 records."""
+    if jax.process_index() != 0:
+        return body(None)
+    from sacred import SETTINGS, Experiment
+    from sacred.observers import FileStorageObserver
+
+    from gpt_neo.config import to_dict
+
+    SETTINGS.CAPTURE_MODE = "no"  # the progress line stays on the console, unbuffered
+    SETTINGS.DISCOVER_SOURCES = "none"
+    SETTINGS.DISCOVER_DEPENDENCIES = "none"
+    experiment = Experiment("gpt-neo", interactive=True, save_git_info=False)
+    if mongo_url:
+        from sacred.observers import MongoObserver
+
+        experiment.observers.append(MongoObserver(url=mongo_url))
+    else:
+        experiment.observers.append(FileStorageObserver(os.path.join(model_path, "sacred")))
+    experiment.add_config(to_dict(cfg))
+    result = {}
+
+    @experiment.main
+    def _main(_run):
+        _run.info["sacred_id"] = sacred_id
+        result["code"] = body(_run)
+        return result["code"]
+
+    experiment.run(options={"--loglevel": "ERROR"})
+    return result["code"]
+
+
 class Metrics:
-    def __init__(self, cfg: Config, model_path: str, *, console=print):
-        self.cfg, self.model_path, self.console = cfg, model_path, console
+    def __init__(self, cfg: Config, model_path: str, *, console=print, run=None):
+        self.cfg, self.model_path, self.console, self.run = cfg, model_path, console, run
         self.enabled = jax.process_index() == 0
         self.history: list[tuple[int, float]] = []
         self.evals: list[tuple[int, float]] = []
@@ -68,6 +103,9 @@ class Metrics:
     def _tensorboard(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
+        if self.run is not None:
+            for name, value in scalars.items():
+                self.run.log_scalar(name, float(value), step)
         from gpt_neo.tfrecords import tf
 
         t = tf()

@@ -63,14 +63,15 @@ def test_summary_rows_cover_every_parameter():
 
 
 def test_cli_summary_prints_counts_shardings_and_runs_a_forward_pass(capsys):
-    assert main(["--model", str(REPO / "configs" / "demo.json"), "--summary"]) == 0
+    mesh = ["mesh_shape=x:4,y:2", "layout=batch:x,heads:y,vocab:y,intermediate_expanded:y"]
+    assert main(["--model", str(REPO / "configs" / "demo.json"), "--summary", "--set", *mesh]) == 0
     out = capsys.readouterr().out
-    cfg = gpt_neo.load_config(REPO / "configs" / "demo.json")
+    cfg = gpt_neo.load_config(REPO / "configs" / "demo.json", overrides=mesh)
     assert f"parameters: {param_count(cfg):,}" in out
     assert "6N+12LHQT" in out and "6N+6LHQT (causal)" in out
     assert "per-device memory (adam)" in out
     wte_row = next(line for line in out.splitlines() if line.strip().startswith("wte "))
-    assert "vocab,embd" in wte_row and "y,-" in wte_row and "4096x512" in wte_row
+    assert "vocab,embd" in wte_row and "y,-" in wte_row and "8192x256" in wte_row and "4096x256" in wte_row
     assert "forward pass on 8 cpu devices" in out
     loss = float(out.split("loss at init ")[1].split()[0])
     assert abs(loss - np.log(cfg.n_vocab)) < 0.5  # a fresh model guesses uniformly

@@ -173,6 +173,10 @@ def test_training_runs_logs_and_saves_then_reports_complete(tmp_path, dataset, c
     assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((run / "tensorboard").iterdir())
+    sacred_run = run / "sacred" / "1"
+    assert json.loads((sacred_run / "config.json").read_text())["n_embd"] == 32
+    sacred_losses = json.loads((sacred_run / "metrics.json").read_text())["loss"]
+    assert sacred_losses["steps"][-1] == 20 and sacred_losses["values"][-1] == pytest.approx(train[-1]["loss"])
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
         "10",
         "20",
