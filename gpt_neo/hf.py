@@ -115,7 +115,9 @@ def compress_attention_types(kinds: tuple[str, ...]) -> list:
 
 
 def hf_config(cfg: Config) -> dict:
-    eos = cfg.eos_id if cfg.eos_id is not None else 50256
+    eos = cfg.eos_id if cfg.eos_id is not None else 50256  # GPT-2's <|endoftext|>
+    if eos >= cfg.n_vocab:
+        eos = None
     return {
         "architectures": ["GPTNeoForCausalLM"],
         "model_type": "gpt_neo",
