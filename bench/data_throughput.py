@@ -24,7 +24,7 @@ from gpt_neo.corpus import list_input_files
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 
-TOKENIZER = "data/demo/tokenizer/byte-level-bpe.tokenizer.json"
+TOKENIZER = "datasets/demo/tokenizer/byte-level-bpe.tokenizer.json"
 
 
 def write_corpus(folder: Path, megabytes: float, files: int) -> None:

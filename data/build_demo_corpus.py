@@ -3,7 +3,7 @@ library's source files.
 
     python data/build_demo_corpus.py [--megabytes 6] [--vocab_size 8192]
 
-Writes, under data/demo/: raw/{train,eval}/stdlib.jsonl.zst (one source file per document,
+Writes, under datasets/demo/: raw/{train,eval}/stdlib.jsonl.zst (one source file per document,
 every 20th file held out for eval), tokenizer/byte-level-bpe.tokenizer.json (a byte-level BPE
 trained on the train split), tfrecords/demo_{train,eval}_*.tfrecords (documents mode), and the
 dataset config configs/dataset_configs/demo.json. Deterministic for a given Python; re-running
@@ -25,7 +25,7 @@ from gpt_neo.dataset_config import DatasetConfig, write_dataset_config
 from gpt_neo.encoders import TRAINED_TOKENIZER_NAME, load_encoder, train_byte_level_bpe
 from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 
-ROOT = Path("data/demo")
+ROOT = Path("datasets/demo")
 EVAL_EVERY = 20
 
 

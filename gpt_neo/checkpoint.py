@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 from gpt_neo.config import Config, ConfigError, to_dict
@@ -86,7 +85,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def host_zero() -> bool:
-    return jax.process_index() == 0

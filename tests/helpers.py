@@ -181,3 +181,20 @@ def restore_params(state_dir):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
     return checkpointer.restore(str(state_dir), target)["params"]
+
+
+def start_main(*args: str, devices: int = 8):
+    """`python main.py ARGS` as a real process on `devices` simulated CPU devices."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    command = [sys.executable, str(REPO / "main.py"), *args]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )

@@ -44,10 +44,10 @@ def test_demo_corpus_feeds_the_pipeline_and_rebuilding_reuses_it(demo_dir, monke
     assert batch.shape == (4, 65) and batch.max() < 600
     eval_batch = InputPipeline(cfg, eval=True, process_index=0, process_count=1).next_batch()
     assert eval_batch.shape == (4, 65)
-    stamp = (demo_dir / "data/demo/tokenizer/byte-level-bpe.tokenizer.json").stat().st_mtime_ns
+    stamp = (demo_dir / "datasets/demo/tokenizer/byte-level-bpe.tokenizer.json").stat().st_mtime_ns
     assert build_demo_corpus.main(["--megabytes", "0.3", "--vocab_size", "600", "--quiet"]) == 0
     assert (
-        demo_dir / "data/demo/tokenizer/byte-level-bpe.tokenizer.json"
+        demo_dir / "datasets/demo/tokenizer/byte-level-bpe.tokenizer.json"
     ).stat().st_mtime_ns == stamp
 
 

@@ -2,16 +2,13 @@
 and a checkpoint written by the pair restores in the pair."""
 
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, restore_params, write_text_dataset
+from tests.helpers import restore_params, start_main, write_text_dataset
 
 
 @pytest.fixture(scope="module")
@@ -37,40 +34,16 @@ def free_port() -> int:
 
 
 def run(model, processes: int, devices_each: int, *extra: str):
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    command = [
-        sys.executable,
-        str(REPO / "main.py"),
-        "--model",
-        model,
-        "--steps_per_checkpoint",
-        "4",
-        *extra,
-    ]
+    args = ["--model", model, "--steps_per_checkpoint", "4", *extra]
     if processes > 1:
-        command += [
+        args += [
             "--coordinator_address",
             f"127.0.0.1:{free_port()}",
             "--num_processes",
             str(processes),
         ]
-    launched = []
-    for i in range(processes):
-        rank = ["--process_id", str(i)] if processes > 1 else []
-        launched.append(
-            subprocess.Popen(
-                command + rank,
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+    ranks = [["--process_id", str(i)] for i in range(processes)] if processes > 1 else [[]]
+    launched = [start_main(*args, *rank, devices=devices_each) for rank in ranks]
     outputs = [p.communicate(timeout=300)[0] for p in launched]
     for p, out in zip(launched, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]

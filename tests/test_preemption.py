@@ -2,11 +2,8 @@
 checkpoint. After a restart, the final parameters equal an uninterrupted run's bit for bit."""
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -14,7 +11,7 @@ import numpy as np
 import pytest
 
 from gpt_neo.train import EXIT_PREEMPTED
-from tests.helpers import REPO, restore_params, write_text_dataset
+from tests.helpers import restore_params, start_main, write_text_dataset
 
 STEPS, EVERY = 60, 10
 
@@ -36,22 +33,7 @@ def config(tmp_path, dataset, name):
 
 
 def start(model):
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    command = [
-        sys.executable,
-        str(REPO / "main.py"),
-        "--model",
-        model,
-        "--steps_per_checkpoint",
-        str(EVERY),
-    ]
-    return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    return start_main("--model", model, "--steps_per_checkpoint", str(EVERY))
 
 
 def finish(process, timeout=300):

@@ -71,7 +71,12 @@ def test_cli_summary_prints_counts_shardings_and_runs_a_forward_pass(capsys):
     assert "6N+12LHQT" in out and "6N+6LHQT (causal)" in out
     assert "per-device memory (adam)" in out
     wte_row = next(line for line in out.splitlines() if line.strip().startswith("wte "))
-    assert "vocab,embd" in wte_row and "y,-" in wte_row and "8192x256" in wte_row and "4096x256" in wte_row
+    assert (
+        "vocab,embd" in wte_row
+        and "y,-" in wte_row
+        and "8192x256" in wte_row
+        and "4096x256" in wte_row
+    )
     assert "forward pass on 8 cpu devices" in out
     loss = float(out.split("loss at init ")[1].split()[0])
     assert abs(loss - np.log(cfg.n_vocab)) < 0.5  # a fresh model guesses uniformly

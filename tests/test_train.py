@@ -176,7 +176,9 @@ def test_training_runs_logs_and_saves_then_reports_complete(tmp_path, dataset, c
     sacred_run = run / "sacred" / "1"
     assert json.loads((sacred_run / "config.json").read_text())["n_embd"] == 32
     sacred_losses = json.loads((sacred_run / "metrics.json").read_text())["loss"]
-    assert sacred_losses["steps"][-1] == 20 and sacred_losses["values"][-1] == pytest.approx(train[-1]["loss"])
+    assert sacred_losses["steps"][-1] == 20 and sacred_losses["values"][-1] == pytest.approx(
+        train[-1]["loss"]
+    )
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
         "10",
         "20",
