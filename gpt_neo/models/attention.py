@@ -43,9 +43,9 @@ def param_decls(cfg: Config) -> dict[str, ParamDecl]:
 
 def attention(cfg: Config, kind: str, p: dict, x: jax.Array, rng: jax.Array | None) -> jax.Array:
     """One attention sub-block. x: [batch, seq, embd] -> [batch, seq, embd]."""
-    q = constrain(jnp.einsum("bte,ehd->bthd", x, p["q"]), cfg, Q_AXES)
-    k = constrain(jnp.einsum("bte,ehd->bthd", x, p["k"]), cfg, KV_AXES)
-    v = constrain(jnp.einsum("bte,ehd->bthd", x, p["v"]), cfg, KV_AXES)
+    q = constrain(_project_in(x, p["q"]), cfg, Q_AXES)
+    k = constrain(_project_in(x, p["k"]), cfg, KV_AXES)
+    v = constrain(_project_in(x, p["v"]), cfg, KV_AXES)
     if kind == "linear":
         out = causal_linear_attention(q, k, v)
     else:
@@ -54,7 +54,14 @@ def attention(cfg: Config, kind: str, p: dict, x: jax.Array, rng: jax.Array | No
         rate = cfg.attn_dropout if (kind == "global" and rng is not None) else 0.0
         out = softmax_attention(cfg, q, k, v, window=window, dropout_rate=rate, rng=rng)
     out = constrain(out, cfg, Q_AXES)
-    return jnp.einsum("bthd,hde->bte", out, p["o"]) + p["o_bias"]
+    b, t, h, d = out.shape
+    return jnp.dot(out.reshape(b, t, h * d), p["o"].reshape(h * d, -1)) + p["o_bias"]
+
+
+def _project_in(x, w):
+    """[batch, seq, embd] x [embd, heads, head_dim] as one 2-D matmul (XLA:CPU's fast path)."""
+    e, h, d = w.shape
+    return jnp.dot(x, w.reshape(e, h * d)).reshape(*x.shape[:-1], h, d)
 
 
 def softmax_attention(cfg, q, k, v, *, window=None, dropout_rate=0.0, rng=None):
@@ -108,6 +115,10 @@ def _seq_or_head_dim_sharded(cfg: Config) -> bool:
 def _causal_scores(q, k, q_pos, k_pos, window):
     """float32 scores with invisible (future, outside-window, padding) keys masked."""
     scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+    return _mask(scores, q_pos, k_pos, window)
+
+
+def _mask(scores, q_pos, k_pos, window):
     offset = q_pos[:, None] - k_pos[None, :]
     visible = (offset >= 0) & (k_pos[None, :] >= 0)
     if window is not None:
@@ -118,9 +129,12 @@ def _causal_scores(q, k, q_pos, k_pos, window):
 def dense_attention(q, k, v, *, window=None, dropout_rate=0.0, rng=None):
     """Reference: full [T, T] scores. q, k, v: [batch, seq, heads, head_dim]."""
     pos = jnp.arange(q.shape[1])
-    probs = jax.nn.softmax(_causal_scores(q, k, pos, pos, window), axis=-1)
+    # heads next to batch: XLA:CPU runs batched matmuls with leading batch dims fastest
+    q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))  # [batch, heads, seq, head_dim]
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(_mask(scores, pos, pos, window), axis=-1)
     probs = dropout(probs, dropout_rate, rng)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v).swapaxes(1, 2)
 
 
 def blocked_local_attention(q, k, v, *, window: int):
