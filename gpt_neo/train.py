@@ -6,6 +6,7 @@ position is saved next to it in every checkpoint, so a restored run continues bi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import signal
@@ -262,10 +263,37 @@ def _eval_fn(cfg: Config, trainer: Trainer):
     )
 
 
+@contextlib.contextmanager
+def explain_out_of_memory(cfg: Config):
+    """Turn XLA's out-of-memory error into a ConfigError that carries `--summary`'s estimate."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):
+            raise
+        from gpt_neo.summary import memory_per_device
+
+        need = memory_per_device(cfg)
+        raise ConfigError(
+            f"out of device memory ({str(err).splitlines()[0][:200]}). Parameters and optimizer "
+            f"state alone need {(need['parameters'] + need['optimizer state']) / 2**30:.2f} GiB per "
+            "device under this mesh (see --summary), before activations. Split more dimensions "
+            "in layout or use more devices, set recompute_grad, or lower train_batch_size / "
+            "tokens_per_mb_per_replica"
+        ) from None
+
+
 def train(
     cfg: Config, mesh: Mesh, *, steps_per_checkpoint: int, checkpointer, metrics, pipeline=None
 ) -> int:
     """Train to `train_steps`, resuming from the latest checkpoint. Returns the exit code."""
+    with explain_out_of_memory(cfg):
+        return _train(cfg, mesh, steps_per_checkpoint, checkpointer, metrics, pipeline)
+
+
+def _train(
+    cfg: Config, mesh: Mesh, steps_per_checkpoint: int, checkpointer, metrics, pipeline
+) -> int:
     from gpt_neo.inputs import InputPipeline
 
     if not cfg.train_steps:

@@ -266,6 +266,30 @@ def test_bad_run_settings_exit_2(tmp_path, dataset, capsys):
     assert "set model_path" in capsys.readouterr().err
 
 
+def test_out_of_memory_is_explained_with_the_memory_estimate(
+    tmp_path, dataset, monkeypatch, capsys
+):
+    from gpt_neo import train as train_module
+    from gpt_neo.summary import memory_per_device
+
+    def exhausted(self, seed):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 7.00GiB"
+        )
+
+    monkeypatch.setattr(train_module.Trainer, "init_state", exhausted)
+    model = run_config(tmp_path, dataset)
+    assert main(["--model", model]) == 2
+    err = capsys.readouterr().err
+    cfg = gpt_neo.load_config(model)
+    need = sum(memory_per_device(cfg).values()) / 2**30
+    assert (
+        "out of device memory (RESOURCE_EXHAUSTED" in err
+        and f"need {need:.2f} GiB per device" in err
+    )
+    assert not (tmp_path / "run" / "checkpoints" / "0").exists()
+
+
 def test_new_deletes_model_path_after_confirmation(tmp_path, dataset, monkeypatch, capsys):
     model = run_config(tmp_path, dataset, train_steps=2)
     assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
