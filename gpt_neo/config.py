@@ -219,7 +219,8 @@ def load_config(
     """Read one or more GPT-Neo JSON configs, merge them in order (later wins), apply overrides.
 
     `overrides` is a mapping or a list of `"key=value"` strings (value parsed as JSON, else kept
-    as a string); it applies last. A bare name such as `gpt_neo_125M` is looked up as
+    as a string); it applies last. Overriding `n_layer` alone keeps the file's repeating
+    attention pattern (12 x [global, local] becomes 2 x [global, local] for n_layer=4). A bare name such as `gpt_neo_125M` is looked up as
     `configs/<name>.json`, like GPT-Neo's `--model`. Raises `ConfigError`.
     """
     paths = [path_or_paths] if isinstance(path_or_paths, str | os.PathLike) else path_or_paths
@@ -231,8 +232,25 @@ def load_config(
         resolved = resolve_config_path(path)
         merged.update(read_json_object(resolved))
         sources.append(str(resolved))
-    merged.update(parse_overrides(overrides))
+    changes = parse_overrides(overrides)
+    merged.update(changes)
+    if "n_layer" in changes and "attention_types" not in changes and "attention_types" in merged:
+        # n_layer=4 on a file with [[["global","local"],12]]: keep the pattern, repeat it less
+        kinds = expand_attention_types(merged["attention_types"], "+".join(sources))
+        pattern = repeating_pattern(kinds)
+        n_layer = changes["n_layer"]
+        if isinstance(n_layer, int) and n_layer > 0 and n_layer % len(pattern) == 0:
+            merged["attention_types"] = [[list(pattern), n_layer // len(pattern)]]
     return from_dict(merged, source=" + ".join(sources))
+
+
+def repeating_pattern(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The shortest pattern that `kinds` repeats: ("global","local")*12 -> ("global","local")."""
+    n = len(kinds)
+    for period in range(1, n + 1):
+        if n % period == 0 and kinds == kinds[:period] * (n // period):
+            return kinds[:period]
+    return kinds
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gpt_neo.config import Config, ConfigError, from_dict
+from gpt_neo.config import Config, ConfigError, from_dict, repeating_pattern
 from gpt_neo.models.gpt import param_shardings
 
 # Our activation names -> HF's ACT2FN names for the same function.
@@ -107,11 +107,8 @@ def hf_incompatibilities(cfg: Config) -> list[str]:
 
 def compress_attention_types(kinds: tuple[str, ...]) -> list:
     """("global","local")*12 -> [[["global","local"],12]], the shortest repeating form."""
-    n = len(kinds)
-    for period in range(1, n + 1):
-        if n % period == 0 and kinds == kinds[:period] * (n // period):
-            return [[list(kinds[:period]), n // period]]
-    raise AssertionError("unreachable: the whole sequence is its own period")
+    pattern = repeating_pattern(kinds)
+    return [[list(pattern), len(kinds) // len(pattern)]]
 
 
 def hf_config(cfg: Config) -> dict:

@@ -72,6 +72,15 @@ def test_later_files_win_and_overrides_apply_last(tmp_path):
     assert load_config([first, second], overrides={"n_ctx": 8}).n_ctx == 8
 
 
+def test_overriding_n_layer_keeps_the_files_attention_pattern():
+    cfg = load_config(REPO / "configs" / "gpt_neo_125M.json", overrides={"n_layer": 4})
+    assert cfg.attention_types == ("global", "local", "global", "local")
+    small = load_config(GPT_NEO_CONFIGS / "gpt3_small_256.json", overrides={"n_layer": 3})
+    assert small.attention_types == ("global",) * 3
+    with pytest.raises(ConfigError, match="expands to 12 layers but n_layer is 3"):
+        load_config(REPO / "configs" / "gpt_neo_125M.json", overrides={"n_layer": 3})
+
+
 def test_gpt_neo_aliases_n_heads_and_activation_fn(tmp_path):
     raw = {**BASE, "n_heads": 8, "activation_fn": "relu"}
     del raw["n_head"]
