@@ -65,23 +65,18 @@ def pipeline_tokens_per_second(cfg, seconds: float = 10.0) -> float:
 
 
 def model_tokens_per_second(cfg, steps: int = 5) -> float:
+    """Forward+backward tokens/s of the training loss (gpt_neo.train.gradients), one device."""
     import jax
     import jax.numpy as jnp
 
     import gpt_neo
-    from gpt_neo.models.gpt import forward
+    from gpt_neo.train import gradients
 
     cfg = cfg.replace(mesh_shape=None, layout=None)
     params = gpt_neo.init_params(cfg, 0)
-    tokens = jnp.asarray(
-        np.random.default_rng(0).integers(0, cfg.n_vocab, (cfg.train_batch_size, cfg.n_ctx + 1))
-    )
-
-    def loss(p, t):
-        logp = jax.nn.log_softmax(forward(cfg, p, t[:, :-1]))
-        return -jnp.take_along_axis(logp, t[:, 1:, None], axis=-1).mean()
-
-    grad = jax.jit(jax.grad(loss))
+    shape = (cfg.train_batch_size, cfg.n_ctx + 1)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.n_vocab, shape))
+    grad = jax.jit(lambda p, t: gradients(cfg, p, t, None)[0])
     jax.block_until_ready(grad(params, tokens))
     start = time.perf_counter()
     for _ in range(steps):

@@ -26,7 +26,6 @@ Examples are [n_ctx + 1] int32: inputs are [:-1], labels [1:].
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,20 +34,12 @@ import numpy as np
 
 from gpt_neo.config import Config, ConfigError
 from gpt_neo.dataset_config import DatasetConfig, load_dataset_config
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from gpt_neo.tfrecords import tf
 
 GROUP_FILES = 8
 SHUFFLE_BUFFER = 2_000
 SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
 STATE_VERSION = 1
-
-
-def tf():
-    import tensorflow
-
-    tensorflow.config.set_visible_devices([], "GPU")  # never touch the accelerator
-    return tensorflow
 
 
 def natural_key(path: str):

@@ -30,8 +30,6 @@ from pathlib import Path
 from gpt_neo.config import ConfigError
 from gpt_neo.corpus import CorpusStats, fix_text, read_documents, wikitext_detokenize
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
-
 UNIT_BYTES = 32 * 2**20
 ENCODE_BATCH = 256
 MANIFEST_VERSION = 1
@@ -64,6 +62,7 @@ class WriteStats(CorpusStats):
 
 
 def tf():
+    """TensorFlow, for data work only: it never sees an accelerator (JAX owns those)."""
     import tensorflow
 
     tensorflow.config.set_visible_devices([], "GPU")  # data work never touches an accelerator
@@ -297,9 +296,7 @@ def _run_units(job, todo, units, processes, show_progress):
     from tqdm import tqdm
 
     total_bytes = sum(os.path.getsize(f) for u in units for f in u)
-    done_bytes = sum(os.path.getsize(f) for u in units for f in u) - sum(
-        os.path.getsize(f) for _, _, files in todo for f in files
-    )
+    done_bytes = total_bytes - sum(os.path.getsize(f) for _, _, files in todo for f in files)
     bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
                disable=not show_progress, desc=f"tokenizing {job.name}")  # fmt: skip
     docs = tokens = 0
