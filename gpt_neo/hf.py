@@ -140,6 +140,16 @@ def hf_config(cfg: Config) -> dict:
     }
 
 
+def hf_state_dict(cfg: Config, params: dict) -> dict[str, np.ndarray]:
+    """Our parameter tree (or anything shaped like it: gradients too) as float32 arrays under
+    Hugging Face GPT-Neo's names and layouts."""
+    host = jax.device_get(params)
+    return {
+        name: np.ascontiguousarray(to_hf(np.asarray(_get(host, path), np.float32)))
+        for name, path, to_hf, _ in _weight_map(cfg)
+    }
+
+
 def export_hf(
     cfg: Config, params: dict, out_dir: str | os.PathLike, *, force: bool = False
 ) -> Path:
@@ -158,11 +168,7 @@ def export_hf(
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another directory or force")
     out.mkdir(parents=True, exist_ok=True)
-    host = jax.device_get(params)
-    tensors = {
-        name: np.ascontiguousarray(to_hf(np.asarray(_get(host, path), np.float32)))
-        for name, path, to_hf, _ in _weight_map(cfg)
-    }
+    tensors = hf_state_dict(cfg, params)
     # Write under temporary names, then rename: a crash never leaves a half-written model.
     tmp_weights, tmp_config = out / ".model.safetensors.tmp", out / ".config.json.tmp"
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
