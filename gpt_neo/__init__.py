@@ -10,7 +10,16 @@ from gpt_neo.config import Config, ConfigError, load_config
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import apply, init_params
 
-__all__ = ["Config", "ConfigError", "apply", "hf", "init_params", "load_config", "make_mesh"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "apply",
+    "generate",
+    "hf",
+    "init_params",
+    "load_config",
+    "make_mesh",
+]
 
 
 def __getattr__(name):
@@ -20,4 +29,8 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module("gpt_neo.hf")
+    if name == "generate":
+        from gpt_neo.sample import generate
+
+        return generate
     raise AttributeError(f"module 'gpt_neo' has no attribute {name!r}")

@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from gpt_neo.config import from_dict
+from gpt_neo.models.gpt import init_params
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -24,6 +26,17 @@ def tiny_config(**overrides):
         "local_attention_radius": 8,
     }
     return from_dict({**keys, **overrides}, source="tiny_config")
+
+
+def perturbed_params(cfg, seed=0):
+    """Initialised params with every leaf nudged, so zero biases and unit gains get tested."""
+    params = init_params(cfg, seed)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
+    )
 
 
 def random_tokens(cfg, batch=8, length=None, seed=0):

@@ -9,18 +9,7 @@ import gpt_neo
 from gpt_neo.models.activations import ACTIVATION_PARAMS, ACTIVATIONS
 from gpt_neo.models.gpt import forward, param_count
 from tests import reference
-from tests.helpers import random_tokens, tiny_config
-
-
-def perturbed_params(cfg, seed=0):
-    """Initialised params with every leaf nudged, so zero biases and unit gains get tested."""
-    params = gpt_neo.init_params(cfg, seed)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
-    )
+from tests.helpers import perturbed_params, random_tokens, tiny_config
 
 
 def test_forward_matches_numpy_reference_for_every_layer_kind():

@@ -43,9 +43,9 @@ def param_decls(cfg: Config) -> dict[str, ParamDecl]:
 
 def attention(cfg: Config, kind: str, p: dict, x: jax.Array, rng: jax.Array | None) -> jax.Array:
     """One attention sub-block. x: [batch, seq, embd] -> [batch, seq, embd]."""
-    q = constrain(_project_in(x, p["q"]), cfg, Q_AXES)
-    k = constrain(_project_in(x, p["k"]), cfg, KV_AXES)
-    v = constrain(_project_in(x, p["v"]), cfg, KV_AXES)
+    q = constrain(project_in(x, p["q"]), cfg, Q_AXES)
+    k = constrain(project_in(x, p["k"]), cfg, KV_AXES)
+    v = constrain(project_in(x, p["v"]), cfg, KV_AXES)
     if kind == "linear":
         out = causal_linear_attention(q, k, v)
     else:
@@ -54,14 +54,58 @@ def attention(cfg: Config, kind: str, p: dict, x: jax.Array, rng: jax.Array | No
         rate = cfg.attn_dropout if (kind == "global" and rng is not None) else 0.0
         out = softmax_attention(cfg, q, k, v, window=window, dropout_rate=rate, rng=rng)
     out = constrain(out, cfg, Q_AXES)
+    return project_out(out, p)
+
+
+def project_in(x, w):
+    """[batch, seq, embd] x [embd, heads, head_dim] as one 2-D matmul (XLA:CPU's fast path)."""
+    e, h, d = w.shape
+    return jnp.dot(x, w.reshape(e, h * d)).reshape(*x.shape[:-1], h, d)
+
+
+def project_out(out, p):
+    """[batch, seq, heads, head_dim] -> [batch, seq, embd] through o, as one 2-D matmul."""
     b, t, h, d = out.shape
     return jnp.dot(out.reshape(b, t, h * d), p["o"].reshape(h * d, -1)) + p["o_bias"]
 
 
-def _project_in(x, w):
-    """[batch, seq, embd] x [embd, heads, head_dim] as one 2-D matmul (XLA:CPU's fast path)."""
-    e, h, d = w.shape
-    return jnp.dot(x, w.reshape(e, h * d)).reshape(*x.shape[:-1], h, d)
+def attention_with_cache(cfg, kind, p, x, cache, slots, key_valid):
+    """Attention for decoding: x [batch, new, embd] at cache `slots` [new] (the same for every
+    row), writing its keys and values into `cache` {"k", "v"} [batch, length, heads, head_dim]
+    and attending over every cached key that `key_valid` [batch, length] marks as real (not
+    padding). Returns (out [batch, new, embd], updated cache).
+
+    Prompts are left-padded to a common length, so slot distance equals position distance
+    within a row and causality and the local window are slot comparisons.
+    """
+    q = constrain(project_in(x, p["q"]), cfg, Q_AXES)
+    start = slots[0]
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], project_in(x, p["k"]), start, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], project_in(x, p["v"]), start, axis=1)
+    k, v = constrain(k, cfg, KV_AXES), constrain(v, cfg, KV_AXES)
+    offset = slots[:, None] - jnp.arange(k.shape[1])[None, :]  # [new, length]
+    visible = (offset >= 0)[None] & key_valid[:, None, :]  # [batch, new, length]
+    if kind == "local":
+        visible &= offset < cfg.local_attention_radius
+    if kind == "linear":
+        out = _linear_attention_over_cache(q, k, v, visible)
+    else:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(jnp.where(visible[:, None], scores, MASK_VALUE), axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return project_out(out, p), {"k": k, "v": v}
+
+
+def _linear_attention_over_cache(q, k, v, visible):
+    """`causal_linear_attention` from cached raw keys: out_i = sum_j (q'_i . exp(k_j)) v_j with
+    q'_i = softmax(q_i) / (sum_{visible j} exp(k_j) + eps); padding keys are not visible."""
+    dtype = v.dtype
+    q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
+    k = jnp.exp(k.astype(jnp.float32))
+    mask = visible.astype(jnp.float32)  # [batch, new, length]
+    normaliser = jnp.einsum("bqk,bkhd->bqhd", mask, k)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q / (normaliser + 1e-6), k) * mask[:, None]
+    return jnp.einsum("bhqk,bkhd->bqhd", scores, v.astype(jnp.float32)).astype(dtype)
 
 
 def softmax_attention(cfg, q, k, v, *, window=None, dropout_rate=0.0, rng=None):

@@ -131,17 +131,45 @@ def forward(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None 
         [None] * (cfg.n_layer + 1) if rng is None else list(jax.random.split(rng, cfg.n_layer + 1))
     )
 
-    tokens = constrain(tokens, cfg, TOKEN_AXES)
-    x = jnp.take(p["wte"], tokens, axis=0) + p["wpe"][:t]
+    x = embed(cfg, p, tokens, p["wpe"][:t])
     x = constrain(dropout_fn(x, cfg.embed_dropout, rngs[-1]), cfg, HIDDEN_AXES)
     for kind, block_params, block_rng in zip(cfg.attention_types, p["blocks"], rngs, strict=False):
         block_fn = functools.partial(block, cfg, kind)
         if cfg.recompute_grad:
             block_fn = jax.checkpoint(block_fn)
         x = block_fn(block_params, x, block_rng)
+    return head(cfg, p, x)
+
+
+def embed(cfg: Config, p: dict, tokens: jax.Array, position_embeddings: jax.Array) -> jax.Array:
+    tokens = constrain(tokens, cfg, TOKEN_AXES)
+    return jnp.take(p["wte"], tokens, axis=0) + position_embeddings
+
+
+def head(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
+    """ln_f, then the output projection tied to wte: float32 logits."""
     x = layer_norm(x, p["ln_f"])
     logits = jnp.einsum("bte,ve->btv", x, p["wte"], preferred_element_type=jnp.float32)
     return constrain(logits, cfg, LOGIT_AXES)
+
+
+def forward_with_cache(cfg: Config, params: dict, tokens, positions, cache, slots, key_valid):
+    """`forward` for decoding: tokens [batch, new] at `positions` [batch, new] (position
+    embedding rows) and cache `slots` [new]; attends to earlier cached keys. Returns (logits,
+    updated cache). `cache` is a per-layer list of {"k", "v"} (None for `none` layers)."""
+    dtype = COMPUTE_DTYPES[cfg.precision]
+    p = jax.tree.map(lambda a: a.astype(dtype), params)
+    x = constrain(embed(cfg, p, tokens, jnp.take(p["wpe"], positions, axis=0)), cfg, HIDDEN_AXES)
+    new_cache = []
+    for kind, bp, layer_cache in zip(cfg.attention_types, p["blocks"], cache, strict=True):
+        if kind != "none":
+            h, layer_cache = attn_lib.attention_with_cache(
+                cfg, kind, bp["attn"], layer_norm(x, bp["ln_1"]), layer_cache, slots, key_valid
+            )
+            x = constrain(x + h, cfg, HIDDEN_AXES)
+        x = constrain(x + mlp(cfg, bp["mlp"], layer_norm(x, bp["ln_2"])), cfg, HIDDEN_AXES)
+        new_cache.append(layer_cache)
+    return head(cfg, p, x), new_cache
 
 
 def block(cfg: Config, kind: str, p: dict, x: jax.Array, rng: jax.Array | None) -> jax.Array:

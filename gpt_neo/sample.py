@@ -1,0 +1,272 @@
+"""Sampling: a KV-cache decoder. The prompts are run once (prefill) to fill every layer's key
+and value cache, then each step feeds one new token per row and attends over the cache; the
+prefix is never recomputed.
+
+Prompts of different lengths are left-padded to a common length: each row's positions start at
+0 at its first real token, and padding slots are masked out as keys. The whole decode runs as
+one jitted `lax.while_loop` (it stops early once every row has produced `eos_id`); with
+`on_token` it runs step by step instead so tokens can be streamed as they come.
+
+Limits (documented in README): a prompt longer than n_ctx - 1 tokens keeps its last n_ctx - 1
+tokens (with a warning); generation stops when a row reaches n_ctx positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from gpt_neo.config import Config, ConfigError
+from gpt_neo.mesh import layout_rules, logical_spec
+from gpt_neo.models.attention import KV_AXES
+from gpt_neo.models.gpt import COMPUTE_DTYPES, TOKEN_AXES, forward_with_cache, mesh_of
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits. temperature 0 is greedy (argmax)."""
+
+    temperature: float = 0.9  # GPT-Neo's fixed sampling temperature
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p; 1.0 keeps all
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def choose(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
+    """Next token ids [batch] from float32 logits [batch, vocab]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # the most likely token is always kept
+        sorted_logits = jnp.where(mass_before < sampling.top_p, sorted_logits, -jnp.inf)
+        logits = (
+            jnp.full_like(logits, -jnp.inf)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(sorted_logits)
+        )
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _empty_cache(cfg: Config, batch: int, length: int):
+    dtype = COMPUTE_DTYPES[cfg.precision]
+    shape = (batch, length, cfg.n_head, cfg.head_dim)
+    return [
+        None if kind == "none" else {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        for kind in cfg.attention_types
+    ]
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    """The decode of one batch shape: prefill, then `step` until `running` is false. The loop
+    carry is (step index, cache, last logits [batch, vocab], new tokens [batch, max_new], done)."""
+
+    cfg: Config
+    sampling: Sampling
+    max_new: int
+    eos_id: int | None
+
+    def key_valid(self, prompts, lengths):
+        """[batch, cache length]: slots holding a real token (not left padding)."""
+        pad = prompts.shape[1] - lengths
+        return jnp.arange(prompts.shape[1] + self.max_new)[None, :] >= pad[:, None]
+
+    def prefill(self, params, prompts, lengths):
+        batch, prompt_len = prompts.shape
+        slots = jnp.arange(prompt_len)
+        positions = jnp.maximum(slots[None, :] - (prompt_len - lengths)[:, None], 0)
+        cache = _constrained(self.cfg, _empty_cache(self.cfg, batch, prompt_len + self.max_new))
+        key_valid = self.key_valid(prompts, lengths)
+        logits, cache = forward_with_cache(
+            self.cfg, params, prompts, positions, cache, slots, key_valid
+        )
+        out = jnp.zeros((batch, self.max_new), jnp.int32)
+        return jnp.int32(0), cache, logits[:, -1], out, jnp.zeros(batch, bool)
+
+    def step(self, params, prompts, lengths, rng, carry):
+        i, cache, last_logits, out, done = carry
+        token = choose(last_logits, self.sampling, jax.random.fold_in(rng, i))
+        if self.eos_id is not None:
+            token = jnp.where(done, self.eos_id, token)
+            done = done | (token == self.eos_id)
+        out = out.at[:, i].set(token)
+        slot = (prompts.shape[1] + i)[None]
+        logits, cache = forward_with_cache(
+            self.cfg,
+            params,
+            token[:, None],
+            (lengths + i)[:, None],
+            cache,
+            slot,
+            self.key_valid(prompts, lengths),
+        )
+        return i + 1, cache, logits[:, -1], out, done
+
+    def running(self, carry):
+        i, *_, done = carry
+        return (i < self.max_new) & ~jnp.all(done)
+
+    def run(self, params, prompts, lengths, rng):
+        """New tokens [batch, max_new] in one while_loop (rows past eos hold eos)."""
+        carry = self.prefill(params, prompts, lengths)
+        step = functools.partial(self.step, params, prompts, lengths, rng)
+        return jax.lax.while_loop(self.running, step, carry)[3]
+
+
+def _constrained(cfg, cache):
+    if jax.sharding.get_abstract_mesh().empty:
+        return cache
+    spec = logical_spec(cfg, KV_AXES)
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), cache)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(decoder: _Decoder):
+    """(whole decode, prefill, one step): jitted once per decoder and reused."""
+    return (
+        jax.jit(decoder.run),
+        jax.jit(decoder.prefill),
+        jax.jit(decoder.step, donate_argnums=4),
+    )
+
+
+def generate(
+    cfg: Config,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.9,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+    on_token: Callable[[list[int | None]], None] | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (a list of token-id lists, of any lengths).
+
+    Each row stops after it produces `eos_id` (default `cfg.eos_id`; the eos token is kept in
+    its output) or after `max_new_tokens`. `temperature=0` is greedy. `on_token(tokens)` is
+    called after every step with each row's new token (None once a row has stopped).
+    Runs on the mesh the params live on, with the config's layout.
+    """
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not prompts:
+        return []
+    eos_id = cfg.eos_id if eos_id is None else eos_id
+    rows, lengths, max_new = _prepare(cfg, prompts, max_new_tokens)
+    mesh = mesh_of(params)
+    rows, lengths, n_real = _pad_batch_for_mesh(cfg, mesh, rows, lengths)
+    rng = jax.random.key(seed)
+    with jax.set_mesh(mesh) if mesh is not None else _no_mesh():
+        tokens = jnp.asarray(rows)
+        if mesh is not None:
+            tokens = jax.device_put(tokens, NamedSharding(mesh, logical_spec(cfg, TOKEN_AXES)))
+        lengths = jnp.asarray(lengths)
+        decoder = _Decoder(cfg, sampling, max_new, eos_id)
+        if on_token is None:
+            out = np.asarray(_compiled(decoder)[0](params, tokens, lengths, rng))
+        else:
+            out = _stream(decoder, params, tokens, lengths, rng, on_token, n_real)
+    return [_until_eos(list(row), eos_id) for row in out[:n_real]]
+
+
+def _stream(decoder: _Decoder, params, tokens, lengths, rng, on_token, n_real):
+    """The decode one step at a time, calling on_token after each."""
+    _, prefill, step = _compiled(decoder)
+    carry = prefill(params, tokens, lengths)
+    stopped = np.zeros(tokens.shape[0], bool)
+    for i in range(decoder.max_new):
+        carry = step(params, tokens, lengths, rng, carry)
+        new = np.asarray(carry[3][:, i])
+        on_token(
+            [None if s else int(t) for s, t in zip(stopped[:n_real], new[:n_real], strict=True)]
+        )
+        if decoder.eos_id is not None:
+            stopped |= new == decoder.eos_id
+            if stopped[:n_real].all():
+                break
+    return np.asarray(carry[3])
+
+
+def _until_eos(tokens: list, eos_id: int | None) -> list[int]:
+    tokens = [int(t) for t in tokens]
+    if eos_id is not None and eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1]
+    return tokens
+
+
+class _no_mesh:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _prepare(cfg: Config, prompts, max_new_tokens: int):
+    """Left-pad prompts to one length, truncating any longer than n_ctx - 1 from the left; cap
+    the new tokens so that no row passes n_ctx positions."""
+    limit = cfg.n_ctx - 1
+    prompts = [list(map(int, p)) for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("a prompt is empty: give at least one token per prompt")
+    if too_long := [i for i, p in enumerate(prompts) if len(p) > limit]:
+        warnings.warn(
+            f"prompt(s) {too_long} are longer than n_ctx - 1 = {limit} tokens; keeping the last "
+            f"{limit} tokens of each",
+            stacklevel=3,
+        )
+        prompts = [p[-limit:] for p in prompts]
+    if bad := sorted({t for p in prompts for t in p if not 0 <= t < cfg.n_vocab}):
+        raise ConfigError(
+            f"prompt token ids {bad[:5]} are outside the vocabulary [0, {cfg.n_vocab})"
+        )
+    prompt_len = max(map(len, prompts))
+    max_new = min(max_new_tokens, cfg.n_ctx - prompt_len)
+    if max_new < max_new_tokens:
+        warnings.warn(
+            f"max_new_tokens {max_new_tokens} would pass n_ctx {cfg.n_ctx} after a "
+            f"{prompt_len}-token prompt; generating {max_new}",
+            stacklevel=3,
+        )
+    rows = np.zeros((len(prompts), prompt_len), np.int32)
+    for row, p in zip(rows, prompts, strict=True):
+        row[prompt_len - len(p) :] = p
+    return rows, np.array([len(p) for p in prompts], np.int32), max_new
+
+
+def _pad_batch_for_mesh(cfg: Config, mesh, rows, lengths):
+    """Repeat the last prompt until the batch divides the data-parallel mesh axis."""
+    n_real = len(rows)
+    batch_axis = layout_rules(cfg).get("batch")
+    if mesh is None or not batch_axis:
+        return rows, lengths, n_real
+    extra = -n_real % mesh.shape[batch_axis]
+    if extra:
+        rows = np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)])
+        lengths = np.concatenate([lengths, np.repeat(lengths[-1:], extra)])
+    return rows, lengths, n_real
