@@ -3,6 +3,9 @@
     python main.py --model cfg.json                  # train (resumes from model_path)
     python main.py --model cfg.json --summary        # parameters, FLOPs, memory, shardings
     python main.py --model cfg.json --check_dataset  # decoded samples, token-id range
+    python main.py --model cfg.json --predict [--prompt file.txt] [--interactive]
+    python main.py --model cfg.json --eval [--lambada_path f.jsonl] [--wikitext_path f.txt]
+    python main.py --model cfg.json --export OUT_DIR # a Hugging Face GPTNeoForCausalLM folder
 
 Exit codes: 0 done, 1 --check_dataset found a problem, 2 bad input (config, data, paths),
 3 training diverged (non-finite loss; the last checkpoint is kept), 75 preempted by SIGTERM
@@ -99,6 +102,63 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="print parameter count, FLOPs/token, per-device memory and parameter shardings, "
         "then run one forward pass on random tokens if the devices match mesh_shape",
     )
+    modes = parser.add_argument_group(
+        "sampling, evaluation and export (from the latest checkpoint)"
+    )
+    modes.add_argument(
+        "--predict",
+        action="store_true",
+        help="sample predict_batch_size continuations of the prompt; print them and write "
+        "model_path/predictions_<step>.txt",
+    )
+    modes.add_argument(
+        "--prompt",
+        metavar="FILE",
+        help="text file holding the prompt (default: GPT-Neo's unicorn prompt); a prompt longer "
+        "than n_ctx - 1 tokens keeps its end",
+    )
+    modes.add_argument(
+        "--interactive",
+        action="store_true",
+        help="with --predict: read prompts from stdin, one per line, and stream the continuations",
+    )
+    modes.add_argument(
+        "--temperature", type=float, default=0.9, help="0 is greedy (default 0.9, as GPT-Neo)"
+    )
+    modes.add_argument("--top_k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
+    modes.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    modes.add_argument(
+        "--max_new_tokens",
+        type=int,
+        metavar="N",
+        help="new tokens per sample (default predict_max_steps, else up to n_ctx)",
+    )
+    modes.add_argument("--seed", type=int, default=0, help="sampling seed")
+    modes.add_argument(
+        "--eval",
+        action="store_true",
+        help="eval loss/perplexity on eval_path (eval_steps batches) and the tasks named by "
+        "--eval_tasks or the config's eval_tasks; prints a table, writes model_path/eval_<step>.json",
+    )
+    modes.add_argument(
+        "--eval_tasks",
+        nargs="+",
+        choices=("lambada", "wikitext"),
+        help="tasks to run (default: the config's eval_tasks, plus any whose file is given)",
+    )
+    modes.add_argument("--lambada_path", metavar="FILE", help='LAMBADA jsonl of {"text": ...}')
+    modes.add_argument(
+        "--lambada_last_token",
+        action="store_true",
+        help="score LAMBADA's last token only (GPT-Neo's way) instead of the last word",
+    )
+    modes.add_argument("--wikitext_path", metavar="FILE", help="text file for word perplexity")
+    modes.add_argument(
+        "--export",
+        metavar="OUT_DIR",
+        help="write a Hugging Face GPTNeoForCausalLM folder (safetensors, config.json, tokenizer)",
+    )
+    modes.add_argument("--force", action="store_true", help="with --export: overwrite OUT_DIR")
     return parser.parse_args(argv)
 
 
@@ -213,6 +273,14 @@ def main(argv=None) -> int:
             print_summary(cfg)
             forward_check(cfg)
             return 0
+        if args.predict or args.eval or args.export:
+            from gpt_neo import modes
+
+            if args.predict:
+                return modes.predict(cfg, args)
+            if args.eval:
+                return modes.evaluate(cfg, args)
+            return modes.export(cfg, args)
         return run_training(cfg, args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -79,3 +79,14 @@ def write_dataset_config(cfg: DatasetConfig, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     return path
+
+
+def model_dataset(cfg) -> DatasetConfig:
+    """The dataset whose tokenizer and eos/padding ids the model uses: the last one listed
+    (GPT-Neo took `eos_id` and `padding_id` from the last dataset config)."""
+    if not cfg.datasets:
+        raise ConfigError(
+            "the config lists no 'datasets', so there is no tokenizer to turn text into tokens; "
+            "add the dataset the model was trained on"
+        )
+    return load_dataset_config(cfg.datasets[-1].dataset_id)

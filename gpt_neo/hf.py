@@ -151,9 +151,16 @@ def hf_state_dict(cfg: Config, params: dict) -> dict[str, np.ndarray]:
 
 
 def export_hf(
-    cfg: Config, params: dict, out_dir: str | os.PathLike, *, force: bool = False
+    cfg: Config,
+    params: dict,
+    out_dir: str | os.PathLike,
+    *,
+    force: bool = False,
+    tokenizer: str | None = None,
 ) -> Path:
-    """Write a `GPTNeoForCausalLM` folder (config.json + model.safetensors, float32).
+    """Write a `GPTNeoForCausalLM` folder (config.json + model.safetensors, float32), and with
+    `tokenizer` (a `load_encoder` spec) its tokenizer.json + tokenizer_config.json, so that
+    `AutoTokenizer.from_pretrained(out_dir)` works too.
 
     Refuses an existing non-empty `out_dir` unless `force`. Raises `ConfigError` for configs
     HF GPT-Neo cannot express (linear/none layers, other activations).
@@ -175,7 +182,25 @@ def export_hf(
     tmp_config.write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
     os.replace(tmp_weights, out / "model.safetensors")
     os.replace(tmp_config, out / "config.json")
+    if tokenizer is not None:
+        _export_tokenizer(tokenizer, out)
     return out
+
+
+def _export_tokenizer(spec: str, out: Path) -> None:
+    from gpt_neo.encoders import HFEncoder, load_encoder
+
+    encoder = load_encoder(spec)
+    if not isinstance(encoder, HFEncoder):
+        print(f"tokenizer {spec!r} is not a Hugging Face tokenizer; exported without one")
+        return
+    encoder.tokenizer.save(str(out / "tokenizer.json"))
+    vocab = encoder.tokenizer.get_vocab(with_added_tokens=True)
+    eos = {v: k for k, v in vocab.items()}.get(encoder.eos_id)
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if eos is not None:
+        settings |= {"eos_token": eos, "bos_token": eos, "unk_token": eos}
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,3 +287,75 @@ def import_hf(hf_dir: str | os.PathLike, *, overrides: dict | None = None, mesh=
     if mesh is not None:
         return cfg, jax.device_put(params, param_shardings(cfg, mesh))
     return cfg, jax.tree.map(jax.numpy.asarray, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: python -m gpt_neo.hf import HF_DIR --model_path DIR
+
+ARCHITECTURE_KEYS = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "attention_types",
+                     "local_attention_radius", "activation_function")  # fmt: skip
+
+
+def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None) -> Path:
+    """A local HF GPT-Neo folder -> `model_path/config.json` (the HF architecture with the run
+    keys of `run_config`: datasets, batch size, optimizer...) and a step-0 checkpoint under
+    `model_path` that `python main.py --model model_path/config.json` continues training from."""
+    from gpt_neo.checkpoint import Checkpointer
+    from gpt_neo.config import to_dict
+    from gpt_neo.mesh import make_mesh
+    from gpt_neo.train import save_initial_checkpoint
+
+    run = {k: v for k, v in (run_config or {}).items() if k not in ARCHITECTURE_KEYS}
+    cfg, params = import_hf(hf_dir, overrides={**run, "model_path": model_path})
+    checkpointer = Checkpointer(model_path, cfg.keep_checkpoints)
+    try:
+        if checkpointer.latest_step() is not None:
+            raise ConfigError(
+                f"{model_path} already holds checkpoints; import into an empty model_path"
+            )
+        save_initial_checkpoint(cfg, make_mesh(cfg), params, checkpointer)
+    finally:
+        checkpointer.close()
+    config_path = Path(model_path) / "config.json"
+    config_path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    return config_path
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt_neo.hf",
+        description="Turn a local Hugging Face GPT-Neo folder into a checkpoint main.py trains on.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("import", help="HF folder -> model_path checkpoint + config")
+    command.add_argument("hf_dir", help="a local GPTNeoForCausalLM folder (nothing is downloaded)")
+    command.add_argument("--model_path", required=True, help="where the checkpoint goes")
+    command.add_argument(
+        "--model", nargs="+", metavar="CONFIG",
+        help="config file(s) for the run keys (datasets, batch size, optimizer, ...); the "
+        "architecture always comes from the HF folder",
+    )  # fmt: skip
+    command.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                         metavar="KEY=VALUE", help="override a run key")  # fmt: skip
+    args = parser.parse_args(argv)
+    from gpt_neo.config import load_config, parse_overrides, to_dict
+
+    try:
+        if args.model:
+            run = to_dict(load_config(args.model, overrides=args.overrides))
+        else:
+            run = parse_overrides(args.overrides)
+        path = import_to_checkpoint(args.hf_dir, args.model_path, run)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"imported {args.hf_dir} as step 0 in {args.model_path}; continue training with\n"
+          f"    python main.py --model {path}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,6 +29,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; re
 EXIT_DIVERGED = 3  # non-finite loss or gradient; the last good checkpoint is untouched
 
 
+# The data position of a checkpoint made outside training (an imported model): read from the start.
+DATA_FROM_THE_START = {"position": "start"}
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -305,7 +309,8 @@ def _train(
         state = trainer.init_state(cfg.seed)
     else:
         state, data_state = restored
-        pipeline.restore(data_state)
+        if data_state != DATA_FROM_THE_START:
+            pipeline.restore(data_state)
     step = int(state["step"])
     if step >= cfg.train_steps:
         metrics.message(
@@ -344,3 +349,32 @@ def _train(
     checkpointer.wait()
     metrics.finish(step, checkpointer.directory)
     return 0
+
+
+def load_params(cfg: Config, mesh: Mesh, checkpointer) -> tuple[dict, int]:
+    """(params, step) of the newest checkpoint under model_path, sharded per the layout, for
+    sampling, evaluation and export. The optimizer state is read too and dropped."""
+    restored = checkpointer.restore_latest(cfg, _any_batch_trainer(cfg, mesh).abstract_state())
+    if restored is None:
+        raise ConfigError(
+            f"no checkpoint in {checkpointer.directory}: train first (python main.py --model ...) "
+            "or import a Hugging Face model (python -m gpt_neo.hf import HF_DIR --model_path DIR)"
+        )
+    state, _ = restored
+    return state["params"], int(state["step"])
+
+
+def _any_batch_trainer(cfg: Config, mesh: Mesh) -> Trainer:
+    """A Trainer for work that never takes a step (its state's shapes do not depend on batch)."""
+    batch_axis = layout_rules(cfg).get("batch")
+    return Trainer(cfg, mesh, batch_size=mesh.shape[batch_axis] if batch_axis else 1)
+
+
+def save_initial_checkpoint(cfg: Config, mesh: Mesh, params, checkpointer) -> None:
+    """Step 0 of a run that starts from given params (an imported model): a fresh optimizer
+    state and RNG, the data read from the start. `main.py` then resumes it like any run."""
+    trainer = _any_batch_trainer(cfg, mesh)
+    state = trainer.init_state(cfg.seed)
+    state["params"] = jax.device_put(params, trainer.state_shardings["params"])
+    checkpointer.save(0, state, DATA_FROM_THE_START, cfg)
+    checkpointer.wait()

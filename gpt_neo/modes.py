@@ -1,0 +1,184 @@
+"""`main.py`'s modes over a trained checkpoint: --predict, --eval and --export."""
+
+from __future__ import annotations
+
+import sys
+
+from gpt_neo.config import Config, ConfigError
+
+# GPT-Neo's built-in prompt (main.py: used when --prompt is absent).
+DEFAULT_PROMPT = (
+    "In a shocking finding, scientists discovered a herd of unicorns living in a remote, "
+    "previously unexplored valley, in the Andes Mountains. Even more surprising to the "
+    "researchers was the fact that the unicorns spoke perfect English."
+)
+
+
+def _load(cfg: Config):
+    """(params, step) of the latest checkpoint, on the configured mesh."""
+    from gpt_neo.checkpoint import Checkpointer
+    from gpt_neo.mesh import make_mesh
+    from gpt_neo.train import load_params
+
+    if not cfg.model_path:
+        raise ConfigError("set model_path in the config (where the checkpoints are)")
+    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+    try:
+        return load_params(cfg, make_mesh(cfg), checkpointer)
+    finally:
+        checkpointer.close()
+
+
+def _tokenizer(cfg: Config):
+    """(encoder, eos id) from the model's dataset config; cfg.eos_id wins when set."""
+    from gpt_neo.dataset_config import model_dataset
+    from gpt_neo.encoders import check_vocab_fits
+
+    dataset = model_dataset(cfg)
+    encoder = dataset.encoder()
+    check_vocab_fits(encoder, cfg.n_vocab, f"dataset '{dataset.name}'")
+    return encoder, cfg.eos_id if cfg.eos_id is not None else dataset.eos_id
+
+
+def _write(path: str, text: str) -> None:
+    from gpt_neo.tfrecords import tf
+
+    with tf().io.gfile.GFile(path, "w") as f:
+        f.write(text)
+
+
+def predict(cfg: Config, args) -> int:
+    from gpt_neo.sample import generate
+
+    encoder, eos_id = _tokenizer(cfg)
+    params, step = _load(cfg)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+    def max_new(prompt_ids):
+        return args.max_new_tokens or cfg.predict_max_steps or max(1, cfg.n_ctx - len(prompt_ids))
+
+    if args.interactive:
+        return _interactive(cfg, params, encoder, eos_id, sampling, max_new, args.seed)
+    if args.prompt:
+        with open(args.prompt, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise ConfigError(f"prompt file {args.prompt} is empty")
+    else:
+        text = DEFAULT_PROMPT
+    prompt_ids = encoder.encode(text)
+    outputs = generate(
+        cfg, params, [prompt_ids] * cfg.predict_batch_size, max_new_tokens=max_new(prompt_ids),
+        eos_id=eos_id, seed=args.seed, **sampling,
+    )  # fmt: skip
+    samples = []
+    for i, new in enumerate(outputs):
+        body = encoder.decode(new) if cfg.remove_partial_sequences else text + encoder.decode(new)
+        samples.append(f"======================================== SAMPLE {i}\n{body}\n")
+    report = "".join(samples)
+    print(report)
+    path = f"{cfg.model_path.rstrip('/')}/predictions_{step}.txt"
+    _write(path, report)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _interactive(cfg, params, encoder, eos_id, sampling, max_new, seed) -> int:
+    from gpt_neo.sample import generate
+
+    print("type a prompt and press enter (Ctrl-D to quit)", file=sys.stderr)
+    for turn, line in enumerate(sys.stdin):
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        prompt_ids = encoder.encode(text)
+        produced: list[int] = []
+        shown = ""
+
+        def show(tokens, produced=produced):
+            nonlocal shown
+            if tokens[0] is None:
+                return
+            produced.append(tokens[0])
+            decoded = encoder.decode(produced)
+            print(decoded[len(shown) :], end="", flush=True)
+            shown = decoded
+
+        generate(
+            cfg, params, [prompt_ids], max_new_tokens=max_new(prompt_ids), eos_id=eos_id,
+            seed=seed + turn, on_token=show, **sampling,
+        )  # fmt: skip
+        print(flush=True)
+    return 0
+
+
+def evaluate(cfg: Config, args) -> int:
+    from gpt_neo import evaluate as ev
+
+    tasks = list(args.eval_tasks or cfg.eval_tasks)
+    for task, path in (("lambada", args.lambada_path), ("wikitext", args.wikitext_path)):
+        if path and task not in tasks:
+            tasks.append(task)
+    for task in tasks:
+        if task not in ("lambada", "wikitext"):
+            raise ConfigError(f"unknown eval task {task!r}; known: lambada, wikitext")
+        if not getattr(args, f"{task}_path"):
+            raise ConfigError(f"eval task {task} needs --{task}_path FILE (local files only)")
+    if not tasks and not cfg.eval_steps:
+        raise ConfigError(
+            "nothing to evaluate: set eval_steps > 0 (eval loss on eval_path) or name a task "
+            "(--lambada_path FILE, --wikitext_path FILE)"
+        )
+    params, step = _load(cfg)
+    results = {}
+    if cfg.eval_steps:
+        results["validation"] = _validation(cfg, params)
+    if tasks:
+        encoder, eos_id = _tokenizer(cfg)
+        scorer = ev.Scorer(cfg, params, batch_size=cfg.eval_batch_size or ev.DEFAULT_BATCH)
+        if "lambada" in tasks:
+            results["lambada"] = ev.lambada(
+                scorer, encoder, args.lambada_path, last_token=args.lambada_last_token
+            )
+        if "wikitext" in tasks:
+            results["wikitext"] = ev.wikitext(
+                scorer, encoder, args.wikitext_path, prefix_token=eos_id
+            )
+    ev.print_table(results, step)
+    print(f"wrote {ev.write_results(results, cfg.model_path, step)}", file=sys.stderr)
+    return 0
+
+
+def _validation(cfg: Config, params) -> dict:
+    import jax
+
+    from gpt_neo.mesh import make_mesh
+    from gpt_neo.train import Trainer
+    from gpt_neo.train import evaluate as eval_loss
+
+    batch = cfg.eval_batch_size or cfg.train_batch_size
+    if not batch:
+        raise ConfigError("set eval_batch_size (or train_batch_size) for the validation loss")
+    mesh = make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        metrics = eval_loss(cfg, Trainer(cfg, mesh, batch_size=batch), params, cfg.eval_steps)
+    return {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"]}
+
+
+def export(cfg: Config, args) -> int:
+    from gpt_neo.hf import export_hf
+
+    params, step = _load(cfg)
+    tokenizer = None
+    if cfg.datasets:
+        from gpt_neo.dataset_config import model_dataset
+
+        tokenizer = model_dataset(cfg).tokenizer_path
+    try:
+        out = export_hf(cfg, params, args.export, force=args.force, tokenizer=tokenizer)
+    except FileExistsError as err:
+        raise ConfigError(f"{err} (--force overwrites)") from None
+    print(
+        f"exported step {step} to {out}: load it with GPTNeoForCausalLM.from_pretrained({str(out)!r})"
+    )
+    return 0
