@@ -14,7 +14,7 @@ DEFAULT_PROMPT = (
 )
 
 
-def _load(cfg: Config):
+def load_trained(cfg: Config):
     """(params, step) of the latest checkpoint, on the configured mesh."""
     from gpt_neo.checkpoint import Checkpointer
     from gpt_neo.mesh import make_mesh
@@ -29,7 +29,7 @@ def _load(cfg: Config):
         checkpointer.close()
 
 
-def _tokenizer(cfg: Config):
+def tokenizer_of(cfg: Config):
     """(encoder, eos id) from the model's dataset config; cfg.eos_id wins when set."""
     from gpt_neo.dataset_config import model_dataset
     from gpt_neo.encoders import check_vocab_fits
@@ -50,8 +50,8 @@ def _write(path: str, text: str) -> None:
 def predict(cfg: Config, args) -> int:
     from gpt_neo.sample import generate
 
-    encoder, eos_id = _tokenizer(cfg)
-    params, step = _load(cfg)
+    encoder, eos_id = tokenizer_of(cfg)
+    params, step = load_trained(cfg)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     def max_new(prompt_ids):
@@ -129,12 +129,12 @@ def evaluate(cfg: Config, args) -> int:
             "nothing to evaluate: set eval_steps > 0 (eval loss on eval_path) or name a task "
             "(--lambada_path FILE, --wikitext_path FILE)"
         )
-    params, step = _load(cfg)
+    params, step = load_trained(cfg)
     results = {}
     if cfg.eval_steps:
         results["validation"] = _validation(cfg, params)
     if tasks:
-        encoder, eos_id = _tokenizer(cfg)
+        encoder, eos_id = tokenizer_of(cfg)
         scorer = ev.Scorer(cfg, params, batch_size=cfg.eval_batch_size or ev.DEFAULT_BATCH)
         if "lambada" in tasks:
             results["lambada"] = ev.lambada(
@@ -168,7 +168,7 @@ def _validation(cfg: Config, params) -> dict:
 def export(cfg: Config, args) -> int:
     from gpt_neo.hf import export_hf
 
-    params, step = _load(cfg)
+    params, step = load_trained(cfg)
     tokenizer = None
     if cfg.datasets:
         from gpt_neo.dataset_config import model_dataset

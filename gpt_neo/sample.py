@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from gpt_neo.config import Config, ConfigError
 from gpt_neo.mesh import layout_rules, logical_spec
-from gpt_neo.models.attention import KV_AXES
+from gpt_neo.models.attention import CACHE_K_AXES, CACHE_V_AXES
 from gpt_neo.models.gpt import COMPUTE_DTYPES, TOKEN_AXES, forward_with_cache, mesh_of
 
 
@@ -69,10 +69,13 @@ def choose(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
 
 
 def _empty_cache(cfg: Config, batch: int, length: int):
+    """Per layer: keys [batch, heads, head_dim, length], values [batch, heads, length,
+    head_dim] (see attention_with_cache); None for `none` layers."""
     dtype = COMPUTE_DTYPES[cfg.precision]
-    shape = (batch, length, cfg.n_head, cfg.head_dim)
+    k_shape = (batch, cfg.n_head, cfg.head_dim, length)
+    v_shape = (batch, cfg.n_head, length, cfg.head_dim)
     return [
-        None if kind == "none" else {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        None if kind == "none" else {"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}
         for kind in cfg.attention_types
     ]
 
@@ -137,8 +140,13 @@ class _Decoder:
 def _constrained(cfg, cache):
     if jax.sharding.get_abstract_mesh().empty:
         return cache
-    spec = logical_spec(cfg, KV_AXES)
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), cache)
+    specs = {"k": logical_spec(cfg, CACHE_K_AXES), "v": logical_spec(cfg, CACHE_V_AXES)}
+    return [
+        None
+        if layer is None
+        else {n: jax.lax.with_sharding_constraint(a, specs[n]) for n, a in layer.items()}
+        for layer in cache
+    ]
 
 
 @functools.lru_cache(maxsize=32)

@@ -25,6 +25,8 @@ from gpt_neo.models.layers import ParamDecl, dropout, normal, zeros
 
 Q_AXES = ("batch", "seq", "heads", "kv")
 KV_AXES = ("batch", "kv_seq", "heads", "kv")
+CACHE_K_AXES = ("batch", "heads", "kv", "kv_seq")
+CACHE_V_AXES = ("batch", "heads", "kv_seq", "kv")
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 LINEAR_CHUNK = 64
 
@@ -71,41 +73,45 @@ def project_out(out, p):
 
 def attention_with_cache(cfg, kind, p, x, cache, slots, key_valid):
     """Attention for decoding: x [batch, new, embd] at cache `slots` [new] (the same for every
-    row), writing its keys and values into `cache` {"k", "v"} [batch, length, heads, head_dim]
-    and attending over every cached key that `key_valid` [batch, length] marks as real (not
-    padding). Returns (out [batch, new, embd], updated cache).
+    row), writing its keys and values into `cache` and attending over every cached key that
+    `key_valid` [batch, length] marks as real (not padding). Returns (out [batch, new, embd],
+    updated cache).
 
+    The cache is laid out for the matmuls that read it every step, so nothing is transposed
+    per token: keys [batch, heads, head_dim, length], values [batch, heads, length, head_dim].
     Prompts are left-padded to a common length, so slot distance equals position distance
     within a row and causality and the local window are slot comparisons.
     """
-    q = constrain(project_in(x, p["q"]), cfg, Q_AXES)
+    q = constrain(project_in(x, p["q"]), cfg, Q_AXES).transpose(0, 2, 1, 3)  # [b, h, new, d]
     start = slots[0]
-    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], project_in(x, p["k"]), start, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], project_in(x, p["v"]), start, axis=1)
-    k, v = constrain(k, cfg, KV_AXES), constrain(v, cfg, KV_AXES)
-    offset = slots[:, None] - jnp.arange(k.shape[1])[None, :]  # [new, length]
+    new_k = project_in(x, p["k"]).transpose(0, 2, 3, 1)  # [b, h, d, new]
+    new_v = project_in(x, p["v"]).transpose(0, 2, 1, 3)  # [b, h, new, d]
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], new_k, start, axis=3)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], new_v, start, axis=2)
+    k, v = constrain(k, cfg, CACHE_K_AXES), constrain(v, cfg, CACHE_V_AXES)
+    offset = slots[:, None] - jnp.arange(v.shape[2])[None, :]  # [new, length]
     visible = (offset >= 0)[None] & key_valid[:, None, :]  # [batch, new, length]
     if kind == "local":
         visible &= offset < cfg.local_attention_radius
     if kind == "linear":
         out = _linear_attention_over_cache(q, k, v, visible)
     else:
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bhqd,bhdk->bhqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(jnp.where(visible[:, None], scores, MASK_VALUE), axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-    return project_out(out, p), {"k": k, "v": v}
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+    return project_out(out.transpose(0, 2, 1, 3), p), {"k": k, "v": v}
 
 
 def _linear_attention_over_cache(q, k, v, visible):
     """`causal_linear_attention` from cached raw keys: out_i = sum_j (q'_i . exp(k_j)) v_j with
     q'_i = softmax(q_i) / (sum_{visible j} exp(k_j) + eps); padding keys are not visible."""
     dtype = v.dtype
-    q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
-    k = jnp.exp(k.astype(jnp.float32))
-    mask = visible.astype(jnp.float32)  # [batch, new, length]
-    normaliser = jnp.einsum("bqk,bkhd->bqhd", mask, k)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q / (normaliser + 1e-6), k) * mask[:, None]
-    return jnp.einsum("bhqk,bkhd->bqhd", scores, v.astype(jnp.float32)).astype(dtype)
+    q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)  # [b, h, new, d]
+    k = jnp.exp(k.astype(jnp.float32))  # [b, h, d, length]
+    mask = visible.astype(jnp.float32)  # [b, new, length]
+    normaliser = jnp.einsum("bqk,bhdk->bhqd", mask, k)
+    scores = jnp.einsum("bhqd,bhdk->bhqk", q / (normaliser + 1e-6), k) * mask[:, None]
+    return jnp.einsum("bhqk,bhkd->bhqd", scores, v.astype(jnp.float32)).astype(dtype)
 
 
 def softmax_attention(cfg, q, k, v, *, window=None, dropout_rate=0.0, rng=None):
