@@ -3,13 +3,12 @@
 import json
 import math
 
+import lm_eval
 import pytest
 
 import gpt_neo
 from gpt_neo.evaluate import Scorer, lambada
 from tests.test_modes import trained  # noqa: F401  (the trained-model fixture)
-
-import lm_eval  # noqa: E402  (a test extra: fails rather than skips when missing)
 
 PASSAGES = ["the quick brown fox jumps over the lazy dog", "seven wizards quietly hex the fox",
             "the lazy dog jumps over seven wizards"]  # fmt: skip

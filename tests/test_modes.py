@@ -4,6 +4,7 @@ trained checkpoint, each checked against a second code path (full forwards, tran
 import io
 import json
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,14 +20,29 @@ from main import main
 from tests.helpers import restore_params, write_text_dataset
 
 STEPS = 6
-WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model trained STEPS steps on a dataset whose tokenizer is a small trained BPE."""
     folder = tmp_path_factory.mktemp("modes")
-    dataset = json.loads(open(write_text_dataset(folder / "text")).read())
+    dataset = json.loads(Path(write_text_dataset(folder / "text")).read_text())
     tokenizer = train_byte_level_bpe([" ".join(WORDS)] * 50, vocab_size=300)
     tokenizer.save(str(folder / "tokenizer.json"))
     dataset |= {"tokenizer_path": str(folder / "tokenizer.json"), "eos_id": 0, "n_vocab": 300}
@@ -69,7 +85,7 @@ def test_predict_writes_greedy_continuations_of_the_prompt(trained, tmp_path, ca
 
 
 def test_interactive_streams_each_line(trained, monkeypatch, capsys):
-    folder, model, cfg, params, encoder = trained
+    _folder, model, cfg, params, encoder = trained
     monkeypatch.setattr("sys.stdin", io.StringIO("the lazy\n\nseven wizards\n"))
     args = ["--model", model, "--predict", "--interactive", "--temperature", "0"]
     assert main([*args, "--max_new_tokens", "4"]) == 0
@@ -80,7 +96,7 @@ def test_interactive_streams_each_line(trained, monkeypatch, capsys):
 
 
 def test_predict_refuses_an_empty_prompt_and_a_missing_checkpoint(trained, tmp_path, capsys):
-    folder, model, *_ = trained
+    _folder, model, *_ = trained
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     assert main(["--model", model, "--predict", "--prompt", str(empty)]) == 2
@@ -176,7 +192,7 @@ def test_export_loads_in_transformers_then_import_continues_training(trained, tm
     import torch
     from transformers import AutoTokenizer, GPTNeoForCausalLM
 
-    folder, model, cfg, params, encoder = trained
+    _folder, model, cfg, params, encoder = trained
     out = tmp_path / "hf"
     assert main(["--model", model, "--export", str(out)]) == 0
     hf = GPTNeoForCausalLM.from_pretrained(out).eval()
