@@ -14,6 +14,10 @@ SHARED = REPO.parent / "shared"
 GPT_NEO_CONFIGS = SHARED / "fixtures" / "gpt-neo-configs"
 
 
+# The vocabulary of write_text_dataset's repetitive English.
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "hex"]  # fmt: skip
+
+
 def tiny_config(**overrides):
     """A small model with every layer kind; override any key."""
     keys = {
@@ -142,30 +146,14 @@ def write_text_dataset(folder, *, docs=60, eval_docs=8, seed=0, files_per=100_00
     from gpt_neo.corpus import list_input_files
     from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "a",
-        "lazy",
-        "dog",
-        "while",
-        "seven",
-        "wizards",
-        "quietly",
-        "hex",
-    ]
     rng = random.Random(seed)
     folder = Path(folder)
     for split, count in (("train", docs), ("eval", eval_docs)):
         raw = folder / "raw" / split
         raw.mkdir(parents=True, exist_ok=True)
         for k in range(count):
-            start = rng.randrange(len(words))
-            sentence = " ".join(words[(start + i) % len(words)] for i in range(rng.randint(20, 60)))
+            start = rng.randrange(len(WORDS))
+            sentence = " ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randint(20, 60)))
             (raw / f"{k:04d}.txt").write_text(sentence.capitalize() + ".")
         job = TFRecordJob(
             name=split,

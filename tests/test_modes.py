@@ -17,25 +17,9 @@ from gpt_neo.hf import main as hf_main
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.train import loss_fn
 from main import main
-from tests.helpers import restore_params, write_text_dataset
+from tests.helpers import WORDS, restore_params, write_text_dataset
 
 STEPS = 6
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "the",
-    "lazy",
-    "dog",
-    "while",
-    "seven",
-    "wizards",
-    "quietly",
-    "hex",
-]
 
 
 @pytest.fixture(scope="module")
