@@ -18,9 +18,14 @@ import gpt_neo
 from gpt_neo.config import from_dict
 from gpt_neo.hf import export_hf
 
-# The demo-size model of bench/train_throughput.py, with room for a 32-token prompt + 256 new.
-MODEL = dict(n_layer=6, n_embd=512, n_head=8, n_ctx=512, n_vocab=8192,
-             attention_types=["global", "local"] * 3, local_attention_radius=128)  # fmt: skip
+# configs/demo.json's model (the one `make demo` trains), and the demo-size model of
+# bench/train_throughput.py; both with n_ctx 512, room for a 32-token prompt + 256 new tokens.
+SIZES = {
+    "demo": dict(n_layer=4, n_embd=256, n_head=8, n_ctx=512, n_vocab=8192,
+                 attention_types=["global", "local"] * 2, local_attention_radius=64),
+    "demo-size": dict(n_layer=6, n_embd=512, n_head=8, n_ctx=512, n_vocab=8192,
+                      attention_types=["global", "local"] * 3, local_attention_radius=128),
+}  # fmt: skip
 PROMPT_TOKENS = 32
 
 
@@ -54,34 +59,31 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per side")
     parser.add_argument("--new_tokens", type=int, default=256)
     args = parser.parse_args()
-    cfg = from_dict({**MODEL, "mesh_shape": "x:1"})
-    params = gpt_neo.init_params(cfg, 0)
-    folder = tempfile.mkdtemp()
-    export_hf(cfg, params, folder, force=True)
-    print(f"backend {jax.default_backend()}, {os.cpu_count()} cores; {MODEL['n_layer']} layers, "
-          f"d{MODEL['n_embd']}, vocab {MODEL['n_vocab']}; {PROMPT_TOKENS}-token prompt, "
-          f"{args.new_tokens} new tokens, greedy")  # fmt: skip
-    print(f"{'batch':>5} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>6}")
-    for batch in (1, 8):
-        prompts = (
-            np.random.default_rng(batch).integers(0, cfg.n_vocab, (batch, PROMPT_TOKENS)).tolist()
-        )
-        sides = {"ours": ours(cfg, params, prompts, args.new_tokens),
-                 "torch": pytorch(folder, prompts, args.new_tokens)}  # fmt: skip
-        for run in sides.values():
-            run()  # compile / warm up
-        # Alternate the sides and keep each one's best round (noise only ever slows a side).
-        best = dict.fromkeys(sides, 0.0)
-        for _ in range(args.rounds):
-            for side, run in sides.items():
-                start = time.perf_counter()
-                run()
-                best[side] = max(
-                    best[side], batch * args.new_tokens / (time.perf_counter() - start)
-                )
-        print(
-            f"{batch:>5} {best['ours']:>11,.0f} {best['torch']:>12,.0f} {best['ours'] / best['torch']:>5.2f}x"
-        )
+    print(f"backend {jax.default_backend()}, {os.cpu_count()} cores; {PROMPT_TOKENS}-token "
+          f"prompt, {args.new_tokens} new tokens, greedy")  # fmt: skip
+    print(f"{'model':<10} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>6}")
+    for name, shape in SIZES.items():
+        cfg = from_dict({**shape, "mesh_shape": "x:1"})
+        params = gpt_neo.init_params(cfg, 0)
+        folder = tempfile.mkdtemp()
+        export_hf(cfg, params, folder, force=True)
+        for batch in (1, 8):
+            rng = np.random.default_rng(batch)
+            prompts = rng.integers(0, cfg.n_vocab, (batch, PROMPT_TOKENS)).tolist()
+            sides = {"ours": ours(cfg, params, prompts, args.new_tokens),
+                     "torch": pytorch(folder, prompts, args.new_tokens)}  # fmt: skip
+            for run in sides.values():
+                run()  # compile / warm up
+            # Alternate the sides and keep each one's best round (noise only ever slows a side).
+            best = dict.fromkeys(sides, 0.0)
+            for _ in range(args.rounds):
+                for side, run in sides.items():
+                    start = time.perf_counter()
+                    run()
+                    tokens_per_s = batch * args.new_tokens / (time.perf_counter() - start)
+                    best[side] = max(best[side], tokens_per_s)
+            a, b = best["ours"], best["torch"]
+            print(f"{name:<10} {batch:>5} {a:>11,.0f} {b:>12,.0f} {a / b:>5.2f}x")
 
 
 if __name__ == "__main__":
