@@ -120,7 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     modes.add_argument(
         "--interactive",
         action="store_true",
-        help="with --predict: read prompts from stdin, one per line, and stream the continuations",
+        help="read prompts from stdin, one per line, and stream the continuations (implies "
+        "--predict)",
     )
     modes.add_argument(
         "--temperature", type=float, default=0.9, help="0 is greedy (default 0.9, as GPT-Neo)"
@@ -273,10 +274,10 @@ def main(argv=None) -> int:
             print_summary(cfg)
             forward_check(cfg)
             return 0
-        if args.predict or args.eval or args.export:
+        if args.predict or args.interactive or args.eval or args.export:
             from gpt_neo import modes
 
-            if args.predict:
+            if args.predict or args.interactive:
                 return modes.predict(cfg, args)
             if args.eval:
                 return modes.evaluate(cfg, args)

@@ -48,17 +48,11 @@ def _write(path: str, text: str) -> None:
 
 
 def predict(cfg: Config, args) -> int:
-    from gpt_neo.sample import generate
-
     encoder, eos_id = tokenizer_of(cfg)
     params, step = load_trained(cfg)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-
-    def max_new(prompt_ids):
-        return args.max_new_tokens or cfg.predict_max_steps or max(1, cfg.n_ctx - len(prompt_ids))
-
     if args.interactive:
-        return _interactive(cfg, params, encoder, eos_id, sampling, max_new, args.seed)
+        return _interactive(cfg, params, encoder, eos_id, sampling, args.max_new_tokens, args.seed)
     if args.prompt:
         with open(args.prompt, encoding="utf-8") as f:
             text = f.read()
@@ -66,24 +60,43 @@ def predict(cfg: Config, args) -> int:
             raise ConfigError(f"prompt file {args.prompt} is empty")
     else:
         text = DEFAULT_PROMPT
+    report, path = write_predictions(
+        cfg, params, step, text, encoder, eos_id, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, **sampling,
+    )  # fmt: skip
+    print(report)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _max_new_tokens(cfg: Config, prompt_ids, requested: int | None) -> int:
+    return requested or cfg.predict_max_steps or max(1, cfg.n_ctx - len(prompt_ids))
+
+
+def write_predictions(
+    cfg: Config, params, step: int, text: str, encoder, eos_id, *, max_new_tokens=None, **sampling
+) -> tuple[str, str]:
+    """predict_batch_size samples continuing `text`, written to model_path/predictions_<step>.txt
+    (GPT-Neo's predict mode; also run after each checkpoint when predict_steps > 0).
+    Returns (the report, its path)."""
+    from gpt_neo.sample import generate
+
     prompt_ids = encoder.encode(text)
     outputs = generate(
-        cfg, params, [prompt_ids] * cfg.predict_batch_size, max_new_tokens=max_new(prompt_ids),
-        eos_id=eos_id, seed=args.seed, **sampling,
+        cfg, params, [prompt_ids] * cfg.predict_batch_size, eos_id=eos_id,
+        max_new_tokens=_max_new_tokens(cfg, prompt_ids, max_new_tokens), **sampling,
     )  # fmt: skip
     samples = []
     for i, new in enumerate(outputs):
         body = encoder.decode(new) if cfg.remove_partial_sequences else text + encoder.decode(new)
         samples.append(f"======================================== SAMPLE {i}\n{body}\n")
     report = "".join(samples)
-    print(report)
     path = f"{cfg.model_path.rstrip('/')}/predictions_{step}.txt"
     _write(path, report)
-    print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return report, path
 
 
-def _interactive(cfg, params, encoder, eos_id, sampling, max_new, seed) -> int:
+def _interactive(cfg, params, encoder, eos_id, sampling, max_new_tokens, seed) -> int:
     from gpt_neo.sample import generate
 
     print("type a prompt and press enter (Ctrl-D to quit)", file=sys.stderr)
@@ -105,7 +118,7 @@ def _interactive(cfg, params, encoder, eos_id, sampling, max_new, seed) -> int:
             shown = decoded
 
         generate(
-            cfg, params, [prompt_ids], max_new_tokens=max_new(prompt_ids), eos_id=eos_id,
+            cfg, params, [prompt_ids], max_new_tokens=_max_new_tokens(cfg, prompt_ids, max_new_tokens), eos_id=eos_id,
             seed=seed + turn, on_token=show, **sampling,
         )  # fmt: skip
         print(flush=True)

@@ -267,6 +267,18 @@ def _eval_fn(cfg: Config, trainer: Trainer):
     )
 
 
+def sample_now(cfg: Config, params, step: int) -> str:
+    """GPT-Neo's `predict_steps > 0`: sample from the default prompt after a checkpoint.
+    Returns the line to log."""
+    from gpt_neo.modes import DEFAULT_PROMPT, tokenizer_of, write_predictions
+
+    if jax.process_count() > 1:  # decoded text would need every host's rows gathered first
+        return "predict_steps: sampling during multi-process training is skipped; use --predict"
+    encoder, eos_id = tokenizer_of(cfg)
+    path = write_predictions(cfg, params, step, DEFAULT_PROMPT, encoder, eos_id, seed=step)[1]
+    return f"samples at step {step}: {path}"
+
+
 @contextlib.contextmanager
 def explain_out_of_memory(cfg: Config):
     """Turn XLA's out-of-memory error into a ConfigError that carries `--summary`'s estimate."""
@@ -340,6 +352,8 @@ def _train(
                 checkpointer.save(step, state, pipeline.global_state(), cfg)
             if boundary and cfg.eval_steps:
                 metrics.log_eval(step, evaluate(cfg, trainer, state["params"], cfg.eval_steps))
+            if boundary and cfg.predict_steps:
+                metrics.message(sample_now(cfg, state["params"], step))
             if stop:
                 checkpointer.wait()
                 metrics.message(

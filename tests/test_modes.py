@@ -15,6 +15,7 @@ from gpt_neo.config import load_config
 from gpt_neo.encoders import load_encoder, train_byte_level_bpe
 from gpt_neo.hf import main as hf_main
 from gpt_neo.inputs import InputPipeline
+from gpt_neo.modes import DEFAULT_PROMPT
 from gpt_neo.train import loss_fn
 from main import main
 from tests.helpers import WORDS, restore_params, write_text_dataset
@@ -35,12 +36,16 @@ def trained(tmp_path_factory):
               "attention_types": ["global", "local"], "local_attention_radius": 8,
               "train_batch_size": 8, "train_steps": STEPS, "iterations": 1, "lr": 3e-3,
               "warmup_steps": 2, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y",
-              "eval_steps": 2, "datasets": [[str(folder / "bpe.json"), 1, "documents_random", 1.0]],
+              "eval_steps": 2, "predict_steps": 1, "predict_batch_size": 2, "predict_max_steps": 4,
+              "datasets": [[str(folder / "bpe.json"), 1, "documents_random", 1.0]],
               "model_path": str(folder / "run")}  # fmt: skip
     (folder / "model.json").write_text(json.dumps(config))
     model = str(folder / "model.json")
     assert main(["--model", model, "--steps_per_checkpoint", str(STEPS)]) == 0
     cfg = load_config(model)
+    # predict_steps > 0: samples of the default prompt after each checkpoint
+    during_training = (folder / "run" / f"predictions_{STEPS}.txt").read_text()
+    assert during_training.count("SAMPLE") == 2 and DEFAULT_PROMPT[-40:] in during_training
     params = restore_params(f"{cfg.model_path}/checkpoints/{STEPS}/state")
     return folder, model, cfg, params, load_encoder(folder / "tokenizer.json")
 
