@@ -174,12 +174,10 @@ def wikitext(scorer: Scorer, encoder, path: str | Path, *, prefix_token: int) ->
 
 def write_results(results: dict, model_path: str, step: int) -> str:
     """`model_path/eval_<step>.json`; returns its path."""
-    from gpt_neo.tfrecords import tf
+    from gpt_neo.tfrecords import write_text_atomic
 
     path = f"{model_path.rstrip('/')}/eval_{step}.json"
-    tf().io.gfile.makedirs(model_path)
-    with tf().io.gfile.GFile(path, "w") as f:
-        f.write(json.dumps({"step": step, **results}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({"step": step, **results}, indent=2) + "\n")
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from gpt_neo.config import Config, ConfigError
+from gpt_neo.tfrecords import write_text_atomic
 
 # GPT-Neo's built-in prompt (main.py: used when --prompt is absent).
 DEFAULT_PROMPT = (
@@ -38,13 +39,6 @@ def tokenizer_of(cfg: Config):
     encoder = dataset.encoder()
     check_vocab_fits(encoder, cfg.n_vocab, f"dataset '{dataset.name}'")
     return encoder, cfg.eos_id if cfg.eos_id is not None else dataset.eos_id
-
-
-def _write(path: str, text: str) -> None:
-    from gpt_neo.tfrecords import tf
-
-    with tf().io.gfile.GFile(path, "w") as f:
-        f.write(text)
 
 
 def predict(cfg: Config, args) -> int:
@@ -92,7 +86,7 @@ def write_predictions(
         samples.append(f"======================================== SAMPLE {i}\n{body}\n")
     report = "".join(samples)
     path = f"{cfg.model_path.rstrip('/')}/predictions_{step}.txt"
-    _write(path, report)
+    write_text_atomic(path, report)
     return report, path
 
 

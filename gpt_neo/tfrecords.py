@@ -209,7 +209,8 @@ def _read_manifest(path: str) -> dict | None:
         return json.loads(handle.read())
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `path` (local or gs://) whole or not at all: a temporary file, then a rename."""
     t = tf()
     tmp = path + ".tmp"
     with t.io.gfile.GFile(tmp, "w") as handle:
@@ -266,11 +267,11 @@ def create_tfrecords(
     todo = [(job, u, files) for u, files in enumerate(units) if str(u) not in manifest["units"]]
     for unit, files, stats in _run_units(job, todo, units, processes, show_progress):
         manifest["units"][str(unit)] = {"files": files, "stats": dataclasses.asdict(stats)}
-        _write_atomic(manifest_path, json.dumps(manifest))
+        write_text_atomic(manifest_path, json.dumps(manifest))
 
     final, total = _finalize(job, manifest)
     manifest["final"], manifest["stats"] = final, dataclasses.asdict(total)
-    _write_atomic(manifest_path, json.dumps(manifest))
+    write_text_atomic(manifest_path, json.dumps(manifest))
     return Result(final, total, time.perf_counter() - start)
 
 
