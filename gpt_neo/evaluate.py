@@ -15,6 +15,7 @@ Tasks (local files only; nothing is downloaded):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -93,20 +94,15 @@ def _token_scores(cfg: Config, params, tokens, targets):
     return _compiled_scores(cfg)(params, jnp.asarray(tokens), jnp.asarray(targets))
 
 
-_SCORE_FNS: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _compiled_scores(cfg: Config):
-    if cfg not in _SCORE_FNS:
+    def scores(params, tokens, targets):
+        logits = apply(cfg, params, tokens)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return target_logp, jnp.argmax(logits, axis=-1) == targets
 
-        def scores(params, tokens, targets):
-            logits = apply(cfg, params, tokens)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            return target_logp, jnp.argmax(logits, axis=-1) == targets
-
-        _SCORE_FNS[cfg] = jax.jit(scores)
-    return _SCORE_FNS[cfg]
+    return jax.jit(scores)
 
 
 # --------------------------------------------------------------------------------------------
