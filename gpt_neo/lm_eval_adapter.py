@@ -93,8 +93,13 @@ class GPTNeoJAX(LM):
 
 
 def main(argv=None) -> int:
+    import multiprocessing
+
     from lm_eval.__main__ import cli_evaluate
 
+    # lm-eval's stderr bootstrap runs a multiprocessing Pool; forking a process that has
+    # started JAX's threads can deadlock, so its workers start fresh instead.
+    multiprocessing.set_start_method("spawn", force=True)
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
     return 0

@@ -53,6 +53,7 @@ def test_harness_scores_a_local_task_like_our_lambada(adapter, tmp_path):
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=["local_lambada"],
+        bootstrap_iters=0,  # its stderr bootstrap forks a Pool: unsafe in a JAX process
         task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
     )["results"]["local_lambada"]
     ours = lambada(Scorer(cfg, params), encoder, data)
