@@ -42,19 +42,25 @@ def adapter(trained, monkeypatch):  # noqa: F811
     return GPTNeoJAX.create_from_arg_string(f"config={model},batch_size=4"), cfg, params, encoder
 
 
+def local_task(folder):
+    """A LAMBADA-style lm-eval task over a local jsonl: (tasks folder, data file)."""
+    data = folder / "lambada.jsonl"
+    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in PASSAGES))
+    (folder / "tasks").mkdir()
+    (folder / "tasks" / "local_lambada.yaml").write_text(TASK.format(data=data))
+    return folder / "tasks", data
+
+
 def test_harness_scores_a_local_task_like_our_lambada(adapter, tmp_path):
     from lm_eval.tasks import TaskManager
 
     lm, cfg, params, encoder = adapter
-    data = tmp_path / "lambada.jsonl"
-    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in PASSAGES))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "local_lambada.yaml").write_text(TASK.format(data=data))
+    tasks, data = local_task(tmp_path)
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=["local_lambada"],
         bootstrap_iters=0,  # its stderr bootstrap forks a Pool: unsafe in a JAX process
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        task_manager=TaskManager(include_path=str(tasks)),
     )["results"]["local_lambada"]
     ours = lambada(Scorer(cfg, params), encoder, data)
     assert results["acc,none"] == pytest.approx(ours["accuracy"])
@@ -84,3 +90,24 @@ def test_rolling_and_generation_requests_equal_our_scorer_and_decoder(adapter):
         [(encoder.encode("the quick"), encoder.encode(" brown"))]
     )
     assert (ll, greedy_match) == pytest.approx(direct[0])
+
+
+def test_the_command_line_wrapper_runs_the_harness(trained, tmp_path):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    _, model, cfg, params, encoder = trained
+    tasks, data = local_task(tmp_path)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # fmt: skip
+    command = [sys.executable, "-m", "gpt_neo.lm_eval_adapter", "run", "--model", "gpt-neo-jax",
+               "--model_args", f"config={model}", "--tasks", "local_lambada",
+               "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [results_file] = list((tmp_path / "out").rglob("results_*.json"))
+    results = json.loads(results_file.read_text())["results"]["local_lambada"]
+    ours = lambada(Scorer(cfg, params), encoder, data)
+    assert results["acc,none"] == pytest.approx(ours["accuracy"])
+    assert results["perplexity,none"] == pytest.approx(ours["perplexity"], rel=1e-5)
