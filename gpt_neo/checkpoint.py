@@ -56,12 +56,8 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore_latest(self, cfg: Config, abstract_state):
-        """(state, data_state) of the newest checkpoint, placed per `abstract_state`'s
-        shardings; None when there is none. A checkpoint of another model is a ConfigError."""
-        step = self.latest_step()
-        if step is None:
-            return None
+    def _check_config(self, step: int, cfg: Config) -> None:
+        """A ConfigError when checkpoint `step` was written for a model of other shapes."""
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
             "config"
         ]
@@ -74,6 +70,14 @@ class Checkpointer:
                 f"{self.directory}/{step} was written for another model ({detail}). Point model_path "
                 "elsewhere, or start over with --new"
             )
+
+    def restore_latest(self, cfg: Config, abstract_state):
+        """(state, data_state) of the newest checkpoint, placed per `abstract_state`'s
+        shardings; None when there is none. A checkpoint of another model is a ConfigError."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        self._check_config(step, cfg)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -81,6 +85,34 @@ class Checkpointer:
             ),
         )
         return restored["state"], restored["data"]
+
+    def restore_latest_params(self, cfg: Config, abstract_params):
+        """(params, step) of the newest checkpoint without reading the optimizer state (a third
+        of the memory for sampling, evaluation and export); None when there is none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        self._check_config(step, cfg)
+        # Partial restores need the PyTree handler; the training manager registered the standard
+        # one for "state", so a second, read-only manager reads just the params.
+        reader = ocp.CheckpointManager(
+            self.directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()}
+        )
+        target = {"params": abstract_params}
+        try:
+            restored = reader.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        finally:
+            reader.close()
+        return restored["state"]["params"], step
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -126,6 +126,19 @@ def train_step(cfg: Config, optimizer, n_micro: int, data_parallel: int, batch_s
     return new_state, metrics
 
 
+def abstract_params(cfg: Config, mesh: Mesh):
+    """Shapes, dtypes and shardings of the parameters (a restore target; nothing allocated)."""
+    leaves, treedef = param_decl_leaves(cfg)
+    shardings = jax.tree.leaves(param_shardings(cfg, mesh))
+    return jax.tree.unflatten(
+        treedef,
+        [
+            jax.ShapeDtypeStruct(d.shape, jnp.float32, sharding=s)
+            for (_, d), s in zip(leaves, shardings, strict=True)
+        ],
+    )
+
+
 class Trainer:
     """The jitted step and the shardings of everything it touches, for one config and mesh."""
 
@@ -156,19 +169,8 @@ class Trainer:
             donate_argnums=0,
         )
 
-    def _abstract_params(self):
-        leaves, treedef = param_decl_leaves(self.cfg)
-        shardings = jax.tree.leaves(param_shardings(self.cfg, self.mesh))
-        return jax.tree.unflatten(
-            treedef,
-            [
-                jax.ShapeDtypeStruct(d.shape, jnp.float32, sharding=s)
-                for (_, d), s in zip(leaves, shardings, strict=True)
-            ],
-        )
-
     def _state_shardings(self):
-        params = self._abstract_params()
+        params = abstract_params(self.cfg, self.mesh)
         opt = jax.jit(self.optimizer.init).lower(params).compile().output_shardings
         # moments follow their parameter's sharding; counters come back single-device: replicate
         opt = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else self.replicated, opt)
@@ -181,7 +183,7 @@ class Trainer:
 
     def abstract_state(self):
         """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""
-        params = self._abstract_params()
+        params = abstract_params(self.cfg, self.mesh)
         shapes = {
             "params": params,
             "opt_state": jax.eval_shape(self.optimizer.init, params),
@@ -367,15 +369,14 @@ def _train(
 
 def load_params(cfg: Config, mesh: Mesh, checkpointer) -> tuple[dict, int]:
     """(params, step) of the newest checkpoint under model_path, sharded per the layout, for
-    sampling, evaluation and export. The optimizer state is read too and dropped."""
-    restored = checkpointer.restore_latest(cfg, _any_batch_trainer(cfg, mesh).abstract_state())
+    sampling, evaluation and export (the optimizer state is not read)."""
+    restored = checkpointer.restore_latest_params(cfg, abstract_params(cfg, mesh))
     if restored is None:
         raise ConfigError(
             f"no checkpoint in {checkpointer.directory}: train first (python main.py --model ...) "
             "or import a Hugging Face model (python -m gpt_neo.hf import HF_DIR --model_path DIR)"
         )
-    state, _ = restored
-    return state["params"], int(state["step"])
+    return restored
 
 
 def _any_batch_trainer(cfg: Config, mesh: Mesh) -> Trainer:

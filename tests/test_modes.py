@@ -84,15 +84,18 @@ def test_interactive_streams_each_line(trained, monkeypatch, capsys):
         assert line == encoder.decode(greedy_by_full_forwards(cfg, params, ids, 4)[len(ids) :])
 
 
-def test_predict_refuses_an_empty_prompt_and_a_missing_checkpoint(trained, tmp_path, capsys):
+def test_predict_refuses_an_empty_prompt_and_a_missing_or_foreign_checkpoint(
+    trained, tmp_path, capsys
+):
     _folder, model, *_ = trained
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     assert main(["--model", model, "--predict", "--prompt", str(empty)]) == 2
     elsewhere = ["--set", f"model_path={tmp_path / 'nothing'}"]
     assert main(["--model", model, "--predict", *elsewhere]) == 2
+    assert main(["--model", model, "--predict", "--set", "n_embd=64"]) == 2
     err = capsys.readouterr().err
-    assert "is empty" in err and "no checkpoint in" in err
+    assert "is empty" in err and "no checkpoint in" in err and "written for another model" in err
 
 
 def direct_loglikelihood(cfg, params, context, continuation):
