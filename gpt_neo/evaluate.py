@@ -70,7 +70,7 @@ class Scorer:
             for i, (ids, _) in enumerate(chunk):
                 tokens[i, : len(ids) - 1] = ids[:-1]
                 targets[i, : len(ids) - 1] = ids[1:]
-            logp, greedy = map(np.asarray, _token_scores(self.cfg, self.params, tokens, targets))
+            logp, greedy = map(np.asarray, _token_scores(self.cfg)(self.params, tokens, targets))
             for i, (ids, n) in enumerate(chunk):
                 scored = slice(len(ids) - 1 - n, len(ids) - 1)
                 results.append((float(logp[i, scored].sum()), bool(greedy[i, scored].all())))
@@ -89,13 +89,11 @@ class Scorer:
         return sum(ll for ll, _ in self.loglikelihood(requests))
 
 
-def _token_scores(cfg: Config, params, tokens, targets):
-    """log p(target) and whether target is the argmax, at every position: [batch, n_ctx]."""
-    return _compiled_scores(cfg)(params, jnp.asarray(tokens), jnp.asarray(targets))
-
-
 @functools.lru_cache(maxsize=16)
-def _compiled_scores(cfg: Config):
+def _token_scores(cfg: Config):
+    """Jitted (params, tokens, targets) -> log p(target) and whether target is the argmax, at
+    every position: [batch, n_ctx] each."""
+
     def scores(params, tokens, targets):
         logits = apply(cfg, params, tokens)
         logp = jax.nn.log_softmax(logits, axis=-1)

@@ -292,7 +292,8 @@ def import_hf(hf_dir: str | os.PathLike, *, overrides: dict | None = None, mesh=
 # --------------------------------------------------------------------------------------------
 # Command line: python -m gpt_neo.hf import HF_DIR --model_path DIR
 
-ARCHITECTURE_KEYS = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "attention_types",
+# The keys an imported model takes from the HF folder; a run config may not change them.
+KEYS_FROM_HF_FOLDER = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "attention_types",
                      "local_attention_radius", "activation_function")  # fmt: skip
 
 
@@ -305,7 +306,7 @@ def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None
     from gpt_neo.mesh import make_mesh
     from gpt_neo.train import save_initial_checkpoint
 
-    run = {k: v for k, v in (run_config or {}).items() if k not in ARCHITECTURE_KEYS}
+    run = {k: v for k, v in (run_config or {}).items() if k not in KEYS_FROM_HF_FOLDER}
     cfg, params = import_hf(hf_dir, overrides={**run, "model_path": model_path})
     checkpointer = Checkpointer(model_path, cfg.keep_checkpoints)
     try:

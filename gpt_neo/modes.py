@@ -16,18 +16,25 @@ DEFAULT_PROMPT = (
 
 
 def load_trained(cfg: Config):
-    """(params, step) of the latest checkpoint, on the configured mesh."""
+    """(params, step) of the latest checkpoint, sharded per the layout; the optimizer state is
+    not read."""
     from gpt_neo.checkpoint import Checkpointer
     from gpt_neo.mesh import make_mesh
-    from gpt_neo.train import load_params
+    from gpt_neo.train import abstract_params
 
     if not cfg.model_path:
         raise ConfigError("set model_path in the config (where the checkpoints are)")
     checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
     try:
-        return load_params(cfg, make_mesh(cfg), checkpointer)
+        restored = checkpointer.restore_latest_params(cfg, abstract_params(cfg, make_mesh(cfg)))
     finally:
         checkpointer.close()
+    if restored is None:
+        raise ConfigError(
+            f"no checkpoint in {checkpointer.directory}: train first (python main.py --model ...) "
+            "or import a Hugging Face model (python -m gpt_neo.hf import HF_DIR --model_path DIR)"
+        )
+    return restored
 
 
 def tokenizer_of(cfg: Config):
@@ -99,24 +106,29 @@ def _interactive(cfg, params, encoder, eos_id, sampling, max_new_tokens, seed) -
         if not text.strip():
             continue
         prompt_ids = encoder.encode(text)
-        produced: list[int] = []
-        shown = ""
-
-        def show(tokens, produced=produced):
-            nonlocal shown
-            if tokens[0] is None:
-                return
-            produced.append(tokens[0])
-            decoded = encoder.decode(produced)
-            print(decoded[len(shown) :], end="", flush=True)
-            shown = decoded
-
         generate(
-            cfg, params, [prompt_ids], max_new_tokens=_max_new_tokens(cfg, prompt_ids, max_new_tokens), eos_id=eos_id,
-            seed=seed + turn, on_token=show, **sampling,
+            cfg, params, [prompt_ids], eos_id=eos_id, seed=seed + turn,
+            max_new_tokens=_max_new_tokens(cfg, prompt_ids, max_new_tokens),
+            on_token=_TextStream(encoder), **sampling,
         )  # fmt: skip
         print(flush=True)
     return 0
+
+
+class _TextStream:
+    """Prints a row's text as tokens arrive. Decodes everything so far and prints what is new,
+    because one token can hold part of a character (byte-level BPE)."""
+
+    def __init__(self, encoder):
+        self.encoder, self.tokens, self.shown = encoder, [], ""
+
+    def __call__(self, tokens: list[int | None]) -> None:
+        if tokens[0] is None:  # the row has stopped
+            return
+        self.tokens.append(tokens[0])
+        text = self.encoder.decode(self.tokens)
+        print(text[len(self.shown) :], end="", flush=True)
+        self.shown = text
 
 
 def evaluate(cfg: Config, args) -> int:

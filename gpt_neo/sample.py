@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from gpt_neo.config import Config, ConfigError
-from gpt_neo.mesh import layout_rules, logical_spec
+from gpt_neo.mesh import constrain, layout_rules, logical_spec
 from gpt_neo.models.attention import CACHE_K_AXES, CACHE_V_AXES
 from gpt_neo.models.gpt import COMPUTE_DTYPES, TOKEN_AXES, forward_with_cache, mesh_of
 
@@ -75,8 +75,14 @@ def _empty_cache(cfg: Config, batch: int, length: int):
     dtype = COMPUTE_DTYPES[cfg.precision]
     k_shape = (batch, cfg.n_head, cfg.head_dim, length)
     v_shape = (batch, cfg.n_head, length, cfg.head_dim)
+
+    def zeros(shape, axes):  # sharded per the layout when traced under a mesh
+        return constrain(jnp.zeros(shape, dtype), cfg, axes)
+
     return [
-        None if kind == "none" else {"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}
+        None
+        if kind == "none"
+        else {"k": zeros(k_shape, CACHE_K_AXES), "v": zeros(v_shape, CACHE_V_AXES)}
         for kind in cfg.attention_types
     ]
 
@@ -100,7 +106,7 @@ class _Decoder:
         batch, prompt_len = prompts.shape
         slots = jnp.arange(prompt_len)
         positions = jnp.maximum(slots[None, :] - (prompt_len - lengths)[:, None], 0)
-        cache = _constrained(self.cfg, _empty_cache(self.cfg, batch, prompt_len + self.max_new))
+        cache = _empty_cache(self.cfg, batch, prompt_len + self.max_new)
         key_valid = self.key_valid(prompts, lengths)
         logits, cache = forward_with_cache(
             self.cfg, params, prompts, positions, cache, slots, key_valid
@@ -136,18 +142,6 @@ class _Decoder:
         carry = self.prefill(params, prompts, lengths)
         step = functools.partial(self.step, params, prompts, lengths, rng)
         return jax.lax.while_loop(self.running, step, carry)[3]
-
-
-def _constrained(cfg, cache):
-    if jax.sharding.get_abstract_mesh().empty:
-        return cache
-    specs = {"k": logical_spec(cfg, CACHE_K_AXES), "v": logical_spec(cfg, CACHE_V_AXES)}
-    return [
-        None
-        if layer is None
-        else {n: jax.lax.with_sharding_constraint(a, specs[n]) for n, a in layer.items()}
-        for layer in cache
-    ]
 
 
 @functools.lru_cache(maxsize=32)

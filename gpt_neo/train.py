@@ -367,28 +367,11 @@ def _train(
     return 0
 
 
-def load_params(cfg: Config, mesh: Mesh, checkpointer) -> tuple[dict, int]:
-    """(params, step) of the newest checkpoint under model_path, sharded per the layout, for
-    sampling, evaluation and export (the optimizer state is not read)."""
-    restored = checkpointer.restore_latest_params(cfg, abstract_params(cfg, mesh))
-    if restored is None:
-        raise ConfigError(
-            f"no checkpoint in {checkpointer.directory}: train first (python main.py --model ...) "
-            "or import a Hugging Face model (python -m gpt_neo.hf import HF_DIR --model_path DIR)"
-        )
-    return restored
-
-
-def _any_batch_trainer(cfg: Config, mesh: Mesh) -> Trainer:
-    """A Trainer for work that never takes a step (its state's shapes do not depend on batch)."""
-    batch_axis = layout_rules(cfg).get("batch")
-    return Trainer(cfg, mesh, batch_size=mesh.shape[batch_axis] if batch_axis else 1)
-
-
 def save_initial_checkpoint(cfg: Config, mesh: Mesh, params, checkpointer) -> None:
     """Step 0 of a run that starts from given params (an imported model): a fresh optimizer
     state and RNG, the data read from the start. `main.py` then resumes it like any run."""
-    trainer = _any_batch_trainer(cfg, mesh)
+    batch_axis = layout_rules(cfg).get("batch")  # no step is taken: any valid batch size does
+    trainer = Trainer(cfg, mesh, batch_size=mesh.shape[batch_axis] if batch_axis else 1)
     state = trainer.init_state(cfg.seed)
     state["params"] = jax.device_put(params, trainer.state_shardings["params"])
     checkpointer.save(0, state, DATA_FROM_THE_START, cfg)
