@@ -27,7 +27,7 @@ demo: setup
 	$(CPU_DEVICES) $(PY) main.py --model configs/demo.json --summary \
 		--set mesh_shape=x:4,y:2 layout=batch:x,heads:y,vocab:y,intermediate_expanded:y
 	$(PY) main.py --model configs/demo.json --steps_per_checkpoint 50
-	$(PY) main.py --model configs/demo.json --predict --max_new_tokens 48
+	$(PY) main.py --model configs/demo.json --predict --prompt data/demo_prompt.txt --max_new_tokens 64
 
 test: setup-test
 	$(PY) -m pytest -n 2 --durations=15 tests

@@ -99,8 +99,14 @@ def main():
         print(f"create_tfrecords ({args.megabytes:g} MB of Python source, demo tokenizer):")
         print(f"  1 process:  {one:>12,.0f} tokens/s")
         print(f"  {args.processes} processes: {many:>12,.0f} tokens/s   ({many / one:.2f}x)")
-        dataset = {"n_vocab": 8192, "path": f"{tmp}/one/bench_*.tfrecords", "eos_id": 0,
-                   "padding_id": 1, "tokenizer_path": TOKENIZER, "mode": "documents"}  # fmt: skip
+        dataset = {
+            "n_vocab": 8192,
+            "path": f"{tmp}/one/bench_*.tfrecords",
+            "eos_id": 0,
+            "padding_id": 1,
+            "tokenizer_path": TOKENIZER,
+            "mode": "documents",
+        }
         Path(tmp, "bench.json").write_text(json.dumps(dataset))
         demo = load_config("configs/demo.json")
         long = demo.replace(

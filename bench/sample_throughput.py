@@ -8,24 +8,30 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
 import numpy as np
+from shapes import DEMO_SIZE  # bench/shapes.py (this script's folder is on sys.path)
 
 import gpt_neo
-from gpt_neo.config import from_dict
+from gpt_neo.config import from_dict, load_config
 from gpt_neo.hf import export_hf
 
-# configs/demo.json's model (the one `make demo` trains), and the demo-size model of
-# bench/train_throughput.py; both with n_ctx 512, room for a 32-token prompt + 256 new tokens.
-SIZES = {
-    "demo": dict(n_layer=4, n_embd=256, n_head=8, n_ctx=512, n_vocab=8192,
-                 attention_types=["global", "local"] * 2, local_attention_radius=64),
-    "demo-size": dict(n_layer=6, n_embd=512, n_head=8, n_ctx=512, n_vocab=8192,
-                      attention_types=["global", "local"] * 3, local_attention_radius=128),
-}  # fmt: skip
+REPO = Path(__file__).resolve().parent.parent
+
+
+def model_configs() -> dict:
+    """configs/demo.json's model (the one `make demo` trains) and the demo-size model of
+    bench/train_throughput.py, on one device, both with n_ctx 512: room for a 32-token prompt
+    and 256 new tokens."""
+    one_device = {"mesh_shape": "x:1", "layout": "batch:x"}
+    demo = load_config(REPO / "configs" / "demo.json", overrides={"n_ctx": 512, **one_device})
+    return {"demo": demo, "demo-size": from_dict({**DEMO_SIZE, **one_device})}
+
+
 PROMPT_TOKENS = 32
 
 
@@ -48,8 +54,15 @@ def pytorch(folder, prompts, new_tokens):
 
     def run():
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                use_cache=True,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
 
     return run
 
@@ -59,19 +72,22 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per side")
     parser.add_argument("--new_tokens", type=int, default=256)
     args = parser.parse_args()
-    print(f"backend {jax.default_backend()}, {os.cpu_count()} cores; {PROMPT_TOKENS}-token "
-          f"prompt, {args.new_tokens} new tokens, greedy")  # fmt: skip
+    print(
+        f"backend {jax.default_backend()}, {os.cpu_count()} cores; {PROMPT_TOKENS}-token "
+        f"prompt, {args.new_tokens} new tokens, greedy"
+    )
     print(f"{'model':<10} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>6}")
-    for name, shape in SIZES.items():
-        cfg = from_dict({**shape, "mesh_shape": "x:1"})
+    for name, cfg in model_configs().items():
         params = gpt_neo.init_params(cfg, 0)
         folder = tempfile.mkdtemp()
         export_hf(cfg, params, folder, force=True)
         for batch in (1, 8):
             rng = np.random.default_rng(batch)
             prompts = rng.integers(0, cfg.n_vocab, (batch, PROMPT_TOKENS)).tolist()
-            sides = {"ours": ours(cfg, params, prompts, args.new_tokens),
-                     "torch": pytorch(folder, prompts, args.new_tokens)}  # fmt: skip
+            sides = {
+                "ours": ours(cfg, params, prompts, args.new_tokens),
+                "torch": pytorch(folder, prompts, args.new_tokens),
+            }
             for run in sides.values():
                 run()  # compile / warm up
             # Alternate the sides and keep each one's best round (noise only ever slows a side).

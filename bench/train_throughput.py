@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
 import numpy as np
+from shapes import DEMO_SIZE  # bench/shapes.py (this script's folder is on sys.path)
 
 from gpt_neo.config import from_dict
 from gpt_neo.mesh import make_mesh
@@ -21,10 +22,11 @@ from gpt_neo.models.gpt import flops_per_token
 from gpt_neo.train import Trainer
 
 SIZES = {
-    "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_ctx=256, n_vocab=4096, attention_types=["global"] * 4),
-    "demo-size": dict(n_layer=6, n_embd=512, n_head=8, n_ctx=512, n_vocab=8192,
-                      attention_types=["global", "local"] * 3, local_attention_radius=128),
-}  # fmt: skip
+    "tiny": dict(
+        n_layer=4, n_embd=256, n_head=4, n_ctx=256, n_vocab=4096, attention_types=["global"] * 4
+    ),
+    "demo-size": DEMO_SIZE,
+}
 BATCH = 8
 
 

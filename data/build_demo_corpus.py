@@ -19,10 +19,11 @@ from pathlib import Path
 
 import zstandard
 
-from gpt_neo.config import ConfigError
+from gpt_neo.cli import exit_code_of
 from gpt_neo.corpus import CorpusStats, list_input_files, read_documents
 from gpt_neo.dataset_config import DatasetConfig, write_dataset_config
 from gpt_neo.encoders import TRAINED_TOKENIZER_NAME, load_encoder, train_byte_level_bpe
+from gpt_neo.errors import DataError
 from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 
 ROOT = Path("datasets/demo")
@@ -32,9 +33,10 @@ EVAL_EVERY = 20
 def stdlib_sources(megabytes: float) -> list[Path]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
-        p for p in stdlib.rglob("*.py")
+        p
+        for p in stdlib.rglob("*.py")
         if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
-    )  # fmt: skip
+    )
     chosen, size = [], 0
     for path in files:
         if size >= megabytes * 2**20:
@@ -42,7 +44,7 @@ def stdlib_sources(megabytes: float) -> list[Path]:
         chosen.append(path)
         size += path.stat().st_size
     if not chosen:
-        raise ConfigError(f"no Python sources found under {stdlib}")
+        raise DataError(f"no Python sources found under {stdlib}")
     return chosen
 
 
@@ -62,47 +64,52 @@ def main(argv=None) -> int:
     parser.add_argument("--megabytes", type=float, default=6.0, help="source text to use")
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    return exit_code_of(build, parser.parse_args(argv))
+
+
+def build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        sources = stdlib_sources(args.megabytes)
-        splits = {"train": [p for i, p in enumerate(sources) if i % EVAL_EVERY],
-                  "eval": sources[::EVAL_EVERY]}  # fmt: skip
-        for split, files in splits.items():
-            archive = ROOT / "raw" / split / "stdlib.jsonl.zst"
-            if not archive.exists():
-                write_archive(archive, files, stdlib)
-        tokenizer_path = ROOT / "tokenizer" / TRAINED_TOKENIZER_NAME
-        if not tokenizer_path.exists():
-            stats = CorpusStats()
-            texts = read_documents(ROOT / "raw" / "train" / "stdlib.jsonl.zst", stats)
-            tokenizer = train_byte_level_bpe(texts, args.vocab_size)
-            tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(str(tokenizer_path))
-        encoder = load_encoder(tokenizer_path)
-        for split in splits:
-            job = TFRecordJob(name=f"demo_{split}", output_dir=str(ROOT / "tfrecords"),
-                              encoder=str(tokenizer_path), separator=(encoder.eos_id,),
-                              files_per=2000)  # fmt: skip
-            result = create_tfrecords(
-                job, list_input_files(ROOT / "raw" / split), show_progress=not args.quiet
-            )
-            print(f"demo_{split}: {result.stats.records} documents, {result.stats.tokens:,} tokens")
-        config = DatasetConfig(
-            name="demo",
-            n_vocab=encoder.vocab_size,
-            path=str(ROOT / "tfrecords" / "demo_train_*.tfrecords"),
-            eval_path=str(ROOT / "tfrecords" / "demo_eval_*.tfrecords"),
-            tokenizer_path=str(tokenizer_path),
-            eos_id=encoder.eos_id,
-            padding_id=encoder.padding_id,
-            mode="documents",
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = stdlib_sources(args.megabytes)
+    splits = {
+        "train": [p for i, p in enumerate(sources) if i % EVAL_EVERY],
+        "eval": sources[::EVAL_EVERY],
+    }
+    for split, files in splits.items():
+        archive = ROOT / "raw" / split / "stdlib.jsonl.zst"
+        if not archive.exists():
+            write_archive(archive, files, stdlib)
+    tokenizer_path = ROOT / "tokenizer" / TRAINED_TOKENIZER_NAME
+    if not tokenizer_path.exists():
+        stats = CorpusStats()
+        texts = read_documents(ROOT / "raw" / "train" / "stdlib.jsonl.zst", stats)
+        tokenizer = train_byte_level_bpe(texts, args.vocab_size)
+        tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(tokenizer_path))
+    encoder = load_encoder(tokenizer_path)
+    for split in splits:
+        job = TFRecordJob(
+            name=f"demo_{split}",
+            output_dir=str(ROOT / "tfrecords"),
+            encoder=str(tokenizer_path),
+            separator=(encoder.eos_id,),
+            files_per=2000,
         )
-        written = write_dataset_config(config, "configs/dataset_configs/demo.json")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        result = create_tfrecords(
+            job, list_input_files(ROOT / "raw" / split), show_progress=not args.quiet
+        )
+        print(f"demo_{split}: {result.stats.records} documents, {result.stats.tokens:,} tokens")
+    config = DatasetConfig(
+        name="demo",
+        n_vocab=encoder.vocab_size,
+        path=str(ROOT / "tfrecords" / "demo_train_*.tfrecords"),
+        eval_path=str(ROOT / "tfrecords" / "demo_eval_*.tfrecords"),
+        tokenizer_path=str(tokenizer_path),
+        eos_id=encoder.eos_id,
+        padding_id=encoder.padding_id,
+        mode="documents",
+    )
+    written = write_dataset_config(config, "configs/dataset_configs/demo.json")
     print(
         f"demo corpus ready in {time.perf_counter() - start:.1f}s: {written} ({encoder.vocab_size} token vocabulary)"
     )

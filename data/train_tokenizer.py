@@ -1,61 +1,9 @@
-"""Train a byte-level BPE tokenizer on a folder of text (GPT-Neo's flags).
+"""Train a byte-level BPE tokenizer on a folder of text: `python data/train_tokenizer.py --help`.
+GPT-Neo's script, kept where its users look; the command line is gpt_neo/cli/tokenizer.py."""
 
-    python data/train_tokenizer.py --base_dir corpus/ --output_dir tokenizers/ --vocab_size 32768
-
-Writes OUTPUT_DIR/byte-level-bpe.tokenizer.json. Unlike GPT-Neo's script it never deletes
-OUTPUT_DIR, reads every file (not a 20% sample), and the tokenizer is lossless (no NFKC, no
-prefix space): decode(encode(text)) == text.
-"""
-
-import argparse
 import sys
-from pathlib import Path
 
-from gpt_neo.config import ConfigError
-from gpt_neo.corpus import SUFFIXES, CorpusStats, list_input_files, read_documents
-from gpt_neo.encoders import TRAINED_TOKENIZER_NAME, train_byte_level_bpe
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--base_dir", required=True, help="folder of input files (searched recursively)"
-    )
-    parser.add_argument("--output_dir", default="tokenizers", help="where to write the tokenizer")
-    parser.add_argument(
-        "--file_type",
-        default="all",
-        help=f"only read files ending in this suffix (e.g. txt, xz, jsonl.zst); default: all of {', '.join(SUFFIXES)}",
-    )
-    parser.add_argument("--vocab_size", type=int, required=True, help="tokens in the vocabulary")
-    parser.add_argument("--min_frequency", type=int, default=2, help="least count of a merged pair")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        files = list_input_files(args.base_dir)
-        if args.file_type != "all":
-            files = [f for f in files if f.name.endswith("." + args.file_type.lstrip("."))]
-            if not files:
-                raise ConfigError(f"no *.{args.file_type} files under {args.base_dir}")
-        stats = CorpusStats()
-        texts = (text for path in files for text in read_documents(path, stats))
-        tokenizer = train_byte_level_bpe(texts, args.vocab_size, min_frequency=args.min_frequency)
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / TRAINED_TOKENIZER_NAME
-        tokenizer.save(str(path))
-    except (ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"trained a {tokenizer.get_vocab_size()}-token byte-level BPE on {stats.documents} "
-        f"documents from {len(files)} files ({stats.utf8_repaired} repaired non-UTF-8); wrote {path}"
-    )
-    return 0
-
+from gpt_neo.cli.tokenizer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,18 +1,32 @@
-"""gpt-neo: GPT-Neo's JSON-configured language models on JAX named-mesh sharding."""
+"""gpt-neo: GPT-Neo's JSON-configured language models on JAX named-mesh sharding.
 
+`import gpt_neo` imports neither JAX nor TensorFlow: the names below load on first use, so a
+command line can choose the platform (`--tpu`, `--gpu_ids`) before JAX starts.
+"""
+
+import importlib
 import os
 
 os.environ.setdefault(
     "TF_CPP_MIN_LOG_LEVEL", "2"
 )  # TensorFlow (data only) logs errors, not chatter
 
-from gpt_neo.config import Config, ConfigError, load_config
-from gpt_neo.mesh import make_mesh
-from gpt_neo.models.gpt import apply, init_params
+from gpt_neo.config import Config
+from gpt_neo.errors import ConfigError, DataError, UserError
+
+# name -> module that defines it, imported when the name is first used
+_LAZY = {
+    "make_mesh": "gpt_neo.mesh",
+    "init_params": "gpt_neo.models.gpt",
+    "apply": "gpt_neo.models.gpt",
+    "generate": "gpt_neo.sample",
+}
 
 __all__ = [
     "Config",
     "ConfigError",
+    "DataError",
+    "UserError",
     "apply",
     "generate",
     "hf",
@@ -22,15 +36,20 @@ __all__ = [
 ]
 
 
+def load_config(path_or_paths, overrides=None) -> Config:
+    """Read, merge and validate GPT-Neo JSON config(s) (see `gpt_neo.config.load_config`), and
+    check that `mesh_shape`, `layout` and `param_layout` fit the model's tensors. Raises
+    `ConfigError`."""
+    from gpt_neo import config, mesh  # mesh imports JAX: loaded on first use, not on import
+
+    cfg = config.load_config(path_or_paths, overrides)
+    mesh.check_layout(cfg, config.source_of(path_or_paths))
+    return cfg
+
+
 def __getattr__(name):
-    # `gpt_neo.hf` is imported on first use: it pulls in safetensors, which plain training
-    # does not need.
     if name == "hf":
-        import importlib
-
         return importlib.import_module("gpt_neo.hf")
-    if name == "generate":
-        from gpt_neo.sample import generate
-
-        return generate
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'gpt_neo' has no attribute {name!r}")

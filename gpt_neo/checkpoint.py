@@ -4,20 +4,28 @@ Orbax writes each checkpoint into a temporary directory and renames it when comp
 crash (even `kill -9`) never leaves a half-written checkpoint under a step name; saves are
 asynchronous (training continues while the previous step is written) and only the newest
 `keep_checkpoints` are kept. Restoring takes the target shardings from the current mesh, so
-a run may resume on another `mesh_shape`/`layout`.
+a run may resume on another `mesh_shape`/`layout`/`param_layout`. A layout that pads the
+vocabulary differently (`gpt_neo.mesh.padded_vocab`) restores too: the embedding and its
+optimizer state are read at the new size, cut or filled with zeros. Only the padding rows
+can differ, and they are zeros in every checkpoint (see `_check_config`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
-from gpt_neo.config import Config, ConfigError, to_dict
+from gpt_neo.config import SHAPE_KEYS, Config, to_dict
+from gpt_neo.errors import ConfigError
+from gpt_neo.mesh import make_mesh
+from gpt_neo.models.gpt import abstract_params
 
-# Keys that fix the parameters' shapes: a checkpoint only fits a config that agrees on them.
-ARCHITECTURE_KEYS = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "attention_types",
-                     "activation_function", "opt_name")  # fmt: skip
+# The parameters' and the optimizer state's shapes: a checkpoint fits only a config that
+# agrees on these.
+ARCHITECTURE_KEYS = (*SHAPE_KEYS, "opt_name")
 
 
 class Checkpointer:
@@ -57,7 +65,9 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def _check_config(self, step: int, cfg: Config) -> None:
-        """A ConfigError when checkpoint `step` was written for a model of other shapes."""
+        """A ConfigError when checkpoint `step` was written for a model of other shapes. Past
+        this check, stored and wanted shapes can differ only in the vocabulary padding, so the
+        restores below may let orbax cut or zero-fill arrays (`strict=False`)."""
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
             "config"
         ]
@@ -81,12 +91,13 @@ class Checkpointer:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(abstract_state, strict=False),
+                data=ocp.args.JsonRestore(),
             ),
         )
         return restored["state"], restored["data"]
 
-    def restore_latest_params(self, cfg: Config, abstract_params):
+    def restore_latest_params(self, cfg: Config, target_params):
         """(params, step) of the newest checkpoint without reading the optimizer state (a third
         of the memory for sampling, evaluation and export); None when there is none."""
         step = self.latest_step()
@@ -98,15 +109,17 @@ class Checkpointer:
         reader = ocp.CheckpointManager(
             self.directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()}
         )
-        target = {"params": abstract_params}
+        target = {"params": target_params}
+        restore_args = jax.tree.map(
+            lambda a: dataclasses.replace(a, strict=False),
+            ocp.checkpoint_utils.construct_restore_args(target),
+        )
         try:
             restored = reader.restore(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.PyTreeRestore(
-                        target,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                        partial_restore=True,
+                        target, restore_args=restore_args, partial_restore=True
                     )
                 ),
             )
@@ -117,3 +130,21 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params(cfg: Config):
+    """(params, step) of the newest checkpoint under `model_path`, sharded per the layout; the
+    optimizer state is not read. What sampling, evaluation and export start from."""
+    if not cfg.model_path:
+        raise ConfigError("set model_path in the config (where the checkpoints are)")
+    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+    try:
+        restored = checkpointer.restore_latest_params(cfg, abstract_params(cfg, make_mesh(cfg)))
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise ConfigError(
+            f"no checkpoint in {checkpointer.directory}: train first (python main.py --model ...) "
+            "or import a Hugging Face model (python -m gpt_neo.cli.hf import HF_DIR --model_path DIR)"
+        )
+    return restored

@@ -8,6 +8,9 @@ type and default, and everything downstream trusts the validated `Config`:
 - values are type-checked (`true` is not an int, `"12"` is not an int);
 - known keys whose feature is not built yet are errors when they would turn that feature on;
 - GPT-Neo's aliases are accepted: `n_heads` -> `n_head`, `activation_fn` -> `activation_function`.
+
+This module knows keys and values only; whether a `layout` fits the model's tensors is checked
+by `gpt_neo.mesh.check_layout` (`gpt_neo.load_config` runs both).
 """
 
 from __future__ import annotations
@@ -22,13 +25,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_neo.models.activations import ACTIVATIONS
+from gpt_neo.errors import ConfigError
 
 ATTENTION_TYPES = ("global", "local", "linear", "none")
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adafactor")
 LR_DECAYS = ("cosine", "linear", "constant")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
+INPUT_FNS = ("sequential_input", "generic_text")
+# GPT-Neo's activation names; gpt_neo.models.activations implements each (a test holds them
+# equal). Kept as a block of names: one per line would be 43 lines.
+# fmt: off
+ACTIVATION_FUNCTIONS = (
+    "gelu", "relu", "sigmoid", "tanh", "selu", "elu", "abs", "sin", "cos", "sign", "silu",
+    "softplus", "lrelu001", "lrelu020", "id", "triangle_relax", "square_relax", "spike",
+    "spike2", "tanhshrink", "softsign", "softmax", "logsoftmax", "bipolarsigmoid", "rrelu",
+    "elish", "arcsinh", "maxsig", "cosid", "minsin", "maxtanh", "mish", "tanhexp", "lisht",
+    "seagull", "snake", "roottanh", "softplusmone", "aria", "prelu", "parcsinh", "psoftplus",
+    "proottanh",
+)
+# fmt: on
 
 # GPT-Neo spellings that mean the same key as ours.
 ALIASES = {"n_heads": "n_head", "activation_fn": "activation_function"}
@@ -59,9 +75,14 @@ NOT_SUPPORTED_YET = {
     "entmax_loss": "the experimental entmax loss",
 }
 
+# GPT-Neo keys that have nothing to do here: accepted switched off, refused with the reason.
+NOT_NEEDED = {
+    "no_dataset": "a config without 'datasets' loads as it is here (training, --eval and "
+    "--check_dataset ask for datasets when they need them)",
+}
 
-class ConfigError(ValueError):
-    """A config that cannot be used, with a message that says where and how to fix it."""
+# GPT-Neo keys with a single meaningful value: that value is accepted, any other refused.
+SINGLE_VALUE = {"model": ("GPT", "GPT-Neo only ever had the GPT model")}
 
 
 @dataclass(frozen=True)
@@ -126,18 +147,24 @@ class Config:
     warmup_steps: int = 0
     """Linear warmup steps from 0 to lr."""
     beta1: float = 0.9
+    """Adam's first-moment decay."""
     beta2: float = 0.95
+    """Adam's second-moment decay."""
     epsilon: float = 1e-8
+    """Adam's denominator epsilon."""
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to biases and norm parameters)."""
     ada_epsilon1: float = 1e-30
+    """Adafactor's epsilon added to the squared gradients."""
     ada_epsilon2: float = 1e-3
+    """Adafactor's floor of the parameter scale its updates are relative to."""
     gradient_clipping: float = 1.0
     """Global-norm gradient clip."""
     z_loss: float = 1e-4
     """Coefficient of the logsumexp(logits)^2 auxiliary loss."""
     log_grads: bool = False
-    """Log per-parameter gradient norms."""
+    """Log gradient norms per layer (and of the embeddings and ln_f) next to the global norm,
+    in metrics.jsonl and TensorBoard as `grad_norm/<part>`. GPT-Neo logged one per variable."""
     tokens_per_mb_per_replica: int | None = None
     """Gradient-accumulation microbatch size, in tokens per data-parallel replica."""
 
@@ -149,8 +176,19 @@ class Config:
     mesh_shape: str | None = None
     """`"x:4,y:2"`: named mesh axes and their sizes; missing means all devices on one axis `x`."""
     layout: str | None = None
-    """`"batch:x,heads:y"`: tensor dimension -> mesh axis rules; missing means `batch` on the
-    first mesh axis."""
+    """`"batch:x,heads:y"`: dimension -> mesh axis rules for activations, and for parameters
+    unless `param_layout` says otherwise; missing means `batch` on the first mesh axis. A
+    dimension may be split over several mesh axes: `batch:x+z`."""
+    param_layout: str | None = None
+    """Rules for parameters (and their gradients and optimizer state), same syntax as `layout`,
+    applied on top of it: `"embd:x"` with `layout` `"batch:x"` shards every weight over the
+    data-parallel axis (FSDP / ZeRO-3) while activations stay split by batch. Missing means
+    parameters follow `layout`. Not a GPT-Neo key."""
+    vocab_pad_multiple: int | None = None
+    """Pad the embedding to a multiple of this many rows. Missing means: pad only when `vocab`
+    is split over mesh axes that do not divide n_vocab, to the smallest multiple of 128 that
+    they divide (50257 on 2 devices -> 50304). Padded rows are zero, their logits are masked
+    out of the loss and sampling, and exports hold exactly n_vocab rows. Not a GPT-Neo key."""
     train_batch_size: int | None = None
     """Global batch, in sequences of n_ctx tokens."""
     train_steps: int | None = None
@@ -159,22 +197,27 @@ class Config:
     """Steps per host loop between logging/syncs."""
     datasets: tuple[DatasetEntry, ...] = ()
     """Mixture of `[dataset_id, stitch, sampling_mode, weight]` (ids name dataset configs)."""
-    no_dataset: bool = False
-    """Allow a config with no datasets (sampling only)."""
     input_fn: str = "sequential_input"
-    """GPT-Neo's input pipeline name."""
+    """How a `datasets` entry that names no sampling mode is read, when its dataset config does
+    not record how its records were made: `sequential_input` (GPT-Neo's default) reads records
+    of exactly n_ctx + 1 tokens (`chunks`), `generic_text` samples `documents_random`. Unlike
+    GPT-Neo's sequential_input, stitch, mode and weight are honoured with either."""
     input_streams: int | None = None
     """Independent input streams the global batch is drawn from (default: one per host). Fix
     it (e.g. 8) to get the same batches on any number of hosts that divides it. Not a GPT-Neo key."""
     seed: int = 1
     """Seed for parameter init and data order."""
     shuffle_input_filenames: bool = True
+    """Read each dataset's files in a new seeded order every epoch; false reads them in natural
+    order (`name_2` before `name_10`). Examples are shuffled within a group of files either way."""
     eval_batch_size: int | None = None
     """Evaluation batch; default train_batch_size."""
     eval_steps: int = 0
     """Evaluation batches per evaluation; 0 disables it."""
     eval_tasks: tuple[str, ...] = ()
+    """Tasks `--eval` runs when none are named on the command line: `lambada`, `wikitext`."""
     predict_batch_size: int = 1
+    """Samples `--predict` draws from the prompt."""
     predict_steps: int = 0
     """Sample after each checkpoint when > 0."""
     predict_max_steps: int | None = None
@@ -182,11 +225,11 @@ class Config:
     remove_partial_sequences: bool = False
     """Strip the prompt from predictions."""
     padding_id: int | None = None
-    """Padding token id (default from the dataset config)."""
+    """The token id that pads records and prompts: targets equal to it are left out of the
+    training and eval loss, and prompts are padded with it. Missing means the data holds no
+    padding (every target counts; GPT-Neo's causal loss counted padding too)."""
     eos_id: int | None = None
     """End-of-text token id (default from the dataset config)."""
-    model: str = "GPT"
-    """Model family; GPT-Neo only ever had `GPT`."""
 
     @property
     def head_dim(self) -> int:
@@ -203,9 +246,11 @@ class Config:
 
 
 REQUIRED = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab")
+# Keys that fix the parameters' shapes (a checkpoint fits only a config that agrees on them).
+SHAPE_KEYS = (*REQUIRED, "attention_types", "activation_function")
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
-KNOWN_KEYS = frozenset(_FIELDS) | frozenset(ALIASES) | frozenset(NOT_SUPPORTED_YET)
+KNOWN_KEYS = frozenset(_FIELDS).union(ALIASES, NOT_SUPPORTED_YET, NOT_NEEDED, SINGLE_VALUE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,28 +265,36 @@ def load_config(
 
     `overrides` is a mapping or a list of `"key=value"` strings (value parsed as JSON, else kept
     as a string); it applies last. Overriding `n_layer` alone keeps the file's repeating
-    attention pattern (12 x [global, local] becomes 2 x [global, local] for n_layer=4). A bare name such as `gpt_neo_125M` is looked up as
-    `configs/<name>.json`, like GPT-Neo's `--model`. Raises `ConfigError`.
+    attention pattern (12 x [global, local] becomes 2 x [global, local] for n_layer=4). A bare
+    name such as `gpt_neo_125M` is looked up as `configs/<name>.json`, like GPT-Neo's `--model`.
+    Raises `ConfigError`. The layout is not checked against the model here (see the module
+    docstring).
     """
-    paths = [path_or_paths] if isinstance(path_or_paths, str | os.PathLike) else path_or_paths
+    paths = _as_list(path_or_paths)
     if not paths:
         raise ConfigError("no config file given: pass at least one JSON config")
     merged: dict = {}
-    sources: list[str] = []
     for path in paths:
-        resolved = resolve_config_path(path)
-        merged.update(read_json_object(resolved))
-        sources.append(str(resolved))
+        merged.update(read_json_object(resolve_config_path(path)))
     changes = parse_overrides(overrides)
     merged.update(changes)
     if "n_layer" in changes and "attention_types" not in changes and "attention_types" in merged:
         # n_layer=4 on a file with [[["global","local"],12]]: keep the pattern, repeat it less
-        kinds = expand_attention_types(merged["attention_types"], "+".join(sources))
+        kinds = expand_attention_types(merged["attention_types"], source_of(paths))
         pattern = repeating_pattern(kinds)
         n_layer = changes["n_layer"]
         if isinstance(n_layer, int) and n_layer > 0 and n_layer % len(pattern) == 0:
             merged["attention_types"] = [[list(pattern), n_layer // len(pattern)]]
-    return from_dict(merged, source=" + ".join(sources))
+    return from_dict(merged, source=source_of(paths))
+
+
+def _as_list(path_or_paths) -> list:
+    return [path_or_paths] if isinstance(path_or_paths, str | os.PathLike) else list(path_or_paths)
+
+
+def source_of(path_or_paths) -> str:
+    """How error messages name the config file(s): `a.json + b.json`."""
+    return " + ".join(str(resolve_config_path(p)) for p in _as_list(path_or_paths))
 
 
 def repeating_pattern(kinds: tuple[str, ...]) -> tuple[str, ...]:
@@ -352,14 +405,27 @@ def from_dict(raw: Mapping[str, object], *, source: str = "<dict>") -> Config:
 def _canonical_keys(values: dict, source: str) -> dict:
     out = {}
     for key, value in values.items():
-        if key in NOT_SUPPORTED_YET:
+        if key in NOT_SUPPORTED_YET or key in NOT_NEEDED:
             if _is_switched_off(value):
                 continue
+            if key in NOT_NEEDED:
+                raise ConfigError(
+                    f"{source}: key '{key}' = {json.dumps(value)} is not needed: "
+                    f"{NOT_NEEDED[key]}. Remove the key."
+                )
             raise ConfigError(
                 f"{source}: key '{key}' = {json.dumps(value)} enables "
                 f"{NOT_SUPPORTED_YET[key]}, which is not supported yet. Remove the key "
                 "(or set it to false/null) to train without it."
             )
+        if key in SINGLE_VALUE:
+            allowed, why = SINGLE_VALUE[key]
+            if value != allowed:
+                raise ConfigError(
+                    f"{source}: key '{key}' = {json.dumps(value)}; only {json.dumps(allowed)} "
+                    f"exists ({why}). Remove the key or set it to {json.dumps(allowed)}."
+                )
+            continue
         if key not in KNOWN_KEYS:
             close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -507,12 +573,12 @@ def _validate(cfg: Config, source: str) -> None:
         )
     for kind in set(cfg.attention_types):
         _one_of(source, "attention type", kind, ATTENTION_TYPES)
-    _one_of(source, "activation_function", cfg.activation_function, sorted(ACTIVATIONS))
+    _one_of(source, "activation_function", cfg.activation_function, ACTIVATION_FUNCTIONS)
     _one_of(source, "precision", cfg.precision, PRECISIONS)
     _one_of(source, "opt_name", cfg.opt_name.lower(), OPTIMIZERS)
     _one_of(source, "lr_decay", cfg.lr_decay, LR_DECAYS)
     _one_of(source, "attention_kernel", cfg.attention_kernel, ATTENTION_KERNELS)
-    _one_of(source, "model", cfg.model, ("GPT",))
+    _one_of(source, "input_fn", cfg.input_fn, INPUT_FNS)
     for key in ("embed_dropout", "attn_dropout", "res_dropout"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {getattr(cfg, key)}")
@@ -522,10 +588,20 @@ def _validate(cfg: Config, source: str) -> None:
         "iterations",
         "eval_batch_size",
         "keep_checkpoints",
+        "vocab_pad_multiple",
     ):
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1, got {value}")
-    from gpt_neo.mesh import check_layout  # mesh imports config; import here to avoid a cycle
-
-    check_layout(cfg, source)
+    for key in ("padding_id", "eos_id"):
+        value = getattr(cfg, key)
+        if value is not None and not 0 <= value < cfg.n_vocab:
+            raise ConfigError(
+                f"{source}: '{key}' {value} is outside the vocabulary [0, {cfg.n_vocab})"
+            )
+    if cfg.padding_id is not None and cfg.padding_id == cfg.eos_id:
+        raise ConfigError(
+            f"{source}: padding_id and eos_id are both {cfg.padding_id}; the loss leaves padding "
+            "out, so every end-of-text target would be skipped. Use a token the data never holds "
+            "for padding_id, or remove it."
+        )

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from gpt_neo.config import ConfigError
+from gpt_neo.errors import DataError
 
 SUFFIXES = (
     ".jsonl.zst",
@@ -50,10 +50,10 @@ def list_input_files(input_dir: str | Path) -> list[Path]:
     """Every supported file under `input_dir` (recursively), in a stable sorted order."""
     root = Path(input_dir)
     if not root.is_dir():
-        raise ConfigError(f"--input_dir {root} is not a directory")
+        raise DataError(f"--input_dir {root} is not a directory")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
     if not files:
-        raise ConfigError(f"no input files ({', '.join(SUFFIXES)}) under {root}")
+        raise DataError(f"no input files ({', '.join(SUFFIXES)}) under {root}")
     return files
 
 
@@ -132,13 +132,26 @@ def fix_text(text: str) -> str:
 
 _WIKITEXT_PUNCTUATION = [
     ("s '", "s'"),
-    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
-    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
-]  # fmt: skip
+    (" @-@ ", "-"),
+    (" @,@ ", ","),
+    (" @.@ ", "."),
+    (" : ", ": "),
+    (" ; ", "; "),
+    (" . ", ". "),
+    (" ! ", "! "),
+    (" ? ", "? "),
+    (" , ", ", "),
+]
 _WIKITEXT_MISC = [
-    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
-    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s"),
-]  # fmt: skip
+    ("= = = =", "===="),
+    ("= = =", "==="),
+    ("= =", "=="),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+    (" \n", "\n"),
+    ("\n ", "\n"),
+    (" N ", " 1 "),
+    (" 's", "'s"),
+]
 _WIKITEXT_BRACKETS = [
     (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"),
     (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),

@@ -15,11 +15,21 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gpt_neo.config import REPO_ROOT, ConfigError, find_named_config, read_json_object
-from gpt_neo.encoders import Encoder, load_encoder
+from gpt_neo.config import REPO_ROOT, find_named_config, read_json_object
+from gpt_neo.encoders import Encoder, check_vocab_fits, load_encoder
+from gpt_neo.errors import ConfigError
 
-KEYS = {"n_vocab", "path", "eval_path", "tokenizer_is_pretrained", "tokenizer_path", "eos_id",
-        "padding_id", "lambada_tokens_path", "mode"}  # fmt: skip
+KEYS = {
+    "n_vocab",
+    "path",
+    "eval_path",
+    "tokenizer_is_pretrained",
+    "tokenizer_path",
+    "eos_id",
+    "padding_id",
+    "lambada_tokens_path",
+    "mode",
+}
 
 
 @dataclass(frozen=True)
@@ -90,3 +100,12 @@ def model_dataset(cfg) -> DatasetConfig:
             "add the dataset the model was trained on"
         )
     return load_dataset_config(cfg.datasets[-1].dataset_id)
+
+
+def model_tokenizer(cfg) -> tuple[Encoder, int | None]:
+    """(encoder, eos id) the model reads and writes text with: the tokenizer of its (last)
+    dataset, checked to fit n_vocab; `cfg.eos_id` wins over the dataset's."""
+    dataset = model_dataset(cfg)
+    encoder = dataset.encoder()
+    check_vocab_fits(encoder, cfg.n_vocab, f"dataset '{dataset.name}'")
+    return encoder, cfg.eos_id if cfg.eos_id is not None else dataset.eos_id

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gpt_neo.config import ConfigError
+from gpt_neo.errors import ConfigError, DataError
 
 GPT2_DIR_ENV = "GPT_NEO_GPT2_DIR"
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
@@ -102,14 +102,15 @@ def _from_folder(folder: Path, name: str) -> Encoder:
         try:
             return HFEncoder(_from_vocab_merges(folder), name)
         except Exception as err:  # tokenizers raises bare Exceptions for unreadable files
-            raise ConfigError(f"{folder}: vocab.json/merges.txt do not parse: {err}") from None
-    raise ConfigError(
+            raise DataError(f"{folder}: vocab.json/merges.txt do not parse: {err}") from None
+    raise DataError(
         f"{folder}: no tokenizer.json, and no vocab.json + merges.txt; put the tokenizer files there"
     )
 
 
 def load_encoder(spec: str | os.PathLike) -> Encoder:
-    """A tokenizer from a name or path (see the module docstring). Raises `ConfigError`."""
+    """A tokenizer from a name or path (see the module docstring). Raises `DataError` (or `ConfigError` for
+    an unset GPT2 directory)."""
     from tokenizers import Tokenizer
 
     text = str(spec)
@@ -128,11 +129,11 @@ def load_encoder(spec: str | os.PathLike) -> Encoder:
     if path.is_dir():
         return _from_folder(path, path.name)
     if not path.is_file():
-        raise ConfigError(f"tokenizer file not found: {text}")
+        raise DataError(f"tokenizer file not found: {text}")
     try:
         return HFEncoder(Tokenizer.from_file(str(path)), path.name)
     except Exception as err:  # tokenizers raises bare Exceptions for malformed JSON
-        raise ConfigError(
+        raise DataError(
             f"{path}: not a Hugging Face tokenizer.json ({str(err).splitlines()[0]}); "
             "give a tokenizer.json written by `tokenizers` or data/train_tokenizer.py"
         ) from None

@@ -25,9 +25,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-from gpt_neo.config import Config, ConfigError
+from gpt_neo.config import Config
+from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.models.gpt import apply
+from gpt_neo.storage import write_text_atomic
 
 DEFAULT_BATCH = 8
 
@@ -110,7 +114,7 @@ def _token_scores(cfg: Config):
 def _read_lines(path: str | Path, what: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
+        raise DataError(f"{what} file not found: {path}")
     return path.read_text(encoding="utf-8").splitlines()
 
 
@@ -123,7 +127,7 @@ def lambada(scorer: Scorer, encoder, path: str | Path, *, last_token: bool = Fal
         try:
             text = json.loads(line)["text"].strip()
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ConfigError(
+            raise DataError(
                 f"{path}:{number}: expected a JSON object with a 'text' string"
             ) from None
         if last_token:
@@ -132,12 +136,10 @@ def lambada(scorer: Scorer, encoder, path: str | Path, *, last_token: bool = Fal
         else:
             context, _, word = text.rpartition(" ")
             if not context:
-                raise ConfigError(
-                    f"{path}:{number}: a passage needs a context before its last word"
-                )
+                raise DataError(f"{path}:{number}: a passage needs a context before its last word")
             requests.append((encoder.encode(context), encoder.encode(" " + word)))
     if not requests:
-        raise ConfigError(f"{path}: no passages")
+        raise DataError(f"{path}: no passages")
     scores = scorer.loglikelihood(requests)
     mean_nll = -float(np.mean([ll for ll, _ in scores]))
     return {
@@ -152,7 +154,7 @@ def wikitext(scorer: Scorer, encoder, path: str | Path, *, prefix_token: int) ->
     """Word-level perplexity of a local text file (wikitext style), plus byte-level figures."""
     text = "\n".join(_read_lines(path, "wikitext"))
     if not text.strip():
-        raise ConfigError(f"{path}: the file is empty")
+        raise DataError(f"{path}: the file is empty")
     tokens = encoder.encode(text)
     loglik = scorer.loglikelihood_rolling(tokens, prefix_token)
     words, n_bytes = len(text.split()), len(text.encode("utf-8"))
@@ -168,17 +170,12 @@ def wikitext(scorer: Scorer, encoder, path: str | Path, *, prefix_token: int) ->
 
 def write_results(results: dict, model_path: str, step: int) -> str:
     """`model_path/eval_<step>.json`; returns its path."""
-    from gpt_neo.tfrecords import write_text_atomic
-
     path = f"{model_path.rstrip('/')}/eval_{step}.json"
     write_text_atomic(path, json.dumps({"step": step, **results}, indent=2) + "\n")
     return path
 
 
 def print_table(results: dict, step: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"evaluation at step {step}")
     for column in ("task", "metric", "value"):
         table.add_column(column)

@@ -23,9 +23,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
-from gpt_neo.config import Config, ConfigError, from_dict, repeating_pattern
+from gpt_neo.checkpoint import Checkpointer
+from gpt_neo.config import SHAPE_KEYS, Config, from_dict, repeating_pattern, to_dict
+from gpt_neo.encoders import HFEncoder, load_encoder
+from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.mesh import check_layout, make_mesh, padded_vocab
 from gpt_neo.models.gpt import param_shardings
+from gpt_neo.storage import write_text_atomic
+from gpt_neo.train import save_initial_checkpoint
 
 # Our activation names -> HF's ACT2FN names for the same function.
 HF_ACTIVATIONS = {
@@ -47,7 +54,13 @@ def _weight_map(cfg: Config) -> Iterator[tuple[str, tuple, Transform, Transform]
     d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
     same = (lambda a: a, lambda a: a)
     linear = (lambda a: a.T, lambda a: a.T)
-    yield "transformer.wte.weight", ("wte",), *same
+    rows = padded_vocab(cfg) - cfg.n_vocab  # HF holds exactly n_vocab rows; ours may be padded
+    yield (
+        "transformer.wte.weight",
+        ("wte",),
+        lambda a: a[: cfg.n_vocab],
+        lambda a: np.pad(a, ((0, rows), (0, 0))),
+    )
     yield "transformer.wpe.weight", ("wpe",), *same
     for i in range(cfg.n_layer):
         pre = f"transformer.h.{i}"
@@ -165,8 +178,6 @@ def export_hf(
     Refuses an existing non-empty `out_dir` unless `force`. Raises `ConfigError` for configs
     HF GPT-Neo cannot express (linear/none layers, other activations).
     """
-    from safetensors.numpy import save_file
-
     if problems := hf_incompatibilities(cfg):
         raise ConfigError(
             "Hugging Face GPT-Neo cannot express this config: " + "; ".join(problems) + "."
@@ -188,8 +199,6 @@ def export_hf(
 
 
 def _export_tokenizer(spec: str, out: Path) -> None:
-    from gpt_neo.encoders import HFEncoder, load_encoder
-
     encoder = load_encoder(spec)
     if not isinstance(encoder, HFEncoder):
         print(f"tokenizer {spec!r} is not a Hugging Face tokenizer; exported without one")
@@ -225,29 +234,31 @@ def _config_from_hf(hf: dict, source: str, overrides: dict | None) -> Config:
     act = hf.get("activation_function", "gelu_new")
     if act not in FROM_HF_ACTIVATIONS:
         raise ConfigError(f"{source}: activation_function {act!r} has no GPT-Neo equivalent")
-    return from_dict(
+    n_vocab, eos = hf.get("vocab_size", 50257), hf.get("eos_token_id")
+    cfg = from_dict(
         {
             "n_embd": d,
             "n_head": hf.get("num_heads", 16),
             "n_layer": hf.get("num_layers", 24),
             "n_ctx": hf.get("max_position_embeddings", 2048),
-            "n_vocab": hf.get("vocab_size", 50257),
+            "n_vocab": n_vocab,
             "attention_types": hf.get("attention_types", [[["global", "local"], 12]]),
             "local_attention_radius": hf.get("window_size", 256),
             "activation_function": FROM_HF_ACTIVATIONS[act],
             "embed_dropout": hf.get("embed_dropout", 0.0),
             "attn_dropout": hf.get("attention_dropout", 0.0),
             "res_dropout": hf.get("resid_dropout", 0.0),
-            "eos_id": hf.get("eos_token_id"),
+            # HF's default eos (GPT-2's 50256) may lie outside a small model's vocabulary
+            "eos_id": eos if isinstance(eos, int) and 0 <= eos < n_vocab else None,
             **(overrides or {}),
         },
         source=source,
     )
+    check_layout(cfg, source)
+    return cfg
 
 
 def _read_weights(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
     if (folder / "model.safetensors").is_file():
         return load_file(folder / "model.safetensors")
     if (index := folder / "model.safetensors.index.json").is_file():
@@ -263,7 +274,7 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
             ) from None
         state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in state.items()}
-    raise ConfigError(
+    raise DataError(
         f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )
 
@@ -282,7 +293,7 @@ def import_hf(hf_dir: str | os.PathLike, *, overrides: dict | None = None, mesh=
     params: dict = {"blocks": [{} for _ in range(cfg.n_layer)]}
     for name, path, _, from_hf in _weight_map(cfg):
         if name not in weights:
-            raise ConfigError(f"{folder}: weight {name} is missing; the folder is incomplete")
+            raise DataError(f"{folder}: weight {name} is missing; the folder is incomplete")
         _set(params, path, np.asarray(from_hf(np.asarray(weights[name], np.float32)), np.float32))
     if mesh is not None:
         return cfg, jax.device_put(params, param_shardings(cfg, mesh))
@@ -290,22 +301,17 @@ def import_hf(hf_dir: str | os.PathLike, *, overrides: dict | None = None, mesh=
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: python -m gpt_neo.hf import HF_DIR --model_path DIR
+# Import into a checkpoint that training continues
 
 # The keys an imported model takes from the HF folder; a run config may not change them.
-KEYS_FROM_HF_FOLDER = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "attention_types",
-                     "local_attention_radius", "activation_function")  # fmt: skip
+KEYS_FROM_HF_FOLDER = (*SHAPE_KEYS, "local_attention_radius")
 
 
-def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None) -> Path:
+def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None) -> str:
     """A local HF GPT-Neo folder -> `model_path/config.json` (the HF architecture with the run
     keys of `run_config`: datasets, batch size, optimizer...) and a step-0 checkpoint under
-    `model_path` that `python main.py --model model_path/config.json` continues training from."""
-    from gpt_neo.checkpoint import Checkpointer
-    from gpt_neo.config import to_dict
-    from gpt_neo.mesh import make_mesh
-    from gpt_neo.train import save_initial_checkpoint
-
+    `model_path` that `python main.py --model model_path/config.json` continues training from.
+    Returns the config's path."""
     run = {k: v for k, v in (run_config or {}).items() if k not in KEYS_FROM_HF_FOLDER}
     cfg, params = import_hf(hf_dir, overrides={**run, "model_path": model_path})
     checkpointer = Checkpointer(model_path, cfg.keep_checkpoints)
@@ -317,46 +323,6 @@ def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None
         save_initial_checkpoint(cfg, make_mesh(cfg), params, checkpointer)
     finally:
         checkpointer.close()
-    config_path = Path(model_path) / "config.json"
-    config_path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    config_path = f"{model_path.rstrip('/')}/config.json"
+    write_text_atomic(config_path, json.dumps(to_dict(cfg), indent=2) + "\n")
     return config_path
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt_neo.hf",
-        description="Turn a local Hugging Face GPT-Neo folder into a checkpoint main.py trains on.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("import", help="HF folder -> model_path checkpoint + config")
-    command.add_argument("hf_dir", help="a local GPTNeoForCausalLM folder (nothing is downloaded)")
-    command.add_argument("--model_path", required=True, help="where the checkpoint goes")
-    command.add_argument(
-        "--model", nargs="+", metavar="CONFIG",
-        help="config file(s) for the run keys (datasets, batch size, optimizer, ...); the "
-        "architecture always comes from the HF folder",
-    )  # fmt: skip
-    command.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                         metavar="KEY=VALUE", help="override a run key")  # fmt: skip
-    args = parser.parse_args(argv)
-    from gpt_neo.config import load_config, parse_overrides, to_dict
-
-    try:
-        if args.model:
-            run = to_dict(load_config(args.model, overrides=args.overrides))
-        else:
-            run = parse_overrides(args.overrides)
-        path = import_to_checkpoint(args.hf_dir, args.model_path, run)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"imported {args.hf_dir} as step 0 in {args.model_path}; continue training with\n"
-          f"    python main.py --model {path}")  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

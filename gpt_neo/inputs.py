@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpt_neo.config import Config, ConfigError
+from gpt_neo.config import Config
 from gpt_neo.dataset_config import DatasetConfig, load_dataset_config
-from gpt_neo.tfrecords import tf
+from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.storage import tf
 
 GROUP_FILES = 8
 SHUFFLE_BUFFER = 2_000
@@ -54,11 +55,11 @@ def list_files(pattern: str, *, what: str) -> list[str]:
         key=natural_key,
     )
     if not files:
-        raise ConfigError(f"{what}: the pattern '{pattern}' matches no files")
+        raise DataError(f"{what}: the pattern '{pattern}' matches no files")
     return files
 
 
-class CorruptRecordError(ConfigError):
+class CorruptRecordError(DataError):
     pass
 
 
@@ -70,10 +71,21 @@ class ReaderStats:
 class RecordReader:
     """One dataset's records, in a deterministic shuffled order, with a resumable position."""
 
-    def __init__(self, files: list[str], *, seed: int, name: str, shuffle: bool = True,
-                 skip_corrupt: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        files: list[str],
+        *,
+        seed: int,
+        name: str,
+        shuffle: bool = True,
+        shuffle_files: bool = True,
+        skip_corrupt: bool = False,
+    ):
+        """`shuffle`: examples, within a group of files; `shuffle_files`: the order of the
+        files, anew every epoch (else natural order, `name_2` before `name_10`)."""
         self.files, self.seed, self.name = files, seed, name
-        self.shuffle, self.skip_corrupt = shuffle, skip_corrupt
+        self.shuffle, self.shuffle_files = shuffle, shuffle and shuffle_files
+        self.skip_corrupt = skip_corrupt
         self.group_files = max(1, min(GROUP_FILES, len(files)))
         self.groups_per_epoch = -(-len(files) // self.group_files)
         self.shuffle_buffer = SHUFFLE_BUFFER
@@ -91,7 +103,7 @@ class RecordReader:
 
     def restore(self, state: dict) -> None:
         if state["files"] != self.fingerprint:
-            raise ConfigError(
+            raise DataError(
                 f"dataset '{self.name}': its files changed since the checkpoint was written "
                 "(the data position cannot be restored); restore the files or start a new run"
             )
@@ -102,7 +114,7 @@ class RecordReader:
     def group_files_of(self, group: int) -> list[str]:
         epoch, index = divmod(group, self.groups_per_epoch)
         order = np.arange(len(self.files))
-        if self.shuffle:
+        if self.shuffle_files:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
         chosen = order[index * self.group_files : (index + 1) * self.group_files]
         return [self.files[i] for i in chosen]
@@ -192,7 +204,7 @@ class RecordReader:
     def _handle_corrupt(self, err) -> None:
         path, good = locate_corruption(self._group_paths)
         if path is None:
-            raise ConfigError(f"dataset '{self.name}': reading failed: {err.message}") from None
+            raise DataError(f"dataset '{self.name}': reading failed: {err.message}") from None
         if not self.skip_corrupt:
             raise CorruptRecordError(
                 f"dataset '{self.name}': {path} is corrupt or truncated at record {good}. "
@@ -272,7 +284,7 @@ class DatasetSource:
     def _checked(self, tokens: np.ndarray, path: str, index: int) -> np.ndarray:
         if tokens.size and (int(tokens.max()) >= self.n_vocab or int(tokens.min()) < 0):
             bad = int(tokens.max()) if int(tokens.max()) >= self.n_vocab else int(tokens.min())
-            raise ConfigError(
+            raise DataError(
                 f"dataset '{self.config.name}': {path} record {index} holds token id {bad}, "
                 f"outside the model's n_vocab {self.n_vocab}; the data was made with another "
                 "tokenizer, or n_vocab is too small"
@@ -284,7 +296,7 @@ class DatasetSource:
         if self.mode == "chunks":
             tokens, path, index = self.reader.next_record()
             if tokens.size != length:
-                raise ConfigError(
+                raise DataError(
                     f"dataset '{self.config.name}': {path} record {index} has {tokens.size} "
                     f"tokens; sampling mode 'chunks' needs n_ctx + 1 = {length}. Re-create it with "
                     f"--mode chunks --chunk_size {self.n_ctx}, or sample it with documents_random"
@@ -330,6 +342,17 @@ class Stream:
         return [self.sources[k].next_example() for k in self.choices(batch, rows)]
 
 
+def default_sampling_mode(cfg: Config, dataset: DatasetConfig) -> str:
+    """How to read a `datasets` entry that names no sampling mode: as its dataset config says
+    the records were made (`mode`), else as the config's `input_fn` reads them: GPT-Neo's
+    `sequential_input` takes records of n_ctx + 1 tokens, its `generic_text` documents."""
+    if dataset.mode == "chunks":
+        return "chunks"
+    if dataset.mode == "documents":
+        return "documents_random"
+    return "chunks" if cfg.input_fn == "sequential_input" else "documents_random"
+
+
 def _source(
     cfg: Config, i: int, entry, stream: int, streams: int, eval: bool, skip_corrupt: bool
 ) -> DatasetSource:
@@ -339,9 +362,7 @@ def _source(
             f"dataset '{dataset.name}' has n_vocab {dataset.n_vocab} but the model's n_vocab is "
             f"{cfg.n_vocab}; raise the model's n_vocab"
         )
-    mode = entry.sampling_mode or (
-        "chunks" if dataset.mode in (None, "chunks") else "documents_random"
-    )
+    mode = entry.sampling_mode or default_sampling_mode(cfg, dataset)
     if mode not in SAMPLING_MODES:
         raise ConfigError(
             f"dataset '{dataset.name}': unknown sampling_mode '{mode}'; use one of {SAMPLING_MODES}"
@@ -349,18 +370,23 @@ def _source(
     key = "eval_path" if eval else "path"
     pattern = getattr(dataset, key)
     if not pattern:
-        raise ConfigError(f"dataset '{dataset.name}' has no {key}")
+        raise DataError(f"dataset '{dataset.name}' has no {key}")
     files = list_files(pattern, what=f"dataset '{dataset.name}' {key}")
     stream_files = files[stream::streams]
     if not stream_files:
-        raise ConfigError(
+        raise DataError(
             f"dataset '{dataset.name}' {key} has {len(files)} files for {streams} input streams "
             "(one per host unless input_streams is set); write more, smaller files "
             "(create_tfrecords --files_per)"
         )
     seed = int(np.random.default_rng([cfg.seed, i, stream]).integers(2**31))
     reader = RecordReader(
-        stream_files, seed=seed, name=dataset.name, shuffle=not eval, skip_corrupt=skip_corrupt
+        stream_files,
+        seed=seed,
+        name=dataset.name,
+        shuffle=not eval,
+        shuffle_files=cfg.shuffle_input_filenames,
+        skip_corrupt=skip_corrupt,
     )
     return DatasetSource(
         dataset, reader, mode, entry.stitch or 1, entry.weight or 1.0, cfg.n_vocab, cfg.n_ctx
@@ -377,9 +403,16 @@ class InputPipeline:
     a fixed order from the start.
     """
 
-    def __init__(self, cfg: Config, *, batch_size: int | None = None, eval: bool = False,
-                 process_index: int | None = None, process_count: int | None = None,
-                 skip_corrupt: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        batch_size: int | None = None,
+        eval: bool = False,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        skip_corrupt: bool = False,
+    ):
         import jax
 
         if not cfg.datasets:
@@ -428,8 +461,11 @@ class InputPipeline:
             return local
         from jax.experimental import multihost_utils
 
-        rows = [[int(k), i, r["group"], r["offset"], int(r["files"], 16)]
-                for k, readers in local["streams"].items() for i, r in enumerate(readers)]  # fmt: skip
+        rows = [
+            [int(k), i, r["group"], r["offset"], int(r["files"], 16)]
+            for k, readers in local["streams"].items()
+            for i, r in enumerate(readers)
+        ]
         gathered = np.asarray(multihost_utils.process_allgather(np.array(rows, np.int32))).reshape(
             -1, 5
         )

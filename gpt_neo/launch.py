@@ -1,4 +1,4 @@
-"""Where a run executes: platform selection (before jax is imported) and multi-host setup.
+"""Where a run executes: the platform (chosen before JAX starts) and multi-host setup.
 
 - `--tpu NAME`: run on the TPU chips of this TPU VM (all local chips). Launching on every
   worker of a named pod slice is not done from here.
@@ -11,19 +11,61 @@
 from __future__ import annotations
 
 import os
+import sys
 
-ENV = {"coordinator_address": "GPT_NEO_COORDINATOR_ADDRESS", "num_processes": "GPT_NEO_NUM_PROCESSES",
-       "process_id": "GPT_NEO_PROCESS_ID"}  # fmt: skip
+from gpt_neo.errors import PlatformError
+
+ENV = {
+    "coordinator_address": "GPT_NEO_COORDINATOR_ADDRESS",
+    "num_processes": "GPT_NEO_NUM_PROCESSES",
+    "process_id": "GPT_NEO_PROCESS_ID",
+}
 
 
 def select_platform(tpu: str | None, gpu_ids: list[str] | None) -> None:
-    """Must run before jax is imported."""
-    if tpu:
-        os.environ["JAX_PLATFORMS"] = "tpu"
-    elif gpu_ids:
-        ids = [g.rsplit(":", 1)[-1] for g in gpu_ids]
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
-        os.environ["JAX_PLATFORMS"] = "cuda"
+    """Make JAX use the TPU (`--tpu NAME`) or the GPUs `gpu_ids`. Call before anything uses a
+    JAX device (JAX may be imported already: its backends start on first use); then, after
+    `initialize_distributed` if the run has several processes, `require_platform`."""
+    platform = _platform(tpu, gpu_ids)
+    if platform is None:
+        return
+    if platform == "cuda":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(g.rsplit(":", 1)[-1] for g in gpu_ids)
+    os.environ["JAX_PLATFORMS"] = platform
+    if "jax" in sys.modules:  # imported already: it read the environment, so set the flag too
+        sys.modules["jax"].config.update("jax_platforms", platform)
+
+
+def _platform(tpu: str | None, gpu_ids: list[str] | None) -> str | None:
+    return "tpu" if tpu else "cuda" if gpu_ids else None
+
+
+def require_platform(tpu: str | None, gpu_ids: list[str] | None) -> None:
+    """One `PlatformError` line when the platform `select_platform` chose is not here."""
+    platform = _platform(tpu, gpu_ids)
+    if platform is None:
+        return
+    import jax  # here, not at the top: the platform must be chosen before JAX starts
+
+    asked = f"--tpu {tpu}" if tpu else f"--gpu_ids {' '.join(gpu_ids)}"
+    fix = {
+        "tpu": "run on the TPU VM itself (with `pip install .[tpu]`), or leave out --tpu",
+        "cuda": "install JAX for CUDA (`pip install jax[cuda12]`), check nvidia-smi, or leave "
+        "out --gpu_ids",
+    }[platform]
+    try:
+        devices = jax.devices()
+    except Exception as err:  # RuntimeError for a missing TPU, AssertionError for CUDA
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = detail.split(" (set JAX_PLATFORMS")[0]  # JAX's hint: use whatever is here
+        raise PlatformError(
+            f"{asked}: JAX finds no {platform.upper()} on this machine ({detail}); {fix}"
+        ) from None
+    if gpu_ids and len(devices) != len(gpu_ids):
+        raise PlatformError(
+            f"{asked}: {len(gpu_ids)} GPU(s) asked for, {len(devices)} visible to JAX; name "
+            "GPUs that exist (nvidia-smi lists them)"
+        )
 
 
 def _multi_host_environment() -> bool:
@@ -33,7 +75,7 @@ def _multi_host_environment() -> bool:
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
     """Join the other processes of this run, if there are any."""
-    import jax
+    import jax  # after select_platform
 
     coordinator_address = coordinator_address or os.environ.get(ENV["coordinator_address"])
     num_processes = num_processes or os.environ.get(ENV["num_processes"])

@@ -23,7 +23,11 @@ import sys
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from gpt_neo.checkpoint import load_params
+from gpt_neo.config import load_config
+from gpt_neo.dataset_config import model_tokenizer
 from gpt_neo.evaluate import DEFAULT_BATCH, Scorer
+from gpt_neo.sample import generate
 
 
 @register_model("gpt-neo-jax")
@@ -37,13 +41,10 @@ class GPTNeoJAX(LM):
         **_ignored,
     ):
         super().__init__()
-        from gpt_neo.config import load_config
-        from gpt_neo.modes import load_trained, tokenizer_of
-
         overrides = {"model_path": checkpoint} if checkpoint else None
         self.cfg = load_config(config, overrides=overrides)
-        self.encoder, self.eos_id = tokenizer_of(self.cfg)
-        self.params, self.step = load_trained(self.cfg)
+        self.encoder, self.eos_id = model_tokenizer(self.cfg)
+        self.params, self.step = load_params(self.cfg)
         batch = DEFAULT_BATCH if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(self.cfg, self.params, batch_size=batch)
         self.max_gen_toks = int(max_gen_toks)
@@ -67,8 +68,6 @@ class GPTNeoJAX(LM):
         ]
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        from gpt_neo.sample import generate
-
         results = []
         for request in requests:
             context, settings = request.args
@@ -78,10 +77,13 @@ class GPTNeoJAX(LM):
             temperature = settings.get("temperature", 0.0) if settings.get("do_sample") else 0.0
             prompt = self.encoder.encode(context) or [self.eos_id]
             new = generate(
-                self.cfg, self.params, [prompt],
+                self.cfg,
+                self.params,
+                [prompt],
                 max_new_tokens=int(settings.get("max_gen_toks", self.max_gen_toks)),
-                temperature=temperature, eos_id=self.eos_id,
-            )[0]  # fmt: skip
+                temperature=temperature,
+                eos_id=self.eos_id,
+            )[0]
             if new and new[-1] == self.eos_id:
                 new = new[:-1]
             text = self.encoder.decode(new)

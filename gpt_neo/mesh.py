@@ -1,13 +1,21 @@
-"""`mesh_shape` and `layout` -> a `jax.sharding.Mesh` and logical-axis sharding rules.
+"""`mesh_shape`, `layout` and `param_layout` -> a `jax.sharding.Mesh` and sharding rules.
 
 Model code names the dimensions of every parameter and large activation with *logical* axes
-(`batch`, `embd`, `heads`, ...). A config's `layout` maps some of them to mesh axes; unmapped
-axes are replicated. Model code never mentions mesh axes, so changing `mesh_shape`/`layout`
-changes where numbers live, never which numbers are computed.
+(`gpt_neo.axes`). Two rule tables map those names to mesh axes; unmapped names are replicated:
 
-GPT-Neo's layout names are accepted with their GPT-Neo meaning:
+- activations follow `layout` (GPT-Neo's key);
+- parameters, and with them their gradients and optimizer state, follow `layout` with
+  `param_layout`'s rules on top. `"layout": "batch:x", "param_layout": "embd:x"` keeps
+  activations data-parallel and splits every weight over the same devices (FSDP / ZeRO-3):
+  XLA gathers a weight where a matmul needs it and reduce-scatters its gradient.
 
-| GPT-Neo layout name      | logical axis | what it shards                                        |
+A logical name may be split over several mesh axes, `batch:x+z`. Model code never mentions
+mesh axes, so changing `mesh_shape`/`layout`/`param_layout` changes where numbers live, never
+which numbers are computed.
+
+GPT-Neo's layout names keep their GPT-Neo meaning:
+
+| GPT-Neo layout name      | logical axis | what it splits                                        |
 |--------------------------|--------------|-------------------------------------------------------|
 | `batch`                  | `batch`      | examples of a batch (data parallel)                   |
 | `sequence`               | `seq`        | activations along the sequence                        |
@@ -20,7 +28,8 @@ GPT-Neo's layout names are accepted with their GPT-Neo meaning:
 | `vocab`                  | `vocab`      | embedding rows and output logits                      |
 | `experts`, `expert_hidden` | `experts`, `expert_mlp` | mixture-of-experts dims (no effect until MoE exists) |
 
-Our own logical names may be used in `layout` directly, too.
+Our own logical names may be used directly, too. A vocabulary that its mesh axes do not divide
+(GPT-Neo's 50257 on 2 devices) is padded: see `padded_vocab`.
 """
 
 from __future__ import annotations
@@ -28,32 +37,35 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from gpt_neo.config import Config, ConfigError
+from gpt_neo import axes
+from gpt_neo.config import Config
+from gpt_neo.errors import ConfigError
 
-GPT_NEO_DIMS = {
-    "batch": "batch",
-    "sequence": "seq",
-    "memory_length": "kv_seq",
-    "embed_sequence": "pos",
-    "embd": "embd",
-    "heads": "heads",
-    "features_per_head": "kv",
-    "intermediate_expanded": "mlp",
-    "vocab": "vocab",
-    "experts": "experts",
-    "expert_hidden": "expert_mlp",
-}
-LOGICAL_AXES = frozenset(GPT_NEO_DIMS.values())
+VOCAB_ALIGNMENT = 128  # default padding multiple: whole MXU tiles / tensor-core tiles
+MeshAxes = tuple[str, ...]  # the mesh axes one logical axis is split over, in order
 
 
-def parse_mesh_shape(mesh_shape: str, source: str = "<config>") -> dict[str, int]:
+@dataclass(frozen=True)
+class Rules:
+    """Logical axis -> the mesh axes it is split over, for activations and for parameters."""
+
+    activations: dict[str, MeshAxes]
+    parameters: dict[str, MeshAxes]
+
+    def parameter_overrides(self) -> dict[str, MeshAxes]:
+        """The parameter rules that `param_layout` changed."""
+        return {k: v for k, v in self.parameters.items() if self.activations.get(k) != v}
+
+
+def parse_mesh_shape(mesh_shape: str, source: str = "config") -> dict[str, int]:
     """`"x:4,y:2"` -> {"x": 4, "y": 2} (ordered)."""
-    axes: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in mesh_shape.split(","))):
         name, sep, size = part.partition(":")
         name = name.strip()
@@ -62,120 +74,210 @@ def parse_mesh_shape(mesh_shape: str, source: str = "<config>") -> dict[str, int
                 f"{source}: mesh_shape '{mesh_shape}': '{part}' is not name:size "
                 '(write it like "x:4,y:2")'
             )
-        if name in axes:
+        if name in sizes:
             raise ConfigError(f"{source}: mesh_shape '{mesh_shape}' names axis '{name}' twice")
-        axes[name] = int(size)
-    if not axes:
+        sizes[name] = int(size)
+    if not sizes:
         raise ConfigError(f"{source}: mesh_shape '{mesh_shape}' names no axis (write \"x:8\")")
-    return axes
+    return sizes
 
 
-def mesh_axes(cfg: Config, source: str = "<config>") -> dict[str, int] | None:
+def mesh_axes(cfg: Config, source: str = "config") -> dict[str, int] | None:
     """The configured mesh axes, or None when `mesh_shape` is unset (sized at `make_mesh`)."""
     return None if cfg.mesh_shape is None else parse_mesh_shape(cfg.mesh_shape, source)
 
 
-@functools.lru_cache(maxsize=256)
-def layout_rules(cfg: Config, source: str = "<config>") -> dict[str, str]:
-    """Logical axis -> mesh axis, from `layout` (default: batch on the first mesh axis)."""
-    axes = mesh_axes(cfg, source)
-    first_axis = next(iter(axes)) if axes else "x"
-    layout = cfg.layout if cfg.layout is not None else f"batch:{first_axis}"
-    rules: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in layout.split(","))):
-        dim, sep, mesh_axis = (s.strip() for s in part.partition(":"))
-        if not sep or not dim or not mesh_axis:
+def _parse_rules(text: str, key: str, known: list[str], source: str) -> dict[str, MeshAxes]:
+    """`"batch:x+z,heads:y"` -> {"batch": ("x", "z"), "heads": ("y",)}."""
+    rules: dict[str, MeshAxes] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        dim, sep, target = (s.strip() for s in part.partition(":"))
+        if not sep or not dim or not target:
             raise ConfigError(
-                f"{source}: layout '{layout}': '{part}' is not dim:mesh_axis "
-                '(write it like "batch:x,heads:y")'
+                f"{source}: {key} '{text}': '{part}' is not dim:mesh_axis "
+                '(write it like "batch:x,heads:y", or "batch:x+z" for two mesh axes)'
             )
-        logical = GPT_NEO_DIMS.get(dim, dim if dim in LOGICAL_AXES else None)
+        logical = axes.GPT_NEO_NAMES.get(dim, dim if dim in axes.LOGICAL else None)
         if logical is None:
-            known = sorted(set(GPT_NEO_DIMS) | LOGICAL_AXES)
-            close = difflib.get_close_matches(dim, known, n=1)
+            names = sorted(set(axes.GPT_NEO_NAMES) | axes.LOGICAL)
+            close = difflib.get_close_matches(dim, names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"{source}: layout '{layout}': unknown tensor dimension '{dim}'.{hint} "
-                f"Known: {', '.join(known)}."
+                f"{source}: {key} '{text}': unknown tensor dimension '{dim}'.{hint} "
+                f"Known: {', '.join(names)}."
             )
-        known_axes = list(axes) if axes else [first_axis]
-        if mesh_axis not in known_axes:
-            raise ConfigError(
-                f"{source}: layout '{layout}' maps '{dim}' to mesh axis '{mesh_axis}', which "
-                f"mesh_shape '{cfg.mesh_shape or first_axis}' does not define "
-                f"(its axes: {', '.join(known_axes)})."
-            )
+        mesh_list = tuple(a.strip() for a in target.split("+"))
+        for mesh_axis in mesh_list:
+            if mesh_axis not in known:
+                raise ConfigError(
+                    f"{source}: {key} '{text}' maps '{dim}' to mesh axis '{mesh_axis}', which "
+                    f"the mesh does not define (its axes: {', '.join(known)}). Name one of them, "
+                    "or add the axis to mesh_shape."
+                )
+        if len(set(mesh_list)) < len(mesh_list):
+            raise ConfigError(f"{source}: {key} '{text}': '{part}' names a mesh axis twice")
         if logical in rules:
             raise ConfigError(
-                f"{source}: layout '{layout}' maps '{dim}' twice; a tensor dimension may be "
-                "split over one mesh axis only."
+                f"{source}: {key} '{text}' maps '{dim}' twice; to split one dimension over "
+                f"several mesh axes write them joined by '+' ({dim}:x+y)."
             )
-        rules[logical] = mesh_axis
+        rules[logical] = mesh_list
     return rules
 
 
+@functools.lru_cache(maxsize=256)
+def rules(cfg: Config, source: str = "config") -> Rules:
+    """The rule tables of `cfg` (default layout: `batch` on the first mesh axis)."""
+    sizes = mesh_axes(cfg, source)
+    known = list(sizes) if sizes else ["x"]
+    layout = cfg.layout if cfg.layout is not None else f"batch:{known[0]}"
+    activations = _parse_rules(layout, "layout", known, source)
+    overrides = (
+        _parse_rules(cfg.param_layout, "param_layout", known, source) if cfg.param_layout else {}
+    )
+    return Rules(activations, {**activations, **overrides})
+
+
 def logical_dim_sizes(cfg: Config) -> dict[str, int | None]:
-    """The size of each logical axis under `cfg` (None: depends on the call, e.g. batch)."""
+    """The size of each logical axis under `cfg` (None: depends on the call)."""
     return {
-        "batch": cfg.train_batch_size,
-        "seq": cfg.n_ctx,
-        "kv_seq": cfg.n_ctx,
-        "pos": cfg.n_ctx,
-        "embd": cfg.n_embd,
-        "heads": cfg.n_head,
-        "kv": cfg.head_dim,
-        "mlp": cfg.d_mlp,
-        "vocab": cfg.n_vocab,
+        axes.BATCH: cfg.train_batch_size,
+        axes.SEQ: cfg.n_ctx,
+        axes.KV_SEQ: cfg.n_ctx,
+        axes.POS: cfg.n_ctx,
+        axes.EMBD: cfg.n_embd,
+        axes.HEADS: cfg.n_head,
+        axes.KV: cfg.head_dim,
+        axes.MLP: cfg.d_mlp,
+        axes.VOCAB: padded_vocab(cfg),
     }
 
 
-def check_layout(cfg: Config, source: str = "<config>") -> None:
-    """Reject a layout that cannot work, before anything is compiled. Raises `ConfigError`."""
-    from gpt_neo.models.gpt import tensor_axes  # models import mesh; avoid the cycle
+def split_size(sizes: dict[str, int], mesh_list: MeshAxes) -> int:
+    """How many pieces a dimension split over `mesh_list` is cut into."""
+    return math.prod(sizes[a] for a in mesh_list)
 
-    rules = layout_rules(cfg, source)
-    for tensor, axes in tensor_axes(cfg).items():
-        used: dict[str, str] = {}
-        for axis in axes:
-            mesh_axis = rules.get(axis)
-            if mesh_axis is None:
-                continue
-            if mesh_axis in used:
-                raise ConfigError(
-                    f"{source}: layout '{cfg.layout}' maps both '{used[mesh_axis]}' and '{axis}' "
-                    f"of tensor {tensor} {list(axes)} to mesh axis '{mesh_axis}'; one tensor "
-                    "can be split over a mesh axis along one dimension only."
-                )
-            used[mesh_axis] = axis
-    sizes = mesh_axes(cfg, source)
+
+def padded_vocab(cfg: Config) -> int:
+    """Embedding rows: n_vocab, padded up to a multiple of `vocab_pad_multiple` when that is
+    set, else, when `vocab` is split over mesh axes that do not divide n_vocab, to the
+    smallest multiple of 128 that they divide (50257 split 2 ways -> 50304)."""
+    multiple = cfg.vocab_pad_multiple
+    if multiple is None:
+        split = _vocab_split(cfg)
+        if cfg.n_vocab % split == 0:
+            return cfg.n_vocab
+        multiple = math.lcm(VOCAB_ALIGNMENT, split)
+    return -(-cfg.n_vocab // multiple) * multiple
+
+
+def _vocab_split(cfg: Config) -> int:
+    """Pieces the vocabulary is cut into, by either rule table (1 while mesh sizes are unknown)."""
+    sizes = mesh_axes(cfg)
+    if sizes is None:
+        return 1
+    tables = rules(cfg)
+    return math.lcm(
+        *(split_size(sizes, t.get(axes.VOCAB, ())) for t in (tables.activations, tables.parameters))
+    )
+
+
+def check_layout(cfg: Config, source: str = "config", sizes: dict[str, int] | None = None) -> None:
+    """Refuse a layout that cannot work, before anything is compiled: unknown names or mesh
+    axes, one tensor split twice over a mesh axis, a dimension its mesh axes do not divide.
+    `sizes` are the mesh's axis sizes (default: from `mesh_shape`). Raises `ConfigError`."""
+    tables = rules(cfg, source)
+    param_key = "param_layout (on top of layout)" if cfg.param_layout else "layout"
+    _check_tensors(tables.activations, axes.ACTIVATIONS, "layout", source)
+    _check_tensors(tables.parameters, axes.PARAMETERS, param_key, source)
+    sizes = sizes or mesh_axes(cfg, source)
     if sizes is None:
         return
     dims = logical_dim_sizes(cfg)
-    for logical, mesh_axis in rules.items():
-        size = dims.get(logical)
-        if size is not None and size % sizes[mesh_axis]:
+    for key, table in (
+        ("layout", tables.activations),
+        ("param_layout", tables.parameter_overrides()),
+    ):
+        for logical, mesh_list in table.items():
+            size, pieces = dims.get(logical), split_size(sizes, mesh_list)
+            if size is None or size % pieces == 0:
+                continue
+            where = (
+                f"'{logical}' (size {size}) to mesh axes {'+'.join(mesh_list)} ({pieces} pieces)"
+            )
+            if logical == axes.VOCAB:
+                raise ConfigError(
+                    f"{source}: {key} splits {where}, which do not divide the padded vocabulary. "
+                    f"Set vocab_pad_multiple to a multiple of {pieces}"
+                    + (
+                        " or set mesh_shape, so the padding can be chosen"
+                        if cfg.mesh_shape is None
+                        else ""
+                    )
+                    + "."
+                )
             raise ConfigError(
-                f"{source}: layout maps '{logical}' (size {size}) to mesh axis '{mesh_axis}' of "
-                f"size {sizes[mesh_axis]}, which does not divide it. Change mesh_shape, the "
-                f"layout, or the size of '{logical}'."
+                f"{source}: {key} maps {where}, which does not divide it. Change mesh_shape, "
+                f"{key}, or the size of '{logical}'."
             )
 
 
-def logical_spec(cfg: Config, axes: tuple[str | None, ...]) -> PartitionSpec:
-    """PartitionSpec for a tensor whose dimensions carry the logical names `axes`."""
-    rules = layout_rules(cfg)
-    return PartitionSpec(*(rules.get(a) if a else None for a in axes))
+def _check_tensors(table: dict[str, MeshAxes], tensors: dict, key: str, source: str) -> None:
+    for tensor, dims in tensors.items():
+        used: dict[str, str] = {}
+        for dim in dims:
+            for mesh_axis in table.get(dim, ()):
+                if mesh_axis in used:
+                    raise ConfigError(
+                        f"{source}: {key} maps both '{used[mesh_axis]}' and '{dim}' of tensor "
+                        f"{tensor} {list(dims)} to mesh axis '{mesh_axis}'; one tensor can be "
+                        "split over a mesh axis along one dimension only."
+                    )
+                used[mesh_axis] = dim
 
 
-def named_sharding(mesh: Mesh, cfg: Config, axes: tuple[str | None, ...]) -> NamedSharding:
-    return NamedSharding(mesh, logical_spec(cfg, axes))
+# --------------------------------------------------------------------------------------------
+# Shardings
+
+
+def _spec(table: dict[str, MeshAxes], dims: tuple[str | None, ...]) -> PartitionSpec:
+    def entry(dim):
+        mesh_list = table.get(dim, ()) if dim else ()
+        return None if not mesh_list else mesh_list[0] if len(mesh_list) == 1 else mesh_list
+
+    return PartitionSpec(*(entry(d) for d in dims))
+
+
+def activation_spec(cfg: Config, dims: tuple[str | None, ...]) -> PartitionSpec:
+    return _spec(rules(cfg).activations, dims)
+
+
+def param_spec(cfg: Config, dims: tuple[str | None, ...]) -> PartitionSpec:
+    return _spec(rules(cfg).parameters, dims)
+
+
+def activation_sharding(mesh: Mesh, cfg: Config, dims) -> NamedSharding:
+    return NamedSharding(mesh, activation_spec(cfg, dims))
+
+
+def param_sharding(mesh: Mesh, cfg: Config, dims) -> NamedSharding:
+    return NamedSharding(mesh, param_spec(cfg, dims))
+
+
+def batch_axes(cfg: Config) -> MeshAxes:
+    """The mesh axes a batch is split over (data parallelism)."""
+    return rules(cfg).activations.get(axes.BATCH, ())
+
+
+def data_parallel_size(cfg: Config, mesh: Mesh) -> int:
+    return split_size(dict(mesh.shape), batch_axes(cfg))
 
 
 def make_mesh(cfg: Config, devices=None) -> Mesh:
     """A `Mesh` over `devices` (default: all) shaped by `mesh_shape`. Raises `ConfigError`."""
     devices = list(jax.devices() if devices is None else devices)
-    axes = mesh_axes(cfg) or {"x": len(devices)}
-    size = math.prod(axes.values())
+    sizes = mesh_axes(cfg) or {"x": len(devices)}
+    size = math.prod(sizes.values())
     if size != len(devices):
         platform = devices[0].platform if devices else "none"
         hint = (
@@ -189,8 +291,8 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
             f"{platform} device(s) are available. Set mesh_shape so that the sizes multiply to "
             f"{len(devices)} (e.g. --set mesh_shape=x:{len(devices)}).{hint}"
         )
-    layout_rules(cfg)  # raise layout errors before any compilation
-    shape, names = tuple(axes.values()), tuple(axes)
+    check_layout(cfg, sizes=sizes)  # with the real sizes, also when mesh_shape is unset
+    shape, names = tuple(sizes.values()), tuple(sizes)
     auto = (AxisType.Auto,) * len(names)
     try:
         return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
@@ -198,8 +300,8 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
         return Mesh(np.asarray(devices).reshape(shape), names, axis_types=auto)
 
 
-def constrain(x: jax.Array, cfg: Config, axes: tuple[str | None, ...]) -> jax.Array:
+def constrain(x: jax.Array, cfg: Config, dims: tuple[str | None, ...]) -> jax.Array:
     """Pin an activation's sharding to the layout, when traced under a mesh (`jax.set_mesh`)."""
     if jax.sharding.get_abstract_mesh().empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_spec(cfg, axes))
+    return jax.lax.with_sharding_constraint(x, activation_spec(cfg, dims))

@@ -17,15 +17,27 @@ import time
 import jax
 import numpy as np
 
-from gpt_neo.config import Config
+from gpt_neo.config import Config, to_dict
 from gpt_neo.models.gpt import flops_per_token
+from gpt_neo.storage import tf
 
 FLOP_CONVENTION = "6N+12LHQT"
 PEAK_BF16_FLOPS = {  # dense, per chip / GPU
-    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12,
-}  # fmt: skip
+    "TPU v2": 45e12,
+    "TPU v3": 123e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+}
 
 
 def peak_flops_per_device() -> tuple[float, str]:
@@ -53,8 +65,14 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def with_run_record(cfg: Config, model_path: str, body, *, sacred_id: str | None = None,
-                    mongo_url: str | None = None):  # fmt: skip
+def with_run_record(
+    cfg: Config,
+    model_path: str,
+    body,
+    *,
+    sacred_id: str | None = None,
+    mongo_url: str | None = None,
+):
     """Run `body(run)` inside a sacred run: config, host and metrics recorded by a
     FileStorageObserver under `model_path/sacred`, or a MongoObserver when `mongo_url` is
     given. `run.log_scalar(name, value, step)` records a metric. Only process 0 records."""
@@ -62,8 +80,6 @@ def with_run_record(cfg: Config, model_path: str, body, *, sacred_id: str | None
         return body(None)
     from sacred import SETTINGS, Experiment
     from sacred.observers import FileStorageObserver
-
-    from gpt_neo.config import to_dict
 
     SETTINGS.CAPTURE_MODE = "no"  # the progress line stays on the console, unbuffered
     SETTINGS.DISCOVER_SOURCES = "none"
@@ -110,8 +126,6 @@ class Metrics:
         if self.run is not None:
             for name, value in scalars.items():
                 self.run.log_scalar(name, float(value), step)
-        from gpt_neo.tfrecords import tf
-
         t = tf()
         if self._tb is None:
             self._tb = t.summary.create_file_writer(os.path.join(self.model_path, "tensorboard"))
@@ -145,15 +159,18 @@ class Metrics:
         loss = float(np.mean([float(m["loss"]) for m in history]))
         self.history.append((step, loss))
         record = {
-            "step": step, "loss": loss, "z_loss": float(last["z_loss"]), "lr": float(last["lr"]),
-            "grad_norm": float(last["grad_norm"]), "tokens_per_s": tokens_per_s, "mfu": mfu,
-            "time": time.time(),
-        }  # fmt: skip
-        self._jsonl(record)
-        self._tensorboard(
-            step,
-            {k: record[k] for k in ("loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "mfu")},
-        )
+            "step": step,
+            "loss": loss,
+            "z_loss": float(last["z_loss"]),
+            "lr": float(last["lr"]),
+            "grad_norm": float(last["grad_norm"]),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+        }
+        # log_grads: each part's gradient norm at the interval's last step, `grad_norm/<part>`
+        record |= {k: float(v) for k, v in last.items() if k.startswith("grad_norm/")}
+        self._jsonl({**record, "time": time.time()})
+        self._tensorboard(step, {k: v for k, v in record.items() if k != "step"})
         self.message(
             f"step {step}/{self.cfg.train_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% "

@@ -79,3 +79,18 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
         decay,
         optax.scale_by_learning_rate(schedule),
     )
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params, replicated):
+    """Where the optimizer state lives: a moment shaped like its parameter (Adam's m and v,
+    Adafactor's unfactored v) is split like the parameter; counters and Adafactor's factored
+    row and column statistics (small vectors) are replicated. `params`: abstract parameters
+    carrying their shardings."""
+    state = jax.eval_shape(optimizer.init, params)
+    return optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda leaf, param: param.sharding if leaf.shape == param.shape else replicated,
+        state,
+        params,
+        transform_non_params=lambda _: replicated,
+    )

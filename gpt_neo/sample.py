@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
-from gpt_neo.config import Config, ConfigError
-from gpt_neo.mesh import constrain, layout_rules, logical_spec
-from gpt_neo.models.attention import CACHE_K_AXES, CACHE_V_AXES
-from gpt_neo.models.gpt import COMPUTE_DTYPES, TOKEN_AXES, forward_with_cache, mesh_of
+from gpt_neo import axes
+from gpt_neo.config import Config
+from gpt_neo.errors import ConfigError
+from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size
+from gpt_neo.models.gpt import COMPUTE_DTYPES, DecodeCache, cast_params, mesh_of, transformer
 
 
 @dataclass(frozen=True)
@@ -69,22 +69,22 @@ def choose(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _empty_cache(cfg: Config, batch: int, length: int):
-    """Per layer: keys [batch, heads, head_dim, length], values [batch, heads, length,
-    head_dim] (see attention_with_cache); None for `none` layers."""
+def _empty_cache(cfg: Config, batch: int, length: int) -> tuple:
+    """Per layer (keys [batch, heads, head_dim, length], values [batch, heads, length,
+    head_dim]), see `attention.KVCache`; None for `none` layers."""
     dtype = COMPUTE_DTYPES[cfg.precision]
     k_shape = (batch, cfg.n_head, cfg.head_dim, length)
     v_shape = (batch, cfg.n_head, length, cfg.head_dim)
 
-    def zeros(shape, axes):  # sharded per the layout when traced under a mesh
-        return constrain(jnp.zeros(shape, dtype), cfg, axes)
+    def zeros(shape, dims):  # sharded per the layout when traced under a mesh
+        return constrain(jnp.zeros(shape, dtype), cfg, dims)
 
-    return [
+    return tuple(
         None
         if kind == "none"
-        else {"k": zeros(k_shape, CACHE_K_AXES), "v": zeros(v_shape, CACHE_V_AXES)}
+        else (zeros(k_shape, axes.CACHED_KEYS), zeros(v_shape, axes.CACHED_VALUES))
         for kind in cfg.attention_types
-    ]
+    )
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,11 @@ class _Decoder:
         batch, prompt_len = prompts.shape
         slots = jnp.arange(prompt_len)
         positions = jnp.maximum(slots[None, :] - (prompt_len - lengths)[:, None], 0)
-        cache = _empty_cache(self.cfg, batch, prompt_len + self.max_new)
-        key_valid = self.key_valid(prompts, lengths)
-        logits, cache = forward_with_cache(
-            self.cfg, params, prompts, positions, cache, slots, key_valid
-        )
+        layers = _empty_cache(self.cfg, batch, prompt_len + self.max_new)
+        cache = DecodeCache(layers, slots, self.key_valid(prompts, lengths))
+        logits, cache = transformer(self.cfg, params, prompts, positions=positions, cache=cache)
         out = jnp.zeros((batch, self.max_new), jnp.int32)
-        return jnp.int32(0), cache, logits[:, -1], out, jnp.zeros(batch, bool)
+        return jnp.int32(0), cache.layers, logits[:, -1], out, jnp.zeros(batch, bool)
 
     def step(self, params, prompts, lengths, rng, carry):
         i, cache, last_logits, out, done = carry
@@ -122,16 +120,11 @@ class _Decoder:
             done = done | (token == self.eos_id)
         out = out.at[:, i].set(token)
         slot = (prompts.shape[1] + i)[None]
-        logits, cache = forward_with_cache(
-            self.cfg,
-            params,
-            token[:, None],
-            (lengths + i)[:, None],
-            cache,
-            slot,
-            self.key_valid(prompts, lengths),
+        cache = DecodeCache(cache, slot, self.key_valid(prompts, lengths))
+        logits, cache = transformer(
+            self.cfg, params, token[:, None], positions=(lengths + i)[:, None], cache=cache
         )
-        return i + 1, cache, logits[:, -1], out, done
+        return i + 1, cache.layers, logits[:, -1], out, done
 
     def running(self, carry):
         i, *_, done = carry
@@ -185,10 +178,12 @@ def generate(
     rows, lengths, n_real = _pad_batch_for_mesh(cfg, mesh, rows, lengths)
     rng = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        params = _in_compute_dtype(cfg, params)
+        # Cast once per call, not in every decode step: decoding reads all weights per token,
+        # so bfloat16 weights halve the bytes it moves.
+        params = cast_params(cfg, params)
         tokens = jnp.asarray(rows)
         if mesh is not None:
-            tokens = jax.device_put(tokens, NamedSharding(mesh, logical_spec(cfg, TOKEN_AXES)))
+            tokens = jax.device_put(tokens, activation_sharding(mesh, cfg, axes.TOKENS))
         lengths = jnp.asarray(lengths)
         decoder = _Decoder(cfg, sampling, max_new, eos_id)
         if on_token is None:
@@ -223,15 +218,6 @@ def _until_eos(tokens: list, eos_id: int | None) -> list[int]:
     return tokens
 
 
-def _in_compute_dtype(cfg: Config, params):
-    """Cast the float32 master weights once per call, not in every decode step: decoding
-    reads all weights per token, so bfloat16 weights halve the bytes it moves."""
-    dtype = COMPUTE_DTYPES[cfg.precision]
-    if dtype == jnp.float32:
-        return params
-    return jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dtype), p))(params)
-
-
 def _prepare(cfg: Config, prompts, max_new_tokens: int):
     """Left-pad prompts to one length, truncating any longer than n_ctx - 1 from the left; cap
     the new tokens so that no row passes n_ctx positions."""
@@ -258,7 +244,8 @@ def _prepare(cfg: Config, prompts, max_new_tokens: int):
             f"{prompt_len}-token prompt; generating {max_new}",
             stacklevel=3,
         )
-    rows = np.zeros((len(prompts), prompt_len), np.int32)
+    # Left padding is masked out as keys; it holds padding_id, as GPT-Neo padded prompts.
+    rows = np.full((len(prompts), prompt_len), cfg.padding_id or 0, np.int32)
     for row, p in zip(rows, prompts, strict=True):
         row[prompt_len - len(p) :] = p
     return rows, np.array([len(p) for p in prompts], np.int32), max_new
@@ -267,10 +254,9 @@ def _prepare(cfg: Config, prompts, max_new_tokens: int):
 def _pad_batch_for_mesh(cfg: Config, mesh, rows, lengths):
     """Repeat the last prompt until the batch divides the data-parallel mesh axis."""
     n_real = len(rows)
-    batch_axis = layout_rules(cfg).get("batch")
-    if mesh is None or not batch_axis:
+    if mesh is None:
         return rows, lengths, n_real
-    extra = -n_real % mesh.shape[batch_axis]
+    extra = -n_real % data_parallel_size(cfg, mesh)
     if extra:
         rows = np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)])
         lengths = np.concatenate([lengths, np.repeat(lengths[-1:], extra)])

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpt_neo.config import Config
-from gpt_neo.mesh import layout_rules, logical_spec, mesh_axes
+from gpt_neo.mesh import mesh_axes, padded_vocab, param_spec, rules, split_size
 from gpt_neo.models.gpt import (
     FLOP_CONVENTIONS,
     flops_per_token,
@@ -31,18 +31,20 @@ BYTES_PER_PARAM = 4  # float32 master copies, whatever the compute precision
 class ParamRow:
     name: str  # blocks/*/attn/q style, layers folded together
     layers: int  # how many parameters share the row
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as stored (the vocabulary padded, if it is)
     axes: tuple[str | None, ...]
-    spec: str  # mesh axis per dimension, "-" where replicated
+    spec: str  # mesh axes per dimension, "-" where replicated
     device_shape: tuple[int, ...]
 
 
-def _device_shape(cfg: Config, shape, axes) -> tuple[int, ...]:
+def _device_shape(cfg: Config, shape, dims) -> tuple[int, ...]:
+    """The per-device shape of a parameter under the parameter rules (mesh sizes from
+    mesh_shape; unknown sizes count as 1)."""
     sizes = mesh_axes(cfg) or {}
-    rules = layout_rules(cfg)
+    table = rules(cfg).parameters
     return tuple(
-        dim // sizes.get(rules.get(axis), 1) if axis else dim
-        for dim, axis in zip(shape, axes, strict=True)
+        size // split_size(sizes, tuple(a for a in table.get(dim, ()) if a in sizes))
+        for size, dim in zip(shape, dims, strict=True)
     )
 
 
@@ -53,28 +55,43 @@ def param_rows(cfg: Config) -> list[ParamRow]:
     rows = []
     for name, decls in grouped.items():
         decl = decls[0]
-        spec = logical_spec(cfg, decl.axes)
+        spec = param_spec(cfg, decl.axes)
         rows.append(
             ParamRow(
                 name,
                 len(decls),
-                decl.shape,
+                decl.stored_shape,
                 decl.axes,
-                ",".join(a or "-" for a in spec) or "-",
-                _device_shape(cfg, decl.shape, decl.axes),
+                ",".join(_mesh_text(a) for a in spec) or "-",
+                _device_shape(cfg, decl.stored_shape, decl.axes),
             )
         )
     return rows
 
 
-def optimizer_state_elements(cfg: Config, device_shape: tuple[int, ...]) -> int:
-    """Optimizer-state floats per device for one parameter."""
+def _mesh_text(entry) -> str:
+    """One PartitionSpec entry as text: `x`, `x+z`, or `-` for replicated."""
+    if entry is None:
+        return "-"
+    return entry if isinstance(entry, str) else "+".join(entry)
+
+
+ADAFACTOR_MIN_DIM_TO_FACTOR = 128  # optax.scale_by_factored_rms's default
+
+
+def optimizer_state_elements(cfg: Config, shape: tuple[int, ...], device_shape) -> int:
+    """Optimizer-state floats per device for one parameter of `shape` (`device_shape` on one
+    device). Moments shaped like the parameter are split like it (gpt_neo.optim.state_shardings);
+    Adafactor's factored statistics are replicated."""
     if cfg.opt_name.lower() == "adam":
         return 2 * math.prod(device_shape)  # first and second moments
-    if len(device_shape) < 2:  # adafactor: unfactored second moment for vectors and scalars
-        return math.prod(device_shape)
-    # adafactor: row and column statistics of the two trailing dimensions
-    return math.prod(device_shape) // device_shape[-1] + math.prod(device_shape) // device_shape[-2]
+    # Adafactor (optax): factors the two largest dims when both reach 128, keeping a row and a
+    # column statistic plus a 1-element placeholder; else the full v and two placeholders.
+    largest = sorted(range(len(shape)), key=lambda d: shape[d])[-2:]
+    if len(shape) < 2 or shape[largest[0]] < ADAFACTOR_MIN_DIM_TO_FACTOR:
+        return math.prod(device_shape) + 2
+    size = math.prod(shape)
+    return size // shape[largest[1]] + size // shape[largest[0]] + 1
 
 
 def memory_per_device(cfg: Config) -> dict[str, int]:
@@ -82,7 +99,7 @@ def memory_per_device(cfg: Config) -> dict[str, int]:
     params = optimizer = 0
     for row in param_rows(cfg):
         params += row.layers * math.prod(row.device_shape)
-        optimizer += row.layers * optimizer_state_elements(cfg, row.device_shape)
+        optimizer += row.layers * optimizer_state_elements(cfg, row.shape, row.device_shape)
     return {"parameters": params * BYTES_PER_PARAM, "optimizer state": optimizer * BYTES_PER_PARAM}
 
 
@@ -101,7 +118,7 @@ def _bytes(n: int) -> str:
 
 
 def print_summary(cfg: Config, console: Console | None = None) -> None:
-    console = console or Console(width=max(Console().width, 120))
+    console = console or Console(width=max(Console().width, 120), soft_wrap=True)
     total = param_count(cfg)
     kinds = ", ".join(
         f"{cfg.attention_types.count(k)} {k}" for k in dict.fromkeys(cfg.attention_types)
@@ -123,8 +140,16 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
     sizes = mesh_axes(cfg)
     mesh_text = cfg.mesh_shape or "all devices on axis x"
     devices = math.prod(sizes.values()) if sizes else None
-    rules = ", ".join(f"{k}->{v}" for k, v in layout_rules(cfg).items()) or "replicated"
-    console.print(f"mesh: {mesh_text} ({devices or '?'} devices); layout rules: {rules}")
+    tables = rules(cfg)
+    console.print(f"mesh: {mesh_text} ({devices or '?'} devices)")
+    console.print(f"layout (activations): {_rules_text(tables.activations)}")
+    parameters = _rules_text(tables.parameters) if cfg.param_layout else "as layout"
+    console.print(f"param_layout (parameters): {parameters}")
+    if padded_vocab(cfg) != cfg.n_vocab:
+        console.print(
+            f"vocabulary: {cfg.n_vocab} tokens, embedding padded to {padded_vocab(cfg)} rows so "
+            "that its mesh axes divide it (padding is masked out)"
+        )
     memory = memory_per_device(cfg)
     console.print(
         f"per-device memory ({cfg.opt_name}): parameters {_bytes(memory['parameters'])} + "
@@ -144,6 +169,10 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
             _dims(row.device_shape),
         )
     console.print(table)
+
+
+def _rules_text(table: dict) -> str:
+    return ", ".join(f"{k}->{'+'.join(v)}" for k, v in table.items()) or "replicated"
 
 
 def _dims(shape: tuple[int, ...]) -> str:

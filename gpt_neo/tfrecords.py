@@ -27,8 +27,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_neo.config import ConfigError
 from gpt_neo.corpus import CorpusStats, fix_text, read_documents, wikitext_detokenize
+from gpt_neo.encoders import load_encoder
+from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.storage import exists, read_text, tf, write_text_atomic
 
 UNIT_BYTES = 32 * 2**20
 ENCODE_BATCH = 256
@@ -59,14 +61,6 @@ class WriteStats(CorpusStats):
     records: int = 0
     tokens: int = 0  # tokens written, separators included
     tail_tokens_dropped: int = 0  # chunks mode: the last partial record of each unit
-
-
-def tf():
-    """TensorFlow, for data work only: it never sees an accelerator (JAX owns those)."""
-    import tensorflow
-
-    tensorflow.config.set_visible_devices([], "GPU")  # data work never touches an accelerator
-    return tensorflow
 
 
 def plan_units(files: Sequence[Path]) -> list[list[str]]:
@@ -152,8 +146,6 @@ _ENCODERS: dict = {}
 
 def process_unit(job: TFRecordJob, unit: int, files: Sequence[str], progress=None) -> tuple:
     """Tokenize one unit into `.tmp` record files. Returns (unit, [(tmp, n)], WriteStats)."""
-    from gpt_neo.encoders import load_encoder
-
     encoder = _ENCODERS.get(job.encoder) or _ENCODERS.setdefault(
         job.encoder, load_encoder(job.encoder)
     )
@@ -202,20 +194,7 @@ def _fingerprint(job: TFRecordJob, units: list[list[str]]) -> str:
 
 
 def _read_manifest(path: str) -> dict | None:
-    t = tf()
-    if not t.io.gfile.exists(path):
-        return None
-    with t.io.gfile.GFile(path) as handle:
-        return json.loads(handle.read())
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `path` (local or gs://) whole or not at all: a temporary file, then a rename."""
-    t = tf()
-    tmp = path + ".tmp"
-    with t.io.gfile.GFile(tmp, "w") as handle:
-        handle.write(text)
-    t.io.gfile.rename(tmp, path, overwrite=True)
+    return json.loads(read_text(path)) if exists(path) else None
 
 
 def _check_writable(output_dir: str) -> None:
@@ -227,7 +206,7 @@ def _check_writable(output_dir: str) -> None:
             handle.write("ok")
         t.io.gfile.remove(probe)
     except (t.errors.OpError, OSError) as err:
-        raise ConfigError(
+        raise DataError(
             f"--output_dir {output_dir} is not writable ({err.__class__.__name__}); choose a "
             "directory you can write to"
         ) from None
@@ -253,8 +232,11 @@ def create_tfrecords(
     manifest_path = f"{job.output_dir}/{job.name}.manifest.json"
     fingerprint = _fingerprint(job, units)
     manifest = _read_manifest(manifest_path) or {
-        "version": MANIFEST_VERSION, "fingerprint": fingerprint, "units": {}, "final": None,
-    }  # fmt: skip
+        "version": MANIFEST_VERSION,
+        "fingerprint": fingerprint,
+        "units": {},
+        "final": None,
+    }
     if manifest["fingerprint"] != fingerprint:
         raise ConfigError(
             f"{manifest_path} belongs to a run with other inputs or settings; use another "
@@ -298,8 +280,14 @@ def _run_units(job, todo, units, processes, show_progress):
 
     total_bytes = sum(os.path.getsize(f) for u in units for f in u)
     done_bytes = total_bytes - sum(os.path.getsize(f) for _, _, files in todo for f in files)
-    bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
-               disable=not show_progress, desc=f"tokenizing {job.name}")  # fmt: skip
+    bar = tqdm(
+        total=total_bytes,
+        initial=done_bytes,
+        unit="B",
+        unit_scale=True,
+        disable=not show_progress,
+        desc=f"tokenizing {job.name}",
+    )
     docs = tokens = 0
     start = time.perf_counter()
 

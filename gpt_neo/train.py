@@ -17,13 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt_neo.config import Config, ConfigError
-from gpt_neo.mesh import layout_rules
-from gpt_neo.models.gpt import forward, init_params, param_decl_leaves, param_shardings
-from gpt_neo.optim import learning_rate, make_optimizer
+from gpt_neo import axes
+from gpt_neo.config import Config
+from gpt_neo.dataset_config import model_tokenizer
+from gpt_neo.errors import ConfigError
+from gpt_neo.inputs import InputPipeline
+from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
+from gpt_neo.models.gpt import abstract_params, forward, init_params
+from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
+from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
+from gpt_neo.summary import memory_per_device
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; rerun to resume
 EXIT_DIVERGED = 3  # non-finite loss or gradient; the last good checkpoint is untouched
@@ -37,14 +44,29 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def loss_fn(cfg: Config, params, tokens, rng):
-    """Mean next-token cross-entropy of tokens [batch, n_ctx + 1], plus GPT-Neo's z-loss
-    (z_loss * logsumexp(logits)^2). Returns (total, (cross_entropy, z_loss))."""
+def counted_targets(cfg: Config, tokens) -> jax.Array:
+    """float32 [batch, n_ctx]: 1 where the next-token target of tokens [batch, n_ctx + 1]
+    counts in the loss, 0 where it is padding (`padding_id`)."""
+    targets = tokens[:, 1:]
+    if cfg.padding_id is None:
+        return jnp.ones(targets.shape, jnp.float32)
+    return (targets != cfg.padding_id).astype(jnp.float32)
+
+
+def loss_fn(cfg: Config, params, tokens, rng, target_count=None):
+    """Next-token cross-entropy of tokens [batch, n_ctx + 1] plus GPT-Neo's z-loss
+    (z_loss * logsumexp(logits)^2), summed over the counted targets and divided by
+    `target_count` (default: how many targets `tokens` counts, which makes it the mean; a
+    microbatch passes its whole batch's count, so that microbatch losses add up to the batch's).
+    Returns (total, (cross_entropy, z_loss))."""
     logits = forward(cfg, params, tokens[:, :-1], rng)
+    weight = counted_targets(cfg, tokens)
+    if target_count is None:
+        target_count = jnp.maximum(weight.sum(), 1.0)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    cross_entropy = jnp.mean(log_z - target)
-    z_loss = cfg.z_loss * jnp.mean(jnp.square(log_z))
+    cross_entropy = jnp.sum((log_z - target) * weight) / target_count
+    z_loss = cfg.z_loss * jnp.sum(jnp.square(log_z) * weight) / target_count
     return cross_entropy + z_loss, (cross_entropy, z_loss)
 
 
@@ -85,10 +107,11 @@ def gradients(
     over `n_micro` microbatches (a lax.scan) when the batch does not fit at once."""
     uses_dropout = max(cfg.embed_dropout, cfg.attn_dropout, cfg.res_dropout) > 0
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)
+    target_count = jnp.maximum(counted_targets(cfg, batch).sum(), 1.0)
 
     def grads_of(tokens, index):
         rng = jax.random.fold_in(step_rng, index) if uses_dropout else None
-        (_, (ce, z)), grads = grad_fn(params, tokens, rng)
+        (_, (ce, z)), grads = grad_fn(params, tokens, rng, target_count)
         return grads, ce, z
 
     if n_micro == 1:
@@ -102,7 +125,15 @@ def gradients(
 
     zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
     total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(n_micro), micro))
-    return jax.tree.map(lambda x: x / n_micro, total)
+    return total  # each microbatch's loss was already divided by the whole batch's count
+
+
+def gradient_norms(grads) -> dict[str, jax.Array]:
+    """`log_grads`: the norm of each layer's gradient and of the embeddings' and ln_f's, as
+    `grad_norm/blocks/3`, `grad_norm/wte`, ...; their squares add up to the global norm's."""
+    parts = {name: g for name, g in grads.items() if name != "blocks"}
+    parts |= {f"blocks/{i}": g for i, g in enumerate(grads["blocks"])}
+    return {f"grad_norm/{name}": optax.tree.norm(g) for name, g in parts.items()}
 
 
 def train_step(cfg: Config, optimizer, n_micro: int, data_parallel: int, batch_spec, state, batch):
@@ -120,23 +151,12 @@ def train_step(cfg: Config, optimizer, n_micro: int, data_parallel: int, batch_s
     metrics = {
         "loss": ce,
         "z_loss": z,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": learning_rate(cfg, state["step"]),
     }
+    if cfg.log_grads:
+        metrics |= gradient_norms(grads)
     return new_state, metrics
-
-
-def abstract_params(cfg: Config, mesh: Mesh):
-    """Shapes, dtypes and shardings of the parameters (a restore target; nothing allocated)."""
-    leaves, treedef = param_decl_leaves(cfg)
-    shardings = jax.tree.leaves(param_shardings(cfg, mesh))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            jax.ShapeDtypeStruct(d.shape, jnp.float32, sharding=s)
-            for (_, d), s in zip(leaves, shardings, strict=True)
-        ],
-    )
 
 
 class Trainer:
@@ -147,20 +167,20 @@ class Trainer:
         self.batch_size = batch_size or cfg.train_batch_size
         if not self.batch_size:
             raise ConfigError("set train_batch_size in the config")
-        batch_axis = layout_rules(cfg).get("batch")
-        self.data_parallel = mesh.shape[batch_axis] if batch_axis else 1
+        batch_spec = activation_spec(cfg, (axes.BATCH, None))
+        self.data_parallel = data_parallel_size(cfg, mesh)
         if self.batch_size % self.data_parallel:
             raise ConfigError(
                 f"train_batch_size {self.batch_size} is not divisible by the data-parallel size "
-                f"{self.data_parallel} (mesh axis '{batch_axis}')"
+                f"{self.data_parallel} (mesh axes {'+'.join(batch_axes(cfg))})"
             )
         self.n_micro = num_microbatches(cfg, self.batch_size, self.data_parallel)
         self.optimizer = make_optimizer(cfg)
-        self.batch_sharding = NamedSharding(mesh, P(batch_axis, None))
+        self.batch_sharding = NamedSharding(mesh, batch_spec)
         self.replicated = NamedSharding(mesh, P())
         self.state_shardings = self._state_shardings()
         step = functools.partial(
-            train_step, cfg, self.optimizer, self.n_micro, self.data_parallel, (batch_axis, None)
+            train_step, cfg, self.optimizer, self.n_micro, self.data_parallel, tuple(batch_spec)
         )
         self.step = jax.jit(
             step,
@@ -171,12 +191,9 @@ class Trainer:
 
     def _state_shardings(self):
         params = abstract_params(self.cfg, self.mesh)
-        opt = jax.jit(self.optimizer.init).lower(params).compile().output_shardings
-        # moments follow their parameter's sharding; counters come back single-device: replicate
-        opt = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else self.replicated, opt)
         return {
             "params": jax.tree.map(lambda p: p.sharding, params),
-            "opt_state": opt,
+            "opt_state": state_shardings(self.optimizer, params, self.replicated),
             "step": self.replicated,
             "rng": self.replicated,
         }
@@ -232,8 +249,6 @@ class Preemption:
         """Whether any process was asked to stop (all processes then stop at the same step)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
         return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
 
@@ -250,13 +265,23 @@ def check_finite(history: list[dict], first_step: int) -> None:
 
 def evaluate(cfg: Config, trainer: Trainer, params, steps: int) -> dict:
     """Mean cross-entropy (without z-loss) over `steps` eval batches from the start of eval_path."""
-    from gpt_neo.inputs import InputPipeline
-
     pipeline = InputPipeline(cfg, eval=True)
     eval_fn = _eval_fn(cfg, trainer)
     losses = [float(eval_fn(params, trainer.place(pipeline.next_batch()))) for _ in range(steps)]
     loss = float(np.mean(losses))
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+
+def validation(cfg: Config, params) -> dict:
+    """`--eval`'s validation figures for `params`: loss and perplexity over `eval_steps`
+    batches of `eval_batch_size` (default train_batch_size) from eval_path."""
+    batch = cfg.eval_batch_size or cfg.train_batch_size
+    if not batch:
+        raise ConfigError("set eval_batch_size (or train_batch_size) for the validation loss")
+    mesh = make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        metrics = evaluate(cfg, Trainer(cfg, mesh, batch_size=batch), params, cfg.eval_steps)
+    return {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"]}
 
 
 @functools.lru_cache(maxsize=8)
@@ -272,11 +297,9 @@ def _eval_fn(cfg: Config, trainer: Trainer):
 def sample_now(cfg: Config, params, step: int) -> str:
     """GPT-Neo's `predict_steps > 0`: sample from the default prompt after a checkpoint.
     Returns the line to log."""
-    from gpt_neo.modes import DEFAULT_PROMPT, tokenizer_of, write_predictions
-
     if jax.process_count() > 1:  # decoded text would need every host's rows gathered first
         return "predict_steps: sampling during multi-process training is skipped; use --predict"
-    encoder, eos_id = tokenizer_of(cfg)
+    encoder, eos_id = model_tokenizer(cfg)
     path = write_predictions(cfg, params, step, DEFAULT_PROMPT, encoder, eos_id, seed=step)[1]
     return f"samples at step {step}: {path}"
 
@@ -289,8 +312,6 @@ def explain_out_of_memory(cfg: Config):
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):
             raise
-        from gpt_neo.summary import memory_per_device
-
         need = memory_per_device(cfg)
         raise ConfigError(
             f"out of device memory ({str(err).splitlines()[0][:200]}). Parameters and optimizer "
@@ -312,8 +333,6 @@ def train(
 def _train(
     cfg: Config, mesh: Mesh, steps_per_checkpoint: int, checkpointer, metrics, pipeline
 ) -> int:
-    from gpt_neo.inputs import InputPipeline
-
     if not cfg.train_steps:
         raise ConfigError("set train_steps in the config")
     trainer = Trainer(cfg, mesh)
@@ -370,8 +389,8 @@ def _train(
 def save_initial_checkpoint(cfg: Config, mesh: Mesh, params, checkpointer) -> None:
     """Step 0 of a run that starts from given params (an imported model): a fresh optimizer
     state and RNG, the data read from the start. `main.py` then resumes it like any run."""
-    batch_axis = layout_rules(cfg).get("batch")  # no step is taken: any valid batch size does
-    trainer = Trainer(cfg, mesh, batch_size=mesh.shape[batch_axis] if batch_axis else 1)
+    # no step is taken: any valid batch size does
+    trainer = Trainer(cfg, mesh, batch_size=data_parallel_size(cfg, mesh))
     state = trainer.init_state(cfg.seed)
     state["params"] = jax.device_put(params, trainer.state_shardings["params"])
     checkpointer.save(0, state, DATA_FROM_THE_START, cfg)

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from gpt_neo.config import from_dict
+from gpt_neo.mesh import check_layout
 from gpt_neo.models.gpt import init_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -15,7 +16,37 @@ GPT_NEO_CONFIGS = SHARED / "fixtures" / "gpt-neo-configs"
 
 
 # The vocabulary of write_text_dataset's repetitive English.
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "hex"]  # fmt: skip
+PANGRAM = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex"
+WORDS = PANGRAM.split()
+
+
+# A model that trains in seconds, and the run keys of the training tests: data parallel over x,
+# heads over y, on the 8 simulated devices.
+SMALL_MODEL = {
+    "n_embd": 32,
+    "n_head": 4,
+    "n_layer": 2,
+    "n_ctx": 32,
+    "n_vocab": 320,
+    "attention_types": ["global", "local"],
+    "local_attention_radius": 8,
+}
+SMALL_RUN = {
+    **SMALL_MODEL,
+    "train_batch_size": 8,
+    "iterations": 1,
+    "lr": 3e-3,
+    "warmup_steps": 2,
+    "mesh_shape": "x:4,y:2",
+    "layout": "batch:x,heads:y",
+}
+
+
+def write_config(path: Path, keys: dict) -> str:
+    """A model config JSON at `path`; returns the path as main.py takes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(keys))
+    return str(path)
 
 
 def tiny_config(**overrides):
@@ -29,7 +60,9 @@ def tiny_config(**overrides):
         "attention_types": ["global", "local", "linear", "none"],
         "local_attention_radius": 8,
     }
-    return from_dict({**keys, **overrides}, source="tiny_config")
+    cfg = from_dict({**keys, **overrides}, source="tiny_config")
+    check_layout(cfg, "tiny_config")  # as gpt_neo.load_config does
+    return cfg
 
 
 def perturbed_params(cfg, seed=0):
@@ -46,6 +79,18 @@ def perturbed_params(cfg, seed=0):
 def random_tokens(cfg, batch=8, length=None, seed=0):
     length = cfg.n_ctx if length is None else length
     return np.random.default_rng(seed).integers(0, cfg.n_vocab, (batch, length)).astype(np.int32)
+
+
+# Mixed global/local layers and a window (7) much shorter than the sequence (64).
+HF_CONFIG = dict(
+    vocab_size=211,
+    max_position_embeddings=64,
+    hidden_size=64,
+    num_layers=4,
+    num_heads=4,
+    attention_types=[[["global", "local"], 2]],
+    window_size=7,
+)
 
 
 def random_hf_model(folder, *, seed=0, safetensors=True, **config):
@@ -98,8 +143,19 @@ def document(doc_id: int, length: int, eos: int = 0) -> list[int]:
     return [doc_id * 1000 + j for j in range(1, length + 1)] + [eos]
 
 
-def write_dataset(folder, name, docs_per_file, *, first_id=1, lengths=(5, 9, 23), mode="documents",
-                  eval_docs=None, n_vocab=1_000_000, n_ctx=16, eos=0):  # fmt: skip
+def write_dataset(
+    folder,
+    name,
+    docs_per_file,
+    *,
+    first_id=1,
+    lengths=(5, 9, 23),
+    mode="documents",
+    eval_docs=None,
+    n_vocab=1_000_000,
+    n_ctx=16,
+    eos=0,
+):
     """TFRecord files + a dataset config; returns (config path, {doc_id: tokens})."""
     folder.mkdir(parents=True, exist_ok=True)
     docs, doc_id = {}, first_id
@@ -114,8 +170,14 @@ def write_dataset(folder, name, docs_per_file, *, first_id=1, lengths=(5, 9, 23)
                 docs[doc_id] = tokens
                 writer.write(_serialize(tokens))
                 doc_id += 1
-    config = {"n_vocab": n_vocab, "path": str(folder / f"{name}_*.tfrecords"), "eos_id": eos,
-              "padding_id": eos, "tokenizer_path": "byte", "mode": mode}  # fmt: skip
+    config = {
+        "n_vocab": n_vocab,
+        "path": str(folder / f"{name}_*.tfrecords"),
+        "eos_id": eos,
+        "padding_id": eos,
+        "tokenizer_path": "byte",
+        "mode": mode,
+    }
     if eval_docs:
         with _tf().io.TFRecordWriter(str(folder / f"{name}eval_0_{eval_docs}.tfrecords")) as writer:
             for k in range(eval_docs):
@@ -127,7 +189,7 @@ def write_dataset(folder, name, docs_per_file, *, first_id=1, lengths=(5, 9, 23)
 
 
 def _tf():
-    from gpt_neo.tfrecords import tf
+    from gpt_neo.storage import tf
 
     return tf()
 
@@ -163,9 +225,15 @@ def write_text_dataset(folder, *, docs=60, eval_docs=8, seed=0, files_per=100_00
             files_per=files_per,
         )
         create_tfrecords(job, list_input_files(raw), show_progress=False)
-    config = {"n_vocab": 258, "path": str(folder / "tfrecords" / "train_*.tfrecords"),
-              "eval_path": str(folder / "tfrecords" / "eval_*.tfrecords"), "tokenizer_path": "byte",
-              "eos_id": 256, "padding_id": 257, "mode": "documents"}  # fmt: skip
+    config = {
+        "n_vocab": 258,
+        "path": str(folder / "tfrecords" / "train_*.tfrecords"),
+        "eval_path": str(folder / "tfrecords" / "eval_*.tfrecords"),
+        "tokenizer_path": "byte",
+        "eos_id": 256,
+        "padding_id": 257,
+        "mode": "documents",
+    }
     path = folder / "text.json"
     path.write_text(json.dumps(config))
     return str(path)

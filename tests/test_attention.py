@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_neo.config import ConfigError
+from gpt_neo.errors import ConfigError
 from gpt_neo.models import attention as attn
 from tests import reference
 from tests.helpers import tiny_config

@@ -6,7 +6,8 @@ import json
 import pytest
 
 import gpt_neo
-from gpt_neo.config import ConfigError, load_config
+from gpt_neo.config import load_config
+from gpt_neo.errors import ConfigError
 from tests.helpers import GPT_NEO_CONFIGS, REPO
 
 BASE = {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_ctx": 16, "n_vocab": 100}
@@ -34,7 +35,7 @@ def test_the_original_gpt_neo_configs_are_all_present():
 @pytest.mark.parametrize("path", ORIGINAL_CONFIGS, ids=lambda p: p.stem)
 def test_every_original_gpt_neo_config_loads(path):
     raw = json.loads(path.read_text())
-    cfg = load_config(path)
+    cfg = gpt_neo.load_config(path)  # keys, values, and the layout against the model
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (raw["n_layer"], raw["n_embd"], raw["n_head"])
     assert len(cfg.attention_types) == raw["n_layer"]
     assert cfg.activation_function == raw["activation_function"]
@@ -43,7 +44,7 @@ def test_every_original_gpt_neo_config_loads(path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.stem)
 def test_every_shipped_preset_loads(path):
-    assert load_config(path).n_layer >= 1
+    assert gpt_neo.load_config(path).n_layer >= 1
 
 
 def test_attention_types_shorthand_expands_per_layer(tmp_path):
@@ -213,6 +214,59 @@ def test_missing_config_file():
         load_config("no/such/config.json")
 
 
-def test_public_surface():
-    assert gpt_neo.load_config is load_config
+def test_public_load_config_also_checks_the_layout_against_the_model(tmp_path):
+    path = write(tmp_path, {**BASE, "mesh_shape": "x:4,y:2", "layout": "batch:x,embd:x"})
+    assert load_config(path).layout == "batch:x,embd:x"  # keys and values are fine
+    with pytest.raises(ConfigError, match=f"{path}: layout maps both 'batch' and 'embd'"):
+        gpt_neo.load_config(path)
     assert issubclass(gpt_neo.ConfigError, ValueError)
+    assert issubclass(gpt_neo.ConfigError, gpt_neo.UserError)
+    assert issubclass(gpt_neo.DataError, gpt_neo.UserError)
+    assert gpt_neo.UserError.exit_code == 2
+
+
+# --- GPT-Neo keys that used to be accepted and ignored --------------------------------------
+
+
+def test_no_dataset_is_refused_with_the_reason(tmp_path):
+    message = error_of(tmp_path, {**BASE, "no_dataset": True})
+    assert "'no_dataset' = true is not needed" in message and "without 'datasets'" in message
+    assert load_config(write(tmp_path, {**BASE, "no_dataset": False})).n_layer == 2
+
+
+def test_model_accepts_only_gpt(tmp_path):
+    assert load_config(write(tmp_path, {**BASE, "model": "GPT"})).n_layer == 2
+    assert 'only "GPT" exists' in error_of(tmp_path, {**BASE, "model": "Transformer"})
+
+
+def test_input_fn_takes_gpt_neo_pipeline_names(tmp_path):
+    assert (
+        load_config(write(tmp_path, {**BASE, "input_fn": "generic_text"})).input_fn
+        == "generic_text"
+    )
+    assert "Did you mean 'generic_text'" in error_of(tmp_path, {**BASE, "input_fn": "generic_txt"})
+
+
+def test_padding_id_must_be_a_token_other_than_eos(tmp_path):
+    assert "outside the vocabulary [0, 100)" in error_of(tmp_path, {**BASE, "padding_id": 100})
+    message = error_of(tmp_path, {**BASE, "padding_id": 3, "eos_id": 3})
+    assert "padding_id and eos_id are both 3" in message and "end-of-text target" in message
+
+
+def test_every_config_field_has_a_reader_outside_config_py():
+    """A key that is accepted and documented must change something: every `Config` field is
+    read as `.field` somewhere in the package other than config.py."""
+    import ast
+
+    from gpt_neo.config import Config
+
+    package = REPO / "gpt_neo"
+    read = {
+        node.attr
+        for path in package.rglob("*.py")
+        if path.name != "config.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+    }
+    unread = [f.name for f in dataclasses.fields(Config) if f.name not in read]
+    assert unread == []

@@ -8,9 +8,10 @@ import tarfile
 import pytest
 
 from gpt_neo import tfrecords
-from gpt_neo.config import ConfigError, from_dict
+from gpt_neo.config import from_dict
 from gpt_neo.corpus import list_input_files, wikitext_detokenize
 from gpt_neo.encoders import load_encoder
+from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.inputs import InputPipeline, iter_records
 from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 from tests.helpers import SAMPLE_TEXTS, train_tokenizer_file
@@ -54,9 +55,14 @@ def make_corpus(root):
 def expected_documents():
     """Source documents in the order list_input_files visits them (sorted paths)."""
     return [
-        DOCS["a.txt"], DOCS["b.txt"], *JSONL, "caf\ufffd in latin-1", "an xz compressed text document",
-        *ZST, *TARRED,
-    ]  # fmt: skip
+        DOCS["a.txt"],
+        DOCS["b.txt"],
+        *JSONL,
+        "caf\ufffd in latin-1",
+        "an xz compressed text document",
+        *ZST,
+        *TARRED,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +75,15 @@ def corpus(tmp_path_factory):
 
 def job_for(tmp_path, tokenizer, **kw):
     encoder = load_encoder(tokenizer)
-    return TFRecordJob(**{"name": "t", "output_dir": str(tmp_path / "out"), "encoder": str(tokenizer),
-                          "separator": (encoder.eos_id,), **kw})  # fmt: skip
+    return TFRecordJob(
+        **{
+            "name": "t",
+            "output_dir": str(tmp_path / "out"),
+            "encoder": str(tokenizer),
+            "separator": (encoder.eos_id,),
+            **kw,
+        }
+    )
 
 
 def read_back(result):
@@ -195,7 +208,7 @@ def test_output_dir_that_is_not_writable(corpus, tmp_path):
     blocker.write_text("x")
     job = job_for(tmp_path, tokenizer)
     job = TFRecordJob(**{**job.__dict__, "output_dir": str(blocker / "sub")})
-    with pytest.raises(ConfigError, match="is not writable"):
+    with pytest.raises(DataError, match="is not writable"):
         create_tfrecords(job, list_input_files(raw), show_progress=False)
 
 
@@ -203,8 +216,12 @@ def test_non_local_filesystems_work_through_tf_io_gfile(corpus, tmp_path):
     # gs:// goes through the same tf.io.gfile calls; TensorFlow's in-memory ram:// filesystem
     # stands in for it (TF's GCS client has fixed endpoints, so no local emulator can serve it).
     raw, tokenizer = corpus
-    job = TFRecordJob(name="r", output_dir="ram://corpus", encoder=str(tokenizer),
-                      separator=(load_encoder(tokenizer).eos_id,))  # fmt: skip
+    job = TFRecordJob(
+        name="r",
+        output_dir="ram://corpus",
+        encoder=str(tokenizer),
+        separator=(load_encoder(tokenizer).eos_id,),
+    )
     result = create_tfrecords(job, list_input_files(raw), show_progress=False)
     assert result.files[0][0].startswith("ram://corpus/r_0_")
     assert len(read_back(result)) == len(expected_documents())
@@ -213,14 +230,23 @@ def test_non_local_filesystems_work_through_tf_io_gfile(corpus, tmp_path):
     dataset.write_text(
         json.dumps({"n_vocab": 400, "path": "ram://corpus/r_*.tfrecords", "eos_id": 0})
     )
-    cfg = from_dict({"n_embd": 8, "n_head": 1, "n_layer": 1, "n_ctx": 8, "n_vocab": 400,
-                     "train_batch_size": 2, "datasets": [[str(dataset), 1, "documents_fixed", 1.0]]})  # fmt: skip
+    cfg = from_dict(
+        {
+            "n_embd": 8,
+            "n_head": 1,
+            "n_layer": 1,
+            "n_ctx": 8,
+            "n_vocab": 400,
+            "train_batch_size": 2,
+            "datasets": [[str(dataset), 1, "documents_fixed", 1.0]],
+        }
+    )
     batch = InputPipeline(cfg, process_index=0, process_count=1).next_batch()
     assert batch.shape == (2, 9)
 
 
 def test_cli_flags_mean_what_they_say_and_default_off(tmp_path, monkeypatch, capsys):
-    from data import create_tfrecords as cli
+    from gpt_neo.cli import tfrecords as cli
 
     args = cli.parse_args(["--input_dir", "x", "--encoder_path", "y"])
     assert (args.ftfy, args.wikitext_detokenize, args.mode, args.write_dataset_config) == (
@@ -234,8 +260,21 @@ def test_cli_flags_mean_what_they_say_and_default_off(tmp_path, monkeypatch, cap
     (wiki / "w.txt").write_text("3 @-@ 4 , ( a )")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "wout"
-    code = cli.main(["--input_dir", str(wiki), "--name", "w", "--output_dir", str(out), "--encoder_path", "byte",
-                     "--wikitext-detokenize", "--write_dataset_config", "--quiet"])  # fmt: skip
+    code = cli.main(
+        [
+            "--input_dir",
+            str(wiki),
+            "--name",
+            "w",
+            "--output_dir",
+            str(out),
+            "--encoder_path",
+            "byte",
+            "--wikitext-detokenize",
+            "--write_dataset_config",
+            "--quiet",
+        ]
+    )
     assert code == 0
     record = next(iter_records([str(next(out.glob("w_*.tfrecords")))]))
     assert (
@@ -249,7 +288,7 @@ def test_cli_flags_mean_what_they_say_and_default_off(tmp_path, monkeypatch, cap
 
 
 def test_cli_bad_input_exits_2_with_one_message(tmp_path, capsys):
-    from data import create_tfrecords as cli
+    from gpt_neo.cli import tfrecords as cli
 
     (tmp_path / "empty").mkdir()
     assert (

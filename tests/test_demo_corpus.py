@@ -11,6 +11,7 @@ from gpt_neo.config import from_dict
 from gpt_neo.dataset_config import load_dataset_config
 from gpt_neo.inputs import InputPipeline, iter_records, list_files
 from main import main
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,17 @@ def test_demo_corpus_records_decode_to_the_standard_library_sources(demo_dir, mo
 
 def test_demo_corpus_feeds_the_pipeline_and_rebuilding_reuses_it(demo_dir, monkeypatch):
     monkeypatch.chdir(demo_dir)
-    cfg = from_dict({"n_embd": 8, "n_head": 1, "n_layer": 1, "n_ctx": 64, "n_vocab": 600,
-                     "train_batch_size": 4, "datasets": [["demo", 1, "documents_random", 1.0]]})  # fmt: skip
+    cfg = from_dict(
+        {
+            "n_embd": 8,
+            "n_head": 1,
+            "n_layer": 1,
+            "n_ctx": 64,
+            "n_vocab": 600,
+            "train_batch_size": 4,
+            "datasets": [["demo", 1, "documents_random", 1.0]],
+        }
+    )
     batch = InputPipeline(cfg, process_index=0, process_count=1).next_batch()
     assert batch.shape == (4, 65) and batch.max() < 600
     eval_batch = InputPipeline(cfg, eval=True, process_index=0, process_count=1).next_batch()
@@ -54,8 +64,14 @@ def test_demo_corpus_feeds_the_pipeline_and_rebuilding_reuses_it(demo_dir, monke
 def test_check_dataset_cli(demo_dir, monkeypatch, capsys):
     monkeypatch.chdir(demo_dir)
     model = demo_dir / "model.json"
-    keys = {"n_embd": 8, "n_head": 1, "n_layer": 1, "n_ctx": 64, "n_vocab": 600,
-            "datasets": [["demo", 1, "documents_random", 1.0]]}  # fmt: skip
+    keys = {
+        "n_embd": 8,
+        "n_head": 1,
+        "n_layer": 1,
+        "n_ctx": 64,
+        "n_vocab": 600,
+        "datasets": [["demo", 1, "documents_random", 1.0]],
+    }
     model.write_text(json.dumps(keys))
     assert main(["--model", str(model), "--check_dataset", "--check_records", "0"]) == 0
     out = capsys.readouterr().out
@@ -64,3 +80,23 @@ def test_check_dataset_cli(demo_dir, monkeypatch, capsys):
     assert 300 < high < 600
     assert main(["--model", str(model), "--set", f"n_vocab={high}", "--check_dataset"]) == 1
     assert f"error: demo: token id {high} >= n_vocab {high}" in capsys.readouterr().out
+
+
+def test_make_demo_samples_from_a_python_prompt_that_suits_the_corpus(demo_dir, monkeypatch):
+    """The demo model learns Python source: its prompt is Python, which the demo tokenizer
+    (trained on that source) packs into fewer tokens per character than GPT-Neo's English
+    unicorn prompt."""
+    from gpt_neo.predict import DEFAULT_PROMPT
+
+    predict = next(
+        line for line in (REPO / "Makefile").read_text().splitlines() if "--predict" in line
+    )
+    prompt_file = REPO / predict.split("--prompt ")[1].split()[0]
+    prompt = prompt_file.read_text()
+    compile(prompt + "    pass\n", str(prompt_file), "exec")  # Python, ready to be continued
+    monkeypatch.chdir(demo_dir)
+    encoder = load_dataset_config("demo").encoder()
+    chars_per_token = {
+        text: len(text) / len(encoder.encode(text)) for text in (prompt, DEFAULT_PROMPT)
+    }
+    assert chars_per_token[prompt] > chars_per_token[DEFAULT_PROMPT]

@@ -5,9 +5,9 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from gpt_neo.config import ConfigError
 from gpt_neo.dataset_config import load_dataset_config
 from gpt_neo.encoders import GPT2_DIR_ENV, ByteEncoder, check_vocab_fits, load_encoder
+from gpt_neo.errors import ConfigError, DataError
 from tests.helpers import SAMPLE_TEXTS, train_tokenizer_file
 
 
@@ -66,9 +66,9 @@ def test_byte_encoder_round_trips_any_text():
 def test_a_tokenizer_file_that_does_not_parse(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"version": "1.0", "model": ')
-    with pytest.raises(ConfigError, match=r"not a Hugging Face tokenizer\.json"):
+    with pytest.raises(DataError, match=r"not a Hugging Face tokenizer\.json"):
         load_encoder(bad)
-    with pytest.raises(ConfigError, match="tokenizer file not found"):
+    with pytest.raises(DataError, match="tokenizer file not found"):
         load_encoder(tmp_path / "missing.json")
 
 
@@ -82,8 +82,13 @@ def test_tokenizer_larger_than_n_vocab_is_refused(tokenizer_path):
 def test_dataset_configs_resolve_by_path_and_by_id(tmp_path, monkeypatch, tokenizer_path):
     folder = tmp_path / "configs" / "dataset_configs"
     folder.mkdir(parents=True)
-    raw = {"n_vocab": 400, "path": "x_*.tfrecords", "tokenizer_path": str(tokenizer_path),
-           "eos_id": 0, "padding_id": 1}  # fmt: skip
+    raw = {
+        "n_vocab": 400,
+        "path": "x_*.tfrecords",
+        "tokenizer_path": str(tokenizer_path),
+        "eos_id": 0,
+        "padding_id": 1,
+    }
     (folder / "mine.json").write_text(json.dumps(raw))
     monkeypatch.chdir(tmp_path)
     by_id = load_dataset_config("mine")

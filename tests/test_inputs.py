@@ -2,12 +2,14 @@
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpt_neo import inputs
-from gpt_neo.config import ConfigError, from_dict
+from gpt_neo.config import from_dict
+from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.inputs import CorruptRecordError, InputPipeline, check_datasets
 from tests.helpers import write_dataset
 
@@ -16,8 +18,16 @@ N_CTX = 16
 
 
 def model_config(datasets, **kw):
-    keys = {"n_embd": 8, "n_head": 1, "n_layer": 1, "n_ctx": N_CTX, "n_vocab": 1_000_000,
-            "train_batch_size": 4, "datasets": datasets, **kw}  # fmt: skip
+    keys = {
+        "n_embd": 8,
+        "n_head": 1,
+        "n_layer": 1,
+        "n_ctx": N_CTX,
+        "n_vocab": 1_000_000,
+        "train_batch_size": 4,
+        "datasets": datasets,
+        **kw,
+    }
     return from_dict(keys)
 
 
@@ -78,6 +88,43 @@ def test_example_level_shuffle_is_a_permutation_within_each_epoch(tmp_path, smal
     assert sorted(order) == sorted(docs)  # every record once
     assert order != sorted(order)  # not file order
     assert [int(r[0]) // 1000 for r in second_epoch] != order  # reshuffled next epoch
+
+
+def test_files_are_read_in_natural_order_without_shuffle_input_filenames(tmp_path, small_groups):
+    # twelve files d_0 .. d_11 of three records; natural order puts d_2 before d_10
+    path, _ = write_dataset(tmp_path, "d", [3] * 12, mode="chunks")
+
+    def file_groups(shuffle_input_filenames):
+        cfg = model_config(
+            [[path, None, "chunks", None]], shuffle_input_filenames=shuffle_input_filenames
+        )
+        rows = np.concatenate(batches(pipeline(cfg), 9))  # one epoch, 36 records
+        files = [(int(r[0]) // 1000 - 1) // 3 for r in rows]
+        return [sorted(set(files[k : k + 6])) for k in range(0, 36, 6)]  # two files per group
+
+    assert file_groups(False) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    shuffled = file_groups(True)
+    assert sorted(f for group in shuffled for f in group) == list(range(12))
+    assert shuffled != file_groups(False)
+
+
+def test_input_fn_decides_how_a_dataset_without_a_recorded_mode_is_read(tmp_path):
+    # GPT-Neo's dataset configs do not say how their records were made
+    path, _ = write_dataset(tmp_path, "d", [20], mode="documents")
+    raw = json.loads(Path(path).read_text())
+    del raw["mode"]
+    Path(path).write_text(json.dumps(raw))
+    # sequential_input (the default) reads records of n_ctx + 1 tokens: documents are not
+    with pytest.raises(DataError, match="sampling mode 'chunks' needs n_ctx \\+ 1"):
+        batches(pipeline(model_config([path])), 1)
+    # generic_text samples windows of joined documents
+    rows = batches(pipeline(model_config([path], input_fn="generic_text")), 2)
+    for row in np.concatenate(rows):
+        assert all(b == a + 1 or EOS in (a, b) for a, b in itertools.pairwise(row))
+    assert (
+        inputs.default_sampling_mode(model_config([path]), inputs.load_dataset_config(path))
+        == "chunks"
+    )
 
 
 def test_mixture_weights_are_respected(tmp_path):
@@ -144,7 +191,7 @@ def test_eval_pipeline_reads_eval_path_from_the_start_in_a_fixed_order(tmp_path)
 def test_empty_glob_names_the_pattern(tmp_path):
     config = tmp_path / "none.json"
     config.write_text(json.dumps({"n_vocab": 10, "path": str(tmp_path / "nothing_*.tfrecords")}))
-    with pytest.raises(ConfigError, match=r"pattern '.*nothing_\*\.tfrecords' matches no files"):
+    with pytest.raises(DataError, match=r"pattern '.*nothing_\*\.tfrecords' matches no files"):
         pipeline(model_config([str(config)]))
 
 
@@ -187,7 +234,7 @@ def test_damaged_record_mid_file_names_file_and_record_or_is_skipped(tmp_path):
 def test_token_ids_outside_n_vocab_name_the_file_and_record(tmp_path):
     path, _ = write_dataset(tmp_path, "d", [5], n_vocab=50)
     with pytest.raises(
-        ConfigError,
+        DataError,
         match=r"d_0_5\.tfrecords record \d+ holds token id \d+, outside the model's n_vocab 2000",
     ):
         batches(pipeline(model_config([[path, 1, "documents_fixed", 1.0]], n_vocab=2000)), 1)
@@ -195,7 +242,7 @@ def test_token_ids_outside_n_vocab_name_the_file_and_record(tmp_path):
 
 def test_chunk_records_of_the_wrong_length_are_explained(tmp_path):
     path, _ = write_dataset(tmp_path, "d", [5])
-    with pytest.raises(ConfigError, match=r"needs n_ctx \+ 1 = 17.*--chunk_size 16"):
+    with pytest.raises(DataError, match=r"needs n_ctx \+ 1 = 17.*--chunk_size 16"):
         batches(pipeline(model_config([[path, None, "chunks", None]])), 1)
 
 
@@ -210,7 +257,7 @@ def test_restoring_over_changed_files_is_refused(tmp_path):
     cfg = model_config([[path, 1, "documents_fixed", 1.0]])
     state = pipeline(cfg).state()
     write_dataset(tmp_path, "d", [5, 5, 5])
-    with pytest.raises(ConfigError, match="files changed since the checkpoint"):
+    with pytest.raises(DataError, match="files changed since the checkpoint"):
         pipeline(cfg).restore(state)
 
 

@@ -10,8 +10,11 @@ import gpt_neo
 from gpt_neo.evaluate import Scorer, lambada
 from tests.test_modes import trained  # noqa: F401  (the trained-model fixture)
 
-PASSAGES = ["the quick brown fox jumps over the lazy dog", "seven wizards quietly hex the fox",
-            "the lazy dog jumps over seven wizards"]  # fmt: skip
+PASSAGES = [
+    "the quick brown fox jumps over the lazy dog",
+    "seven wizards quietly hex the fox",
+    "the lazy dog jumps over seven wizards",
+]
 
 TASK = """
 task: local_lambada
@@ -81,8 +84,9 @@ def test_rolling_and_generation_requests_equal_our_scorer_and_decoder(adapter):
     )
     assert math.isfinite(rolling) and rolling < 0
     [generated] = lm.generate_until([Request("the quick", {"until": ["\n"], "max_gen_toks": 6})])
-    greedy = gpt_neo.generate(cfg, params, [encoder.encode("the quick")], max_new_tokens=6,
-                              temperature=0.0, eos_id=0)[0]  # fmt: skip
+    greedy = gpt_neo.generate(
+        cfg, params, [encoder.encode("the quick")], max_new_tokens=6, temperature=0.0, eos_id=0
+    )[0]
     expected = encoder.decode([t for t in greedy if t != 0]).split("\n")[0]
     assert generated == expected
     [(ll, greedy_match)] = lm.loglikelihood([Request("the quick ", "brown")])
@@ -99,11 +103,28 @@ def test_the_command_line_wrapper_runs_the_harness(trained, tmp_path):  # noqa: 
 
     _, model, cfg, params, encoder = trained
     tasks, data = local_task(tmp_path)
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # fmt: skip
-    command = [sys.executable, "-m", "gpt_neo.lm_eval_adapter", "run", "--model", "gpt-neo-jax",
-               "--model_args", f"config={model}", "--tasks", "local_lambada",
-               "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "gpt_neo.lm_eval_adapter",
+        "run",
+        "--model",
+        "gpt-neo-jax",
+        "--model_args",
+        f"config={model}",
+        "--tasks",
+        "local_lambada",
+        "--include_path",
+        str(tasks),
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     [results_file] = list((tmp_path / "out").rglob("results_*.json"))

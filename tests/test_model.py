@@ -173,3 +173,10 @@ def test_sequence_longer_than_n_ctx_is_refused():
     cfg = tiny_config()
     with pytest.raises(ValueError, match="exceeds n_ctx"):
         gpt_neo.apply(cfg, gpt_neo.init_params(cfg, 0), random_tokens(cfg, 1, cfg.n_ctx + 1))
+
+
+def test_the_config_accepts_exactly_the_implemented_activations():
+    from gpt_neo.config import ACTIVATION_FUNCTIONS
+
+    assert sorted(ACTIVATION_FUNCTIONS) == sorted(ACTIVATIONS)
+    assert len(set(ACTIVATION_FUNCTIONS)) == len(ACTIVATION_FUNCTIONS)

@@ -1,4 +1,4 @@
-"""main.py --predict / --eval / --export and `python -m gpt_neo.hf import`, end to end on a
+"""main.py --predict / --eval / --export and `python -m gpt_neo.cli.hf import`, end to end on a
 trained checkpoint, each checked against a second code path (full forwards, transformers)."""
 
 import io
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 import gpt_neo
+from gpt_neo.cli.hf import main as hf_main
 from gpt_neo.config import load_config
 from gpt_neo.encoders import load_encoder, train_byte_level_bpe
-from gpt_neo.hf import main as hf_main
 from gpt_neo.inputs import InputPipeline
-from gpt_neo.modes import DEFAULT_PROMPT
+from gpt_neo.predict import DEFAULT_PROMPT
 from gpt_neo.train import loss_fn
 from main import main
-from tests.helpers import WORDS, restore_params, write_text_dataset
+from tests.helpers import SMALL_RUN, WORDS, restore_params, write_text_dataset
 
 STEPS = 6
 
@@ -32,13 +32,16 @@ def trained(tmp_path_factory):
     tokenizer.save(str(folder / "tokenizer.json"))
     dataset |= {"tokenizer_path": str(folder / "tokenizer.json"), "eos_id": 0, "n_vocab": 300}
     (folder / "bpe.json").write_text(json.dumps(dataset))
-    config = {"n_embd": 32, "n_head": 4, "n_layer": 2, "n_ctx": 32, "n_vocab": 320,
-              "attention_types": ["global", "local"], "local_attention_radius": 8,
-              "train_batch_size": 8, "train_steps": STEPS, "iterations": 1, "lr": 3e-3,
-              "warmup_steps": 2, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y",
-              "eval_steps": 2, "predict_steps": 1, "predict_batch_size": 2, "predict_max_steps": 4,
-              "datasets": [[str(folder / "bpe.json"), 1, "documents_random", 1.0]],
-              "model_path": str(folder / "run")}  # fmt: skip
+    config = {
+        **SMALL_RUN,
+        "train_steps": STEPS,
+        "eval_steps": 2,
+        "predict_steps": 1,
+        "predict_batch_size": 2,
+        "predict_max_steps": 4,
+        "datasets": [[str(folder / "bpe.json"), 1, "documents_random", 1.0]],
+        "model_path": str(folder / "run"),
+    }
     (folder / "model.json").write_text(json.dumps(config))
     model = str(folder / "model.json")
     assert main(["--model", model, "--steps_per_checkpoint", str(STEPS)]) == 0
@@ -131,8 +134,10 @@ def test_eval_reports_validation_lambada_and_wikitext(trained, tmp_path, capsys)
     assert main(args) == 0
     assert "lambada" in capsys.readouterr().out
     results = json.loads((folder / "run" / f"eval_{STEPS}.json").read_text())
-    scores = [direct_loglikelihood(cfg, params, encoder.encode(c), encoder.encode(" " + w))
-              for c, _, w in (p.rpartition(" ") for p in passages)]  # fmt: skip
+    scores = [
+        direct_loglikelihood(cfg, params, encoder.encode(c), encoder.encode(" " + w))
+        for c, _, w in (p.rpartition(" ") for p in passages)
+    ]
     assert results["lambada"]["accuracy"] == np.mean([g for _, g in scores])
     assert results["lambada"]["perplexity"] == pytest.approx(
         math.exp(-np.mean([s for s, _ in scores])), rel=1e-4
@@ -196,8 +201,14 @@ def test_export_loads_in_transformers_then_import_continues_training(trained, tm
     prompt = encoder.encode("the quick brown fox")
     assert hf_tokenizer("the quick brown fox")["input_ids"] == prompt
     with torch.no_grad():
-        hf_greedy = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
-                                min_new_tokens=8, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        hf_greedy = hf.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=8,
+            min_new_tokens=8,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     ours = gpt_neo.generate(cfg, params, [prompt], max_new_tokens=8, temperature=0.0, eos_id=None)
     assert hf_greedy[0, len(prompt) :].tolist() == ours[0]
     assert hf_tokenizer.decode(ours[0]) == encoder.decode(ours[0])

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import restore_params, start_main, write_text_dataset
+from tests.helpers import SMALL_RUN, restore_params, start_main, write_config, write_text_dataset
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +17,15 @@ def dataset(tmp_path_factory):
 
 
 def config(tmp_path, dataset, name, steps):
-    keys = {"n_embd": 32, "n_head": 4, "n_layer": 2, "n_ctx": 32, "n_vocab": 320,
-            "attention_types": ["global", "local"], "local_attention_radius": 8,
-            "train_batch_size": 8, "train_steps": steps, "iterations": 1, "lr": 3e-3, "warmup_steps": 2,
-            "lr_decay_end": 8, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y", "input_streams": 2,
-            "datasets": [[dataset, 1, "documents_random", 1.0]], "model_path": str(tmp_path / name)}  # fmt: skip
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(keys))
-    return str(path)
+    keys = {
+        **SMALL_RUN,
+        "train_steps": steps,
+        "lr_decay_end": 8,
+        "input_streams": 2,
+        "datasets": [[dataset, 1, "documents_random", 1.0]],
+        "model_path": str(tmp_path / name),
+    }
+    return write_config(tmp_path / f"{name}.json", keys)
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gpt_neo.train import EXIT_PREEMPTED
-from tests.helpers import restore_params, start_main, write_text_dataset
+from tests.helpers import SMALL_RUN, restore_params, start_main, write_config, write_text_dataset
 
 STEPS, EVERY = 60, 10
 
@@ -22,14 +22,20 @@ def dataset(tmp_path_factory):
 
 
 def config(tmp_path, dataset, name):
-    keys = {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_ctx": 64, "n_vocab": 320,
-            "attention_types": ["global", "local"], "local_attention_radius": 16, "res_dropout": 0.1,
-            "train_batch_size": 8, "train_steps": STEPS, "iterations": 1, "lr": 2e-3, "warmup_steps": 5,
-            "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y", "keep_checkpoints": 2,
-            "datasets": [[dataset, 1, "documents_random", 1.0]], "model_path": str(tmp_path / name)}  # fmt: skip
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(keys))
-    return str(path)
+    keys = {
+        **SMALL_RUN,
+        "n_embd": 64,
+        "n_ctx": 64,
+        "local_attention_radius": 16,
+        "res_dropout": 0.1,
+        "train_steps": STEPS,
+        "lr": 2e-3,
+        "warmup_steps": 5,
+        "keep_checkpoints": 2,
+        "datasets": [[dataset, 1, "documents_random", 1.0]],
+        "model_path": str(tmp_path / name),
+    }
+    return write_config(tmp_path / f"{name}.json", keys)
 
 
 def start(model):

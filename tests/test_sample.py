@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import gpt_neo
-from gpt_neo.config import ConfigError
-from gpt_neo.sample import Sampling, choose
-from tests.helpers import perturbed_params, random_hf_model, tiny_config
+from gpt_neo.errors import ConfigError
+from gpt_neo.sample import Sampling, _prepare, choose
+from tests.helpers import HF_CONFIG, perturbed_params, random_hf_model, tiny_config
 
 # Lengths differ so that rows are left-padded differently; 11 + 12 new tokens pass the local
 # window (8), so cached local attention must drop old keys.
@@ -50,10 +50,7 @@ def test_bfloat16_decoding_follows_the_bfloat16_forward():
 def test_greedy_equals_transformers_generate(tmp_path):
     import torch
 
-    model = random_hf_model(
-        tmp_path, vocab_size=211, max_position_embeddings=64, hidden_size=64, num_layers=4,
-        num_heads=4, attention_types=[[["global", "local"], 2]], window_size=5,
-    )  # fmt: skip
+    model = random_hf_model(tmp_path, **{**HF_CONFIG, "window_size": 5})
     cfg, params = gpt_neo.hf.import_hf(tmp_path)
     prompts = [[11, 22, 33], [5, 6, 7, 8, 9, 10, 12, 14, 200], [1]]
     ours = gpt_neo.generate(cfg, params, prompts, max_new_tokens=16, temperature=0.0, eos_id=None)
@@ -61,9 +58,14 @@ def test_greedy_equals_transformers_generate(tmp_path):
         ids = torch.tensor([prompt])
         with torch.no_grad():
             hf = model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
-                min_new_tokens=16, pad_token_id=0, eos_token_id=None,
-            )  # fmt: skip
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=16,
+                min_new_tokens=16,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         assert new == hf[0, len(prompt) :].tolist()
 
 
@@ -75,6 +77,24 @@ def test_sharded_decoding_equals_single_device():
     sharded_params = jax.device_put(params, gpt_neo.models.gpt.param_shardings(cfg, mesh))
     sharded = gpt_neo.generate(cfg, sharded_params, PROMPTS, max_new_tokens=8, temperature=0.0)
     assert sharded == single  # 3 prompts on a batch axis of 2: padded, then dropped
+
+
+def test_prompts_are_left_padded_with_padding_id_which_never_shows():
+    cfg = tiny_config()
+    rows, _, _ = _prepare(cfg.replace(padding_id=99), PROMPTS, 4)
+    for row, prompt in zip(rows, PROMPTS, strict=True):
+        assert list(row) == [99] * (rows.shape[1] - len(prompt)) + prompt
+    params = perturbed_params(cfg)
+    outputs = [
+        gpt_neo.generate(
+            cfg.replace(padding_id=p), params, PROMPTS, max_new_tokens=6, temperature=0
+        )
+        for p in (None, 5, 99)
+    ]
+    alone = [
+        gpt_neo.generate(cfg, params, [p], max_new_tokens=6, temperature=0)[0] for p in PROMPTS
+    ]
+    assert outputs[0] == outputs[1] == outputs[2] == alone
 
 
 def test_rows_stop_at_eos_and_keep_it():

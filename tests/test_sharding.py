@@ -12,8 +12,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gpt_neo
-from gpt_neo.mesh import logical_spec
-from gpt_neo.models.gpt import TOKEN_AXES, forward
+from gpt_neo import axes
+from gpt_neo.mesh import activation_spec
+from gpt_neo.models.gpt import forward
 from tests.helpers import random_tokens, tiny_config
 
 # (mesh_shape, layout, expected spec of an attention q kernel [embd, heads, kv], of wte [vocab, embd])
@@ -76,10 +77,12 @@ def test_sharded_model_equals_single_device(single_device, mesh_shape, layout, q
 
     logits = gpt_neo.apply(cfg, params, tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-    assert same_sharding(logits, NamedSharding(mesh, logical_spec(cfg, ("batch", "seq", "vocab"))))
+    assert same_sharding(logits, NamedSharding(mesh, activation_spec(cfg, axes.LOGITS)))
 
     with jax.set_mesh(mesh):
-        sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, logical_spec(cfg, TOKEN_AXES)))
+        sharded_tokens = jax.device_put(
+            tokens, NamedSharding(mesh, activation_spec(cfg, axes.TOKENS))
+        )
         grads = jax.jit(jax.grad(lambda p, t: loss(cfg, p, t)))(params, sharded_tokens)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)

@@ -11,6 +11,7 @@ import gpt_neo
 from gpt_neo.hf import hf_config
 from gpt_neo.models.gpt import flops_per_token, param_count
 from gpt_neo.summary import memory_per_device, param_rows
+from gpt_neo.train import Trainer
 from main import main
 from tests.helpers import REPO, tiny_config
 
@@ -39,21 +40,33 @@ def test_flops_per_token_conventions():
         flops_per_token(cfg, "8N")
 
 
-def test_per_device_memory_equals_the_bytes_of_real_sharded_parameters():
-    cfg = tiny_config(mesh_shape="x:2,y:4", layout="embd:x,heads:y,vocab:y,intermediate_expanded:y")
-    params = gpt_neo.init_params(cfg, 0, mesh=gpt_neo.make_mesh(cfg))
-    device = jax.devices()[0]
-    on_device = sum(
+def float_bytes_on(device, tree) -> int:
+    return sum(
         s.data.nbytes
-        for leaf in jax.tree.leaves(params)
+        for leaf in jax.tree.leaves(tree)
+        if leaf.dtype == jax.numpy.float32
         for s in leaf.addressable_shards
         if s.device == device
     )
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adafactor"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"mesh_shape": "x:2,y:4", "layout": "embd:x,heads:y,vocab:y,intermediate_expanded:y"},
+        {"mesh_shape": "x:8", "layout": "batch:x", "param_layout": "embd:x"},
+    ],
+    ids=["tensor parallel", "fsdp"],
+)
+def test_per_device_memory_equals_the_bytes_of_real_sharded_train_state(opt_name, layout):
+    # n_embd 128 and n_vocab 256: Adafactor factors wte and the MLP kernels, not the rest
+    cfg = tiny_config(n_embd=128, n_vocab=256, train_batch_size=8, opt_name=opt_name, **layout)
+    state = Trainer(cfg, gpt_neo.make_mesh(cfg)).init_state(0)
+    device = jax.devices()[0]
     memory = memory_per_device(cfg)
-    assert memory["parameters"] == on_device
-    assert memory["optimizer state"] == 2 * on_device  # Adam: m and v, sharded like the params
-    adafactor = memory_per_device(cfg.replace(opt_name="adafactor"))["optimizer state"]
-    assert adafactor < on_device
+    assert memory["parameters"] == float_bytes_on(device, state["params"])
+    assert memory["optimizer state"] == float_bytes_on(device, state["opt_state"])
 
 
 def test_summary_rows_cover_every_parameter():
@@ -169,3 +182,16 @@ def test_cli_help_documents_each_flag():
     )
     for flag in ("--model", "--set", "--summary"):
         assert flag in result.stdout
+
+
+def test_summary_shows_both_layouts_and_the_padded_vocabulary(capsys):
+    fsdp = ["mesh_shape=x:4,y:2", "layout=batch:x,vocab:y", "param_layout=embd:x", "n_vocab=8191"]
+    assert main(["--model", str(REPO / "configs" / "demo.json"), "--summary", "--set", *fsdp]) == 0
+    out = capsys.readouterr().out
+    assert "layout (activations): batch->x, vocab->y\n" in out
+    assert "param_layout (parameters): batch->x, vocab->y, embd->x" in out
+    assert "8191 tokens, embedding padded to 8192 rows" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["wte"][2:] == ["8192x256", "vocab,embd", "y,x", "4096x64"]
+    assert rows["blocks/*/mlp/fc_kernel"][2:] == ["256x1024", "embd,mlp", "x,-", "64x1024"]
+    assert "forward pass on 8 cpu devices" in out

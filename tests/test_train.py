@@ -12,10 +12,9 @@ from gpt_neo.config import from_dict
 from gpt_neo.optim import learning_rate, make_optimizer
 from gpt_neo.train import Trainer, gradients, loss_fn
 from main import main
-from tests.helpers import restore_params, write_text_dataset
+from tests.helpers import SMALL_MODEL, SMALL_RUN, restore_params, write_config, write_text_dataset
 
-ARCH = {"n_embd": 32, "n_head": 4, "n_layer": 2, "n_ctx": 32, "n_vocab": 320,
-        "attention_types": ["global", "local"], "local_attention_radius": 8}  # fmt: skip
+ARCH = SMALL_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +23,16 @@ def dataset(tmp_path_factory):
 
 
 def run_config(tmp_path, dataset, **overrides):
-    keys = {**ARCH, "train_batch_size": 8, "train_steps": 8, "iterations": 2, "lr": 3e-3,
-            "warmup_steps": 2, "lr_decay_end": 8, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y",
-            "datasets": [[dataset, 1, "documents_random", 1.0]], "model_path": str(tmp_path / "run"),
-            **overrides}  # fmt: skip
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "model.json"
-    path.write_text(json.dumps(keys))
-    return str(path)
+    keys = {
+        **SMALL_RUN,
+        "train_steps": 8,
+        "iterations": 2,
+        "lr_decay_end": 8,
+        "datasets": [[dataset, 1, "documents_random", 1.0]],
+        "model_path": str(tmp_path / "run"),
+        **overrides,
+    }
+    return write_config(tmp_path / "model.json", keys)
 
 
 def final_params(model_path, step):
@@ -46,8 +47,11 @@ def test_learning_rate_schedule_is_gpt_neos(decay):
     cfg = from_dict({**ARCH, "lr": 1e-3, "warmup_steps": 10, "lr_decay": decay, "train_steps": 100})
     for step in (0, 5, 10, 50, 100, 150):
         t = min(step, 100) / 100
-        decayed = {"cosine": 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))),
-                   "linear": 1e-3 * (1 - 0.9 * t), "constant": 1e-3}[decay]  # fmt: skip
+        decayed = {
+            "cosine": 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))),
+            "linear": 1e-3 * (1 - 0.9 * t),
+            "constant": 1e-3,
+        }[decay]
         expected = decayed * min(1.0, step / 10)
         assert float(learning_rate(cfg, step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
 
@@ -140,6 +144,87 @@ def test_microbatched_gradients_equal_the_unsplit_batch():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # float32 reassociation
 
 
+def numpy_cross_entropy(logits, targets, counted):
+    logits = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    token_loss = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return (token_loss * counted).sum() / counted.sum()
+
+
+def padded_batch(cfg, pad):
+    """Rows padded at their ends with `pad`, different lengths per row (as records shorter than
+    n_ctx + 1 padded up to it)."""
+    tokens = _batch(cfg, seed=3)
+    for row, keep in zip(tokens, [33, 30, 20, 33, 5, 12, 33, 2], strict=True):
+        row[keep:] = pad
+    return tokens
+
+
+def test_padding_targets_are_left_out_of_the_loss():
+    cfg = from_dict({**ARCH, "z_loss": 0.0, "padding_id": 319})
+    params = gpt_neo.init_params(cfg, 0)
+    tokens = padded_batch(cfg, 319)
+    logits = gpt_neo.apply(cfg, params, tokens[:, :-1])
+    counted = tokens[:, 1:] != 319
+    assert 0.3 < counted.mean() < 0.9
+    _, (ce, _) = loss_fn(cfg, params, jnp.asarray(tokens), None)
+    assert float(ce) == pytest.approx(numpy_cross_entropy(logits, tokens[:, 1:], counted), rel=1e-5)
+    _, (all_targets, _) = loss_fn(cfg.replace(padding_id=None), params, jnp.asarray(tokens), None)
+    everything = numpy_cross_entropy(logits, tokens[:, 1:], np.ones_like(counted))
+    assert float(all_targets) == pytest.approx(everything, rel=1e-5)
+
+
+def test_microbatches_with_uneven_padding_equal_the_unsplit_batch():
+    # each microbatch has its own number of real targets: the loss is normalised by the
+    # whole batch's count, not averaged per microbatch
+    cfg = from_dict(
+        {
+            **ARCH,
+            "train_batch_size": 8,
+            "mesh_shape": "x:4,y:2",
+            "layout": "batch:x",
+            "padding_id": 319,
+        }
+    )
+    mesh = gpt_neo.make_mesh(cfg)
+    trainer = Trainer(cfg.replace(tokens_per_mb_per_replica=32), mesh)
+    assert trainer.n_micro == 2
+    params = trainer.init_state(0)["params"]
+    with jax.set_mesh(mesh):
+        batch = trainer.place(padded_batch(cfg, 319))
+        whole = jax.jit(lambda p, b: gradients(cfg, p, b, None))(params, batch)
+        split = jax.jit(lambda p, b: gradients(cfg, p, b, None, 2, 4, ("x", None)))(params, batch)
+    assert float(split[1]) == pytest.approx(float(whole[1]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(whole[0]), jax.tree.leaves(split[0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_log_grads_reports_each_layers_gradient_norm():
+    cfg = from_dict({**ARCH, "train_batch_size": 8, "mesh_shape": "x:8", "log_grads": True})
+    trainer = Trainer(cfg, gpt_neo.make_mesh(cfg))
+    state = trainer.init_state(0)
+    tokens = _batch(cfg)
+    grads = jax.device_get(
+        jax.jit(lambda p, b: gradients(cfg, p, b, None)[0])(state["params"], tokens)
+    )
+    with jax.set_mesh(trainer.mesh):
+        _, metrics = trainer.step(state, trainer.place(tokens))
+    parts = {"wte": grads["wte"], "wpe": grads["wpe"], "ln_f": grads["ln_f"]}
+    parts |= {f"blocks/{i}": block for i, block in enumerate(grads["blocks"])}
+    assert sorted(k for k in metrics if k.startswith("grad_norm/")) == sorted(
+        f"grad_norm/{name}" for name in parts
+    )
+    for name, tree in parts.items():
+        flat = np.concatenate([np.ravel(leaf).astype(np.float64) for leaf in jax.tree.leaves(tree)])
+        assert float(metrics[f"grad_norm/{name}"]) == pytest.approx(np.linalg.norm(flat), rel=1e-5)
+    squares = sum(float(metrics[f"grad_norm/{name}"]) ** 2 for name in parts)
+    assert squares == pytest.approx(float(metrics["grad_norm"]) ** 2, rel=1e-5)
+    quiet = Trainer(cfg.replace(log_grads=False), trainer.mesh)
+    with jax.set_mesh(trainer.mesh):
+        _, metrics = quiet.step(quiet.init_state(0), quiet.place(tokens))
+    assert not [k for k in metrics if k.startswith("grad_norm/")]
+
+
 def test_loss_fn_without_rng_is_deterministic_and_finite():
     cfg = from_dict(ARCH)
     params = gpt_neo.init_params(cfg, 0)
@@ -185,6 +270,34 @@ def test_training_runs_logs_and_saves_then_reports_complete(tmp_path, dataset, c
     ]
     assert main(["--model", model]) == 0
     assert "training is complete: step 20 of 20" in capsys.readouterr().out
+
+
+def test_log_grads_goes_to_metrics_jsonl_and_tensorboard(tmp_path, dataset):
+    from gpt_neo.storage import tf
+
+    model = run_config(tmp_path, dataset, train_steps=2, iterations=1, log_grads=True)
+    assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    names = {
+        "grad_norm/wte",
+        "grad_norm/wpe",
+        "grad_norm/ln_f",
+        "grad_norm/blocks/0",
+        "grad_norm/blocks/1",
+    }
+    for record in records:
+        assert names <= record.keys()
+        squares = sum(record[name] ** 2 for name in names)
+        assert squares == pytest.approx(record["grad_norm"] ** 2, rel=1e-4)
+    t = tf()
+    tags = {
+        value.tag
+        for path in (run / "tensorboard").iterdir()
+        for event in t.compat.v1.train.summary_iterator(str(path))
+        for value in event.summary.value
+    }
+    assert names <= tags
 
 
 def test_resuming_continues_exactly_and_on_another_mesh(tmp_path, dataset):

@@ -16,47 +16,73 @@ Kernels for softmax attention (config key `attention_kernel`):
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from gpt_neo.config import Config, ConfigError
-from gpt_neo.mesh import constrain, layout_rules
+from gpt_neo import axes
+from gpt_neo.config import Config
+from gpt_neo.errors import ConfigError
+from gpt_neo.mesh import activation_spec, constrain, rules
 from gpt_neo.models.layers import ParamDecl, dropout, normal, zeros
 
-Q_AXES = ("batch", "seq", "heads", "kv")
-KV_AXES = ("batch", "kv_seq", "heads", "kv")
-CACHE_K_AXES = ("batch", "heads", "kv", "kv_seq")
-CACHE_V_AXES = ("batch", "heads", "kv_seq", "kv")
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 LINEAR_CHUNK = 64
+
+
+class KVCache(NamedTuple):
+    """One layer's decoding cache, and where the tokens of this call go in it.
+
+    Laid out for the matmuls that read it every step, so nothing is transposed per token:
+    `keys` [batch, heads, head_dim, length], `values` [batch, heads, length, head_dim].
+    `slots` [new]: the cache slots of this call's tokens, the same in every row. `valid`
+    [batch, length]: slots that hold a real token. Prompts are left-padded to a common length,
+    so slot distance equals position distance within a row, and causality and the local
+    window are slot comparisons.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    slots: jax.Array
+    valid: jax.Array
 
 
 def param_decls(cfg: Config) -> dict[str, ParamDecl]:
     """q/k/v/o as mesh-tf's `attention_params_simple` initialises them (scale folded into q)."""
     d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
     return {
-        "q": ParamDecl((d, h, hd), ("embd", "heads", "kv"), normal(d**-0.5 * hd**-0.5)),
-        "k": ParamDecl((d, h, hd), ("embd", "heads", "kv"), normal(d**-0.5)),
-        "v": ParamDecl((d, h, hd), ("embd", "heads", "kv"), normal(d**-0.5)),
-        "o": ParamDecl((h, hd, d), ("heads", "kv", "embd"), normal((h * hd) ** -0.5)),
-        "o_bias": ParamDecl((d,), ("embd",), zeros),
+        "q": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5 * hd**-0.5)),
+        "k": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5)),
+        "v": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5)),
+        "o": ParamDecl((h, hd, d), axes.OUT, normal((h * hd) ** -0.5)),
+        "o_bias": ParamDecl((d,), axes.OUT_BIAS, zeros),
     }
 
 
-def attention(cfg: Config, kind: str, p: dict, x: jax.Array, rng: jax.Array | None) -> jax.Array:
-    """One attention sub-block. x: [batch, seq, embd] -> [batch, seq, embd]."""
-    q = constrain(project_in(x, p["q"]), cfg, Q_AXES)
-    k = constrain(project_in(x, p["k"]), cfg, KV_AXES)
-    v = constrain(project_in(x, p["v"]), cfg, KV_AXES)
-    if kind == "linear":
-        out = causal_linear_attention(q, k, v)
+def attention(
+    cfg: Config,
+    kind: str,
+    p: dict,
+    x: jax.Array,
+    rng: jax.Array | None = None,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """One attention sub-block, x [batch, seq, embd] -> ([batch, seq, embd], cache).
+
+    Without a cache (training, scoring) the positions of x attend to each other. With one
+    (decoding) x's keys and values are written into it at `cache.slots` and x attends over
+    every valid cached slot; the updated cache is returned. `rng` enables attention dropout.
+    """
+    q = constrain(project_in(x, p["q"]), cfg, axes.QUERIES)
+    k, v = project_in(x, p["k"]), project_in(x, p["v"])
+    if cache is None:
+        k, v = constrain(k, cfg, axes.KEYS_VALUES), constrain(v, cfg, axes.KEYS_VALUES)
+        out = _self_attention(cfg, kind, q, k, v, rng)
     else:
-        window = cfg.local_attention_radius if kind == "local" else None
-        # GPT-Neo applies attention dropout in global layers only.
-        rate = cfg.attn_dropout if (kind == "global" and rng is not None) else 0.0
-        out = softmax_attention(cfg, q, k, v, window=window, dropout_rate=rate, rng=rng)
-    out = constrain(out, cfg, Q_AXES)
-    return project_out(out, p)
+        out, cache = _cached_attention(cfg, kind, q, k, v, cache)
+    return project_out(constrain(out, cfg, axes.QUERIES), p), cache
 
 
 def project_in(x, w):
@@ -71,35 +97,38 @@ def project_out(out, p):
     return jnp.dot(out.reshape(b, t, h * d), p["o"].reshape(h * d, -1)) + p["o_bias"]
 
 
-def attention_with_cache(cfg, kind, p, x, cache, slots, key_valid):
-    """Attention for decoding: x [batch, new, embd] at cache `slots` [new] (the same for every
-    row), writing its keys and values into `cache` and attending over every cached key that
-    `key_valid` [batch, length] marks as real (not padding). Returns (out [batch, new, embd],
-    updated cache).
+def _self_attention(cfg: Config, kind: str, q, k, v, rng):
+    """Each position of the sequence attends to those before it, per the layer kind."""
+    if kind == "linear":
+        return causal_linear_attention(q, k, v)
+    window = cfg.local_attention_radius if kind == "local" else None
+    # GPT-Neo applies attention dropout in global layers only.
+    rate = cfg.attn_dropout if (kind == "global" and rng is not None) else 0.0
+    return softmax_attention(cfg, q, k, v, window=window, dropout_rate=rate, rng=rng)
 
-    The cache is laid out for the matmuls that read it every step, so nothing is transposed
-    per token: keys [batch, heads, head_dim, length], values [batch, heads, length, head_dim].
-    Prompts are left-padded to a common length, so slot distance equals position distance
-    within a row and causality and the local window are slot comparisons.
-    """
-    q = constrain(project_in(x, p["q"]), cfg, Q_AXES).transpose(0, 2, 1, 3)  # [b, h, new, d]
-    start = slots[0]
-    new_k = project_in(x, p["k"]).transpose(0, 2, 3, 1)  # [b, h, d, new]
-    new_v = project_in(x, p["v"]).transpose(0, 2, 1, 3)  # [b, h, new, d]
-    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], new_k, start, axis=3)
-    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], new_v, start, axis=2)
-    k, v = constrain(k, cfg, CACHE_K_AXES), constrain(v, cfg, CACHE_V_AXES)
-    offset = slots[:, None] - jnp.arange(v.shape[2])[None, :]  # [new, length]
-    visible = (offset >= 0)[None] & key_valid[:, None, :]  # [batch, new, length]
+
+def _cached_attention(cfg: Config, kind: str, q, k, v, cache: KVCache):
+    """q, k, v [batch, new, heads, head_dim]: write k and v at the cache's slots, attend over
+    the visible cached slots. Returns (out [batch, new, heads, head_dim], updated cache)."""
+    start = cache.slots[0]
+    keys = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.transpose(0, 2, 3, 1), start, axis=3)
+    values = jax.lax.dynamic_update_slice_in_dim(
+        cache.values, v.transpose(0, 2, 1, 3), start, axis=2
+    )
+    keys = constrain(keys, cfg, axes.CACHED_KEYS)
+    values = constrain(values, cfg, axes.CACHED_VALUES)
+    q = q.transpose(0, 2, 1, 3)  # [b, h, new, d]
+    offset = cache.slots[:, None] - jnp.arange(values.shape[2])[None, :]  # [new, length]
+    visible = (offset >= 0)[None] & cache.valid[:, None, :]  # [batch, new, length]
     if kind == "local":
         visible &= offset < cfg.local_attention_radius
     if kind == "linear":
-        out = _linear_attention_over_cache(q, k, v, visible)
+        out = _linear_attention_over_cache(q, keys, values, visible)
     else:
-        scores = jnp.einsum("bhqd,bhdk->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bhqd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(jnp.where(visible[:, None], scores, MASK_VALUE), axis=-1)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-    return project_out(out.transpose(0, 2, 1, 3), p), {"k": k, "v": v}
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(values.dtype), values)
+    return out.transpose(0, 2, 1, 3), cache._replace(keys=keys, values=values)
 
 
 def _linear_attention_over_cache(q, k, v, visible):
@@ -159,7 +188,7 @@ def _why_not(cfg: Config, kernel: str, dtype, seq_len: int, has_dropout: bool) -
 
 
 def _seq_or_head_dim_sharded(cfg: Config) -> bool:
-    return any(axis in layout_rules(cfg) for axis in ("seq", "kv_seq", "kv"))
+    return any(axis in rules(cfg).activations for axis in (axes.SEQ, axes.KV_SEQ, axes.KV))
 
 
 def _causal_scores(q, k, q_pos, k_pos, window):
@@ -273,11 +302,10 @@ def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None):
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     mesh = jax.sharding.get_abstract_mesh()
-    rules = layout_rules(cfg)
-    batch_axis = rules.get("batch") if not mesh.empty else None
-    heads_axis = rules.get("heads") if not mesh.empty else None
+    spec = activation_spec(cfg, (axes.BATCH, None, axes.HEADS, None))
+    heads_axes = rules(cfg).activations.get(axes.HEADS, ()) if not mesh.empty else ()
     t = q.shape[1]
-    local_heads = q.shape[2] // (mesh.shape[heads_axis] if heads_axis else 1)
+    local_heads = q.shape[2] // math.prod(mesh.shape[a] for a in heads_axes)
     if window is None:
         mask = sm.CausalMask((t, t))
     else:
@@ -294,5 +322,4 @@ def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None):
 
     if mesh.empty:
         return run(q, k, v)
-    spec = jax.sharding.PartitionSpec(batch_axis, None, heads_axis, None)
     return jax.shard_map(run, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)

@@ -3,6 +3,7 @@
 Parameters are a plain nested dict of float32 arrays:
 
     wte [vocab, embd]      wpe [pos, embd]      ln_f {scale, bias}
+    (wte is stored with zero rows past n_vocab when its mesh axes need it: mesh.padded_vocab)
     blocks[i]: ln_1 {scale, bias}, attn {q, k, v [embd, heads, kv], o [heads, kv, embd], o_bias}
                ln_2 {scale, bias}, mlp {fc_kernel, fc_bias, proj_kernel, proj_bias[, act]}
 
@@ -14,22 +15,30 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from gpt_neo.config import Config, ConfigError
-from gpt_neo.mesh import constrain, layout_rules, logical_spec, make_mesh, named_sharding
+from gpt_neo import axes
+from gpt_neo.config import Config
+from gpt_neo.errors import ConfigError
+from gpt_neo.mesh import (
+    activation_sharding,
+    batch_axes,
+    constrain,
+    data_parallel_size,
+    padded_vocab,
+    param_sharding,
+)
 from gpt_neo.models import attention as attn_lib
 from gpt_neo.models.layers import ParamDecl, layer_norm, mlp, mlp_decls, norm_decls, normal
 from gpt_neo.models.layers import dropout as dropout_fn
 
-HIDDEN_AXES = ("batch", "seq", "embd")
-TOKEN_AXES = ("batch", "seq")
-LOGIT_AXES = ("batch", "seq", "vocab")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MASK_VALUE = attn_lib.MASK_VALUE
 
 
 def param_decls(cfg: Config) -> dict:
@@ -43,9 +52,10 @@ def param_decls(cfg: Config) -> dict:
         block["ln_2"] = norm_decls(cfg)
         block["mlp"] = mlp_decls(cfg)
         blocks.append(block)
+    padded = (padded_vocab(cfg), cfg.n_embd) if padded_vocab(cfg) != cfg.n_vocab else None
     return {
-        "wte": ParamDecl((cfg.n_vocab, cfg.n_embd), ("vocab", "embd"), normal(0.02)),
-        "wpe": ParamDecl((cfg.n_ctx, cfg.n_embd), ("pos", "embd"), normal(0.01)),
+        "wte": ParamDecl((cfg.n_vocab, cfg.n_embd), axes.TOKEN_EMBEDDING, normal(0.02), padded),
+        "wpe": ParamDecl((cfg.n_ctx, cfg.n_embd), axes.POSITION_EMBEDDING, normal(0.01)),
         "blocks": blocks,
         "ln_f": norm_decls(cfg),
     }
@@ -62,30 +72,22 @@ def param_path(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def tensor_axes(cfg: Config) -> dict[str, tuple[str | None, ...]]:
-    """Logical axes of every parameter kind and every constrained activation (layout checks)."""
-    axes = {}
-    for path, decl in param_decl_leaves(cfg)[0]:
-        name = param_path(path)
-        if name.startswith("blocks/"):
-            name = "blocks/*/" + name.split("/", 2)[2]
-        axes[f"parameter {name}"] = decl.axes
-    axes |= {
-        "activation hidden": HIDDEN_AXES,
-        "activation q": attn_lib.Q_AXES,
-        "activation k/v": attn_lib.KV_AXES,
-        "activation mlp": ("batch", "seq", "mlp"),
-        "activation logits": LOGIT_AXES,
-    }
-    return axes
-
-
 def param_shardings(cfg: Config, mesh: Mesh):
-    """NamedSharding per parameter, from the layout."""
-    decls = param_decls(cfg)
+    """NamedSharding per parameter, from the parameter rules (`layout` + `param_layout`)."""
     return jax.tree.map(
-        lambda d: named_sharding(mesh, cfg, d.axes),
-        decls,
+        lambda d: param_sharding(mesh, cfg, d.axes),
+        param_decls(cfg),
+        is_leaf=lambda x: isinstance(x, ParamDecl),
+    )
+
+
+def abstract_params(cfg: Config, mesh: Mesh):
+    """Shapes, dtypes and shardings of the parameters (a restore target; nothing allocated)."""
+    return jax.tree.map(
+        lambda d: jax.ShapeDtypeStruct(
+            d.stored_shape, jnp.float32, sharding=param_sharding(mesh, cfg, d.axes)
+        ),
+        param_decls(cfg),
         is_leaf=lambda x: isinstance(x, ParamDecl),
     )
 
@@ -94,94 +96,138 @@ def init_params(cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> dict:
     """Initialise parameters (float32), directly sharded over `mesh` per the layout.
 
     Each parameter's key is the seed's key folded with a hash of its path, so values do not
-    depend on the mesh, the layout, or which other parameters exist. Nothing is materialised
-    whole on one device: each parameter is produced by a jitted initializer with output
-    sharding, compiled once per distinct (shape, sharding) and shared by every layer.
+    depend on the mesh, the layout, the vocabulary padding, or which other parameters exist.
+    Nothing is materialised whole on one device: each parameter is produced by a jitted
+    initializer with output sharding, compiled once per distinct (shape, sharding) and shared
+    by every layer.
     """
     leaves, treedef = param_decl_leaves(cfg)
     root = jax.random.key(seed)
     values = []
     for path, decl in leaves:
-        sharding = None if mesh is None else named_sharding(mesh, cfg, decl.axes)
-        make = _initializer(decl.init.kind, decl.shape, sharding)
+        sharding = None if mesh is None else param_sharding(mesh, cfg, decl.axes)
+        make = _initializer(decl.init.kind, decl.shape, decl.stored_shape, sharding)
         salt = np.uint32(zlib.crc32(param_path(path).encode()))
         values.append(make(root, salt, np.float32(decl.init.scale)))
     return jax.tree.unflatten(treedef, values)
 
 
 @functools.lru_cache(maxsize=256)
-def _initializer(kind: str, shape: tuple[int, ...], sharding: NamedSharding | None):
+def _initializer(kind: str, shape: tuple, stored_shape: tuple, sharding: NamedSharding | None):
     def make(root, salt, scale):
         if kind == "constant":
-            return jnp.full(shape, scale, jnp.float32)
-        return scale * jax.random.normal(jax.random.fold_in(root, salt), shape, jnp.float32)
+            value = jnp.full(shape, scale, jnp.float32)
+        else:
+            value = scale * jax.random.normal(jax.random.fold_in(root, salt), shape, jnp.float32)
+        if stored_shape == shape:
+            return value
+        return jnp.pad(value, [(0, s - d) for d, s in zip(shape, stored_shape, strict=True)])
 
     return jax.jit(make, out_shardings=sharding)
 
 
-def forward(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None = None):
-    """Logits [batch, seq, vocab] float32 for int tokens [batch, seq]. Pure; trace under
-    `jax.set_mesh(mesh)` for sharded activations. `rng` enables dropout (training)."""
-    _, t = tokens.shape
-    if t > cfg.n_ctx:
-        raise ValueError(f"sequence length {t} exceeds n_ctx {cfg.n_ctx}")
+def cast_params(cfg: Config, params):
+    """float32 master parameters -> the compute dtype (`precision`). The only cast: `transformer`
+    applies it, and decoding applies it once per call so that its loop reads cast weights."""
     dtype = COMPUTE_DTYPES[cfg.precision]
-    p = jax.tree.map(lambda a: a.astype(dtype), params)  # float32 master -> compute dtype
-    rngs = (
-        [None] * (cfg.n_layer + 1) if rng is None else list(jax.random.split(rng, cfg.n_layer + 1))
-    )
+    return jax.tree.map(lambda a: a.astype(dtype), params)
 
-    x = embed(cfg, p, tokens, p["wpe"][:t])
-    x = constrain(dropout_fn(x, cfg.embed_dropout, rngs[-1]), cfg, HIDDEN_AXES)
-    for kind, block_params, block_rng in zip(cfg.attention_types, p["blocks"], rngs, strict=False):
+
+class DecodeCache(NamedTuple):
+    """Every layer's keys and values (None for `none` layers), and where a call's tokens go:
+    see `attention.KVCache` for the layout of each field."""
+
+    layers: tuple
+    slots: jax.Array  # [new]
+    valid: jax.Array  # [batch, length]
+
+    def layer(self, index: int) -> attn_lib.KVCache | None:
+        if self.layers[index] is None:
+            return None
+        return attn_lib.KVCache(*self.layers[index], self.slots, self.valid)
+
+
+def transformer(
+    cfg: Config,
+    params: dict,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    rng: jax.Array | None = None,
+    cache: DecodeCache | None = None,
+) -> tuple[jax.Array, DecodeCache | None]:
+    """The whole model, for training, scoring and decoding alike.
+
+    tokens [batch, seq] int -> logits [batch, seq, padded vocab] float32 (rows past n_vocab,
+    if the vocabulary is padded, hold a huge negative number: never predicted or sampled).
+    `positions` [batch, seq] picks position-embedding rows (default 0..seq-1). `rng` enables
+    dropout (training). With `cache`, attention reads and extends it (decoding); the updated
+    cache is returned. Pure; trace under `jax.set_mesh(mesh)` for sharded activations.
+    """
+    t = tokens.shape[1]
+    if positions is None and t > cfg.n_ctx:
+        raise ValueError(f"sequence length {t} exceeds n_ctx {cfg.n_ctx}")
+    p = cast_params(cfg, params)
+    rngs = [None] * (cfg.n_layer + 1)
+    if rng is not None:
+        rngs = list(jax.random.split(rng, cfg.n_layer + 1))
+    position_rows = p["wpe"][:t] if positions is None else jnp.take(p["wpe"], positions, axis=0)
+    x = embed(cfg, p, tokens, position_rows)
+    x = constrain(dropout_fn(x, cfg.embed_dropout, rngs[-1]), cfg, axes.HIDDEN)
+    layers = []
+    for index, (kind, block_params) in enumerate(
+        zip(cfg.attention_types, p["blocks"], strict=True)
+    ):
         block_fn = functools.partial(block, cfg, kind)
-        if cfg.recompute_grad:
+        if cfg.recompute_grad and cache is None:
             block_fn = jax.checkpoint(block_fn)
-        x = block_fn(block_params, x, block_rng)
-    return head(cfg, p, x)
+        layer_cache = None if cache is None else cache.layer(index)
+        x, layer_cache = block_fn(block_params, x, rngs[index], layer_cache)
+        layers.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
+    logits = head(cfg, p, x)
+    return logits, None if cache is None else cache._replace(layers=tuple(layers))
 
 
-def embed(cfg: Config, p: dict, tokens: jax.Array, position_embeddings: jax.Array) -> jax.Array:
-    tokens = constrain(tokens, cfg, TOKEN_AXES)
-    return jnp.take(p["wte"], tokens, axis=0) + position_embeddings
+def forward(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None = None):
+    """`transformer` without a cache: logits [batch, seq, padded vocab] float32."""
+    return transformer(cfg, params, tokens, rng=rng)[0]
+
+
+def embed(cfg: Config, p: dict, tokens: jax.Array, position_rows: jax.Array) -> jax.Array:
+    tokens = constrain(tokens, cfg, axes.TOKENS)
+    return jnp.take(p["wte"], tokens, axis=0) + position_rows
 
 
 def head(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
-    """ln_f, then the output projection tied to wte: float32 logits."""
+    """ln_f, then the output projection tied to wte: float32 logits, padding rows masked."""
     x = layer_norm(x, p["ln_f"])
     logits = jnp.einsum("bte,ve->btv", x, p["wte"], preferred_element_type=jnp.float32)
-    return constrain(logits, cfg, LOGIT_AXES)
+    if logits.shape[-1] > cfg.n_vocab:
+        real = jnp.arange(logits.shape[-1]) < cfg.n_vocab
+        logits = jnp.where(real, logits, MASK_VALUE)
+    return constrain(logits, cfg, axes.LOGITS)
 
 
-def forward_with_cache(cfg: Config, params: dict, tokens, positions, cache, slots, key_valid):
-    """`forward` for decoding: tokens [batch, new] at `positions` [batch, new] (position
-    embedding rows) and cache `slots` [new]; attends to earlier cached keys. Returns (logits,
-    updated cache). `cache` is a per-layer list of {"k", "v"} (None for `none` layers)."""
-    dtype = COMPUTE_DTYPES[cfg.precision]
-    p = jax.tree.map(lambda a: a.astype(dtype), params)
-    x = constrain(embed(cfg, p, tokens, jnp.take(p["wpe"], positions, axis=0)), cfg, HIDDEN_AXES)
-    new_cache = []
-    for kind, bp, layer_cache in zip(cfg.attention_types, p["blocks"], cache, strict=True):
-        if kind != "none":
-            h, layer_cache = attn_lib.attention_with_cache(
-                cfg, kind, bp["attn"], layer_norm(x, bp["ln_1"]), layer_cache, slots, key_valid
-            )
-            x = constrain(x + h, cfg, HIDDEN_AXES)
-        x = constrain(x + mlp(cfg, bp["mlp"], layer_norm(x, bp["ln_2"])), cfg, HIDDEN_AXES)
-        new_cache.append(layer_cache)
-    return head(cfg, p, x), new_cache
-
-
-def block(cfg: Config, kind: str, p: dict, x: jax.Array, rng: jax.Array | None) -> jax.Array:
-    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); each branch followed by residual dropout."""
+def block(
+    cfg: Config,
+    kind: str,
+    p: dict,
+    x: jax.Array,
+    rng: jax.Array | None = None,
+    cache: attn_lib.KVCache | None = None,
+) -> tuple[jax.Array, attn_lib.KVCache | None]:
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); each branch followed by residual dropout.
+    A `none` layer (GPT-Neo's PAR configs) has the MLP half only."""
     attn_rng = res_rng = mlp_rng = None
     if rng is not None:
         attn_rng, res_rng, mlp_rng = jax.random.split(rng, 3)
     if kind != "none":
-        h = attn_lib.attention(cfg, kind, p["attn"], layer_norm(x, p["ln_1"]), attn_rng)
-        x = constrain(x + dropout_fn(h, cfg.res_dropout, res_rng), cfg, HIDDEN_AXES)
+        h, cache = attn_lib.attention(
+            cfg, kind, p["attn"], layer_norm(x, p["ln_1"]), attn_rng, cache
+        )
+        x = constrain(x + dropout_fn(h, cfg.res_dropout, res_rng), cfg, axes.HIDDEN)
     h = mlp(cfg, p["mlp"], layer_norm(x, p["ln_2"]))
-    return constrain(x + dropout_fn(h, cfg.res_dropout, mlp_rng), cfg, HIDDEN_AXES)
+    return constrain(x + dropout_fn(h, cfg.res_dropout, mlp_rng), cfg, axes.HIDDEN), cache
 
 
 def param_count(cfg: Config, *, include_position_embedding: bool = True) -> int:
@@ -214,11 +260,16 @@ def flops_per_token(cfg: Config, convention: str = "6N+12LHQT") -> float:
     )
 
 
+def logits_of(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None = None):
+    """`forward` cut to the real vocabulary: [batch, seq, n_vocab] float32."""
+    return forward(cfg, params, tokens, rng)[..., : cfg.n_vocab]
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled_forward(cfg: Config, with_rng: bool):
+def _compiled_logits(cfg: Config, with_rng: bool):
     if with_rng:
-        return jax.jit(lambda params, tokens, rng: forward(cfg, params, tokens, rng))
-    return jax.jit(lambda params, tokens: forward(cfg, params, tokens))
+        return jax.jit(functools.partial(logits_of, cfg))
+    return jax.jit(lambda params, tokens: logits_of(cfg, params, tokens))
 
 
 def mesh_of(params) -> Mesh | None:
@@ -230,7 +281,7 @@ def mesh_of(params) -> Mesh | None:
 
 
 def apply(cfg: Config, params: dict, tokens, *, train: bool = False, rng=None) -> jax.Array:
-    """Logits [batch, seq, vocab] float32 for tokens [batch, seq] (int).
+    """Logits [batch, seq, n_vocab] float32 for tokens [batch, seq] (int).
 
     Runs on the mesh the parameters were initialised on (`init_params(..., mesh=...)`).
     `train=True` applies dropout, drawn from `rng` (required then).
@@ -238,21 +289,21 @@ def apply(cfg: Config, params: dict, tokens, *, train: bool = False, rng=None) -
     if train and rng is None:
         raise ValueError("apply(train=True) needs rng for dropout")
     if isinstance(tokens, jax.core.Tracer):  # inside the caller's jit
-        return forward(cfg, params, tokens, rng if train else None)
+        return logits_of(cfg, params, tokens, rng if train else None)
     tokens = jnp.asarray(tokens, jnp.int32)
     extra = (rng,) if train else ()
     mesh = mesh_of(params)
     if mesh is None:
-        return _compiled_forward(cfg, train)(params, tokens, *extra)
-    batch_axis = layout_rules(cfg).get("batch")
-    if batch_axis and tokens.shape[0] % mesh.shape[batch_axis]:
+        return _compiled_logits(cfg, train)(params, tokens, *extra)
+    data_parallel = data_parallel_size(cfg, mesh)
+    if tokens.shape[0] % data_parallel:
         raise ConfigError(
-            f"batch size {tokens.shape[0]} is not divisible by mesh axis '{batch_axis}' "
-            f"(size {mesh.shape[batch_axis]}) that the layout splits 'batch' over"
+            f"batch size {tokens.shape[0]} is not divisible by the {data_parallel} pieces that "
+            f"the layout splits 'batch' into (mesh axes {'+'.join(batch_axes(cfg))})"
         )
     with jax.set_mesh(mesh):
-        tokens = jax.device_put(tokens, NamedSharding(mesh, logical_spec(cfg, TOKEN_AXES)))
-        return _compiled_forward(cfg, train)(params, tokens, *extra)
+        tokens = jax.device_put(tokens, activation_sharding(mesh, cfg, axes.TOKENS))
+        return _compiled_logits(cfg, train)(params, tokens, *extra)
 
 
 __all__ = [
@@ -260,7 +311,7 @@ __all__ = [
     "flops_per_token",
     "forward",
     "init_params",
-    "make_mesh",
     "param_count",
     "param_decls",
+    "transformer",
 ]

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.mesh import constrain
 from gpt_neo.models.activations import ACTIVATION_PARAMS, ACTIVATIONS
 
 LAYER_NORM_EPS = 1e-5  # GPT-Neo and Hugging Face GPT-Neo both use 1e-5
-MLP_AXES = ("batch", "seq", "mlp")
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,19 @@ class Init:
 
 @dataclass(frozen=True)
 class ParamDecl:
-    """A parameter before it exists: shape, logical axis per dimension, float32 initializer."""
+    """A parameter before it exists: shape, logical axis per dimension, float32 initializer.
+
+    `padded_shape`, when given, is how it is stored: the extra rows are zeros, so that a mesh
+    axis divides it (the vocabulary, see `gpt_neo.mesh.padded_vocab`)."""
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     init: Init
+    padded_shape: tuple[int, ...] | None = None
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return self.padded_shape or self.shape
 
 
 def normal(std: float) -> Init:
@@ -47,8 +55,8 @@ ones = constant(1.0)
 
 def norm_decls(cfg: Config) -> dict[str, ParamDecl]:
     return {
-        "scale": ParamDecl((cfg.n_embd,), ("embd",), ones),
-        "bias": ParamDecl((cfg.n_embd,), ("embd",), zeros),
+        "scale": ParamDecl((cfg.n_embd,), axes.NORM, ones),
+        "bias": ParamDecl((cfg.n_embd,), axes.NORM, zeros),
     }
 
 
@@ -108,20 +116,22 @@ def mlp_decls(cfg: Config) -> dict:
         fc_std /= d**0.5
         proj_std /= m**0.5
     decls = {
-        "fc_kernel": ParamDecl((d, m), ("embd", "mlp"), normal(fc_std)),
-        "fc_bias": ParamDecl((m,), ("mlp",), zeros),
-        "proj_kernel": ParamDecl((m, d), ("mlp", "embd"), normal(proj_std)),
-        "proj_bias": ParamDecl((d,), ("embd",), zeros),
+        "fc_kernel": ParamDecl((d, m), axes.MLP_IN, normal(fc_std)),
+        "fc_bias": ParamDecl((m,), axes.MLP_IN_BIAS, zeros),
+        "proj_kernel": ParamDecl((m, d), axes.MLP_OUT, normal(proj_std)),
+        "proj_bias": ParamDecl((d,), axes.MLP_OUT_BIAS, zeros),
     }
     learnable = ACTIVATION_PARAMS.get(cfg.activation_function)
     if learnable:
-        decls["act"] = {name: ParamDecl((), (), constant(v)) for name, v in learnable.items()}
+        decls["act"] = {
+            name: ParamDecl((), axes.SCALAR, constant(v)) for name, v in learnable.items()
+        }
     return decls
 
 
 def mlp(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
     """[batch, seq, embd] -> [batch, seq, embd] through the 4*n_embd hidden layer."""
     h = jnp.einsum("bte,em->btm", x, p["fc_kernel"]) + p["fc_bias"]
-    h = constrain(h, cfg, MLP_AXES)
+    h = constrain(h, cfg, axes.MLP_HIDDEN)
     h = ACTIVATIONS[cfg.activation_function](h, p.get("act", {}))
     return jnp.einsum("btm,me->bte", h, p["proj_kernel"]) + p["proj_bias"]

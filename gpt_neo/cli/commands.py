@@ -1,0 +1,251 @@
+"""What each `main.py` mode does with its flags: the last stop of argparse namespaces. Every
+function here reads `args`, calls the library with plain values, and prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import numpy as np
+
+import gpt_neo
+from gpt_neo import evaluate as eval_tasks
+from gpt_neo import train as training
+from gpt_neo.checkpoint import Checkpointer, load_params
+from gpt_neo.config import Config
+from gpt_neo.dataset_config import model_dataset, model_tokenizer
+from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.hf import export_hf
+from gpt_neo.inputs import InputPipeline, check_datasets
+from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
+from gpt_neo.metrics import Metrics, with_run_record
+from gpt_neo.predict import DEFAULT_PROMPT, max_new_tokens, write_predictions
+from gpt_neo.sample import generate
+from gpt_neo.storage import delete_tree, exists, read_text
+from gpt_neo.summary import print_summary
+
+
+def load(args: argparse.Namespace) -> Config:
+    return gpt_neo.load_config(args.model, overrides=args.overrides)
+
+
+def check_dataset(cfg: Config, args: argparse.Namespace) -> int:
+    if not cfg.datasets:
+        raise ConfigError("the model config lists no 'datasets' to check")
+    return 0 if check_datasets(cfg, max_records=args.check_records) else 1
+
+
+# --------------------------------------------------------------------------------------------
+# --summary
+
+
+def summary(cfg: Config) -> int:
+    print_summary(cfg)
+    forward_check(cfg)
+    return 0
+
+
+def forward_check(cfg: Config) -> None:
+    """One forward pass over random tokens on the configured mesh, with its loss."""
+    sizes = mesh_axes(cfg) or {"x": jax.device_count()}
+    needed = int(np.prod(list(sizes.values())))
+    if needed != jax.device_count():
+        print(
+            f"forward pass skipped: mesh_shape needs {needed} devices, {jax.device_count()} "
+            f"{jax.default_backend()} device(s) present"
+        )
+        return
+    mesh = make_mesh(cfg)
+    batch = data_parallel_size(cfg, mesh)
+    tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, (batch, cfg.n_ctx))
+    start = time.perf_counter()
+    params = gpt_neo.init_params(cfg, seed=cfg.seed, mesh=mesh)
+    logits = gpt_neo.apply(cfg, params, tokens)
+    logits.block_until_ready()
+    seconds = time.perf_counter() - start
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    loss = -float(np.mean(np.take_along_axis(np.asarray(logp), tokens[:, 1:, None], axis=-1)))
+    print(
+        f"forward pass on {mesh.size} {jax.default_backend()} devices {dict(mesh.shape)}: "
+        f"logits {tuple(logits.shape)} {logits.dtype}, sharded {logits.sharding.spec}; "
+        f"loss at init {loss:.3f} (ln n_vocab = {np.log(cfg.n_vocab):.3f}); "
+        f"init+compile+run {seconds:.1f}s"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: Config, args: argparse.Namespace) -> int:
+    if not cfg.model_path:
+        raise ConfigError("set model_path in the config (where checkpoints and logs go)")
+    if args.steps_per_checkpoint < 1:
+        raise ConfigError("--steps_per_checkpoint must be at least 1")
+    if args.new:
+        _delete_model_path(cfg.model_path, args.yes)
+    mesh = make_mesh(cfg)
+    pipeline = InputPipeline(cfg, skip_corrupt=args.skip_corrupt_records)
+    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+
+    def body(run):
+        return training.train(
+            cfg,
+            mesh,
+            steps_per_checkpoint=args.steps_per_checkpoint,
+            checkpointer=checkpointer,
+            metrics=Metrics(cfg, cfg.model_path, run=run),
+            pipeline=pipeline,
+        )
+
+    try:
+        return with_run_record(
+            cfg, cfg.model_path, body, sacred_id=args.sacred_id, mongo_url=args.sacred_mongo_url
+        )
+    except training.TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return training.EXIT_DIVERGED
+    finally:
+        checkpointer.close()
+
+
+def _delete_model_path(model_path: str, assume_yes: bool) -> None:
+    if not exists(model_path):
+        return
+    if not assume_yes:
+        answer = input(f"--new: delete everything in {model_path}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise SystemExit("not deleted; nothing done")
+    delete_tree(model_path)
+    print(f"deleted {model_path}")
+
+
+# --------------------------------------------------------------------------------------------
+# --predict, --interactive
+
+
+def predict(cfg: Config, args: argparse.Namespace) -> int:
+    encoder, eos_id = model_tokenizer(cfg)
+    params, step = load_params(cfg)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.interactive:
+        return _interactive(cfg, params, encoder, eos_id, sampling, args)
+    text = DEFAULT_PROMPT
+    if args.prompt:
+        if not exists(args.prompt):
+            raise DataError(f"prompt file not found: {args.prompt}")
+        text = read_text(args.prompt)
+        if not text.strip():
+            raise DataError(f"prompt file {args.prompt} is empty")
+    report, path = write_predictions(
+        cfg,
+        params,
+        step,
+        text,
+        encoder,
+        eos_id,
+        max_new=args.max_new_tokens,
+        seed=args.seed,
+        **sampling,
+    )
+    print(report)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _interactive(cfg: Config, params, encoder, eos_id, sampling: dict, args) -> int:
+    print("type a prompt and press enter (Ctrl-D to quit)", file=sys.stderr)
+    for turn, line in enumerate(sys.stdin):
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        prompt_ids = encoder.encode(text)
+        generate(
+            cfg,
+            params,
+            [prompt_ids],
+            eos_id=eos_id,
+            seed=args.seed + turn,
+            max_new_tokens=max_new_tokens(cfg, prompt_ids, args.max_new_tokens),
+            on_token=TextStream(encoder),
+            **sampling,
+        )
+        print(flush=True)
+    return 0
+
+
+class TextStream:
+    """Prints a row's text as tokens arrive. Decodes everything so far and prints what is new,
+    because one token can hold part of a character (byte-level BPE)."""
+
+    def __init__(self, encoder):
+        self.encoder, self.tokens, self.shown = encoder, [], ""
+
+    def __call__(self, tokens: list[int | None]) -> None:
+        if tokens[0] is None:  # the row has stopped
+            return
+        self.tokens.append(tokens[0])
+        text = self.encoder.decode(self.tokens)
+        print(text[len(self.shown) :], end="", flush=True)
+        self.shown = text
+
+
+# --------------------------------------------------------------------------------------------
+# --eval
+
+
+def evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    tasks = list(args.eval_tasks or cfg.eval_tasks)
+    for task, path in (("lambada", args.lambada_path), ("wikitext", args.wikitext_path)):
+        if path and task not in tasks:
+            tasks.append(task)
+    for task in tasks:
+        if task not in ("lambada", "wikitext"):
+            raise ConfigError(f"unknown eval task {task!r}; known: lambada, wikitext")
+        if not getattr(args, f"{task}_path"):
+            raise ConfigError(f"eval task {task} needs --{task}_path FILE (local files only)")
+    if not tasks and not cfg.eval_steps:
+        raise ConfigError(
+            "nothing to evaluate: set eval_steps > 0 (eval loss on eval_path) or name a task "
+            "(--lambada_path FILE, --wikitext_path FILE)"
+        )
+    params, step = load_params(cfg)
+    results = {}
+    if cfg.eval_steps:
+        results["validation"] = training.validation(cfg, params)
+    if tasks:
+        encoder, eos_id = model_tokenizer(cfg)
+        scorer = eval_tasks.Scorer(
+            cfg, params, batch_size=cfg.eval_batch_size or eval_tasks.DEFAULT_BATCH
+        )
+        if "lambada" in tasks:
+            results["lambada"] = eval_tasks.lambada(
+                scorer, encoder, args.lambada_path, last_token=args.lambada_last_token
+            )
+        if "wikitext" in tasks:
+            results["wikitext"] = eval_tasks.wikitext(
+                scorer, encoder, args.wikitext_path, prefix_token=eos_id
+            )
+    eval_tasks.print_table(results, step)
+    print(f"wrote {eval_tasks.write_results(results, cfg.model_path, step)}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# --export
+
+
+def export(cfg: Config, args: argparse.Namespace) -> int:
+    params, step = load_params(cfg)
+    tokenizer = model_dataset(cfg).tokenizer_path if cfg.datasets else None
+    try:
+        out = export_hf(cfg, params, args.export, force=args.force, tokenizer=tokenizer)
+    except FileExistsError as err:
+        raise ConfigError(f"{err} (--force overwrites)") from None
+    print(
+        f"exported step {step} to {out}: load it with "
+        f"GPTNeoForCausalLM.from_pretrained({str(out)!r})"
+    )
+    return 0

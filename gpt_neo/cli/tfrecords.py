@@ -1,0 +1,145 @@
+"""`data/create_tfrecords.py`: tokenize raw text into GPT-Neo TFRecords (GPT-Neo's flags; boolean flags mean what they say).
+
+    python data/create_tfrecords.py --input_dir corpus/ --name mydata --output_dir tfrecords/ \
+        --encoder_path tokenizers/byte-level-bpe.tokenizer.json --write_dataset_config
+
+Reads .txt (one document per file), .jsonl, .jsonl.zst / lm_dataformat archives, .xz and
+.tar.gz. `--mode documents` (default) writes one record per document, for the
+`documents_random` / `documents_fixed` sampling modes; `--mode chunks` writes records of
+exactly chunk_size + 1 tokens, what GPT-Neo's `sequential_input` reads. Re-running the same
+command resumes; a finished run is reported, not redone. Exit codes: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gpt_neo.cli import exit_code_of
+from gpt_neo.corpus import list_input_files
+from gpt_neo.dataset_config import DatasetConfig, write_dataset_config
+from gpt_neo.encoders import load_encoder
+from gpt_neo.errors import ConfigError
+from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--input_dir", required=True, help="folder of input files (searched recursively)"
+    )
+    p.add_argument("--name", default="openwebtext", help="output file name prefix")
+    p.add_argument("--output_dir", default="./tfrecords", help="output folder, local or gs://")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--encoder_path", help="tokenizer.json, a tokenizer folder, or 'byte'")
+    tok.add_argument(
+        "--use_gpt2_tokenizer",
+        action="store_true",
+        help="GPT-2's tokenizer from the local folder named by $GPT_NEO_GPT2_DIR",
+    )
+    p.add_argument("--mode", choices=("documents", "chunks"), default="documents")
+    p.add_argument(
+        "--separator",
+        type=int,
+        nargs="+",
+        help="token id(s) appended after each document (default: the tokenizer's end-of-text)",
+    )
+    p.add_argument(
+        "--minimum_size",
+        type=int,
+        default=1,
+        help="drop documents with fewer tokens than this (counted and reported)",
+    )
+    p.add_argument("--files_per", type=int, default=100_000, help="records per output file")
+    p.add_argument(
+        "--chunk_size",
+        type=int,
+        default=2048,
+        help="chunks mode: n_ctx (records hold chunk_size + 1 tokens)",
+    )
+    p.add_argument(
+        "--write_dataset_config",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="write a dataset config (default PATH: configs/dataset_configs/NAME.json)",
+    )
+    p.add_argument("--eval_path", default="", help="eval glob to put in the written dataset config")
+    p.add_argument("--processes", type=int, default=1, help="tokenizer processes (0: one per core)")
+    p.add_argument("--ftfy", action="store_true", help="repair mojibake with ftfy (NFKC) first")
+    p.add_argument(
+        "--wikitext-detokenize", action="store_true", help="undo WikiText tokenisation first"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    return exit_code_of(_create, parse_args(argv))
+
+
+def _create(args: argparse.Namespace) -> int:
+    processes = args.processes or os.cpu_count() or 1
+    encoder_spec = "gpt2" if args.use_gpt2_tokenizer else args.encoder_path
+    if args.chunk_size < 1 or args.files_per < 1 or args.minimum_size < 0:
+        raise ConfigError("--chunk_size and --files_per must be positive, --minimum_size >= 0")
+    encoder = load_encoder(encoder_spec)
+    separator = tuple(args.separator) if args.separator else (encoder.eos_id,)
+    if None in separator:
+        raise ConfigError(
+            f"tokenizer '{encoder.name}' has no end-of-text token; pass --separator ID"
+        )
+    if any(not 0 <= s < encoder.vocab_size for s in separator):
+        raise ConfigError(
+            f"--separator {list(separator)} is outside the tokenizer's {encoder.vocab_size} ids"
+        )
+    job = TFRecordJob(
+        name=args.name,
+        output_dir=args.output_dir.rstrip("/"),
+        encoder=encoder_spec,
+        mode=args.mode,
+        separator=separator,
+        minimum_size=args.minimum_size,
+        files_per=args.files_per,
+        chunk_size=args.chunk_size,
+        ftfy=args.ftfy,
+        wikitext_detokenize=args.wikitext_detokenize,
+    )
+    result = create_tfrecords(
+        job, list_input_files(args.input_dir), processes=processes, show_progress=not args.quiet
+    )
+    if args.write_dataset_config is not None:
+        dataset = DatasetConfig(
+            name=args.name,
+            n_vocab=encoder.vocab_size,
+            path=f"{job.output_dir}/{args.name}_*.tfrecords",
+            eval_path=args.eval_path,
+            tokenizer_path=encoder_spec,
+            tokenizer_is_pretrained=args.use_gpt2_tokenizer,
+            eos_id=separator[-1],
+            padding_id=encoder.padding_id if encoder.padding_id is not None else separator[-1],
+            mode=args.mode,
+        )
+        written = write_dataset_config(
+            dataset, args.write_dataset_config or f"configs/dataset_configs/{args.name}.json"
+        )
+        print(f"dataset config: {written}")
+    s = result.stats
+    if result.already_complete:
+        print(
+            f"{args.name}: already complete in {args.output_dir} ({len(result.files)} files); nothing to do"
+        )
+    print(
+        f"{args.name}: {s.documents} documents read, {s.documents_written} written as {s.records} "
+        f"records ({s.tokens:,} tokens) in {len(result.files)} files under {args.output_dir}; "
+        f"dropped {s.empty} empty and {s.too_short} shorter than --minimum_size {args.minimum_size}; "
+        f"{s.utf8_repaired} repaired non-UTF-8, {s.bad_lines} bad jsonl lines"
+        + (f"; {s.tail_tokens_dropped} tail tokens left over" if args.mode == "chunks" else "")
+        + (f"; {s.tokens / result.seconds:,.0f} tokens/s" if result.seconds else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

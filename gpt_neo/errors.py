@@ -1,0 +1,28 @@
+"""Errors a user can fix. The command lines print their message as one `error: ...` line and
+exit with `UserError.exit_code` (2); anything else is a bug and keeps its traceback.
+
+    UserError            bad input: the message says what, where, and how to fix it
+    ├── ConfigError      a model or dataset config, a flag, a mesh layout
+    ├── DataError        data files: missing, unreadable, corrupt, or not what the config says
+    └── PlatformError    the hardware asked for (--tpu, --gpu_ids) is not on this machine
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input. The message is user-facing text: what was wrong, where, and the fix."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A config (model or dataset), a command-line flag or a mesh layout that cannot be used."""
+
+
+class DataError(UserError):
+    """Data files that are missing, unreadable, corrupt or do not fit the model."""
+
+
+class PlatformError(UserError):
+    """The requested accelerator platform is not available on this machine."""
