@@ -115,6 +115,21 @@ def test_import_places_params_sharded_on_a_mesh(hf_folder):
     assert diff.max() < PARITY_ATOL
 
 
+def test_an_odd_vocabulary_split_four_ways_imports_padded_and_exports_whole(hf_folder, tmp_path):
+    folder, model = hf_folder
+    overrides = {"mesh_shape": "x:2,y:4", "layout": "batch:x,vocab:y"}
+    mesh = gpt_neo.make_mesh(import_hf(folder, overrides=overrides)[0])
+    cfg, params = import_hf(folder, overrides=overrides, mesh=mesh)
+    assert params["wte"].shape == (256, 64) and params["wte"].sharding.spec == P("y", None)
+    assert not np.asarray(params["wte"])[211:].any()
+    tokens = random_tokens(cfg, batch=4, length=64)
+    logits = np.asarray(gpt_neo.apply(cfg, params, tokens))
+    assert logits.shape == (4, 64, 211)
+    assert np.abs(logits - hf_logits(model, tokens)).max() < PARITY_ATOL
+    exported = hf_state_dict(cfg, params)["transformer.wte.weight"]
+    np.testing.assert_array_equal(exported, model.transformer.wte.weight.detach().numpy())
+
+
 def test_attention_types_compress_to_the_shortest_repeat():
     assert compress_attention_types(("global", "local") * 3) == [[["global", "local"], 3]]
     assert compress_attention_types(("global", "global", "local")) == [
