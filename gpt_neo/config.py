@@ -205,6 +205,13 @@ class Config:
     input_streams: int | None = None
     """Independent input streams the global batch is drawn from (default: one per host). Fix
     it (e.g. 8) to get the same batches on any number of hosts that divides it. Not a GPT-Neo key."""
+    input_threads: int | None = None
+    """Threads tf.data may use to read and parse records, per dataset and input stream.
+    Missing means 1 when the model runs on this host's CPU (the step needs every core) and a
+    quarter of the cores otherwise (TPU/GPU hosts). Not a GPT-Neo key."""
+    input_prefetch: int = 2
+    """Batches placed on the devices ahead of the step that needs them (2: double
+    buffering). Not a GPT-Neo key."""
     seed: int = 1
     """Seed for parameter init and data order."""
     shuffle_input_filenames: bool = True
@@ -589,6 +596,8 @@ def _validate(cfg: Config, source: str) -> None:
         "eval_batch_size",
         "keep_checkpoints",
         "vocab_pad_multiple",
+        "input_threads",
+        "input_prefetch",
     ):
         value = getattr(cfg, key)
         if value is not None and value < 1:

@@ -26,8 +26,10 @@ Examples are [n_ctx + 1] int32: inputs are [:-1], labels [1:].
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +41,8 @@ from gpt_neo.storage import tf
 
 GROUP_FILES = 8
 SHUFFLE_BUFFER = 2_000
+RECORDS_PER_READ = 64
+PREFETCH_BATCHES = 4
 SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
 STATE_VERSION = 1
 
@@ -80,10 +84,12 @@ class RecordReader:
         shuffle: bool = True,
         shuffle_files: bool = True,
         skip_corrupt: bool = False,
+        threads: int = 1,
     ):
         """`shuffle`: examples, within a group of files; `shuffle_files`: the order of the
-        files, anew every epoch (else natural order, `name_2` before `name_10`)."""
-        self.files, self.seed, self.name = files, seed, name
+        files, anew every epoch (else natural order, `name_2` before `name_10`); `threads`:
+        tf.data's threads for reading and parsing (its own pool, so it stays that size)."""
+        self.files, self.seed, self.name, self.threads = files, seed, name, threads
         self.shuffle, self.shuffle_files = shuffle, shuffle and shuffle_files
         self.skip_corrupt = skip_corrupt
         self.group_files = max(1, min(GROUP_FILES, len(files)))
@@ -96,6 +102,7 @@ class RecordReader:
         self.stats = ReaderStats()
         self._truncated: dict[str, int] = {}  # corrupt file -> records readable before damage
         self._iterator = None
+        self._upcoming = None  # (group, limits, stream): the next group's, opened ahead
 
     # --- position -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -119,29 +126,39 @@ class RecordReader:
         chosen = order[index * self.group_files : (index + 1) * self.group_files]
         return [self.files[i] for i in chosen]
 
-    def _open(self):
-        t = tf()
-        files = self.group_files_of(self.group)
-        paths = t.constant(files)
+    def _limits(self, files: list[str]) -> list[int]:
         # -1 reads a file whole; a damaged file is cut where its damage starts (skip mode)
-        limits = t.constant([self._truncated.get(f, -1) for f in files], t.int64)
+        return [self._truncated.get(f, -1) for f in files]
 
-        def one_file(index):
-            records = t.data.TFRecordDataset(paths[index]).take(limits[index])
-            return records.enumerate().map(lambda i, r: (index, i, r))
+    def _stream(self, group: int):
+        """Group `group`'s records; opened ahead by `_open_upcoming` where it can be."""
+        files = self.group_files_of(group)
+        limits = self._limits(files)
+        upcoming, self._upcoming = self._upcoming, None
+        if upcoming is not None and upcoming[:2] == (group, limits):
+            return files, upcoming[2]
+        return files, _records(record_stream(files, limits, self.threads).as_numpy_iterator())
 
-        stream = t.data.Dataset.range(len(files)).interleave(
-            one_file, cycle_length=len(files), block_length=1
-        )
-        stream = stream.map(_parse, num_parallel_calls=t.data.AUTOTUNE, deterministic=True)
-        self._iterator = iter(stream.prefetch(t.data.AUTOTUNE).as_numpy_iterator())
+    def _open_upcoming(self) -> None:
+        """Open the next group's stream, and start its reading, when half of what the shuffle
+        buffer held at this group's end is drawn: the work of a group or epoch boundary
+        (building the tf.data pipeline, the first reads) then falls between boundaries,
+        instead of on the step that needs the next group's first batch."""
+        group = self.group + 1
+        files = self.group_files_of(group)
+        limits = self._limits(files)
+        batches = _started(record_stream(files, limits, self.threads))
+        self._upcoming = (group, limits, _records(batches))
+
+    def _open(self):
+        files, self._iterator = self._stream(self.group)
         self._group_paths = files
         # The example shuffle is a buffer kept here, drawn from a generator seeded by (seed,
         # group): tf.data's shuffle would also depend on TensorFlow's global seed, which other
         # libraries set. Records already consumed are skipped here too, so that every record's
         # index is seen and truncated files can be told at the group's end.
         self._buffer: list = []
-        self._exhausted = False
+        self._exhausted, self._upcoming_below = False, 0
         self._draw = np.random.default_rng([self.seed, self.group, 1])
         self._to_skip = self.offset
         self._seen = [0] * len(files)
@@ -154,9 +171,12 @@ class RecordReader:
                 file_index, record_index, tokens = next(self._iterator)
             except StopIteration:
                 self._exhausted = True
+                self._upcoming_below = len(self._buffer) // 2
                 break
             self._seen[file_index] = max(self._seen[file_index], int(record_index) + 1)
             self._buffer.append((file_index, record_index, tokens))
+        if self._exhausted and self._upcoming is None and len(self._buffer) <= self._upcoming_below:
+            self._open_upcoming()
         if not self._buffer:
             return None
         pick = int(self._draw.integers(len(self._buffer))) if self.shuffle else 0
@@ -216,16 +236,73 @@ class RecordReader:
         self._iterator = None  # rebuild the group without the damaged tail, skip what was read
 
 
+def record_stream(files: list[str], limits: list[int], threads: int):
+    """tf.data stream of batches of RECORDS_PER_READ records (see `_parse`) over `files` read
+    round-robin, at most `limits[i]` records of file i (-1: all), parsed by `threads` threads.
+    Records travel in batches because each crossing into Python costs as much as parsing one."""
+    t = tf()
+    paths, limits = t.constant(files), t.constant(limits, t.int64)
+
+    def one_file(index):
+        records = t.data.TFRecordDataset(paths[index]).take(limits[index])
+        return records.enumerate().map(lambda i, r: (index, i, r))
+
+    stream = t.data.Dataset.range(len(files)).interleave(
+        one_file, cycle_length=len(files), block_length=1
+    )
+    stream = stream.batch(RECORDS_PER_READ).map(
+        _parse, num_parallel_calls=threads, deterministic=True
+    )
+    # A fixed, private thread pool and no autotuning: on a host whose CPU also runs the model,
+    # tf.data's default (a pool as large as the machine, an autotuner waking up) takes cycles
+    # from the step.
+    options = t.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = False
+    return stream.prefetch(PREFETCH_BATCHES).with_options(options)
+
+
 def records_in_name(path: str) -> int | None:
     """The record count in a `{name}_{i}_{n}.tfrecords` file name, as GPT-Neo wrote them."""
     match = re.search(r"_(\d+)\.tfrecords$", path)
     return int(match.group(1)) if match else None
 
 
-def _parse(file_index, record_index, record):
+def _parse(file_index, record_index, records):
+    """A batch of serialized records -> (file indices, record indices, tokens as the flat
+    int32 values and the row splits of a ragged [records, None] tensor)."""
     t = tf()
-    parsed = t.io.parse_single_example(record, {"text": t.io.VarLenFeature(t.int64)})
-    return file_index, record_index, t.cast(t.sparse.to_dense(parsed["text"]), t.int32)
+    parsed = t.io.parse_example(records, {"text": t.io.VarLenFeature(t.int64)})
+    tokens = t.RaggedTensor.from_sparse(parsed["text"])
+    return file_index, record_index, t.cast(tokens.flat_values, t.int32), tokens.row_splits
+
+
+def _started(stream) -> Iterator:
+    """`stream`'s batches with the first one read now (tf.data starts prefetching at the first
+    read). A reading error is held and raised where the batch is consumed, as if read then."""
+    batches = stream.as_numpy_iterator()
+    try:
+        first = next(batches)
+    except StopIteration:
+        return iter(())
+    except Exception as err:  # re-raised by the consumer's read
+        return _raising(err)
+    return itertools.chain([first], batches)
+
+
+def _raising(err: Exception) -> Iterator:
+    raise err
+    yield  # a generator: raises at its first next()
+
+
+def _records(batches: Iterator) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(file index, record index, tokens) per record of `record_stream`'s batches."""
+    for file_index, record_index, values, splits in batches:
+        for f, r, tokens in zip(
+            file_index, record_index, np.split(values, splits[1:-1]), strict=True
+        ):
+            yield int(f), int(r), tokens
 
 
 def iter_records(files: list[str], limit: int = 0) -> Iterator[np.ndarray]:
@@ -269,6 +346,18 @@ def locate_corruption(files: list[str]) -> tuple[str | None, int]:
 # Examples
 
 
+class Notices:
+    """Things the pipeline says once per run (on the first host only), not once per record."""
+
+    def __init__(self, out: Callable[[str], None] | None):
+        self.out, self.said = out, set()
+
+    def once(self, key: str, message: str) -> None:
+        if self.out is not None and key not in self.said:
+            self.said.add(key)
+            self.out(message)
+
+
 @dataclass
 class DatasetSource:
     """One entry of the mixture: its reader, how it makes examples, and its weight."""
@@ -280,6 +369,7 @@ class DatasetSource:
     weight: float
     n_vocab: int
     n_ctx: int
+    notices: Notices = field(default_factory=lambda: Notices(None))
 
     def _checked(self, tokens: np.ndarray, path: str, index: int) -> np.ndarray:
         if tokens.size and (int(tokens.max()) >= self.n_vocab or int(tokens.min()) < 0):
@@ -295,12 +385,21 @@ class DatasetSource:
         length = self.n_ctx + 1
         if self.mode == "chunks":
             tokens, path, index = self.reader.next_record()
-            if tokens.size != length:
+            if tokens.size < length:
                 raise DataError(
                     f"dataset '{self.config.name}': {path} record {index} has {tokens.size} "
-                    f"tokens; sampling mode 'chunks' needs n_ctx + 1 = {length}. Re-create it with "
-                    f"--mode chunks --chunk_size {self.n_ctx}, or sample it with documents_random"
+                    f"tokens; sampling mode 'chunks' needs at least n_ctx + 1 = {length}. Re-create "
+                    f"it with --mode chunks --chunk_size {self.n_ctx}, or sample it with "
+                    "documents_random"
                 )
+            if tokens.size > length:  # GPT-Neo's meaning: the record's first n_ctx + 1 tokens
+                self.notices.once(
+                    f"long records {self.config.name}",
+                    f"dataset '{self.config.name}': records are longer than n_ctx + 1 = {length} "
+                    f"tokens ({path} record {index} has {tokens.size}); training uses the first "
+                    f"{length} tokens of each, as GPT-Neo did",
+                )
+                tokens = tokens[:length]
             return self._checked(tokens, path, index)
         start = (self.reader.group, self.reader.offset)
         pieces, total, eos = [], 0, self.config.eos_id
@@ -325,10 +424,19 @@ class Stream:
     """An independent stream of examples: every dataset's files[r::streams], its own seeds and
     its own mixture draws. The global batch is the streams' rows, stream by stream."""
 
-    def __init__(self, cfg: Config, index: int, count: int, *, eval: bool, skip_corrupt: bool):
+    def __init__(
+        self,
+        cfg: Config,
+        index: int,
+        count: int,
+        *,
+        eval: bool,
+        skip_corrupt: bool,
+        notices: Notices,
+    ):
         self.index, self.seed = index, cfg.seed
         self.sources = [
-            _source(cfg, i, entry, index, count, eval, skip_corrupt)
+            _source(cfg, i, entry, index, count, eval, skip_corrupt, notices)
             for i, entry in enumerate(cfg.datasets)
         ]
         weights = np.array([s.weight for s in self.sources], np.float64)
@@ -340,6 +448,16 @@ class Stream:
 
     def rows(self, batch: int, rows: int) -> list[np.ndarray]:
         return [self.sources[k].next_example() for k in self.choices(batch, rows)]
+
+
+def input_threads(cfg: Config) -> int:
+    """`input_threads`, or its default: 1 when the model runs on this host's CPU, else a
+    quarter of the host's cores."""
+    import jax
+
+    if cfg.input_threads:
+        return cfg.input_threads
+    return 1 if jax.default_backend() == "cpu" else max(1, (os.cpu_count() or 4) // 4)
 
 
 def default_sampling_mode(cfg: Config, dataset: DatasetConfig) -> str:
@@ -354,7 +472,14 @@ def default_sampling_mode(cfg: Config, dataset: DatasetConfig) -> str:
 
 
 def _source(
-    cfg: Config, i: int, entry, stream: int, streams: int, eval: bool, skip_corrupt: bool
+    cfg: Config,
+    i: int,
+    entry,
+    stream: int,
+    streams: int,
+    eval: bool,
+    skip_corrupt: bool,
+    notices: Notices,
 ) -> DatasetSource:
     dataset = load_dataset_config(entry.dataset_id)
     if dataset.n_vocab > cfg.n_vocab:
@@ -387,9 +512,17 @@ def _source(
         shuffle=not eval,
         shuffle_files=cfg.shuffle_input_filenames,
         skip_corrupt=skip_corrupt,
+        threads=input_threads(cfg),
     )
     return DatasetSource(
-        dataset, reader, mode, entry.stitch or 1, entry.weight or 1.0, cfg.n_vocab, cfg.n_ctx
+        dataset,
+        reader,
+        mode,
+        entry.stitch or 1,
+        entry.weight or 1.0,
+        cfg.n_vocab,
+        cfg.n_ctx,
+        notices,
     )
 
 
@@ -400,7 +533,7 @@ class InputPipeline:
     host); this host produces its streams' rows. With `input_streams` fixed, any number of
     hosts that divides it sees the same global batches. `state()` is the position after the
     last batch returned; `restore(state)` continues from it. `eval=True` reads `eval_path` in
-    a fixed order from the start.
+    a fixed order from the start. `out` receives the pipeline's one-time notices (first host).
     """
 
     def __init__(
@@ -412,6 +545,7 @@ class InputPipeline:
         process_index: int | None = None,
         process_count: int | None = None,
         skip_corrupt: bool = False,
+        out: Callable[[str], None] | None = print,
     ):
         import jax
 
@@ -434,8 +568,9 @@ class InputPipeline:
         self.rows_per_stream = global_batch // streams
         self.batch_size = global_batch // hosts  # rows this host produces
         per_host = streams // hosts
+        notices = Notices(out if index == 0 else None)
         self.streams = [
-            Stream(cfg, r, streams, eval=eval, skip_corrupt=skip_corrupt)
+            Stream(cfg, r, streams, eval=eval, skip_corrupt=skip_corrupt, notices=notices)
             for r in range(index * per_host, (index + 1) * per_host)
         ]
         self.batch = 0
@@ -454,9 +589,10 @@ class InputPipeline:
             },
         }
 
-    def global_state(self) -> dict:
-        """Every host's position (all streams), the same on every host; what checkpoints hold."""
-        local = self.state()
+    def global_state(self, local: dict | None = None) -> dict:
+        """Every host's position (all streams), the same on every host; what checkpoints hold.
+        `local`: this host's position to gather (default: the current one, `state()`)."""
+        local = local or self.state()
         if self.process_count == 1:
             return local
         from jax.experimental import multihost_utils
@@ -512,6 +648,28 @@ def unigram_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def what_training_uses(mode: str, lengths: list[int], length: int, stitch: int) -> str:
+    """One line for --check_dataset: what a training example takes from these records."""
+    if mode != "chunks":
+        window = "a random window" if mode == "documents_random" else "the first"
+        return (
+            f"sampling mode {mode}: training joins {stitch}+ records with end-of-text between "
+            f"them and takes {window} of n_ctx + 1 = {length} tokens"
+        )
+    shortest, longest = min(lengths, default=0), max(lengths, default=0)
+    if shortest < length:
+        return (
+            f"records shorter than n_ctx + 1 = {length} tokens (the shortest has {shortest}): "
+            "sampling mode chunks cannot use them; re-create the records or sample documents"
+        )
+    if longest > length:
+        return (
+            f"sampling mode chunks: training uses the first n_ctx + 1 = {length} tokens of each "
+            f"record (records hold {shortest}..{longest}), as GPT-Neo did"
+        )
+    return f"sampling mode chunks: training uses each record whole ({length} tokens)"
+
+
 def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, out=print) -> bool:
     """Print decoded samples and the token-id range of each dataset; False if an id is out of
     range. Reads up to `max_records` records per dataset (0: all of them)."""
@@ -545,6 +703,10 @@ def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, 
             f"{dataset.name}: unigram entropy {unigram_entropy(counts):.3f} nats/token (the loss of "
             "a model that ignores context; training should go well below it)"
         )
+        mode = entry.sampling_mode or default_sampling_mode(cfg, dataset)
+        used = what_training_uses(mode, lengths, cfg.n_ctx + 1, entry.stitch or 1)
+        out(f"{'error: ' if used.startswith('records shorter') else ''}{dataset.name}: {used}")
+        ok = ok and not used.startswith("records shorter")
         if high is not None and high >= cfg.n_vocab:
             out(f"error: {dataset.name}: token id {high} >= n_vocab {cfg.n_vocab}")
             ok = False

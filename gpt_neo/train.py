@@ -25,6 +25,7 @@ from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.dataset_config import model_tokenizer
 from gpt_neo.errors import ConfigError
+from gpt_neo.feed import DeviceFeed
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
 from gpt_neo.models.gpt import abstract_params, forward, init_params
@@ -265,7 +266,7 @@ def check_finite(history: list[dict], first_step: int) -> None:
 
 def evaluate(cfg: Config, trainer: Trainer, params, steps: int) -> dict:
     """Mean cross-entropy (without z-loss) over `steps` eval batches from the start of eval_path."""
-    pipeline = InputPipeline(cfg, eval=True)
+    pipeline = InputPipeline(cfg, eval=True, out=None)  # the training pipeline says what it has to
     eval_fn = _eval_fn(cfg, trainer)
     losses = [float(eval_fn(params, trainer.place(pipeline.next_batch()))) for _ in range(steps)]
     loss = float(np.mean(losses))
@@ -353,24 +354,27 @@ def _train(
     metrics.start(step, trainer)
     preemption = Preemption().install()
     iterations = cfg.iterations or 1
-    with jax.set_mesh(mesh):  # activation shardings are traced against this mesh
+    feed = DeviceFeed(pipeline.next_batch, pipeline.state, trainer.place, cfg.input_prefetch)
+    report = DeferredReport(metrics, feed)
+    with feed, jax.set_mesh(mesh):  # activation shardings are traced against this mesh
         while step < cfg.train_steps:
             until_checkpoint = steps_per_checkpoint - step % steps_per_checkpoint
             todo = min(iterations, cfg.train_steps - step, until_checkpoint)
-            history, start = [], time.perf_counter()
+            history = []
             for _ in range(todo):
-                state, step_metrics = trainer.step(state, trainer.place(pipeline.next_batch()))
+                batch, data_state = feed.next()
+                state, step_metrics = trainer.step(state, batch)
                 history.append(step_metrics)
                 if jax.process_count() == 1 and preemption.requested:
                     break  # finish this step, then save
-            history = jax.device_get(history)
-            check_finite(history, step)
+            report.flush()  # the previous block, while the device works through this one
+            report.hold(step, history)
             step += len(history)
-            metrics.log_train(step, history, time.perf_counter() - start)
             stop = preemption.agreed()
             boundary = step % steps_per_checkpoint == 0 or step == cfg.train_steps
             if boundary or stop:
-                checkpointer.save(step, state, pipeline.global_state(), cfg)
+                report.flush()  # this block's losses are checked before its state is saved
+                checkpointer.save(step, state, pipeline.global_state(data_state), cfg)
             if boundary and cfg.eval_steps:
                 metrics.log_eval(step, evaluate(cfg, trainer, state["params"], cfg.eval_steps))
             if boundary and cfg.predict_steps:
@@ -381,9 +385,36 @@ def _train(
                     f"preempted: saved step {step} to {checkpointer.directory}; rerun to resume"
                 )
                 return EXIT_PREEMPTED
+        report.flush()
     checkpointer.wait()
     metrics.finish(step, checkpointer.directory)
     return 0
+
+
+class DeferredReport:
+    """A block's metrics are read (a host-device sync) only after the next block is queued,
+    so the device never idles while the host logs. `flush()` reports the held block: its
+    losses are checked (a `TrainingDiverged` names the step) and logged with the wall time
+    since the previous block was done, and how much of that time the loop waited for input."""
+
+    def __init__(self, metrics, feed: DeviceFeed):
+        self.metrics, self.feed = metrics, feed
+        self.held: tuple[int, list] | None = None
+        self.last_done = time.perf_counter()
+
+    def hold(self, first_step: int, history: list) -> None:
+        """A block: its first step and its steps' metrics (still on the devices)."""
+        self.held = (first_step, history)
+
+    def flush(self) -> None:
+        if self.held is None:
+            return
+        (first_step, history), self.held = self.held, None
+        history = jax.device_get(history)
+        done, waited = time.perf_counter(), self.feed.take_waited()
+        check_finite(history, first_step)
+        seconds, self.last_done = done - self.last_done, done
+        self.metrics.log_train(first_step + len(history), history, seconds, waited)
 
 
 def save_initial_checkpoint(cfg: Config, mesh: Mesh, params, checkpointer) -> None:

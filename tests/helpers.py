@@ -65,6 +65,20 @@ def tiny_config(**overrides):
     return cfg
 
 
+def input_config(datasets, **overrides):
+    """A one-layer model for input-pipeline tests: n_ctx 16, every token id valid."""
+    keys = {
+        "n_embd": 8,
+        "n_head": 1,
+        "n_layer": 1,
+        "n_ctx": 16,
+        "n_vocab": 1_000_000,
+        "train_batch_size": 4,
+        "datasets": datasets,
+    }
+    return from_dict({**keys, **overrides})
+
+
 def perturbed_params(cfg, seed=0):
     """Initialised params with every leaf nudged, so zero biases and unit gains get tested."""
     params = init_params(cfg, seed)

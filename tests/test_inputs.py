@@ -8,27 +8,15 @@ import numpy as np
 import pytest
 
 from gpt_neo import inputs
-from gpt_neo.config import from_dict
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.inputs import CorruptRecordError, InputPipeline, check_datasets
-from tests.helpers import write_dataset
+from tests.helpers import input_config, write_dataset
 
 EOS = 0
 N_CTX = 16
 
 
-def model_config(datasets, **kw):
-    keys = {
-        "n_embd": 8,
-        "n_head": 1,
-        "n_layer": 1,
-        "n_ctx": N_CTX,
-        "n_vocab": 1_000_000,
-        "train_batch_size": 4,
-        "datasets": datasets,
-        **kw,
-    }
-    return from_dict(keys)
+model_config = input_config  # n_ctx is N_CTX
 
 
 def pipeline(cfg, **kw):
@@ -115,7 +103,7 @@ def test_input_fn_decides_how_a_dataset_without_a_recorded_mode_is_read(tmp_path
     del raw["mode"]
     Path(path).write_text(json.dumps(raw))
     # sequential_input (the default) reads records of n_ctx + 1 tokens: documents are not
-    with pytest.raises(DataError, match="sampling mode 'chunks' needs n_ctx \\+ 1"):
+    with pytest.raises(DataError, match="sampling mode 'chunks' needs at least n_ctx \\+ 1"):
         batches(pipeline(model_config([path])), 1)
     # generic_text samples windows of joined documents
     rows = batches(pipeline(model_config([path], input_fn="generic_text")), 2)
@@ -242,7 +230,7 @@ def test_token_ids_outside_n_vocab_name_the_file_and_record(tmp_path):
 
 def test_chunk_records_of_the_wrong_length_are_explained(tmp_path):
     path, _ = write_dataset(tmp_path, "d", [5])
-    with pytest.raises(DataError, match=r"needs n_ctx \+ 1 = 17.*--chunk_size 16"):
+    with pytest.raises(DataError, match=r"needs at least n_ctx \+ 1 = 17.*--chunk_size 16"):
         batches(pipeline(model_config([[path, None, "chunks", None]])), 1)
 
 
@@ -265,7 +253,7 @@ def test_check_dataset_reports_id_range_and_fails_on_ids_beyond_n_vocab(tmp_path
     path, docs = write_dataset(tmp_path, "d", [5], lengths=(3,))
     lines = []
     assert check_datasets(model_config([path]), out=lines.append)
-    summary = lines[-2]
+    summary = next(line for line in lines if "token ids" in line)
     assert (
         f"token ids 0..{max(max(d) for d in docs.values())}" in summary
         and "read all records" in summary
@@ -293,3 +281,120 @@ def test_fixed_input_streams_give_the_same_global_batch_on_any_host_count(tmp_pa
     one = pipeline(cfg)
     one.restore(merged)
     np.testing.assert_array_equal(one.next_batch(), np.concatenate([h.next_batch() for h in hosts]))
+
+
+# --- GPT-Neo's longer records ----------------------------------------------------------------
+
+
+def long_records(tmp_path, files=(6, 6)):
+    """Chunk records made for n_ctx 2 * N_CTX: 2 * N_CTX + 1 tokens each."""
+    return write_dataset(tmp_path, "long", list(files), mode="chunks", n_ctx=2 * N_CTX)
+
+
+def test_records_longer_than_n_ctx_plus_one_train_on_their_first_tokens(tmp_path):
+    path, docs = long_records(tmp_path)
+    said = []
+    cfg = model_config([[path, None, "chunks", None]])
+    rows = np.concatenate(batches(pipeline(cfg, out=said.append), 3))
+    firsts = {tuple(t[: N_CTX + 1]) for t in docs.values()}
+    assert rows.shape == (12, N_CTX + 1) and all(tuple(r) in firsts for r in rows)
+    assert len({tuple(r) for r in rows}) == 12  # whole records, each once, cut to n_ctx + 1
+    assert len(said) == 1  # said once, not once per record
+    assert "longer than n_ctx + 1 = 17 tokens" in said[0] and "has 33" in said[0]
+    assert "first 17 tokens of each, as GPT-Neo did" in said[0]
+
+
+def test_resuming_over_longer_records_continues_exactly(tmp_path):
+    path, _ = long_records(tmp_path, files=(5, 7, 3))
+    cfg = model_config([[path, None, "chunks", None]])
+    uninterrupted = batches(pipeline(cfg, out=None), 9)
+    first = pipeline(cfg, out=None)
+    batches(first, 4)
+    resumed = pipeline(cfg, out=None)
+    resumed.restore(first.state())
+    np.testing.assert_array_equal(np.stack(batches(resumed, 5)), np.stack(uninterrupted[4:]))
+
+
+def test_check_dataset_says_what_training_takes_from_each_record(tmp_path):
+    path, _ = long_records(tmp_path)
+    lines = []
+    assert check_datasets(model_config([[path, None, "chunks", None]]), out=lines.append)
+    assert any(
+        "training uses the first n_ctx + 1 = 17 tokens of each record (records hold 33..33)" in line
+        for line in lines
+    )
+    lines.clear()
+    short = model_config([[path, None, "chunks", None]], n_ctx=40)
+    assert not check_datasets(short, out=lines.append)
+    assert any(
+        line.startswith("error: long: records shorter than n_ctx + 1 = 41 tokens") for line in lines
+    )
+    lines.clear()
+    exact = model_config([[path, None, "chunks", None]], n_ctx=32)
+    assert check_datasets(exact, out=lines.append)
+    assert any("training uses each record whole (33 tokens)" in line for line in lines)
+
+
+def test_tf_data_threads_are_bounded_and_not_autotuned(tmp_path, monkeypatch):
+    path, _ = write_dataset(tmp_path, "d", [4])
+    stream = inputs.record_stream(inputs.list_files(str(tmp_path / "d_*"), what="d"), [-1], 3)
+    assert stream.options().threading.private_threadpool_size == 3
+    assert stream.options().autotune.enabled is False
+    assert inputs.input_threads(model_config([path])) == 1  # the model runs on this CPU
+    assert inputs.input_threads(model_config([path], input_threads=4)) == 4
+    monkeypatch.setattr(inputs.os, "cpu_count", lambda: 96)
+    monkeypatch.setattr("jax.default_backend", lambda: "tpu")
+    assert inputs.input_threads(model_config([path])) == 24  # a TPU host's cores are free
+
+
+def chunk_reader(folder, **kw):
+    files = inputs.list_files(str(folder / "c_*.tfrecords"), what="c")
+    return inputs.RecordReader(files, seed=3, name="c", **kw)
+
+
+def test_next_group_is_opened_ahead_and_reads_the_same_records(tmp_path, small_groups, monkeypatch):
+    write_dataset(tmp_path, "c", [5, 5, 5, 5, 5, 5], mode="chunks")  # 3 groups of 10 records
+    reads = 75  # two and a half epochs
+
+    def read_all(reader):
+        return [(path, index) for _, path, index in (reader.next_record() for _ in range(reads))]
+
+    opened_at, record_stream = [], inputs.record_stream  # (group drawn, records left to draw)
+
+    def counted(*args):
+        opened_at.append((reader.group, len(getattr(reader, "_buffer", []))))
+        return record_stream(*args)
+
+    monkeypatch.setattr(inputs, "record_stream", counted)
+    reader = chunk_reader(tmp_path)
+    ahead = read_all(reader)
+    assert len(opened_at) == 8  # each group's stream built once: groups 0-7
+    assert all(left > 0 for _, left in opened_at[1:])  # while the group before still had records
+    assert [group for group, _ in opened_at[1:]] == list(range(7))
+
+    monkeypatch.setattr(inputs.RecordReader, "_open_upcoming", lambda self: None)
+    reader = chunk_reader(tmp_path)
+    assert read_all(reader) == ahead  # the second path: each group opened at its boundary
+    assert all(left == 0 for _, left in opened_at[8:])
+
+
+def test_damage_at_the_start_of_the_next_group_is_reported_when_that_group_is_read(
+    tmp_path, small_groups
+):
+    write_dataset(tmp_path, "c", [5, 5, 5, 5], mode="chunks")
+    damaged = tmp_path / "c_2_5.tfrecords"  # the first file of group 1 (files in name order)
+    data = bytearray(damaged.read_bytes())
+    data[20] ^= 0xFF  # inside record 0's payload
+    damaged.write_bytes(bytes(data))
+    reader, read = chunk_reader(tmp_path, shuffle_files=False), []
+    with pytest.raises(CorruptRecordError, match=r"c_2_5\.tfrecords is corrupt .* at record 0"):
+        while True:
+            read.append(reader.next_record()[1])
+    assert len(read) == 10 and {Path(p).name for p in read} == {
+        "c_0_5.tfrecords",
+        "c_1_5.tfrecords",
+    }
+    skipping = chunk_reader(tmp_path, shuffle_files=False, skip_corrupt=True)
+    names = [Path(skipping.next_record()[1]).name for _ in range(15)]
+    assert names[10:] == ["c_3_5.tfrecords"] * 5
+    assert skipping.stats.skipped_files == [f"{damaged} (from record 0)"]

@@ -1,6 +1,7 @@
 """Training: schedule, optimizers, microbatching, the loop, checkpoints, resume, bad input."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -255,6 +256,7 @@ def test_training_runs_logs_and_saves_then_reports_complete(tmp_path, dataset, c
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [10, 20]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
+    assert all(0.0 <= r["input_wait"] <= 1.0 for r in train)  # share of the interval
     assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((run / "tensorboard").iterdir())
@@ -291,13 +293,17 @@ def test_log_grads_goes_to_metrics_jsonl_and_tensorboard(tmp_path, dataset):
         squares = sum(record[name] ** 2 for name in names)
         assert squares == pytest.approx(record["grad_norm"] ** 2, rel=1e-4)
     t = tf()
-    tags = {
-        value.tag
+    values = {
+        value.tag: value
         for path in (run / "tensorboard").iterdir()
         for event in t.compat.v1.train.summary_iterator(str(path))
         for value in event.summary.value
     }
-    assert names <= tags
+    assert names <= values.keys()
+    text = t.make_ndarray(values["config"].tensor).item().decode()  # TensorBoard's text tab
+    logged = json.loads(text.removeprefix("```json\n").removesuffix("\n```"))
+    written = json.loads(Path(model).read_text())
+    assert {key: logged[key] for key in written} == written and logged["log_grads"] is True
 
 
 def test_resuming_continues_exactly_and_on_another_mesh(tmp_path, dataset):
