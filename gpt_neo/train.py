@@ -379,6 +379,8 @@ def _train(
                 metrics.log_eval(step, evaluate(cfg, trainer, state["params"], cfg.eval_steps))
             if boundary and cfg.predict_steps:
                 metrics.message(sample_now(cfg, state["params"], step))
+            if boundary and (cfg.eval_steps or cfg.predict_steps):
+                report.restart_clock()  # evaluation has its own line; tok/s counts training
             if stop:
                 checkpointer.wait()
                 metrics.message(
@@ -405,6 +407,10 @@ class DeferredReport:
     def hold(self, first_step: int, history: list) -> None:
         """A block: its first step and its steps' metrics (still on the devices)."""
         self.held = (first_step, history)
+
+    def restart_clock(self) -> None:
+        """Time the next block from now: what ran since the last flush was not training."""
+        self.last_done = time.perf_counter()
 
     def flush(self) -> None:
         if self.held is None:

@@ -1,6 +1,8 @@
 """Training: schedule, optimizers, microbatching, the loop, checkpoints, resume, bad input."""
 
 import json
+import math
+import time
 from pathlib import Path
 
 import jax
@@ -418,3 +420,22 @@ def test_new_deletes_model_path_after_confirmation(tmp_path, dataset, monkeypatc
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
     assert main(["--model", model, "--new", "--yes", "--steps_per_checkpoint", "2"]) == 0
     assert "training from step 0" in capsys.readouterr().out
+
+
+def test_evaluation_time_is_not_counted_as_training_time(tmp_path, dataset, monkeypatch):
+    from gpt_neo import train
+
+    def slow_evaluate(*args):
+        time.sleep(2.0)  # far longer than two steps of this model
+        return {"eval_loss": 1.0, "eval_perplexity": math.e}
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    model = run_config(tmp_path, dataset, train_steps=4, eval_steps=1)
+    assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    after_eval = next(r for r in records if r.get("step") == 4 and "loss" in r)
+    tokens = 2 * SMALL_RUN["train_batch_size"] * SMALL_RUN["n_ctx"]
+    assert tokens / after_eval["tokens_per_s"] < 1.0  # the interval's seconds: no 2 s of eval
+    assert sum(1 for r in records if "eval_loss" in r) == 2  # the evaluations did run
