@@ -129,9 +129,13 @@ REPLICA_PARALLEL_MIN_SLICE_BYTES = 16 * 2**20
 
 
 def state_handler() -> ocp.PyTreeCheckpointHandler:
-    """The train state's handler: orbax's, with replica-parallel writes for large slices only."""
+    """The train state's handler: orbax's, with replica-parallel writes for large slices only,
+    and without the file of each array's sharding. Every restore here names its target
+    shardings (those of the mesh it runs on), so that file is never read, and writing it is a
+    quarter of a save's CPU time (38 of 140 ms for 94 arrays), which a CPU-hosted step feels."""
     arrays = ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
+        enable_write_sharding_file=False,
     )
     registry = ocp.type_handlers.create_type_handler_registry((jax.Array, arrays))
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
