@@ -648,26 +648,27 @@ def unigram_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def what_training_uses(mode: str, lengths: list[int], length: int, stitch: int) -> str:
-    """One line for --check_dataset: what a training example takes from these records."""
+def what_training_uses(mode: str, lengths: list[int], length: int, stitch: int) -> tuple[str, bool]:
+    """(one line for --check_dataset: what a training example takes from these records,
+    whether training can use them)."""
     if mode != "chunks":
         window = "a random window" if mode == "documents_random" else "the first"
         return (
             f"sampling mode {mode}: training joins {stitch}+ records with end-of-text between "
             f"them and takes {window} of n_ctx + 1 = {length} tokens"
-        )
+        ), True
     shortest, longest = min(lengths, default=0), max(lengths, default=0)
     if shortest < length:
         return (
             f"records shorter than n_ctx + 1 = {length} tokens (the shortest has {shortest}): "
             "sampling mode chunks cannot use them; re-create the records or sample documents"
-        )
+        ), False
     if longest > length:
         return (
             f"sampling mode chunks: training uses the first n_ctx + 1 = {length} tokens of each "
             f"record (records hold {shortest}..{longest}), as GPT-Neo did"
-        )
-    return f"sampling mode chunks: training uses each record whole ({length} tokens)"
+        ), True
+    return f"sampling mode chunks: training uses each record whole ({length} tokens)", True
 
 
 def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, out=print) -> bool:
@@ -704,9 +705,9 @@ def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, 
             "a model that ignores context; training should go well below it)"
         )
         mode = entry.sampling_mode or default_sampling_mode(cfg, dataset)
-        used = what_training_uses(mode, lengths, cfg.n_ctx + 1, entry.stitch or 1)
-        out(f"{'error: ' if used.startswith('records shorter') else ''}{dataset.name}: {used}")
-        ok = ok and not used.startswith("records shorter")
+        used, usable = what_training_uses(mode, lengths, cfg.n_ctx + 1, entry.stitch or 1)
+        out(f"{'' if usable else 'error: '}{dataset.name}: {used}")
+        ok = ok and usable
         if high is not None and high >= cfg.n_vocab:
             out(f"error: {dataset.name}: token id {high} >= n_vocab {cfg.n_vocab}")
             ok = False

@@ -157,6 +157,11 @@ def test_wrong_type_names_key_and_expected_type(tmp_path, key, value, expected):
     assert f"'{key}'" in message and expected in message
 
 
+@pytest.mark.parametrize("key", ["input_prefetch", "input_threads"])
+def test_input_knobs_must_be_at_least_one(tmp_path, key):
+    assert f"'{key}' must be at least 1, got 0" in error_of(tmp_path, {**BASE, key: 0})
+
+
 def test_missing_required_key(tmp_path):
     raw = dict(BASE)
     del raw["n_vocab"]
