@@ -12,6 +12,16 @@ import jax
 import pytest
 
 
+def pytest_sessionstart(session):
+    from tests.helpers import SHARED
+
+    if not (SHARED / "fixtures").is_dir():
+        raise pytest.UsageError(
+            f"the shared test data is not at {SHARED}: clone the repo beside the project's "
+            "shared/ folder, or set GPT_NEO_SHARED to it"
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests need 8 simulated CPU devices; jax was imported too early"

@@ -1,6 +1,8 @@
 """Shared test helpers: paths, a tiny config, random Hugging Face GPT-Neo models, datasets."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import jax
@@ -11,7 +13,27 @@ from gpt_neo.mesh import check_layout
 from gpt_neo.models.gpt import init_params
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+
+
+def shared_folder() -> Path:
+    """The project's shared test data (`../shared`, never copied into the repo): $GPT_NEO_SHARED,
+    else `shared/` beside this checkout, else beside the checkout it was cloned from."""
+    if "GPT_NEO_SHARED" in os.environ:
+        return Path(os.environ["GPT_NEO_SHARED"])
+    beside = REPO.parent / "shared"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if origin and "://" not in origin and Path(origin).is_dir():
+        return Path(origin).resolve().parent / "shared"
+    return beside
+
+
+SHARED = shared_folder()
 GPT_NEO_CONFIGS = SHARED / "fixtures" / "gpt-neo-configs"
 
 
