@@ -30,9 +30,10 @@ SIZES = {
 BATCH = 8
 
 
-def ours(cfg, tokens):
-    """A function that runs one train step and waits for it (compiled on the first call)."""
-    trainer = Trainer(cfg, make_mesh(cfg, devices=jax.devices()[:1]))
+def ours(cfg, tokens, devices: int = 1):
+    """A function that runs one train step on `devices` devices, waits for it and returns its
+    metrics (compiled on the first call)."""
+    trainer = Trainer(cfg, make_mesh(cfg, devices=jax.devices()[:devices]))
     state = trainer.init_state(0)
     with jax.set_mesh(trainer.mesh):
         batch = trainer.place(tokens)
@@ -41,7 +42,7 @@ def ours(cfg, tokens):
         nonlocal state
         with jax.set_mesh(trainer.mesh):
             state, metrics = trainer.step(state, batch)
-        jax.block_until_ready(metrics)
+        return jax.device_get(metrics)
 
     return step
 

@@ -48,6 +48,9 @@ MLP_IN_BIAS = (MLP,)
 MLP_OUT = (MLP, EMBD)
 MLP_OUT_BIAS = (EMBD,)
 SCALAR = ()  # learnable activation parameters
+ROUTER = (EMBD, None)  # the MoE router: every device scores every expert
+EXPERT_IN = (EXPERTS, EMBD, EXPERT_MLP)  # each expert's wi
+EXPERT_OUT = (EXPERTS, EXPERT_MLP, EMBD)  # each expert's wo
 
 PARAMETERS = {
     "wte": TOKEN_EMBEDDING,
@@ -61,6 +64,9 @@ PARAMETERS = {
     "mlp proj_kernel": MLP_OUT,
     "mlp proj_bias": MLP_OUT_BIAS,
     "activation scalars": SCALAR,
+    "moe router": ROUTER,
+    "moe wi": EXPERT_IN,
+    "moe wo": EXPERT_OUT,
 }
 
 # --- activations -----------------------------------------------------------------------------
@@ -70,6 +76,12 @@ QUERIES = (BATCH, SEQ, HEADS, KV)
 KEYS_VALUES = (BATCH, KV_SEQ, HEADS, KV)
 MLP_HIDDEN = (BATCH, SEQ, MLP)
 LOGITS = (BATCH, SEQ, VOCAB)
+# MoE: tokens in routing groups, and the experts' inputs and hidden layers. In the latter the
+# groups are split over the batch's mesh axes *except* those `experts` uses (GPT-Neo's
+# `batch_unsplit`), so `batch:x,experts:x` is legal and moves tokens with an all-to-all.
+GROUPS = (BATCH, None, EMBD)
+DISPATCHED = (EXPERTS, BATCH, None, EMBD)
+EXPERT_HIDDEN = (EXPERTS, BATCH, None, EXPERT_MLP)
 # The decoding cache, laid out for the matmuls that read it every step (see models/attention).
 CACHED_KEYS = (BATCH, HEADS, KV, KV_SEQ)
 CACHED_VALUES = (BATCH, HEADS, KV_SEQ, KV)
@@ -81,6 +93,7 @@ ACTIVATIONS = {
     "keys/values": KEYS_VALUES,
     "mlp hidden": MLP_HIDDEN,
     "logits": LOGITS,
+    "moe groups": GROUPS,
     "cached keys": CACHED_KEYS,
     "cached values": CACHED_VALUES,
 }

@@ -26,6 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt_neo.errors import ConfigError
+from gpt_neo.moe_config import (
+    MOE_ACTIVATIONS,
+    MoeParams,
+    moe_params_to_dict,
+    parse_moe_layers,
+    parse_moe_params,
+)
 
 ATTENTION_TYPES = ("global", "local", "linear", "none")
 PRECISIONS = ("float32", "bfloat16")
@@ -53,9 +60,6 @@ ALIASES = {"n_heads": "n_head", "activation_fn": "activation_function"}
 # them switched off (false/null/0/empty), which is what every released config does; any other
 # value is refused rather than silently ignored.
 NOT_SUPPORTED_YET = {
-    "moe_layers": "mixture of experts",
-    "moe_params": "mixture of experts",
-    "moe_activation": "mixture of experts",
     "mlm_training": "masked-LM training",
     "mlm_mask_id": "masked-LM training",
     "mlm_cls_token_id": "masked-LM training",
@@ -134,6 +138,13 @@ class Config:
     attention_kernel: str = "auto"
     """Softmax-attention kernel: `auto` (cuDNN flash on GPU, splash on TPU where it applies,
     else XLA), or force one of `xla`, `cudnn`, `splash`. Not a GPT-Neo key."""
+    moe_layers: tuple[int, ...] = ()
+    """0-based indices of the layers whose MLP is a mixture of experts (GPT-Neo's meaning)."""
+    moe_params: MoeParams | None = None
+    """The MoE layers' hyper-parameters, by Mesh-TensorFlow 0.1.18's names
+    (`gpt_neo.moe_config.MoeParams`); `{}` means its defaults. Required with `moe_layers`."""
+    moe_activation: str = "relu"
+    """Activation inside each expert, by Mesh-TensorFlow name (`gelu` is the tanh form)."""
 
     # --- optimisation (consumed by training) ----------------------------------------------
     opt_name: str = "adam"
@@ -247,6 +258,11 @@ class Config:
         """GPT-Neo's `intermediate_expanded`: 4 * n_embd."""
         return 4 * self.n_embd
 
+    @property
+    def moe(self) -> MoeParams:
+        """The MoE hyper-parameters (defaults when the model has no MoE layer)."""
+        return self.moe_params or MoeParams()
+
     def replace(self, **changes) -> Config:
         """A copy with `changes` applied and validated again."""
         return from_dict({**to_dict(self), **changes}, source="Config.replace")
@@ -254,7 +270,7 @@ class Config:
 
 REQUIRED = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab")
 # Keys that fix the parameters' shapes (a checkpoint fits only a config that agrees on them).
-SHAPE_KEYS = (*REQUIRED, "attention_types", "activation_function")
+SHAPE_KEYS = (*REQUIRED, "attention_types", "activation_function", "moe_layers", "moe_params")
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 KNOWN_KEYS = frozenset(_FIELDS).union(ALIASES, NOT_SUPPORTED_YET, NOT_NEEDED, SINGLE_VALUE)
@@ -382,6 +398,8 @@ def to_dict(cfg: Config) -> dict:
         value = getattr(cfg, name)
         if name == "datasets":
             value = [[d.dataset_id, d.stitch, d.sampling_mode, d.weight] for d in value]
+        elif name == "moe_params" and value is not None:
+            value = moe_params_to_dict(value)
         elif isinstance(value, tuple):
             value = list(value)
         out[name] = value
@@ -401,6 +419,10 @@ def from_dict(raw: Mapping[str, object], *, source: str = "<dict>") -> Config:
         kwargs["attention_types"] = ("global",) * kwargs["n_layer"]
     if "datasets" in values:
         kwargs["datasets"] = _parse_datasets(values["datasets"], source)
+    if "moe_layers" in values:
+        kwargs["moe_layers"] = parse_moe_layers(values["moe_layers"], kwargs["n_layer"], source)
+    if values.get("moe_params") is not None:
+        kwargs["moe_params"] = parse_moe_params(values["moe_params"], source)
     if kwargs.get("lr_decay") is None and "lr_decay" in kwargs:
         kwargs["lr_decay"] = "constant"
     kwargs = {k: v for k, v in kwargs.items() if v is not None or _allows_none(k)}
@@ -467,7 +489,7 @@ def _type_name(tp) -> str:
 
 def _coerce(key: str, value, tp, source: str):
     """Check `value` against the field type; ints may stand for floats, not the reverse."""
-    if key in ("attention_types", "datasets"):
+    if key in ("attention_types", "datasets", "moe_layers", "moe_params"):
         return None  # parsed separately
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -586,6 +608,19 @@ def _validate(cfg: Config, source: str) -> None:
     _one_of(source, "lr_decay", cfg.lr_decay, LR_DECAYS)
     _one_of(source, "attention_kernel", cfg.attention_kernel, ATTENTION_KERNELS)
     _one_of(source, "input_fn", cfg.input_fn, INPUT_FNS)
+    _one_of(source, "moe_activation", cfg.moe_activation, MOE_ACTIVATIONS)
+    if cfg.moe_layers and cfg.moe_params is None:
+        raise ConfigError(
+            f"{source}: moe_layers {list(cfg.moe_layers)} needs 'moe_params' (GPT-Neo crashed "
+            'without it): give at least the expert count, e.g. "moe_params": '
+            '{"moe_num_experts": 8, "moe_hidden_size": 1024}, or {} for Mesh-TensorFlow\'s '
+            "defaults (16 experts of 4096 hidden units)."
+        )
+    if cfg.moe_params is not None and not cfg.moe_layers:
+        raise ConfigError(
+            f"{source}: 'moe_params' is set but 'moe_layers' lists no layer, so it would have no "
+            "effect. Name the MoE layers in moe_layers (0-based), or remove moe_params."
+        )
     for key in ("embed_dropout", "attn_dropout", "res_dropout"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {getattr(cfg, key)}")

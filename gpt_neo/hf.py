@@ -108,6 +108,12 @@ def _set(tree, path, value):
 def hf_incompatibilities(cfg: Config) -> list[str]:
     """Config keys HF's GPTNeoForCausalLM cannot express (empty when exportable)."""
     problems = []
+    if cfg.moe_layers:
+        problems.append(
+            f"moe_layers {list(cfg.moe_layers)}: transformers has no GPT-Neo class with "
+            "mixture-of-experts layers, so no folder would load its experts (keep training and "
+            "sampling it here)"
+        )
     if unsupported := sorted(set(cfg.attention_types) - {"global", "local"}):
         problems.append(f"attention_types contains {unsupported} (HF supports global and local)")
     if cfg.activation_function not in HF_ACTIVATIONS:

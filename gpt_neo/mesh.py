@@ -26,7 +26,8 @@ GPT-Neo's layout names keep their GPT-Neo meaning:
 | `features_per_head`      | `kv`         | the head dimension                                    |
 | `intermediate_expanded`  | `mlp`        | the 4*n_embd MLP hidden dimension                     |
 | `vocab`                  | `vocab`      | embedding rows and output logits                      |
-| `experts`, `expert_hidden` | `experts`, `expert_mlp` | mixture-of-experts dims (no effect until MoE exists) |
+| `experts`                | `experts`    | MoE experts: expert weights and the tokens sent to them (expert parallelism) |
+| `expert_hidden`          | `expert_mlp` | each expert's hidden layer (tensor parallelism inside experts) |
 
 Our own logical names may be used directly, too. A vocabulary that its mesh axes do not divide
 (GPT-Neo's 50257 on 2 devices) is padded: see `padded_vocab`.
@@ -150,6 +151,8 @@ def logical_dim_sizes(cfg: Config) -> dict[str, int | None]:
         axes.KV: cfg.head_dim,
         axes.MLP: cfg.d_mlp,
         axes.VOCAB: padded_vocab(cfg),
+        axes.EXPERTS: cfg.moe.moe_num_experts if cfg.moe_layers else None,
+        axes.EXPERT_MLP: cfg.moe.moe_hidden_size if cfg.moe_layers else None,
     }
 
 
@@ -205,6 +208,12 @@ def check_layout(cfg: Config, source: str = "config", sizes: dict[str, int] | No
             where = (
                 f"'{logical}' (size {size}) to mesh axes {'+'.join(mesh_list)} ({pieces} pieces)"
             )
+            if logical == axes.EXPERTS:
+                raise ConfigError(
+                    f"{source}: {key} maps {where}, which does not divide moe_num_experts. "
+                    "Pick a moe_num_experts that the mesh axes divide, or map 'experts' to "
+                    "other mesh axes."
+                )
             if logical == axes.VOCAB:
                 raise ConfigError(
                     f"{source}: {key} splits {where}, which do not divide the padded vocabulary. "

@@ -132,6 +132,16 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
         f"parameters: {total:,} ({_human(total)}); without position embedding "
         f"{param_count(cfg, include_position_embedding=False):,}"
     )
+    if cfg.moe_layers:
+        hp = cfg.moe
+        active = param_count(cfg, active=True)
+        console.print(
+            f"mixture of experts: layers {list(cfg.moe_layers)}, {hp.moe_num_experts} experts x "
+            f"{hp.moe_hidden_size} hidden, {hp.moe_gating} routing ({hp.experts_per_token} "
+            f"expert{'s' if hp.experts_per_token > 1 else ''} per token), activation "
+            f"{cfg.moe_activation}; parameters total {total:,} ({_human(total)}), active per "
+            f"token {active:,} ({_human(active)}). FLOPs below count active parameters."
+        )
     for convention, meaning in FLOP_CONVENTIONS.items():
         console.print(
             f"training FLOPs/token, {convention}: {_human(flops_per_token(cfg, convention), 'FLOP')} "

@@ -28,7 +28,7 @@ from gpt_neo.errors import ConfigError
 from gpt_neo.feed import DeviceFeed
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
-from gpt_neo.models.gpt import abstract_params, forward, init_params
+from gpt_neo.models.gpt import abstract_params, init_params, transformer_with_stats
 from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
 from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
 from gpt_neo.summary import memory_per_device
@@ -54,13 +54,17 @@ def counted_targets(cfg: Config, tokens) -> jax.Array:
     return (targets != cfg.padding_id).astype(jnp.float32)
 
 
-def loss_fn(cfg: Config, params, tokens, rng, target_count=None):
+def loss_fn(cfg: Config, params, tokens, rng, target_count=None, *, train=True, share=1.0):
     """Next-token cross-entropy of tokens [batch, n_ctx + 1] plus GPT-Neo's z-loss
     (z_loss * logsumexp(logits)^2), summed over the counted targets and divided by
     `target_count` (default: how many targets `tokens` counts, which makes it the mean; a
     microbatch passes its whole batch's count, so that microbatch losses add up to the batch's).
-    Returns (total, (cross_entropy, z_loss))."""
-    logits = forward(cfg, params, tokens[:, :-1], rng)
+    MoE layers add their load-balancing loss (and router z-loss) times `share`, the batch's
+    fraction that `tokens` is (1 / microbatches: Mesh-TensorFlow divides it there, once).
+    Returns (total, metrics): `loss` (cross-entropy), `z_loss`, and with MoE layers
+    `moe_loss`, `router_z_loss` and per layer `moe/<i>/aux_loss`, `moe/<i>/dropped`,
+    `moe/<i>/load/<expert>`, all already weighted by `share`."""
+    logits, _, moe_stats = transformer_with_stats(cfg, params, tokens[:, :-1], rng=rng, train=train)
     weight = counted_targets(cfg, tokens)
     if target_count is None:
         target_count = jnp.maximum(weight.sum(), 1.0)
@@ -68,7 +72,32 @@ def loss_fn(cfg: Config, params, tokens, rng, target_count=None):
     target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     cross_entropy = jnp.sum((log_z - target) * weight) / target_count
     z_loss = cfg.z_loss * jnp.sum(jnp.square(log_z) * weight) / target_count
-    return cross_entropy + z_loss, (cross_entropy, z_loss)
+    metrics = {"loss": cross_entropy, "z_loss": z_loss}
+    if not moe_stats:
+        return cross_entropy + z_loss, metrics
+    hp = cfg.moe
+    balance = hp.moe_loss_coef * share * sum(s.aux_loss for s in moe_stats.values())
+    router_z = hp.moe_router_z_loss * share * sum(s.router_z_loss for s in moe_stats.values())
+    metrics |= {"moe_loss": balance, "router_z_loss": router_z}
+    for layer, stats in moe_stats.items():
+        metrics[f"moe/{layer}/aux_loss"] = share * stats.aux_loss
+        metrics[f"moe/{layer}/dropped"] = share * stats.dropped
+        metrics |= {f"moe/{layer}/load/{e}": share * v for e, v in enumerate(stats.load)}
+    return cross_entropy + z_loss + balance + router_z, metrics
+
+
+def uses_randomness(cfg: Config, train: bool = True) -> bool:
+    """Whether a training step draws random numbers (dropout, random MoE routing)."""
+    if max(cfg.embed_dropout, cfg.attn_dropout, cfg.res_dropout) > 0:
+        return True
+    if not cfg.moe_layers:
+        return False
+    hp = cfg.moe
+    if hp.moe_gating == "top_2":
+        return hp.moe_second_policy_train == "random" or hp.moe_dropout_rate > 0
+    if hp.moe_gating == "rand_1":
+        return hp.moe_rand_1_policy_train != "argmax" or hp.moe_dropout_rate > 0
+    return hp.moe_dropout_rate > 0
 
 
 def num_microbatches(cfg: Config, batch_size: int, data_parallel: int) -> int:
@@ -104,16 +133,16 @@ def gradients(
     data_parallel: int = 1,
     batch_spec=(None, None),
 ):
-    """(grads, cross_entropy, z_loss) of the mean loss over batch [B, n_ctx + 1], accumulated
-    over `n_micro` microbatches (a lax.scan) when the batch does not fit at once."""
-    uses_dropout = max(cfg.embed_dropout, cfg.attn_dropout, cfg.res_dropout) > 0
+    """(grads, metrics) of the mean loss over batch [B, n_ctx + 1], accumulated over
+    `n_micro` microbatches (a lax.scan) when the batch does not fit at once; the metrics are
+    `loss_fn`'s, for the whole batch."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)
     target_count = jnp.maximum(counted_targets(cfg, batch).sum(), 1.0)
 
     def grads_of(tokens, index):
-        rng = jax.random.fold_in(step_rng, index) if uses_dropout else None
-        (_, (ce, z)), grads = grad_fn(params, tokens, rng, target_count)
-        return grads, ce, z
+        rng = jax.random.fold_in(step_rng, index) if uses_randomness(cfg) else None
+        (_, metrics), grads = grad_fn(params, tokens, rng, target_count, share=1.0 / n_micro)
+        return grads, metrics
 
     if n_micro == 1:
         return grads_of(batch, 0)
@@ -124,9 +153,11 @@ def gradients(
         index, tokens = xs
         return jax.tree.map(jnp.add, total, grads_of(tokens, index)), None
 
-    zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+    metric_shapes = jax.eval_shape(grads_of, micro[0], 0)[1]
+    zero_metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes)
+    zero = (jax.tree.map(jnp.zeros_like, params), zero_metrics)
     total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(n_micro), micro))
-    return total  # each microbatch's loss was already divided by the whole batch's count
+    return total  # every microbatch's terms were already divided by the whole batch's size
 
 
 def gradient_norms(grads) -> dict[str, jax.Array]:
@@ -141,7 +172,9 @@ def train_step(cfg: Config, optimizer, n_micro: int, data_parallel: int, batch_s
     """One optimizer step on a global batch [B, n_ctx + 1]; returns (state, metrics)."""
     params = state["params"]
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grads, ce, z = gradients(cfg, params, batch, step_rng, n_micro, data_parallel, batch_spec)
+    grads, loss_metrics = gradients(
+        cfg, params, batch, step_rng, n_micro, data_parallel, batch_spec
+    )
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_state = {
         "params": optax.apply_updates(params, updates),
@@ -150,8 +183,7 @@ def train_step(cfg: Config, optimizer, n_micro: int, data_parallel: int, batch_s
         "rng": state["rng"],
     }
     metrics = {
-        "loss": ce,
-        "z_loss": z,
+        **loss_metrics,
         "grad_norm": optax.tree.norm(grads),
         "lr": learning_rate(cfg, state["step"]),
     }
@@ -288,7 +320,7 @@ def validation(cfg: Config, params) -> dict:
 @functools.lru_cache(maxsize=8)
 def _eval_fn(cfg: Config, trainer: Trainer):
     def cross_entropy(params, tokens):
-        return loss_fn(cfg, params, tokens, None)[1][0]
+        return loss_fn(cfg, params, tokens, None, train=False)[1]["loss"]
 
     return jax.jit(
         cross_entropy, in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding)

@@ -191,7 +191,6 @@ def test_unknown_activation_suggests(tmp_path):
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("moe_layers", [1]),
         ("mlm_training", True),
         ("rotary_emb", True),
         ("num_mem_kv", 4),
@@ -206,7 +205,14 @@ def test_features_not_built_yet_are_refused_not_ignored(tmp_path, key, value):
 
 @pytest.mark.parametrize("value", [False, None, 0, []])
 def test_features_not_built_yet_may_be_present_switched_off(tmp_path, value):
-    assert load_config(write(tmp_path, {**BASE, "rotary_emb": value, "moe_layers": value}))
+    assert load_config(write(tmp_path, {**BASE, "rotary_emb": value}))
+
+
+@pytest.mark.parametrize("value", [None, []])
+def test_no_moe_layers_means_a_dense_model(tmp_path, value):
+    # false (and 0) crashed GPT-Neo (`layer in False`): refused, see tests/test_moe_training.py
+    cfg = load_config(write(tmp_path, {**BASE, "moe_layers": value}))
+    assert cfg.moe_layers == () and cfg.moe_params is None
 
 
 def test_bad_override_syntax():
@@ -264,6 +270,7 @@ def test_every_config_field_has_a_reader_outside_config_py():
     import ast
 
     from gpt_neo.config import Config
+    from gpt_neo.moe_config import MoeParams
 
     package = REPO / "gpt_neo"
     read = {
@@ -275,3 +282,11 @@ def test_every_config_field_has_a_reader_outside_config_py():
     }
     unread = [f.name for f in dataclasses.fields(Config) if f.name not in read]
     assert unread == []
+    moe_read = {
+        node.attr
+        for path in package.rglob("*.py")
+        if path.name not in ("config.py", "moe_config.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+    }
+    assert [f.name for f in dataclasses.fields(MoeParams) if f.name not in moe_read] == []

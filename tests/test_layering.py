@@ -120,7 +120,8 @@ def test_nothing_in_the_library_imports_the_cli(graph):
 
 
 def test_config_imports_only_the_errors_module(graph):
-    assert graph["gpt_neo.config"] == {"gpt_neo.errors"}
+    assert graph["gpt_neo.config"] == {"gpt_neo.errors", "gpt_neo.moe_config"}
+    assert graph["gpt_neo.moe_config"] == {"gpt_neo.errors"}
     assert graph["gpt_neo.errors"] == set() and graph["gpt_neo.axes"] == set()
 
 

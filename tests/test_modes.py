@@ -223,5 +223,7 @@ def test_export_loads_in_transformers_then_import_continues_training(trained, tm
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     imported_cfg = load_config(str(run / "config.json"))
     batch = InputPipeline(imported_cfg).next_batch()
-    expected = float(jax.jit(lambda p, t: loss_fn(imported_cfg, p, t, None)[1][0])(params, batch))
+    expected = float(
+        jax.jit(lambda p, t: loss_fn(imported_cfg, p, t, None)[1]["loss"])(params, batch)
+    )
     assert first["step"] == 1 and first["loss"] == pytest.approx(expected, rel=1e-5)

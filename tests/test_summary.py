@@ -144,7 +144,7 @@ BAD_CONFIGS = {
         "mesh axis 'x'",
     ),
     "not supported": (
-        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "moe_layers": [0]}',
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "mlm_training": true}',
         "not supported yet",
     ),
 }

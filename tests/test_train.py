@@ -142,7 +142,7 @@ def test_microbatched_gradients_equal_the_unsplit_batch():
         split = jax.jit(lambda p, b: gradients(cfg, p, b, rng, 2, 4, ("x", None)))(
             state["params"], batch
         )
-    assert float(split[1]) == pytest.approx(float(whole[1]), rel=1e-6)  # cross-entropy
+    assert float(split[1]["loss"]) == pytest.approx(float(whole[1]["loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(whole[0]), jax.tree.leaves(split[0]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # float32 reassociation
 
@@ -170,9 +170,11 @@ def test_padding_targets_are_left_out_of_the_loss():
     logits = gpt_neo.apply(cfg, params, tokens[:, :-1])
     counted = tokens[:, 1:] != 319
     assert 0.3 < counted.mean() < 0.9
-    _, (ce, _) = loss_fn(cfg, params, jnp.asarray(tokens), None)
+    ce = loss_fn(cfg, params, jnp.asarray(tokens), None)[1]["loss"]
     assert float(ce) == pytest.approx(numpy_cross_entropy(logits, tokens[:, 1:], counted), rel=1e-5)
-    _, (all_targets, _) = loss_fn(cfg.replace(padding_id=None), params, jnp.asarray(tokens), None)
+    all_targets = loss_fn(cfg.replace(padding_id=None), params, jnp.asarray(tokens), None)[1][
+        "loss"
+    ]
     everything = numpy_cross_entropy(logits, tokens[:, 1:], np.ones_like(counted))
     assert float(all_targets) == pytest.approx(everything, rel=1e-5)
 
@@ -197,7 +199,7 @@ def test_microbatches_with_uneven_padding_equal_the_unsplit_batch():
         batch = trainer.place(padded_batch(cfg, 319))
         whole = jax.jit(lambda p, b: gradients(cfg, p, b, None))(params, batch)
         split = jax.jit(lambda p, b: gradients(cfg, p, b, None, 2, 4, ("x", None)))(params, batch)
-    assert float(split[1]) == pytest.approx(float(whole[1]), rel=1e-6)
+    assert float(split[1]["loss"]) == pytest.approx(float(whole[1]["loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(whole[0]), jax.tree.leaves(split[0]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -231,7 +233,8 @@ def test_log_grads_reports_each_layers_gradient_norm():
 def test_loss_fn_without_rng_is_deterministic_and_finite():
     cfg = from_dict(ARCH)
     params = gpt_neo.init_params(cfg, 0)
-    total, (ce, z) = loss_fn(cfg, params, jnp.asarray(_batch(cfg)), None)
+    total, metrics = loss_fn(cfg, params, jnp.asarray(_batch(cfg)), None)
+    ce, z = metrics["loss"], metrics["z_loss"]
     assert (
         float(total) == pytest.approx(float(ce) + float(z)) and abs(float(ce) - np.log(320)) < 0.5
     )

@@ -34,6 +34,7 @@ from gpt_neo.mesh import (
     param_sharding,
 )
 from gpt_neo.models import attention as attn_lib
+from gpt_neo.models import moe as moe_lib
 from gpt_neo.models.layers import ParamDecl, layer_norm, mlp, mlp_decls, norm_decls, normal
 from gpt_neo.models.layers import dropout as dropout_fn
 
@@ -44,13 +45,16 @@ MASK_VALUE = attn_lib.MASK_VALUE
 def param_decls(cfg: Config) -> dict:
     """The parameter tree, undeclared values: shapes, logical axes and initializers."""
     blocks = []
-    for kind in cfg.attention_types:
+    for index, kind in enumerate(cfg.attention_types):
         block = {}
         if kind != "none":
             block["ln_1"] = norm_decls(cfg)
             block["attn"] = attn_lib.param_decls(cfg)
         block["ln_2"] = norm_decls(cfg)
-        block["mlp"] = mlp_decls(cfg)
+        if index in cfg.moe_layers:
+            block["moe"] = moe_lib.param_decls(cfg)
+        else:
+            block["mlp"] = mlp_decls(cfg)
         blocks.append(block)
     padded = (padded_vocab(cfg), cfg.n_embd) if padded_vocab(cfg) != cfg.n_vocab else None
     return {
@@ -115,10 +119,13 @@ def init_params(cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> dict:
 @functools.lru_cache(maxsize=256)
 def _initializer(kind: str, shape: tuple, stored_shape: tuple, sharding: NamedSharding | None):
     def make(root, salt, scale):
+        key = jax.random.fold_in(root, salt)
         if kind == "constant":
             value = jnp.full(shape, scale, jnp.float32)
+        elif kind == "truncated_normal":
+            value = scale * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
         else:
-            value = scale * jax.random.normal(jax.random.fold_in(root, salt), shape, jnp.float32)
+            value = scale * jax.random.normal(key, shape, jnp.float32)
         if stored_shape == shape:
             return value
         return jnp.pad(value, [(0, s - d) for d, s in zip(shape, stored_shape, strict=True)])
@@ -148,6 +155,15 @@ class DecodeCache(NamedTuple):
 
 
 def transformer(
+    cfg: Config, params: dict, tokens: jax.Array, **options
+) -> tuple[jax.Array, DecodeCache | None]:
+    """The whole model, for training, scoring and decoding alike: (logits, cache).
+    `transformer_with_stats` without the MoE layers' reports; it documents `options`."""
+    logits, cache, _ = transformer_with_stats(cfg, params, tokens, **options)
+    return logits, cache
+
+
+def transformer_with_stats(
     cfg: Config,
     params: dict,
     tokens: jax.Array,
@@ -155,18 +171,21 @@ def transformer(
     positions: jax.Array | None = None,
     rng: jax.Array | None = None,
     cache: DecodeCache | None = None,
-) -> tuple[jax.Array, DecodeCache | None]:
-    """The whole model, for training, scoring and decoding alike.
+    train: bool | None = None,
+) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
+    """The whole model: (logits, cache, {MoE layer index: MoeStats}).
 
     tokens [batch, seq] int -> logits [batch, seq, padded vocab] float32 (rows past n_vocab,
     if the vocabulary is padded, hold a huge negative number: never predicted or sampled).
     `positions` [batch, seq] picks position-embedding rows (default 0..seq-1). `rng` enables
-    dropout (training). With `cache`, attention reads and extends it (decoding); the updated
+    dropout. `train` (default: whether `rng` is given) picks MoE layers' training capacity and
+    routing policies. With `cache`, attention reads and extends it (decoding); the updated
     cache is returned. Pure; trace under `jax.set_mesh(mesh)` for sharded activations.
     """
     t = tokens.shape[1]
     if positions is None and t > cfg.n_ctx:
         raise ValueError(f"sequence length {t} exceeds n_ctx {cfg.n_ctx}")
+    train = rng is not None if train is None else train
     p = cast_params(cfg, params)
     rngs = [None] * (cfg.n_layer + 1)
     if rng is not None:
@@ -174,23 +193,31 @@ def transformer(
     position_rows = p["wpe"][:t] if positions is None else jnp.take(p["wpe"], positions, axis=0)
     x = embed(cfg, p, tokens, position_rows)
     x = constrain(dropout_fn(x, cfg.embed_dropout, rngs[-1]), cfg, axes.HIDDEN)
-    layers = []
+    layers, moe_stats = [], {}
     for index, (kind, block_params) in enumerate(
         zip(cfg.attention_types, p["blocks"], strict=True)
     ):
-        block_fn = functools.partial(block, cfg, kind)
+        block_fn = functools.partial(block, cfg, kind, layer=index, train=train)
         if cfg.recompute_grad and cache is None:
             block_fn = jax.checkpoint(block_fn)
         layer_cache = None if cache is None else cache.layer(index)
-        x, layer_cache = block_fn(block_params, x, rngs[index], layer_cache)
+        x, layer_cache, stats = block_fn(block_params, x, rngs[index], layer_cache)
         layers.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
+        if stats is not None:
+            moe_stats[index] = stats
     logits = head(cfg, p, x)
-    return logits, None if cache is None else cache._replace(layers=tuple(layers))
+    return logits, None if cache is None else cache._replace(layers=tuple(layers)), moe_stats
 
 
-def forward(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None = None):
+def forward(
+    cfg: Config,
+    params: dict,
+    tokens: jax.Array,
+    rng: jax.Array | None = None,
+    train: bool | None = None,
+):
     """`transformer` without a cache: logits [batch, seq, padded vocab] float32."""
-    return transformer(cfg, params, tokens, rng=rng)[0]
+    return transformer(cfg, params, tokens, rng=rng, train=train)[0]
 
 
 def embed(cfg: Config, p: dict, tokens: jax.Array, position_rows: jax.Array) -> jax.Array:
@@ -215,24 +242,49 @@ def block(
     x: jax.Array,
     rng: jax.Array | None = None,
     cache: attn_lib.KVCache | None = None,
-) -> tuple[jax.Array, attn_lib.KVCache | None]:
+    *,
+    layer: int = 0,
+    train: bool = False,
+) -> tuple[jax.Array, attn_lib.KVCache | None, moe_lib.MoeStats | None]:
     """x + attn(ln_1(x)), then x + mlp(ln_2(x)); each branch followed by residual dropout.
-    A `none` layer (GPT-Neo's PAR configs) has the MLP half only."""
-    attn_rng = res_rng = mlp_rng = None
+    A `none` layer (GPT-Neo's PAR configs) has the MLP half only; in an MoE layer the MLP is
+    a mixture of experts, which also reports its `MoeStats`."""
+    attn_rng = res_rng = mlp_rng = moe_rng = None
     if rng is not None:
         attn_rng, res_rng, mlp_rng = jax.random.split(rng, 3)
+        moe_rng = jax.random.fold_in(rng, 3)
     if kind != "none":
         h, cache = attn_lib.attention(
             cfg, kind, p["attn"], layer_norm(x, p["ln_1"]), attn_rng, cache
         )
         x = constrain(x + dropout_fn(h, cfg.res_dropout, res_rng), cfg, axes.HIDDEN)
-    h = mlp(cfg, p["mlp"], layer_norm(x, p["ln_2"]))
-    return constrain(x + dropout_fn(h, cfg.res_dropout, mlp_rng), cfg, axes.HIDDEN), cache
+    stats = None
+    if "moe" in p:
+        h, stats = moe_lib.moe_mlp(
+            cfg,
+            p["moe"],
+            layer_norm(x, p["ln_2"]),
+            train=train,
+            rng=moe_rng,
+            layer=layer,
+            decoding=cache is not None,
+        )
+    else:
+        h = mlp(cfg, p["mlp"], layer_norm(x, p["ln_2"]))
+    return constrain(x + dropout_fn(h, cfg.res_dropout, mlp_rng), cfg, axes.HIDDEN), cache, stats
 
 
-def param_count(cfg: Config, *, include_position_embedding: bool = True) -> int:
+def param_count(
+    cfg: Config, *, include_position_embedding: bool = True, active: bool = False
+) -> int:
+    """Parameters of the model; `active`: only those one token's forward pass uses (an MoE
+    layer's router and the weights of the experts a token goes to)."""
     leaves = param_decl_leaves(cfg)[0]
     total = sum(math.prod(decl.shape) for _, decl in leaves)
+    if active and cfg.moe_layers:
+        hp = cfg.moe
+        idle_experts = hp.moe_num_experts - hp.experts_per_token
+        total -= len(cfg.moe_layers) * idle_experts * 2 * cfg.n_embd * hp.moe_hidden_size
     return total if include_position_embedding else total - cfg.n_ctx * cfg.n_embd
 
 
@@ -246,9 +298,10 @@ FLOP_CONVENTIONS = {
 
 
 def flops_per_token(cfg: Config, convention: str = "6N+12LHQT") -> float:
-    """Training FLOPs per token. L counts layers with attention (not `none` layers), H heads,
+    """Training FLOPs per token. N counts active parameters (an MoE layer's experts that a
+    token goes to, not all of them), L layers with attention (not `none` layers), H heads,
     Q head dim, T = n_ctx. Local layers are counted like global ones in both conventions."""
-    n = param_count(cfg, include_position_embedding=False)
+    n = param_count(cfg, include_position_embedding=False, active=True)
     layers = sum(kind != "none" for kind in cfg.attention_types)
     attention = layers * cfg.n_head * cfg.head_dim * cfg.n_ctx
     if convention == "6N+12LHQT":

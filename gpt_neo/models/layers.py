@@ -17,7 +17,9 @@ LAYER_NORM_EPS = 1e-5  # GPT-Neo and Hugging Face GPT-Neo both use 1e-5
 
 @dataclass(frozen=True)
 class Init:
-    """How a parameter starts: `normal` with std `scale`, or `constant` equal to `scale`.
+    """How a parameter starts: `normal` with std `scale`, `truncated_normal` (redrawn beyond
+    two standard deviations, as TensorFlow's initializer) with std `scale` before truncation,
+    or `constant` equal to `scale`.
     Data, not a closure, so that parameters of one shape share one compiled initializer."""
 
     kind: str
@@ -43,6 +45,10 @@ class ParamDecl:
 
 def normal(std: float) -> Init:
     return Init("normal", float(std))
+
+
+def truncated_normal(std: float) -> Init:
+    return Init("truncated_normal", float(std))
 
 
 def constant(value: float) -> Init:
