@@ -86,7 +86,7 @@ def loss_fn(cfg: Config, params, tokens, rng, target_count=None, *, train=True, 
     return cross_entropy + z_loss + balance + router_z, metrics
 
 
-def uses_randomness(cfg: Config, train: bool = True) -> bool:
+def uses_randomness(cfg: Config) -> bool:
     """Whether a training step draws random numbers (dropout, random MoE routing)."""
     if max(cfg.embed_dropout, cfg.attn_dropout, cfg.res_dropout) > 0:
         return True

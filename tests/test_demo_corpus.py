@@ -100,3 +100,31 @@ def test_make_demo_samples_from_a_python_prompt_that_suits_the_corpus(demo_dir, 
         text: len(text) / len(encoder.encode(text)) for text in (prompt, DEFAULT_PROMPT)
     }
     assert chars_per_token[prompt] > chars_per_token[DEFAULT_PROMPT]
+
+
+def test_the_moe_demo_config_trains_on_the_demo_corpus(demo_dir, monkeypatch, capsys):
+    """configs/demo_moe.json as `make demo` runs demo.json, at a size a test affords."""
+    monkeypatch.chdir(demo_dir)
+    smaller = {
+        "n_embd": 32,
+        "n_head": 4,
+        "n_ctx": 64,
+        "n_vocab": 600,
+        "local_attention_radius": 16,
+        "train_batch_size": 8,
+        "eval_batch_size": 8,
+        "mesh_shape": "x:8",  # the test's 8 simulated devices: experts split over them
+        "layout": "batch:x,experts:x",
+        "train_steps": 4,
+        "iterations": 2,
+        "eval_steps": 1,
+        "model_path": str(demo_dir / "moe_run"),
+        "moe_params": {"moe_num_experts": 8, "moe_hidden_size": 32, "moe_group_size": 64},
+    }
+    flags = [f"{key}={json.dumps(value)}" for key, value in smaller.items()]
+    assert main(["--model", str(REPO / "configs" / "demo_moe.json"), "--set", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "step 4/4 | loss" in out and "MoE loss" in out and "eval at step 4" in out
+    lines = (demo_dir / "moe_run" / "metrics.jsonl").read_text().splitlines()
+    train = [record for record in map(json.loads, lines) if "loss" in record]
+    assert {"moe/1/dropped", "moe/3/dropped"} <= train[-1].keys()

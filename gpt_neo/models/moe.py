@@ -123,7 +123,8 @@ def _balance_loss(gates, first_choice_mask):
     return (density * proxy).mean() * experts * experts
 
 
-def _load(kept_masks, experts):
+def _load(kept_masks):
+    """Each expert's share of the kept (token, expert) pairs."""
     counts = sum(m.sum(axis=(0, 1)) for m in kept_masks)
     return counts / jnp.maximum(counts.sum(), 1.0)
 
@@ -173,7 +174,7 @@ def top2_routing(gates, capacity, policy, threshold, uniforms=None, second_place
         gate_2, index_2, position_2, experts, capacity
     )
     kept = mask_1.sum() + mask_2.sum()
-    return Routing(combine, aux_loss, 1.0 - kept / requested, _load((mask_1, mask_2), experts))
+    return Routing(combine, aux_loss, 1.0 - kept / requested, _load((mask_1, mask_2)))
 
 
 def top1_routing(gates, index, capacity):
@@ -188,7 +189,7 @@ def top1_routing(gates, index, capacity):
     mask = mask * (position < capacity)
     gate = gate * mask.sum(-1)
     combine = _slots(gate, index, position.sum(-1), experts, capacity)
-    return Routing(combine, aux_loss, 1.0 - mask.sum() / requested, _load((mask,), experts))
+    return Routing(combine, aux_loss, 1.0 - mask.sum() / requested, _load((mask,)))
 
 
 def _slots(gate, index, position, experts, capacity):
