@@ -76,12 +76,10 @@ QUERIES = (BATCH, SEQ, HEADS, KV)
 KEYS_VALUES = (BATCH, KV_SEQ, HEADS, KV)
 MLP_HIDDEN = (BATCH, SEQ, MLP)
 LOGITS = (BATCH, SEQ, VOCAB)
-# MoE: tokens in routing groups, and the experts' inputs and hidden layers. In the latter the
-# groups are split over the batch's mesh axes *except* those `experts` uses (GPT-Neo's
-# `batch_unsplit`), so `batch:x,experts:x` is legal and moves tokens with an all-to-all.
+# MoE tokens in routing groups [groups, group size, embd]. (The experts' inputs [experts, groups,
+# capacity, embd] split groups over the batch axes that `experts` does not use, so they are
+# pinned in models/moe.py rather than named here: `batch:x,experts:x` is legal.)
 GROUPS = (BATCH, None, EMBD)
-DISPATCHED = (EXPERTS, BATCH, None, EMBD)
-EXPERT_HIDDEN = (EXPERTS, BATCH, None, EXPERT_MLP)
 # The decoding cache, laid out for the matmuls that read it every step (see models/attention).
 CACHED_KEYS = (BATCH, HEADS, KV, KV_SEQ)
 CACHED_VALUES = (BATCH, HEADS, KV_SEQ, KV)

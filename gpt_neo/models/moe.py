@@ -17,10 +17,11 @@ same function (see `../shared/reference/moe-mlm-and-experimental-keys.md`, secti
 
 `dropless_top_k` (not in GPT-Neo) sends every token to its k experts: the token copies are
 sorted by expert and run through a grouped matmul (`jax.lax.ragged_dot` on TPU/GPU, a tiled
-form on CPU), so no capacity is reserved and nothing is dropped. With experts split over devices, each device gathers the tokens of its expert
-group, runs its own experts on the copies routed to them and reduce-scatters the outputs back
-(written by hand in `shard_map`: XLA:CPU cannot lower `ragged_all_to_all`, so the all-gather
-form is the one that runs and is tested everywhere).
+form on CPU), so no capacity is reserved and nothing is dropped. With experts split over
+devices, each device gathers the tokens of its expert group, runs its own experts on the
+copies routed to them and reduce-scatters the outputs back (written by hand in `shard_map`:
+XLA:CPU cannot lower `ragged_all_to_all`, so the all-gather form is the one that runs and is
+tested everywhere).
 
 Differences from GPT-Neo, on purpose (README "Mixture of experts"): no dropout on the MoE
 output outside training, the load-balancing loss divided by the microbatch count once (not
@@ -210,9 +211,7 @@ def topk_dropless(gates, k):
     weights, index = jax.lax.top_k(gates, k)
     weights = weights / weights.sum(-1, keepdims=True)
     chosen = jax.nn.one_hot(index, experts, dtype=gates.dtype).sum(-2)  # [G, S, E]
-    aux_loss = _balance_loss(gates, chosen / k)
-    load = chosen.sum((0, 1)) / chosen.sum()
-    return index, weights, aux_loss, load
+    return index, weights, _balance_loss(gates, chosen / k), _load((chosen,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +290,7 @@ def moe_mlp(
 
 def _expert_ffn(cfg: Config, h: jax.Array, rng) -> jax.Array:
     h = ACTIVATIONS[cfg.moe_activation](h, {})
-    return dropout(h, cfg.moe.moe_dropout_rate, rng)
+    return dropout(h, cfg.moe_params.moe_dropout_rate, rng)
 
 
 def _expert_major(cfg: Config, x: jax.Array, last: str) -> jax.Array:
