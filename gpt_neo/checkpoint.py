@@ -18,7 +18,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from gpt_neo.config import SHAPE_KEYS, Config, to_dict
+from gpt_neo.config import SHAPE_KEYS, Config, default_of, to_dict
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import abstract_params
@@ -79,7 +79,9 @@ class Checkpointer:
             "config"
         ]
         current = to_dict(cfg)
-        if differences := [k for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]:
+        if differences := [
+            k for k in ARCHITECTURE_KEYS if saved.get(k, default_of(k)) != current[k]
+        ]:
             detail = "; ".join(
                 f"{k}: checkpoint {saved.get(k)!r}, config {current[k]!r}" for k in differences
             )

@@ -56,34 +56,38 @@ ACTIVATION_FUNCTIONS = (
 # GPT-Neo spellings that mean the same key as ours.
 ALIASES = {"n_heads": "n_head", "activation_fn": "activation_function"}
 
-# Keys GPT-Neo accepts whose feature this library does not implement yet. A config may carry
-# them switched off (false/null/0/empty), which is what every released config does; any other
-# value is refused rather than silently ignored.
-NOT_SUPPORTED_YET = {
-    "mlm_training": "masked-LM training",
-    "mlm_mask_id": "masked-LM training",
-    "mlm_cls_token_id": "masked-LM training",
-    "mlm_mask_prob": "masked-LM training",
-    "mlm_same_token_prob": "masked-LM training",
-    "mlm_random_token_prob": "masked-LM training",
-    "mlm_mask_ignore_ids": "masked-LM training",
-    "mlp_glu": "the experimental GLU feed-forward",
-    "scalenorm": "the experimental ScaleNorm",
-    "rezero": "the experimental ReZero blocks",
-    "macaron": "the experimental macaron feed-forward",
-    "num_mem_kv": "the experimental memory key/values",
-    "axial_pos_emb": "the experimental axial position embedding",
-    "rotary_emb": "the experimental rotary position embedding",
-    "share_parameters": "the experimental cross-layer parameter sharing",
-    "no_weight_tie": "the experimental untied output head",
-    "entmax_loss": "the experimental entmax loss",
+# GPT-Neo keys refused whenever they would switch something on, with the reason.
+REFUSED = {
+    "entmax_loss": "GPT-Neo's entmax loss took log(entmax(logits)) at the target, and entmax is "
+    "sparse: a target outside its support gives an infinite loss and NaN gradients. Train with "
+    "the softmax cross-entropy (the default)",
 }
 
 # GPT-Neo keys that have nothing to do here: accepted switched off, refused with the reason.
 NOT_NEEDED = {
     "no_dataset": "a config without 'datasets' loads as it is here (training, --eval and "
     "--check_dataset ask for datasets when they need them)",
+    "causal": "GPT-Neo derived it from mlm_training and overwrote the key; set mlm_training "
+    "for a masked LM",
 }
+
+# GPT-Neo's optional switches, which its configs may spell `null` (its defaultdict's None): off.
+NULL_MEANS_OFF = frozenset(
+    {
+        "rotary_emb",
+        "mlp_glu",
+        "scalenorm",
+        "rezero",
+        "macaron",
+        "share_parameters",
+        "no_weight_tie",
+        "num_mem_kv",
+        "mlm_training",
+        "scale_by_depth",
+        "scale_by_in",
+        "recompute_grad",
+    }
+)
 
 # GPT-Neo keys with a single meaningful value: that value is accepted, any other refused.
 SINGLE_VALUE = {"model": ("GPT", "GPT-Neo only ever had the GPT model")}
@@ -145,6 +149,65 @@ class Config:
     (`gpt_neo.moe_config.MoeParams`); `{}` means its defaults. Required with `moe_layers`."""
     moe_activation: str = "relu"
     """Activation inside each expert, by Mesh-TensorFlow name (`gelu` is the tanh form)."""
+    rotary_emb: bool = False
+    """Rotary position embedding (RoPE, rotate-half) on queries and keys of every attention
+    layer instead of a learned absolute position embedding (there is no `wpe` then). GPT-Neo
+    switched it on with any value, `false` included; here only `true` does."""
+    rotary_pct: float = 1.0
+    """Fraction of each head's dimensions that rotary rotates (the first ones; the rest pass
+    through), as GPT-NeoX's `rotary_pct` (0.25 in GPT-NeoX-20B). GPT-Neo rotated all of them.
+    Not a GPT-Neo key."""
+    rotary_emb_base: float = 10000.0
+    """Rotary's base (theta): dimension pair i turns by position * base^(-2i / rotary dims).
+    Not a GPT-Neo key (GPT-NeoX's name)."""
+    axial_pos_emb: tuple[int, ...] | None = None
+    """`[d1, d2]`: the position embedding of position p is (axial_wpe_1[p // d2] +
+    axial_wpe_2[p % d2]) / 2, two tables of d1 and d2 rows instead of n_ctx (d1 * d2 >= n_ctx)."""
+    mlp_glu: bool = False
+    """Gated MLP: act(x W_gate + b_gate) * (x W_fc + b_fc), then the output projection, with
+    `activation_function` as the gate (silu: SwiGLU, gelu: GeGLU). Hidden size stays 4 * n_embd,
+    as in GPT-Neo (whose version crashed before building)."""
+    no_weight_tie: bool = False
+    """An output head of its own instead of reusing wte; ln_f still applies and the head has no
+    bias (GPT-Neo's also skipped ln_f and added a bias: see `gpt_neo_untied_head`)."""
+    gpt_neo_untied_head: bool = False
+    """With `no_weight_tie`: GPT-Neo's exact untied head, which skipped ln_f and had an output
+    bias. For imported GPT-Neo checkpoints; not a GPT-Neo key."""
+    gpt_neo_none_layers: bool = False
+    """A `none` layer adds the residual stream to itself (x = x + x) before its MLP, as
+    GPT-Neo's block did (`a = x`); otherwise a `none` layer is MLP-only. For imported GPT-Neo
+    checkpoints; not a GPT-Neo key."""
+    scalenorm: bool = False
+    """GPT-Neo's "scalenorm" before attention and MLP: a LayerNorm with one learned scalar gain
+    and no bias (not Nguyen & Salazar's g * x / ||x||). ln_f stays a LayerNorm."""
+    rezero: bool = False
+    """ReZero: no norm before attention and MLP; each branch is multiplied by a learned scalar
+    that starts at 0 (x + g * f(x)). ln_f still applies."""
+    macaron: bool = False
+    """Macaron: every block starts with an extra MLP without a norm, x + 0.5 * mlp(x), and its
+    main MLP (or MoE) branch is halved too."""
+    share_parameters: bool = False
+    """All layers use one set of block parameters (ALBERT-style cross-layer sharing)."""
+    num_mem_kv: int = 0
+    """Learned memory key/value slots prepended to the keys and values of `global` layers,
+    visible to every query (all-attention); not rotated by rotary."""
+    mlm_training: bool = False
+    """Train a masked language model (BERT-style) instead of a causal one: attention is
+    bidirectional (global, local within +-radius, linear), the loss is on the selected positions
+    only. GPT-Neo's version had inverted labels and crashed; this follows BERT."""
+    mlm_mask_id: int | None = None
+    """Token that replaces most selected positions (required with mlm_training)."""
+    mlm_cls_token_id: int | None = None
+    """Token prepended to every MLM example (never selected), or none."""
+    mlm_mask_prob: float = 0.15
+    """Fraction of (maskable) positions selected for the MLM loss."""
+    mlm_same_token_prob: float = 0.10
+    """Fraction of the selected positions left unchanged in the input."""
+    mlm_random_token_prob: float = 0.10
+    """Fraction of the selected positions replaced by a uniformly random token (GPT-Neo's code
+    default was 0.0, its README's 0.10; BERT's is 0.10). The rest get mlm_mask_id."""
+    mlm_mask_ignore_ids: tuple[int, ...] = ()
+    """Tokens never selected (e.g. eos, cls); padding_id is never selected either."""
 
     # --- optimisation (consumed by training) ----------------------------------------------
     opt_name: str = "adam"
@@ -270,10 +333,26 @@ class Config:
 
 REQUIRED = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab")
 # Keys that fix the parameters' shapes (a checkpoint fits only a config that agrees on them).
-SHAPE_KEYS = (*REQUIRED, "attention_types", "activation_function", "moe_layers", "moe_params")
+SHAPE_KEYS = (
+    *REQUIRED,
+    "attention_types",
+    "activation_function",
+    "moe_layers",
+    "moe_params",
+    "rotary_emb",
+    "axial_pos_emb",
+    "mlp_glu",
+    "no_weight_tie",
+    "gpt_neo_untied_head",
+    "scalenorm",
+    "rezero",
+    "macaron",
+    "share_parameters",
+    "num_mem_kv",
+)
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
-KNOWN_KEYS = frozenset(_FIELDS).union(ALIASES, NOT_SUPPORTED_YET, NOT_NEEDED, SINGLE_VALUE)
+KNOWN_KEYS = frozenset(_FIELDS).union(ALIASES, REFUSED, NOT_NEEDED, SINGLE_VALUE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +470,12 @@ def parse_overrides(overrides: Mapping[str, object] | Sequence[str] | None) -> d
     return parsed
 
 
+def default_of(key: str):
+    """A key's default as `to_dict` writes it (for configs saved before the key existed)."""
+    default = _FIELDS[key].default
+    return list(default) if isinstance(default, tuple) else default
+
+
 def to_dict(cfg: Config) -> dict:
     """The config as plain JSON-able values (attention_types flat, datasets as 4-lists)."""
     out = {}
@@ -409,6 +494,7 @@ def to_dict(cfg: Config) -> dict:
 def from_dict(raw: Mapping[str, object], *, source: str = "<dict>") -> Config:
     """Validate a merged key -> value mapping into a `Config`. Raises `ConfigError`."""
     values = _canonical_keys(dict(raw), source)
+    values = {k: v for k, v in values.items() if not (v is None and k in NULL_MEANS_OFF)}
     for key in REQUIRED:
         if values.get(key) is None:
             raise ConfigError(f"{source}: required key '{key}' is missing")
@@ -434,7 +520,7 @@ def from_dict(raw: Mapping[str, object], *, source: str = "<dict>") -> Config:
 def _canonical_keys(values: dict, source: str) -> dict:
     out = {}
     for key, value in values.items():
-        if key in NOT_SUPPORTED_YET or key in NOT_NEEDED:
+        if key in REFUSED or key in NOT_NEEDED:
             if _is_switched_off(value):
                 continue
             if key in NOT_NEEDED:
@@ -443,9 +529,8 @@ def _canonical_keys(values: dict, source: str) -> dict:
                     f"{NOT_NEEDED[key]}. Remove the key."
                 )
             raise ConfigError(
-                f"{source}: key '{key}' = {json.dumps(value)} enables "
-                f"{NOT_SUPPORTED_YET[key]}, which is not supported yet. Remove the key "
-                "(or set it to false/null) to train without it."
+                f"{source}: key '{key}' = {json.dumps(value)} is refused: {REFUSED[key]}. "
+                "Remove the key (or set it to false/null)."
             )
         if key in SINGLE_VALUE:
             allowed, why = SINGLE_VALUE[key]
@@ -483,7 +568,9 @@ def _type_name(tp) -> str:
     if tp in names:
         return names[tp]
     if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return names.get(args[0], str(args[0])) + " or null"
+        return _type_name(args[0]) + " or null"
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is int:
+        return "a list of integers"
     return "a list"
 
 
@@ -510,7 +597,10 @@ def _coerce(key: str, value, tp, source: str):
     elif tp is str:
         ok = isinstance(value, str)
     elif typing.get_origin(tp) is tuple:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        element = typing.get_args(tp)[0]
+        ok = isinstance(value, list) and all(
+            isinstance(v, element) and not isinstance(v, bool) for v in value
+        )
         value = tuple(value) if ok else value
     if not ok:
         raise ConfigError(
@@ -621,6 +711,9 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: 'moe_params' is set but 'moe_layers' lists no layer, so it would have no "
             "effect. Name the MoE layers in moe_layers (0-based), or remove moe_params."
         )
+    _validate_positions(cfg, source)
+    _validate_block_options(cfg, source)
+    _validate_mlm(cfg, source)
     for key in ("embed_dropout", "attn_dropout", "res_dropout"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {getattr(cfg, key)}")
@@ -648,4 +741,131 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: padding_id and eos_id are both {cfg.padding_id}; the loss leaves padding "
             "out, so every end-of-text target would be skipped. Use a token the data never holds "
             "for padding_id, or remove it."
+        )
+
+
+def require_causal(cfg: Config, what: str) -> None:
+    """A ConfigError when `what` (generating, scoring continuations) needs a causal LM."""
+    if cfg.mlm_training:
+        raise ConfigError(
+            f"{what} needs a causal language model, and this one is a masked LM (mlm_training: "
+            "it sees both sides of every position). --eval reports its masked-token loss and "
+            "accuracy on eval_path (eval_steps)."
+        )
+
+
+def rotary_dims(cfg: Config) -> int:
+    """How many of each head's dimensions rotary rotates (0 without rotary)."""
+    return int(cfg.head_dim * cfg.rotary_pct) if cfg.rotary_emb else 0
+
+
+def _validate_positions(cfg: Config, source: str) -> None:
+    if not cfg.rotary_emb and (cfg.rotary_pct != 1.0 or cfg.rotary_emb_base != 10000.0):
+        raise ConfigError(
+            f"{source}: rotary_pct/rotary_emb_base are set but rotary_emb is not true; set "
+            '"rotary_emb": true or remove them.'
+        )
+    if cfg.rotary_emb:
+        if not 0.0 < cfg.rotary_pct <= 1.0:
+            raise ConfigError(
+                f"{source}: rotary_pct must be in (0, 1] (the fraction of each head's "
+                f"dimensions that rotary rotates), got {cfg.rotary_pct}"
+            )
+        dims = rotary_dims(cfg)
+        if dims == 0 or dims % 2:
+            raise ConfigError(
+                f"{source}: rotary rotates dimensions in pairs, but rotary_pct {cfg.rotary_pct} "
+                f"of head dim {cfg.head_dim} gives {dims}; pick rotary_pct so that "
+                f"head_dim * rotary_pct is an even number >= 2 (e.g. {2 / cfg.head_dim:g} steps)"
+            )
+        if cfg.rotary_emb_base <= 1.0:
+            raise ConfigError(f"{source}: rotary_emb_base must be > 1, got {cfg.rotary_emb_base}")
+        if cfg.axial_pos_emb is not None:
+            raise ConfigError(
+                f"{source}: rotary_emb and axial_pos_emb are both set; rotary replaces the "
+                "position embedding (GPT-Neo silently dropped the axial one). Keep one."
+            )
+    if cfg.axial_pos_emb is not None:
+        shape = cfg.axial_pos_emb
+        if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] < cfg.n_ctx:
+            raise ConfigError(
+                f"{source}: axial_pos_emb must be [d1, d2] with d1 * d2 >= n_ctx ({cfg.n_ctx}) "
+                f"so that every position has a row, got {list(shape)}"
+            )
+
+
+def _validate_block_options(cfg: Config, source: str) -> None:
+    if cfg.gpt_neo_untied_head and not cfg.no_weight_tie:
+        raise ConfigError(
+            f"{source}: gpt_neo_untied_head describes an untied head; set no_weight_tie too, "
+            "or remove it."
+        )
+    if cfg.gpt_neo_none_layers and "none" not in cfg.attention_types:
+        raise ConfigError(
+            f"{source}: gpt_neo_none_layers is set but attention_types has no 'none' layer; "
+            "remove it."
+        )
+    if cfg.rezero and cfg.scalenorm:
+        raise ConfigError(
+            f"{source}: rezero and scalenorm are both set; rezero has no norm before its "
+            "branches (GPT-Neo ignored scalenorm then). Keep one."
+        )
+    if cfg.num_mem_kv < 0:
+        raise ConfigError(f"{source}: num_mem_kv must be >= 0, got {cfg.num_mem_kv}")
+    if cfg.num_mem_kv and "global" not in cfg.attention_types:
+        raise ConfigError(
+            f"{source}: num_mem_kv adds memory slots to global layers, and attention_types has "
+            "none; add a global layer or remove num_mem_kv."
+        )
+    if cfg.share_parameters and cfg.moe_layers:
+        raise ConfigError(
+            f"{source}: share_parameters with moe_layers is not supported (a shared block "
+            "would have to hold both the MLP and the experts). Use one of them."
+        )
+
+
+MLM_KEYS = (
+    "mlm_mask_id",
+    "mlm_cls_token_id",
+    "mlm_mask_prob",
+    "mlm_same_token_prob",
+    "mlm_random_token_prob",
+    "mlm_mask_ignore_ids",
+)
+
+
+def _validate_mlm(cfg: Config, source: str) -> None:
+    if not cfg.mlm_training:
+        defaults = Config(n_embd=1, n_head=1, n_layer=1, n_ctx=1, n_vocab=1)
+        if changed := [k for k in MLM_KEYS if getattr(cfg, k) != getattr(defaults, k)]:
+            raise ConfigError(
+                f"{source}: {', '.join(changed)} set but mlm_training is not true; set "
+                '"mlm_training": true or remove them.'
+            )
+        return
+    if cfg.mlm_mask_id is None:
+        raise ConfigError(
+            f"{source}: mlm_training needs mlm_mask_id, the token that replaces masked "
+            "positions (e.g. a [MASK] token of the tokenizer)"
+        )
+    ids = {"mlm_mask_id": cfg.mlm_mask_id, "mlm_cls_token_id": cfg.mlm_cls_token_id}
+    ids |= {f"mlm_mask_ignore_ids[{i}]": t for i, t in enumerate(cfg.mlm_mask_ignore_ids)}
+    for key, value in ids.items():
+        if value is not None and not 0 <= value < cfg.n_vocab:
+            raise ConfigError(
+                f"{source}: {key} {value} is outside the vocabulary [0, {cfg.n_vocab})"
+            )
+    if not 0.0 < cfg.mlm_mask_prob <= 1.0:
+        raise ConfigError(f"{source}: mlm_mask_prob must be in (0, 1], got {cfg.mlm_mask_prob}")
+    same, random = cfg.mlm_same_token_prob, cfg.mlm_random_token_prob
+    if min(same, random) < 0.0 or same + random > 1.0:
+        raise ConfigError(
+            f"{source}: mlm_same_token_prob ({same}) and mlm_random_token_prob ({random}) are "
+            "fractions of the selected positions: each >= 0 and together <= 1 (the rest get "
+            "mlm_mask_id)"
+        )
+    if cfg.predict_steps:
+        raise ConfigError(
+            f"{source}: predict_steps with mlm_training: a masked language model does not "
+            "generate text left to right. Set predict_steps to 0."
         )

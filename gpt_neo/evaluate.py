@@ -28,7 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from gpt_neo.config import Config
+from gpt_neo.config import Config, require_causal
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.models.gpt import apply
 from gpt_neo.storage import write_text_atomic
@@ -43,6 +43,9 @@ class Scorer:
     cfg: Config
     params: dict
     batch_size: int = DEFAULT_BATCH
+
+    def __post_init__(self):
+        require_causal(self.cfg, "scoring continuations (lambada, wikitext, lm-eval)")
 
     def loglikelihood(
         self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]

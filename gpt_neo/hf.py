@@ -1,4 +1,5 @@
-"""Hugging Face `GPTNeoForCausalLM` folders <-> (Config, params).
+"""Hugging Face `GPTNeoForCausalLM` folders <-> (Config, params); rotary models export as
+`GPTNeoXForCausalLM`.
 
 Reads and writes safetensors directly, so neither direction needs PyTorch or `transformers`;
 only legacy `pytorch_model.bin` folders need torch (loaded with `weights_only=True`, which
@@ -11,7 +12,12 @@ refuses pickled code). Weight correspondence (HF stores Linear weights as [out, 
       (k_proj, v_proj likewise; out_proj -> o transposed, out_proj.bias -> o_bias)
     transformer.h.{i}.mlp.c_fc / c_proj        blocks[i].mlp.fc_* / proj_*  (transpose)
     transformer.ln_f.{weight,bias}             ln_f.{scale,bias}
-    lm_head.weight                             tied to wte (not stored)
+    lm_head.weight                             tied to wte (not stored), or head.kernel
+                                               (no_weight_tie: tie_word_embeddings false)
+
+A rotary model (global layers only) is a GPT-NeoX with a sequential residual: its per-head
+fused `query_key_value` rows are [q_h; k_h; v_h] (q scaled by sqrt(head_dim) to cancel
+NeoX's 1/sqrt(head_dim): GPT-Neo's attention is unscaled), with a zero bias.
 """
 
 from __future__ import annotations
@@ -51,16 +57,13 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 def _weight_map(cfg: Config) -> Iterator[tuple[str, tuple, Transform, Transform]]:
     """(HF name, our param path, ours->HF, HF->ours) for every tensor."""
+    if cfg.rotary_emb:
+        yield from _neox_weight_map(cfg)
+        return
     d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
     same = (lambda a: a, lambda a: a)
     linear = (lambda a: a.T, lambda a: a.T)
-    rows = padded_vocab(cfg) - cfg.n_vocab  # HF holds exactly n_vocab rows; ours may be padded
-    yield (
-        "transformer.wte.weight",
-        ("wte",),
-        lambda a: a[: cfg.n_vocab],
-        lambda a: np.pad(a, ((0, rows), (0, 0))),
-    )
+    yield "transformer.wte.weight", ("wte",), *_vocab_rows(cfg)
     yield "transformer.wpe.weight", ("wpe",), *same
     for i in range(cfg.n_layer):
         pre = f"transformer.h.{i}"
@@ -87,6 +90,62 @@ def _weight_map(cfg: Config) -> Iterator[tuple[str, tuple, Transform, Transform]
         yield f"{pre}.mlp.c_proj.bias", ("blocks", i, "mlp", "proj_bias"), *same
     yield "transformer.ln_f.weight", ("ln_f", "scale"), *same
     yield "transformer.ln_f.bias", ("ln_f", "bias"), *same
+    if cfg.no_weight_tie:
+        yield "lm_head.weight", ("head", "kernel"), *_vocab_rows(cfg)
+
+
+def _vocab_rows(cfg: Config) -> tuple[Transform, Transform]:
+    """HF holds exactly n_vocab rows; ours may be padded."""
+    rows = padded_vocab(cfg) - cfg.n_vocab
+    return lambda a: a[: cfg.n_vocab], lambda a: np.pad(a, ((0, rows), (0, 0)))
+
+
+def _neox_weight_map(cfg: Config) -> Iterator[tuple[str, tuple, Transform, Transform]]:
+    """GPT-NeoX names for a rotary model (export only: the HF->ours side is not used)."""
+    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+    same = (lambda a: a, lambda a: a)
+    linear = (lambda a: a.T, lambda a: a.T)
+    yield "gpt_neox.embed_in.weight", ("wte",), *_vocab_rows(cfg)
+    for i in range(cfg.n_layer):
+        pre = f"gpt_neox.layers.{i}"
+        yield f"{pre}.input_layernorm.weight", ("blocks", i, "ln_1", "scale"), *same
+        yield f"{pre}.input_layernorm.bias", ("blocks", i, "ln_1", "bias"), *same
+        yield f"{pre}.post_attention_layernorm.weight", ("blocks", i, "ln_2", "scale"), *same
+        yield f"{pre}.post_attention_layernorm.bias", ("blocks", i, "ln_2", "bias"), *same
+        yield (
+            f"{pre}.attention.query_key_value.weight",
+            ("blocks", i, "attn"),
+            lambda a: np.concatenate(
+                [
+                    a["q"].reshape(d, h, hd).transpose(1, 2, 0) * hd**0.5,
+                    a["k"].reshape(d, h, hd).transpose(1, 2, 0),
+                    a["v"].reshape(d, h, hd).transpose(1, 2, 0),
+                ],
+                axis=1,
+            ).reshape(3 * d, d),
+            None,
+        )
+        yield (
+            f"{pre}.attention.query_key_value.bias",
+            ("blocks", i, "attn", "o_bias"),
+            lambda a: np.zeros(3 * d, np.float32),
+            None,
+        )
+        yield (
+            f"{pre}.attention.dense.weight",
+            ("blocks", i, "attn", "o"),
+            lambda a: a.reshape(h * hd, d).T,
+            None,
+        )
+        yield f"{pre}.attention.dense.bias", ("blocks", i, "attn", "o_bias"), *same
+        yield f"{pre}.mlp.dense_h_to_4h.weight", ("blocks", i, "mlp", "fc_kernel"), *linear
+        yield f"{pre}.mlp.dense_h_to_4h.bias", ("blocks", i, "mlp", "fc_bias"), *same
+        yield f"{pre}.mlp.dense_4h_to_h.weight", ("blocks", i, "mlp", "proj_kernel"), *linear
+        yield f"{pre}.mlp.dense_4h_to_h.bias", ("blocks", i, "mlp", "proj_bias"), *same
+    yield "gpt_neox.final_layer_norm.weight", ("ln_f", "scale"), *same
+    yield "gpt_neox.final_layer_norm.bias", ("ln_f", "bias"), *same
+    head = ("head", "kernel") if cfg.no_weight_tie else ("wte",)
+    yield "embed_out.weight", head, *_vocab_rows(cfg)
 
 
 def _get(tree, path):
@@ -105,9 +164,39 @@ def _set(tree, path, value):
 # Export
 
 
+# Keys no transformers architecture we export to can express, with why.
+NOT_EXPORTABLE = {
+    "axial_pos_emb": "axial position embeddings",
+    "mlp_glu": "a gated MLP",
+    "scalenorm": "GPT-Neo's scalar-gain norm",
+    "rezero": "ReZero branch gates",
+    "macaron": "macaron MLPs",
+    "share_parameters": "parameters shared across layers",
+    "num_mem_kv": "memory key/values",
+    "gpt_neo_untied_head": "a head without ln_f and with a bias",
+    "gpt_neo_none_layers": "GPT-Neo's residual-doubling none layers",
+    "mlm_training": "a bidirectional masked LM (the exported classes are causal LMs)",
+}
+
+
+def hf_architecture(cfg: Config) -> str:
+    """The transformers model type a config exports as: GPT-NeoX for rotary, else GPT-Neo."""
+    return "gpt_neox" if cfg.rotary_emb else "gpt_neo"
+
+
 def hf_incompatibilities(cfg: Config) -> list[str]:
-    """Config keys HF's GPTNeoForCausalLM cannot express (empty when exportable)."""
-    problems = []
+    """Config keys the export architecture (`hf_architecture`) cannot express (empty when
+    exportable)."""
+    problems = [
+        f"{key} ({why} has no transformers equivalent)"
+        for key, why in NOT_EXPORTABLE.items()
+        if getattr(cfg, key)
+    ]
+    if cfg.rotary_emb and set(cfg.attention_types) != {"global"}:
+        problems.append(
+            "rotary_emb with local/linear/none layers (a rotary model exports as GPT-NeoX, "
+            "which has global attention only)"
+        )
     if cfg.moe_layers:
         problems.append(
             f"moe_layers {list(cfg.moe_layers)}: transformers has no GPT-Neo class with "
@@ -134,6 +223,8 @@ def hf_config(cfg: Config) -> dict:
     eos = cfg.eos_id if cfg.eos_id is not None else 50256  # GPT-2's <|endoftext|>
     if eos >= cfg.n_vocab:
         eos = None
+    if cfg.rotary_emb:
+        return _neox_config(cfg, eos)
     return {
         "architectures": ["GPTNeoForCausalLM"],
         "model_type": "gpt_neo",
@@ -154,7 +245,36 @@ def hf_config(cfg: Config) -> dict:
         "use_cache": True,
         "bos_token_id": eos,
         "eos_token_id": eos,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not cfg.no_weight_tie,
+        "torch_dtype": "float32",
+    }
+
+
+def _neox_config(cfg: Config, eos: int | None) -> dict:
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "vocab_size": cfg.n_vocab,
+        "max_position_embeddings": cfg.n_ctx,
+        "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "intermediate_size": cfg.d_mlp,
+        "hidden_act": HF_ACTIVATIONS[cfg.activation_function],
+        "rotary_pct": cfg.rotary_pct,
+        "partial_rotary_factor": cfg.rotary_pct,
+        "rotary_emb_base": cfg.rotary_emb_base,
+        "rope_theta": cfg.rotary_emb_base,
+        "use_parallel_residual": False,  # GPT-Neo's blocks are sequential
+        "attention_bias": True,
+        "layer_norm_eps": 1e-5,
+        "hidden_dropout": cfg.res_dropout,
+        "attention_dropout": cfg.attn_dropout,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "tie_word_embeddings": not cfg.no_weight_tie,
         "torch_dtype": "float32",
     }
 
@@ -162,9 +282,9 @@ def hf_config(cfg: Config) -> dict:
 def hf_state_dict(cfg: Config, params: dict) -> dict[str, np.ndarray]:
     """Our parameter tree (or anything shaped like it: gradients too) as float32 arrays under
     Hugging Face GPT-Neo's names and layouts."""
-    host = jax.device_get(params)
+    host = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
     return {
-        name: np.ascontiguousarray(to_hf(np.asarray(_get(host, path), np.float32)))
+        name: np.ascontiguousarray(to_hf(_get(host, path)), np.float32)
         for name, path, to_hf, _ in _weight_map(cfg)
     }
 
@@ -181,12 +301,14 @@ def export_hf(
     `tokenizer` (a `load_encoder` spec) its tokenizer.json + tokenizer_config.json, so that
     `AutoTokenizer.from_pretrained(out_dir)` works too.
 
-    Refuses an existing non-empty `out_dir` unless `force`. Raises `ConfigError` for configs
-    HF GPT-Neo cannot express (linear/none layers, other activations).
+    A rotary model is written as a `GPTNeoXForCausalLM` folder instead. Refuses an existing
+    non-empty `out_dir` unless `force`. Raises `ConfigError` for configs transformers cannot
+    express (linear/none layers, other activations, the keys of NOT_EXPORTABLE).
     """
     if problems := hf_incompatibilities(cfg):
+        name = {"gpt_neo": "GPT-Neo", "gpt_neox": "GPT-NeoX"}[hf_architecture(cfg)]
         raise ConfigError(
-            "Hugging Face GPT-Neo cannot express this config: " + "; ".join(problems) + "."
+            f"Hugging Face {name} cannot express this config: " + "; ".join(problems) + "."
         )
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
@@ -254,6 +376,7 @@ def _config_from_hf(hf: dict, source: str, overrides: dict | None) -> Config:
             "embed_dropout": hf.get("embed_dropout", 0.0),
             "attn_dropout": hf.get("attention_dropout", 0.0),
             "res_dropout": hf.get("resid_dropout", 0.0),
+            "no_weight_tie": not hf.get("tie_word_embeddings", True),
             # HF's default eos (GPT-2's 50256) may lie outside a small model's vocabulary
             "eos_id": eos if isinstance(eos, int) and 0 <= eos < n_vocab else None,
             **(overrides or {}),

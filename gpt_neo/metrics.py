@@ -210,8 +210,11 @@ class Metrics:
         self.evals.append((step, results["eval_loss"]))
         self._jsonl({"step": step, **results, "time": time.time()})
         self._tensorboard(step, results)
+        accuracy = results.get("eval_accuracy")
         self.message(
-            f"eval at step {step}: loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}"
+            f"eval at step {step}: loss {results['eval_loss']:.4f}, perplexity "
+            f"{results['eval_perplexity']:.2f}"
+            + ("" if accuracy is None else f", masked-token accuracy {accuracy:.2%}")
         )
         self.plot()
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt_neo import axes
-from gpt_neo.config import Config
+from gpt_neo.config import Config, require_causal
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size
 from gpt_neo.models.gpt import COMPUTE_DTYPES, DecodeCache, cast_params, mesh_of, transformer
@@ -167,6 +167,7 @@ def generate(
     called after every step with each row's new token (None once a row has stopped).
     Runs on the mesh the params live on, with the config's layout.
     """
+    require_causal(cfg, "generating text")
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

@@ -29,6 +29,7 @@ from gpt_neo.feed import DeviceFeed
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
 from gpt_neo.models.gpt import abstract_params, init_params, transformer_with_stats
+from gpt_neo.objectives import MASKING_STREAM, Example, causal_example, make_example
 from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
 from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
 from gpt_neo.summary import memory_per_device
@@ -48,31 +49,34 @@ class TrainingDiverged(RuntimeError):
 def counted_targets(cfg: Config, tokens) -> jax.Array:
     """float32 [batch, n_ctx]: 1 where the next-token target of tokens [batch, n_ctx + 1]
     counts in the loss, 0 where it is padding (`padding_id`)."""
-    targets = tokens[:, 1:]
-    if cfg.padding_id is None:
-        return jnp.ones(targets.shape, jnp.float32)
-    return (targets != cfg.padding_id).astype(jnp.float32)
+    return causal_example(cfg, tokens).weights
 
 
-def loss_fn(cfg: Config, params, tokens, rng, target_count=None, *, train=True, share=1.0):
-    """Next-token cross-entropy of tokens [batch, n_ctx + 1] plus GPT-Neo's z-loss
-    (z_loss * logsumexp(logits)^2), summed over the counted targets and divided by
-    `target_count` (default: how many targets `tokens` counts, which makes it the mean; a
-    microbatch passes its whole batch's count, so that microbatch losses add up to the batch's).
+def loss_fn(cfg: Config, params, batch, rng, target_count=None, *, train=True, share=1.0):
+    """Cross-entropy of `batch` (records [batch, n_ctx + 1], or an `Example` made from them:
+    see `gpt_neo.objectives`) plus GPT-Neo's z-loss (z_loss * logsumexp(logits)^2), summed
+    over the counted targets and divided by `target_count` (default: how many targets the
+    batch counts, which makes it the mean; a microbatch passes its whole batch's count, so
+    that microbatch losses add up to the batch's).
     MoE layers add their load-balancing loss (and router z-loss) times `share`, the batch's
     fraction that `tokens` is (1 / microbatches: Mesh-TensorFlow divides it there, once).
-    Returns (total, metrics): `loss` (cross-entropy), `z_loss`, and with MoE layers
-    `moe_loss`, `router_z_loss` and per layer `moe/<i>/aux_loss`, `moe/<i>/dropped`,
+    Returns (total, metrics): `loss` (cross-entropy), `z_loss`, for a masked LM `accuracy`
+    (of the argmax at the masked positions), and with MoE layers `moe_loss`,
+    `router_z_loss` and per layer `moe/<i>/aux_loss`, `moe/<i>/dropped`,
     `moe/<i>/load/<expert>`, all already weighted by `share`."""
-    logits, _, moe_stats = transformer_with_stats(cfg, params, tokens[:, :-1], rng=rng, train=train)
-    weight = counted_targets(cfg, tokens)
+    example = batch if isinstance(batch, Example) else make_example(cfg, batch)
+    logits, _, moe_stats = transformer_with_stats(cfg, params, example.inputs, rng=rng, train=train)
+    weight = example.weights
     if target_count is None:
         target_count = jnp.maximum(weight.sum(), 1.0)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    target = jnp.take_along_axis(logits, example.targets[..., None], axis=-1)[..., 0]
     cross_entropy = jnp.sum((log_z - target) * weight) / target_count
     z_loss = cfg.z_loss * jnp.sum(jnp.square(log_z) * weight) / target_count
     metrics = {"loss": cross_entropy, "z_loss": z_loss}
+    if cfg.mlm_training:
+        correct = (jnp.argmax(logits, axis=-1) == example.targets).astype(jnp.float32)
+        metrics["accuracy"] = jnp.sum(correct * weight) / target_count
     if not moe_stats:
         return cross_entropy + z_loss, metrics
     hp = cfg.moe
@@ -135,25 +139,32 @@ def gradients(
 ):
     """(grads, metrics) of the mean loss over batch [B, n_ctx + 1], accumulated over
     `n_micro` microbatches (a lax.scan) when the batch does not fit at once; the metrics are
-    `loss_fn`'s, for the whole batch."""
+    `loss_fn`'s, for the whole batch. A masked LM masks the whole batch first (so that the
+    microbatches share one count of masked positions)."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)
-    target_count = jnp.maximum(counted_targets(cfg, batch).sum(), 1.0)
+    masking_rng = None if step_rng is None else jax.random.fold_in(step_rng, MASKING_STREAM)
+    example = make_example(cfg, batch, masking_rng)
+    target_count = jnp.maximum(example.weights.sum(), 1.0)
 
-    def grads_of(tokens, index):
+    def grads_of(example, index):
         rng = jax.random.fold_in(step_rng, index) if uses_randomness(cfg) else None
-        (_, metrics), grads = grad_fn(params, tokens, rng, target_count, share=1.0 / n_micro)
+        (_, metrics), grads = grad_fn(params, example, rng, target_count, share=1.0 / n_micro)
         return grads, metrics
 
     if n_micro == 1:
-        return grads_of(batch, 0)
-    micro = split_microbatches(batch, n_micro, data_parallel)
-    micro = jax.lax.with_sharding_constraint(micro, P(None, *batch_spec))
+        return grads_of(example, 0)
+    micro = jax.tree.map(
+        lambda a: jax.lax.with_sharding_constraint(
+            split_microbatches(a, n_micro, data_parallel), P(None, *batch_spec)
+        ),
+        example,
+    )
 
     def accumulate(total, xs):
-        index, tokens = xs
-        return jax.tree.map(jnp.add, total, grads_of(tokens, index)), None
+        index, example = xs
+        return jax.tree.map(jnp.add, total, grads_of(example, index)), None
 
-    metric_shapes = jax.eval_shape(grads_of, micro[0], 0)[1]
+    metric_shapes = jax.eval_shape(grads_of, jax.tree.map(lambda a: a[0], micro), 0)[1]
     zero_metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes)
     zero = (jax.tree.map(jnp.zeros_like, params), zero_metrics)
     total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(n_micro), micro))
@@ -297,33 +308,45 @@ def check_finite(history: list[dict], first_step: int) -> None:
 
 
 def evaluate(cfg: Config, trainer: Trainer, params, steps: int) -> dict:
-    """Mean cross-entropy (without z-loss) over `steps` eval batches from the start of eval_path."""
+    """Mean cross-entropy (without z-loss) over `steps` eval batches from the start of eval_path;
+    for a masked LM also the accuracy at the masked positions (the same positions every
+    evaluation: batch i is masked with a key from `seed` and i)."""
     pipeline = InputPipeline(cfg, eval=True, out=None)  # the training pipeline says what it has to
     eval_fn = _eval_fn(cfg, trainer)
-    losses = [float(eval_fn(params, trainer.place(pipeline.next_batch()))) for _ in range(steps)]
-    loss = float(np.mean(losses))
-    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+    batches = [
+        eval_fn(params, trainer.place(pipeline.next_batch()), np.int32(i)) for i in range(steps)
+    ]
+    means = {name: float(np.mean([b[name] for b in batches])) for name in batches[0]}
+    results = {"eval_loss": means["loss"], "eval_perplexity": float(np.exp(means["loss"]))}
+    if "accuracy" in means:
+        results["eval_accuracy"] = means["accuracy"]
+    return results
 
 
 def validation(cfg: Config, params) -> dict:
-    """`--eval`'s validation figures for `params`: loss and perplexity over `eval_steps`
-    batches of `eval_batch_size` (default train_batch_size) from eval_path."""
+    """`--eval`'s validation figures for `params`: loss and perplexity (and a masked LM's
+    masked-token accuracy) over `eval_steps` batches of `eval_batch_size` (default
+    train_batch_size) from eval_path."""
     batch = cfg.eval_batch_size or cfg.train_batch_size
     if not batch:
         raise ConfigError("set eval_batch_size (or train_batch_size) for the validation loss")
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         metrics = evaluate(cfg, Trainer(cfg, mesh, batch_size=batch), params, cfg.eval_steps)
-    return {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"]}
+    return {name.removeprefix("eval_"): value for name, value in metrics.items()}
 
 
 @functools.lru_cache(maxsize=8)
 def _eval_fn(cfg: Config, trainer: Trainer):
-    def cross_entropy(params, tokens):
-        return loss_fn(cfg, params, tokens, None, train=False)[1]["loss"]
+    def scores(params, tokens, index):
+        masking_rng = jax.random.fold_in(jax.random.key(cfg.seed), index)
+        example = make_example(cfg, tokens, masking_rng)
+        metrics = loss_fn(cfg, params, example, None, train=False)[1]
+        return {name: metrics[name] for name in ("loss", "accuracy") if name in metrics}
 
     return jax.jit(
-        cross_entropy, in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding)
+        scores,
+        in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding, None),
     )
 
 
@@ -455,12 +478,14 @@ class DeferredReport:
         self.metrics.log_train(first_step + len(history), history, seconds, waited)
 
 
-def save_initial_checkpoint(cfg: Config, mesh: Mesh, params, checkpointer) -> None:
-    """Step 0 of a run that starts from given params (an imported model): a fresh optimizer
-    state and RNG, the data read from the start. `main.py` then resumes it like any run."""
+def save_initial_checkpoint(cfg: Config, mesh: Mesh, params, checkpointer, step: int = 0) -> None:
+    """A checkpoint at `step` of a run that starts from given params (an imported model): a
+    fresh optimizer state and RNG, the data read from the start. `main.py` then resumes it like
+    any run (the learning-rate schedule continues from `step`)."""
     # no step is taken: any valid batch size does
     trainer = Trainer(cfg, mesh, batch_size=data_parallel_size(cfg, mesh))
     state = trainer.init_state(cfg.seed)
     state["params"] = jax.device_put(params, trainer.state_shardings["params"])
-    checkpointer.save(0, state, DATA_FROM_THE_START, cfg)
+    state["step"] = jax.device_put(jnp.int32(step), trainer.replicated)
+    checkpointer.save(step, state, DATA_FROM_THE_START, cfg)
     checkpointer.wait()

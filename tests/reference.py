@@ -113,35 +113,131 @@ def softmax_attention(q, k, v, window=None):
 
 
 def causal_linear_attention(q, k, v, eps=1e-6):
-    """GPT-Neo's definition literally: cumulative k (x) v outer products, per-feature normaliser."""
+    """GPT-Neo's `causal_linear_attention` literally: cumulative k (x) v outer products,
+    normalised by D_inv = 1 / (q . (cumsum(k) + eps))."""
     q = _softmax(q)
     k = np.exp(k)
     context = np.cumsum(np.einsum("thd,the->thde", k, v), axis=0)
-    context = context / (np.cumsum(k, axis=0)[..., None] + eps)
-    return np.einsum("thd,thde->the", q, context)
+    d_inv = 1.0 / np.einsum("thd,thd->th", q, np.cumsum(k, axis=0) + eps)
+    return np.einsum("thd,thde,th->the", q, context, d_inv)
+
+
+def linear_attention(q, k, v):
+    """GPT-Neo's non-causal `linear_attention`: softmax(q) over features, softmax(k) over
+    the sequence, q (k^T v)."""
+    return np.einsum("thd,hde->the", _softmax(q), np.einsum("thd,the->hde", _softmax(k, 0), v))
+
+
+def bidirectional_attention(q, k, v, window=None, memory=None):
+    """q, k, v: [t, h, d]; query i sees every key j (|i - j| < window) and the memory."""
+    t = q.shape[0]
+    out = np.zeros_like(q)
+    for i in range(t):
+        lo, hi = (0, t) if window is None else (max(0, i - window + 1), min(t, i + window))
+        keys, values = k[lo:hi], v[lo:hi]
+        if memory is not None:
+            keys, values = np.concatenate([memory[0], keys]), np.concatenate([memory[1], values])
+        out[i] = np.einsum("hk,khd->hd", _softmax(np.einsum("hd,khd->hk", q[i], keys)), values)
+    return out
+
+
+def memory_attention(q, k, v, memory):
+    """Causal attention over [memory slots; keys before i], per query, as GPT-Neo's
+    `num_mem_kv` with the memory always visible."""
+    out = np.zeros_like(q)
+    for i in range(q.shape[0]):
+        keys = np.concatenate([memory[0], k[: i + 1]])
+        values = np.concatenate([memory[1], v[: i + 1]])
+        out[i] = np.einsum("hk,khd->hd", _softmax(np.einsum("hd,khd->hk", q[i], keys)), values)
+    return out
+
+
+def rotary(x, rotary_dims, base=10000.0):
+    """x [t, h, d]: dimension pairs (i, i + r/2) of the first r turn by pos * base^(-2i/r)."""
+    t = x.shape[0]
+    half = rotary_dims // 2
+    out = x.copy()
+    for pos in range(t):
+        for i in range(half):
+            angle = pos * base ** (-2.0 * i / rotary_dims)
+            a, b = x[pos, :, i], x[pos, :, i + half]
+            out[pos, :, i] = a * np.cos(angle) - b * np.sin(angle)
+            out[pos, :, i + half] = b * np.cos(angle) + a * np.sin(angle)
+    return out
+
+
+def positions_of(cfg, p, t):
+    if cfg.rotary_emb:
+        return 0.0
+    if cfg.axial_pos_emb is not None:
+        d2 = cfg.axial_pos_emb[1]
+        return np.stack(
+            [(p["axial_wpe_1"][i // d2] + p["axial_wpe_2"][i % d2]) / 2 for i in range(t)]
+        )
+    return p["wpe"][:t]
+
+
+def pre_norm(cfg, x, norm):
+    if cfg.rezero:
+        return x
+    if cfg.scalenorm:
+        return layer_norm(x, {"scale": norm["scale"], "bias": 0.0})
+    return layer_norm(x, norm)
+
+
+def mlp(cfg, x, m):
+    h = x @ m["fc_kernel"] + m["fc_bias"]
+    if cfg.mlp_glu:
+        h = h * activation(cfg.activation_function, x @ m["gate_kernel"] + m["gate_bias"], {})
+    else:
+        h = activation(cfg.activation_function, h, m.get("act", {}))
+    return h @ m["proj_kernel"] + m["proj_bias"]
+
+
+def attend(cfg, kind, h, a):
+    """One attention sub-block's output [t, embd] for normalised input h."""
+    q, k, v = (np.einsum("te,ehd->thd", h, a[n]) for n in "qkv")
+    if cfg.rotary_emb:
+        dims = int(cfg.head_dim * cfg.rotary_pct)
+        q, k = rotary(q, dims, cfg.rotary_emb_base), rotary(k, dims, cfg.rotary_emb_base)
+    memory = (a["mem_k"], a["mem_v"]) if kind == "global" and "mem_k" in a else None
+    window = cfg.local_attention_radius if kind == "local" else None
+    if kind == "linear":
+        out = linear_attention(q, k, v) if cfg.mlm_training else causal_linear_attention(q, k, v)
+    elif cfg.mlm_training:
+        out = bidirectional_attention(q, k, v, window, memory)
+    elif memory is not None:
+        out = memory_attention(q, k, v, memory)
+    else:
+        out = softmax_attention(q, k, v, window)
+    return np.einsum("thd,hde->te", out, a["o"]) + a["o_bias"]
 
 
 def forward(cfg, params, tokens):
-    """float64 logits [batch, seq, vocab]."""
+    """float64 logits [batch, seq, vocab], following GPT-Neo's `block()` line by line."""
     p = _to_float64(params)
     batch_logits = []
     for row in np.asarray(tokens):
-        t = len(row)
-        x = p["wte"][row] + p["wpe"][:t]
-        for kind, b in zip(cfg.attention_types, p["blocks"], strict=True):
+        x = p["wte"][row] + positions_of(cfg, p, len(row))
+        for index, kind in enumerate(cfg.attention_types):
+            b = p["blocks"][0 if cfg.share_parameters else index]
+            gate = b.get("rezero", {"attn": 1.0, "mlp": 1.0})
+            mult = 0.5 if cfg.macaron else 1.0
+            if cfg.macaron:
+                x = x + 0.5 * mlp(cfg, x, b["mlp_macaron"])
             if kind != "none":
-                h = layer_norm(x, b["ln_1"])
-                q, k, v = (np.einsum("te,ehd->thd", h, b["attn"][n]) for n in "qkv")
-                if kind == "linear":
-                    a = causal_linear_attention(q, k, v)
-                else:
-                    window = cfg.local_attention_radius if kind == "local" else None
-                    a = softmax_attention(q, k, v, window)
-                x = x + np.einsum("thd,hde->te", a, b["attn"]["o"]) + b["attn"]["o_bias"]
-            h = layer_norm(x, b["ln_2"]) @ b["mlp"]["fc_kernel"] + b["mlp"]["fc_bias"]
-            h = activation(cfg.activation_function, h, b["mlp"].get("act", {}))
-            x = x + h @ b["mlp"]["proj_kernel"] + b["mlp"]["proj_bias"]
-        batch_logits.append(layer_norm(x, p["ln_f"]) @ p["wte"].T)
+                x = x + gate["attn"] * attend(cfg, kind, pre_norm(cfg, x, b.get("ln_1")), b["attn"])
+            elif cfg.gpt_neo_none_layers:
+                x = x + gate["attn"] * x
+            x = x + gate["mlp"] * mult * mlp(cfg, pre_norm(cfg, x, b.get("ln_2")), b["mlp"])
+        if cfg.no_weight_tie:
+            if cfg.gpt_neo_untied_head:
+                logits = x @ p["head"]["kernel"].T + p["head"]["bias"]
+            else:
+                logits = layer_norm(x, p["ln_f"]) @ p["head"]["kernel"].T
+        else:
+            logits = layer_norm(x, p["ln_f"]) @ p["wte"].T
+        batch_logits.append(logits)
     return np.stack(batch_logits)
 
 

@@ -188,24 +188,99 @@ def test_unknown_activation_suggests(tmp_path):
     assert "unknown activation_function 'gelu2'" in message and "Did you mean 'gelu'" in message
 
 
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("mlm_training", True),
-        ("rotary_emb", True),
-        ("num_mem_kv", 4),
-        ("axial_pos_emb", [4, 4]),
-        ("mlp_glu", True),
-    ],
-)
-def test_features_not_built_yet_are_refused_not_ignored(tmp_path, key, value):
-    message = error_of(tmp_path, {**BASE, key: value})
-    assert f"key '{key}'" in message and "not supported yet" in message
+@pytest.mark.parametrize("value", [True, 1.3])
+def test_entmax_loss_is_refused_with_the_reason(tmp_path, value):
+    message = error_of(tmp_path, {**BASE, "entmax_loss": value})
+    assert "key 'entmax_loss'" in message and "NaN gradients" in message
 
 
-@pytest.mark.parametrize("value", [False, None, 0, []])
-def test_features_not_built_yet_may_be_present_switched_off(tmp_path, value):
-    assert load_config(write(tmp_path, {**BASE, "rotary_emb": value}))
+@pytest.mark.parametrize("value", [False, None, 0])
+def test_refused_keys_may_be_present_switched_off(tmp_path, value):
+    assert load_config(write(tmp_path, {**BASE, "entmax_loss": value}))
+
+
+@pytest.mark.parametrize("value", [False, None])
+def test_rotary_emb_false_means_off_unlike_gpt_neo(tmp_path, value):
+    """GPT-Neo's `exists()` switched rotary on for `false` too; here false is false."""
+    cfg = load_config(write(tmp_path, {**BASE, "rotary_emb": value}))
+    assert not cfg.rotary_emb and "wpe" in gpt_neo.init_params(cfg, 0)
+
+
+MODEL_OPTION_ERRORS = {
+    "axial too small": ({"axial_pos_emb": [3, 5]}, "d1 * d2 >= n_ctx (16)"),
+    "axial rank": ({"axial_pos_emb": [16]}, "axial_pos_emb must be [d1, d2]"),
+    "axial type": ({"axial_pos_emb": True}, "must be a list of integers"),
+    "rotary pct zero": ({"rotary_emb": True, "rotary_pct": 0}, "rotary_pct must be in (0, 1]"),
+    "rotary pct above 1": ({"rotary_emb": True, "rotary_pct": 1.5}, "rotary_pct must be in (0, 1]"),
+    "rotary odd dims": ({"rotary_emb": True, "rotary_pct": 0.5625}, "gives 9"),
+    "rotary pct alone": ({"rotary_pct": 0.5}, "rotary_emb is not true"),
+    "rotary and axial": ({"rotary_emb": True, "axial_pos_emb": [4, 4]}, "Keep one"),
+    "mlm without mask id": ({"mlm_training": True}, "needs mlm_mask_id"),
+    "mlm fractions": (
+        {
+            "mlm_training": True,
+            "mlm_mask_id": 3,
+            "mlm_same_token_prob": 0.6,
+            "mlm_random_token_prob": 0.5,
+        },
+        "together <= 1",
+    ),
+    "mlm negative fraction": (
+        {"mlm_training": True, "mlm_mask_id": 3, "mlm_random_token_prob": -0.1},
+        "each >= 0",
+    ),
+    "mlm mask prob": ({"mlm_training": True, "mlm_mask_id": 3, "mlm_mask_prob": 0}, "(0, 1]"),
+    "mlm mask id outside vocab": (
+        {"mlm_training": True, "mlm_mask_id": 100},
+        "outside the vocabulary",
+    ),
+    "mlm keys without mlm": ({"mlm_mask_id": 3}, "mlm_training is not true"),
+    "mlm predicts": ({"mlm_training": True, "mlm_mask_id": 3, "predict_steps": 5}, "predict_steps"),
+    "gpt-neo head without untying": ({"gpt_neo_untied_head": True}, "set no_weight_tie"),
+    "gpt-neo none without none layers": ({"gpt_neo_none_layers": True}, "no 'none' layer"),
+    "memory without global layers": (
+        {"num_mem_kv": 2, "attention_types": [[["local"], 2]]},
+        "add a global layer",
+    ),
+    "memory negative": ({"num_mem_kv": -1}, "num_mem_kv must be >= 0"),
+    "rezero and scalenorm": ({"rezero": True, "scalenorm": True}, "Keep one"),
+    "shared experts": (
+        {"share_parameters": True, "moe_layers": [0], "moe_params": {}},
+        "share_parameters with moe_layers",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_OPTION_ERRORS))
+def test_bad_model_options_are_one_clear_error(tmp_path, case):
+    keys, expected = MODEL_OPTION_ERRORS[case]
+    assert expected in error_of(tmp_path, {**BASE, **keys})
+
+
+def test_every_gpt_neo_model_key_is_implemented_or_refused():
+    """Each key of GPT-Neo's model-config tables (shared/reference/gpt-neo.md section 3) is a
+    key we read, an alias, or one refused with its reason; and each experimental architecture
+    key is exercised against the NumPy reference (tests/test_model_options.py)."""
+    import re
+
+    from gpt_neo.config import ALIASES, KNOWN_KEYS, NOT_NEEDED, REFUSED, SINGLE_VALUE
+    from tests.helpers import SHARED
+    from tests.test_model_options import OPTIONS
+
+    text = (SHARED / "reference" / "gpt-neo.md").read_text()
+    section = text[text.index("## 3. Model config keys") : text.index("## 4. Data")]
+    keys = set(re.findall(r"^\| `([a-z_0-9]+)`", section, flags=re.M))
+    assert {"rotary_emb", "mlm_training", "entmax_loss", "n_embd"} <= keys  # the parse works
+    assert sorted(keys - KNOWN_KEYS) == []
+    experimental = {
+        "mlp_glu", "scalenorm", "rezero", "macaron", "num_mem_kv", "axial_pos_emb",
+        "rotary_emb", "share_parameters", "no_weight_tie", "mlm_training",
+    }  # fmt: skip
+    assert experimental <= keys
+    exercised = {key for option in OPTIONS.values() for key in option}
+    assert sorted(experimental - exercised) == []
+    special = set(ALIASES) | set(REFUSED) | set(NOT_NEEDED) | set(SINGLE_VALUE)
+    assert experimental.isdisjoint(special)
 
 
 @pytest.mark.parametrize("value", [None, []])

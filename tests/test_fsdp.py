@@ -75,12 +75,12 @@ def test_fsdp_layouts_equal_the_single_device_run(single_device, batches, layout
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # Adam divides by each gradient's own scale, so float reassociation in a rare tiny gradient
-    # can move its weight by a sliver of a step: hold every weight to 1% of one step (lr),
+    # can move its weight by a sliver of a step: hold every weight to 2% of one step (lr),
     # and the weights as a whole much closer
     for a, b in zip(
         jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"]), strict=True
     ):
-        np.testing.assert_allclose(a, b, atol=0.01 * RUN["lr"])
+        np.testing.assert_allclose(a, b, atol=0.02 * RUN["lr"])
         assert np.abs(np.asarray(a) - np.asarray(b)).mean() < 1e-6
     # the weights and their Adam moments stay split over the data axis after every step
     q = state["params"]["blocks"][0]["attn"]["q"]

@@ -143,9 +143,21 @@ BAD_CONFIGS = {
         '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "mesh_shape": "x:8", "layout": "batch:x,heads:x"}',
         "mesh axis 'x'",
     ),
-    "not supported": (
+    "refused": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "entmax_loss": true}',
+        "is refused",
+    ),
+    "mlm without mask id": (
         '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "mlm_training": true}',
-        "not supported yet",
+        "needs mlm_mask_id",
+    ),
+    "axial too small": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "axial_pos_emb": [2, 3]}',
+        "d1 * d2 >= n_ctx",
+    ),
+    "odd rotary dims": (
+        '{"n_embd": 64, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 10, "rotary_emb": true, "rotary_pct": 0.1875}',
+        "gives 3",
     ),
 }
 

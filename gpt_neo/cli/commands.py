@@ -14,7 +14,7 @@ import gpt_neo
 from gpt_neo import evaluate as eval_tasks
 from gpt_neo import train as training
 from gpt_neo.checkpoint import Checkpointer, load_params
-from gpt_neo.config import Config
+from gpt_neo.config import Config, require_causal
 from gpt_neo.dataset_config import model_dataset, model_tokenizer
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.hf import export_hf
@@ -127,6 +127,7 @@ def _delete_model_path(model_path: str, assume_yes: bool) -> None:
 
 
 def predict(cfg: Config, args: argparse.Namespace) -> int:
+    require_causal(cfg, "--predict")
     encoder, eos_id = model_tokenizer(cfg)
     params, step = load_params(cfg)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -206,6 +207,8 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown eval task {task!r}; known: lambada, wikitext")
         if not getattr(args, f"{task}_path"):
             raise ConfigError(f"eval task {task} needs --{task}_path FILE (local files only)")
+    if tasks:
+        require_causal(cfg, f"--eval's {' and '.join(tasks)}")
     if not tasks and not cfg.eval_steps:
         raise ConfigError(
             "nothing to evaluate: set eval_steps > 0 (eval loss on eval_path) or name a task "

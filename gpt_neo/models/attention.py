@@ -1,4 +1,5 @@
-"""Attention: global (causal), local (sliding window), linear (causal), per-backend kernels.
+"""Attention: global, local (sliding window), linear; causal, or bidirectional for
+`mlm_training`; per-backend kernels.
 
 All softmax attention here is *unscaled*: GPT-Neo folds 1/sqrt(head_dim) into q's init
 (mesh-tf `fold_scaling_into_initializer`), and Hugging Face's GPT-Neo computes q.k unscaled
@@ -11,7 +12,13 @@ Kernels for softmax attention (config key `attention_kernel`):
   GPUs (bfloat16/float16 only, no attention dropout).
 - `splash`: Pallas splash attention on TPU (sequence a multiple of 128, no attention dropout,
   sequence and head dims not sharded).
-`auto` picks the fastest kernel that applies and falls back to `xla`.
+`auto` picks the fastest kernel that applies and falls back to `xla`. Bidirectional attention
+(masked-LM training) and memory key/values (`num_mem_kv`) always run on `xla`.
+
+Bidirectional local attention lets query i see keys j with |i - j| < radius. (GPT-Neo's
+Mesh-TensorFlow kernel saw (i - radius, i + radius], one more key to the right than the left,
+an artefact of its blocking; there is no checkpoint of it to be compatible with, since its
+masked-LM training never worked.)
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_spec, constrain, rules
 from gpt_neo.models.layers import ParamDecl, dropout, normal, zeros
+from gpt_neo.models.positions import rotate
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 LINEAR_CHUNK = 64
@@ -49,16 +57,24 @@ class KVCache(NamedTuple):
     valid: jax.Array
 
 
-def param_decls(cfg: Config) -> dict[str, ParamDecl]:
-    """q/k/v/o as mesh-tf's `attention_params_simple` initialises them (scale folded into q)."""
+MEMORY = (None, axes.HEADS, axes.KV)  # num_mem_kv memory slots
+
+
+def param_decls(cfg: Config, kind: str = "global") -> dict[str, ParamDecl]:
+    """q/k/v/o as mesh-tf's `attention_params_simple` initialises them (scale folded into q);
+    global layers with `num_mem_kv` add GPT-Neo's memory keys and values."""
     d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
-    return {
+    decls = {
         "q": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5 * hd**-0.5)),
         "k": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5)),
         "v": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5)),
         "o": ParamDecl((h, hd, d), axes.OUT, normal((h * hd) ** -0.5)),
         "o_bias": ParamDecl((d,), axes.OUT_BIAS, zeros),
     }
+    if cfg.num_mem_kv and kind == "global":
+        for name in ("mem_k", "mem_v"):
+            decls[name] = ParamDecl((cfg.num_mem_kv, h, hd), MEMORY, normal(hd**-0.5))
+    return decls
 
 
 def attention(
@@ -68,20 +84,28 @@ def attention(
     x: jax.Array,
     rng: jax.Array | None = None,
     cache: KVCache | None = None,
+    positions: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """One attention sub-block, x [batch, seq, embd] -> ([batch, seq, embd], cache).
 
     Without a cache (training, scoring) the positions of x attend to each other. With one
     (decoding) x's keys and values are written into it at `cache.slots` and x attends over
     every valid cached slot; the updated cache is returned. `rng` enables attention dropout.
+    `positions` [batch, seq] are x's positions, which rotary needs (default 0..seq-1).
     """
-    q = constrain(project_in(x, p["q"]), cfg, axes.QUERIES)
-    k, v = project_in(x, p["k"]), project_in(x, p["v"])
+    q, k, v = (project_in(x, p[name]) for name in "qkv")
+    if cfg.rotary_emb:
+        if positions is None:
+            positions = jnp.arange(x.shape[1])[None, :]
+        q, k = rotate(cfg, q, positions), rotate(cfg, k, positions)
+    q = constrain(q, cfg, axes.QUERIES)
+    # global layers only; a shared block (share_parameters) holds memory for its global uses
+    memory = (p["mem_k"], p["mem_v"]) if "mem_k" in p and kind == "global" else None
     if cache is None:
         k, v = constrain(k, cfg, axes.KEYS_VALUES), constrain(v, cfg, axes.KEYS_VALUES)
-        out = _self_attention(cfg, kind, q, k, v, rng)
+        out = _self_attention(cfg, kind, q, k, v, rng, memory)
     else:
-        out, cache = _cached_attention(cfg, kind, q, k, v, cache)
+        out, cache = _cached_attention(cfg, kind, q, k, v, cache, memory)
     return project_out(constrain(out, cfg, axes.QUERIES), p), cache
 
 
@@ -97,17 +121,23 @@ def project_out(out, p):
     return jnp.dot(out.reshape(b, t, h * d), p["o"].reshape(h * d, -1)) + p["o_bias"]
 
 
-def _self_attention(cfg: Config, kind: str, q, k, v, rng):
-    """Each position of the sequence attends to those before it, per the layer kind."""
+def _self_attention(cfg: Config, kind: str, q, k, v, rng, memory=None):
+    """Each position of the sequence attends to those before it (or, for a masked LM, around
+    it), per the layer kind."""
+    causal = not cfg.mlm_training
     if kind == "linear":
-        return causal_linear_attention(q, k, v)
+        return (
+            causal_linear_attention(q, k, v) if causal else bidirectional_linear_attention(q, k, v)
+        )
     window = cfg.local_attention_radius if kind == "local" else None
     # GPT-Neo applies attention dropout in global layers only.
     rate = cfg.attn_dropout if (kind == "global" and rng is not None) else 0.0
-    return softmax_attention(cfg, q, k, v, window=window, dropout_rate=rate, rng=rng)
+    return softmax_attention(
+        cfg, q, k, v, window=window, dropout_rate=rate, rng=rng, causal=causal, memory=memory
+    )
 
 
-def _cached_attention(cfg: Config, kind: str, q, k, v, cache: KVCache):
+def _cached_attention(cfg: Config, kind: str, q, k, v, cache: KVCache, memory=None):
     """q, k, v [batch, new, heads, head_dim]: write k and v at the cache's slots, attend over
     the visible cached slots. Returns (out [batch, new, heads, head_dim], updated cache)."""
     start = cache.slots[0]
@@ -126,42 +156,62 @@ def _cached_attention(cfg: Config, kind: str, q, k, v, cache: KVCache):
         out = _linear_attention_over_cache(q, keys, values, visible)
     else:
         scores = jnp.einsum("bhqd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(jnp.where(visible[:, None], scores, MASK_VALUE), axis=-1)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(values.dtype), values)
+        scores = jnp.where(visible[:, None], scores, MASK_VALUE)
+        attended = values
+        if memory is not None:  # memory slots: visible to every query
+            mem_k, mem_v = memory
+            mem_scores = jnp.einsum("bhqd,mhd->bhqm", q, mem_k, preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([mem_scores, scores], axis=-1)
+            attended = jnp.concatenate([_per_example(mem_v, values), values], axis=2)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(attended.dtype), attended)
     return out.transpose(0, 2, 1, 3), cache._replace(keys=keys, values=values)
 
 
-def _linear_attention_over_cache(q, k, v, visible):
-    """`causal_linear_attention` from cached raw keys: out_i = sum_j (q'_i . exp(k_j)) v_j with
-    q'_i = softmax(q_i) / (sum_{visible j} exp(k_j) + eps); padding keys are not visible."""
+def _linear_attention_over_cache(q, k, v, visible, eps=1e-6):
+    """`causal_linear_attention` from cached raw keys: out_i = sum_j (q_i . exp(k_j)) v_j /
+    (q_i . (sum_j exp(k_j) + eps)) over the visible j, q softmaxed; padding is not visible."""
     dtype = v.dtype
     q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)  # [b, h, new, d]
     k = jnp.exp(k.astype(jnp.float32))  # [b, h, d, length]
     mask = visible.astype(jnp.float32)  # [b, new, length]
-    normaliser = jnp.einsum("bqk,bhdk->bhqd", mask, k)
-    scores = jnp.einsum("bhqd,bhdk->bhqk", q / (normaliser + 1e-6), k) * mask[:, None]
-    return jnp.einsum("bhqk,bhkd->bhqd", scores, v.astype(jnp.float32)).astype(dtype)
+    normaliser = jnp.einsum("bhqd,bhqd->bhq", q, jnp.einsum("bqk,bhdk->bhqd", mask, k) + eps)
+    scores = jnp.einsum("bhqd,bhdk->bhqk", q, k) * mask[:, None]
+    out = jnp.einsum("bhqk,bhkd->bhqd", scores, v.astype(jnp.float32)) / normaliser[..., None]
+    return out.astype(dtype)
 
 
-def softmax_attention(cfg, q, k, v, *, window=None, dropout_rate=0.0, rng=None):
-    """Causal softmax attention, optionally windowed: query i sees keys j with 0 <= i-j < window."""
-    kernel = resolve_kernel(cfg, q.dtype, q.shape[1], dropout_rate > 0)
+def softmax_attention(
+    cfg, q, k, v, *, window=None, dropout_rate=0.0, rng=None, causal=True, memory=None
+):
+    """Softmax attention, optionally windowed: query i sees keys j with 0 <= i-j < window
+    (causal) or |i-j| < window (bidirectional), and every `memory` slot."""
+    plain = not causal or memory is not None  # what only the XLA kernels compute
+    kernel = resolve_kernel(cfg, q.dtype, q.shape[1], dropout_rate > 0, plain=plain)
     if kernel == "cudnn":
         return dot_product_attention(q, k, v, window=window, implementation="cudnn")
     if kernel == "splash":
         return splash_attention(cfg, q, k, v, window=window)
-    if window is not None and q.shape[1] > window:
-        return blocked_local_attention(q, k, v, window=window)
-    return dense_attention(q, k, v, window=window, dropout_rate=dropout_rate, rng=rng)
+    if window is not None and q.shape[1] > window and memory is None:
+        return blocked_local_attention(q, k, v, window=window, causal=causal)
+    return dense_attention(
+        q, k, v, window=window, dropout_rate=dropout_rate, rng=rng, causal=causal, memory=memory
+    )
 
 
-def resolve_kernel(cfg: Config, dtype, seq_len: int, has_dropout: bool) -> str:
+def resolve_kernel(cfg: Config, dtype, seq_len: int, has_dropout: bool, plain=False) -> str:
     """The kernel to run: `auto` prefers the backend's fused kernel and falls back to XLA;
-    a forced kernel that cannot run this attention is a `ConfigError`."""
+    a forced kernel that cannot run this attention is a `ConfigError`. `plain`: the attention
+    is bidirectional or has memory slots, which only XLA computes."""
     if cfg.attention_kernel == "auto":
         preferred = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
-        usable = _why_not(cfg, preferred, dtype, seq_len, has_dropout) is None
+        usable = not plain and _why_not(cfg, preferred, dtype, seq_len, has_dropout) is None
         return preferred if usable else "xla"
+    if plain and cfg.attention_kernel != "xla":
+        raise ConfigError(
+            f"attention_kernel '{cfg.attention_kernel}' computes causal attention without "
+            "memory slots only (this model has mlm_training or num_mem_kv). Use 'auto' or 'xla'."
+        )
     if reason := _why_not(cfg, cfg.attention_kernel, dtype, seq_len, has_dropout):
         raise ConfigError(
             f"attention_kernel '{cfg.attention_kernel}' cannot run this model: {reason}. "
@@ -191,34 +241,47 @@ def _seq_or_head_dim_sharded(cfg: Config) -> bool:
     return any(axis in rules(cfg).activations for axis in (axes.SEQ, axes.KV_SEQ, axes.KV))
 
 
-def _causal_scores(q, k, q_pos, k_pos, window):
-    """float32 scores with invisible (future, outside-window, padding) keys masked."""
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-    return _mask(scores, q_pos, k_pos, window)
-
-
-def _mask(scores, q_pos, k_pos, window):
+def _mask(scores, q_pos, k_pos, window, causal=True, length=None):
+    """Scores of invisible keys (future ones when `causal`, outside the window, before the
+    start or, with `length`, past the end of the sequence) set to MASK_VALUE."""
     offset = q_pos[:, None] - k_pos[None, :]
-    visible = (offset >= 0) & (k_pos[None, :] >= 0)
+    visible = k_pos[None, :] >= 0
+    if length is not None:
+        visible &= k_pos[None, :] < length
+    if causal:
+        visible &= offset >= 0
     if window is not None:
-        visible &= offset < window
+        visible &= (offset if causal else jnp.abs(offset)) < window
     return jnp.where(visible, scores, MASK_VALUE)
 
 
-def dense_attention(q, k, v, *, window=None, dropout_rate=0.0, rng=None):
-    """Reference: full [T, T] scores. q, k, v: [batch, seq, heads, head_dim]."""
+def dense_attention(q, k, v, *, window=None, dropout_rate=0.0, rng=None, causal=True, memory=None):
+    """Reference: full [T, T] scores. q, k, v: [batch, seq, heads, head_dim]; `memory`
+    (mem_k, mem_v) [slots, heads, head_dim] adds keys every query sees."""
     pos = jnp.arange(q.shape[1])
     # heads next to batch: XLA:CPU runs batched matmuls with leading batch dims fastest
     q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))  # [batch, heads, seq, head_dim]
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(_mask(scores, pos, pos, window), axis=-1)
-    probs = dropout(probs, dropout_rate, rng)
+    scores = _mask(scores, pos, pos, window, causal)
+    if memory is not None:  # GPT-Neo prepends the memory slots to the keys and values
+        mem_k, mem_v = memory
+        mem_scores = jnp.einsum("bhqd,mhd->bhqm", q, mem_k, preferred_element_type=jnp.float32)
+        scores = jnp.concatenate([mem_scores, scores], axis=-1)
+        v = jnp.concatenate([_per_example(mem_v, v), v], axis=2)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rng)
     return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v).swapaxes(1, 2)
 
 
-def blocked_local_attention(q, k, v, *, window: int):
+def _per_example(mem_v, like):
+    """Memory values [slots, heads, head_dim] as `like`'s [batch, heads, slots, head_dim]."""
+    per_head = mem_v.swapaxes(0, 1).astype(like.dtype)
+    return jnp.broadcast_to(per_head, (like.shape[0], *per_head.shape))
+
+
+def blocked_local_attention(q, k, v, *, window: int, causal: bool = True):
     """Sliding-window attention in O(T * window): each block of `window` queries attends to its
-    own block of keys and the previous one, which together hold every key it may see."""
+    own block of keys and the previous one (and the next one when bidirectional), which
+    together hold every key it may see."""
     b, t, h, d = q.shape
     pad = -t % window
     if pad:
@@ -228,40 +291,52 @@ def blocked_local_attention(q, k, v, *, window: int):
     def blocks(a):  # [b, n, window, h, d]
         return a.reshape(b, n, window, h, d)
 
-    def with_previous(a):  # [b, n, 2*window, h, d]
+    def neighbourhood(a):  # [b, n, 2 or 3 * window, h, d]
         a = blocks(a)
-        previous = jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]
-        return jnp.concatenate([previous, a], axis=2)
+        parts = [jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1], a]
+        if not causal:
+            parts.append(jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0), (0, 0)))[:, 1:])
+        return jnp.concatenate(parts, axis=2)
 
     q_pos = jnp.arange(window)
-    k_pos = jnp.arange(-window, window)  # relative to the block start; < 0 is the previous block
+    # relative to the block start; < 0 is the previous block, >= window the next one
+    k_pos = jnp.arange(-window, window if causal else 2 * window)
 
     def one_block(qb, kb, vb, start):
-        scores = _causal_scores(qb, kb, start + q_pos, start + k_pos, window)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32)
+        scores = _mask(scores, start + q_pos, start + k_pos, window, causal, length=t)
         probs = jax.nn.softmax(scores, axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(vb.dtype), vb)
 
     starts = jnp.arange(n) * window
     out = jax.vmap(one_block, in_axes=(1, 1, 1, 0), out_axes=1)(
-        blocks(q), with_previous(k), with_previous(v), starts
+        blocks(q), neighbourhood(k), neighbourhood(v), starts
     )
     return out.reshape(b, n * window, h, d)[:, :t]
+
+
+def bidirectional_linear_attention(q, k, v):
+    """GPT-Neo's non-causal linear attention: q softmaxed over features, k over the sequence,
+    out = q . (k^T v)."""
+    q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
+    k = jax.nn.softmax(k.astype(jnp.float32), axis=1)
+    context = jnp.einsum("bkhd,bkhe->bhde", k, v.astype(jnp.float32))
+    return jnp.einsum("bqhd,bhde->bqhe", q, context).astype(v.dtype)
 
 
 def causal_linear_attention(q, k, v, *, chunk: int = LINEAR_CHUNK, eps: float = 1e-6):
     """GPT-Neo's causal linear attention without its [b, s, h, d, d] cumulative tensor.
 
     GPT-Neo: q = softmax(q over features), k = exp(k), C_i = sum_{j<=i} k_j (x) v_j,
-    Z_i = sum_{j<=i} k_j, out_i = sum_d q_i[d] * C_i[d, :] / (Z_i[d] + eps).
-    Folding the per-feature normaliser into q (q'_i = q_i / (Z_i + eps)) makes this
-    out_i = q'_i . C_i, computed chunk by chunk: exact within a chunk, a [b, h, d, d] running
-    state across chunks (lax.scan), so memory is O(T * d + d * d), not O(T * d * d).
+    Z_i = sum_{j<=i} k_j + eps, out_i = (q_i . C_i) / (q_i . Z_i). The numerator is computed
+    chunk by chunk: exact within a chunk, a [b, h, d, d] running state across chunks
+    (lax.scan), so memory is O(T * d + d * d), not O(T * d * d).
     """
     dtype = v.dtype
     q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
     k = jnp.exp(k.astype(jnp.float32))
     v = v.astype(jnp.float32)
-    q = q / (jnp.cumsum(k, axis=1) + eps)
+    normaliser = jnp.einsum("bthd,bthd->bth", q, jnp.cumsum(k, axis=1) + eps)[..., None]
     b, t, h, d = q.shape
     pad = -t % chunk
     if pad:  # trailing zeros: later positions never influence earlier ones
@@ -278,7 +353,8 @@ def causal_linear_attention(q, k, v, *, chunk: int = LINEAR_CHUNK, eps: float = 
 
     state = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
     _, out = jax.lax.scan(step, state, (q, k, v))
-    return out.swapaxes(0, 1).reshape(b, n * chunk, h, -1)[:, :t].astype(dtype)
+    out = out.swapaxes(0, 1).reshape(b, n * chunk, h, -1)[:, :t]
+    return (out / normaliser).astype(dtype)
 
 
 def dot_product_attention(q, k, v, *, window=None, implementation=None):

@@ -7,7 +7,17 @@ Parameters are a plain nested dict of float32 arrays:
     blocks[i]: ln_1 {scale, bias}, attn {q, k, v [embd, heads, kv], o [heads, kv, embd], o_bias}
                ln_2 {scale, bias}, mlp {fc_kernel, fc_bias, proj_kernel, proj_bias[, act]}
 
-A `none` layer (GPT-Neo's PAR configs) has no ln_1/attn: it is feed-forward only.
+GPT-Neo's options change that tree (each documented on its `Config` field):
+- positions: `axial_wpe_1`/`axial_wpe_2` instead of wpe (`axial_pos_emb`), none (`rotary_emb`);
+- `no_weight_tie`: head {kernel [vocab, embd][, bias]}; `gpt_neo_untied_head` drops ln_f;
+- block norms: ln_1/ln_2 {scale []} (`scalenorm`), none but rezero {attn, mlp} (`rezero`);
+- `mlp_glu`: mlp {gate_kernel, gate_bias} too; `macaron`: an mlp_macaron per block;
+- `num_mem_kv`: attn {mem_k, mem_v [slots, heads, kv]} in global layers;
+- `share_parameters`: `blocks` holds one block that every layer uses;
+- MoE layers hold `moe` instead of `mlp`.
+
+A `none` layer (GPT-Neo's PAR configs) has no ln_1/attn: it is feed-forward only (and with
+`gpt_neo_none_layers` it first doubles the residual stream, as GPT-Neo did).
 """
 
 from __future__ import annotations
@@ -35,8 +45,19 @@ from gpt_neo.mesh import (
 )
 from gpt_neo.models import attention as attn_lib
 from gpt_neo.models import moe as moe_lib
-from gpt_neo.models.layers import ParamDecl, layer_norm, mlp, mlp_decls, norm_decls, normal
+from gpt_neo.models.layers import (
+    ParamDecl,
+    layer_norm,
+    mlp,
+    mlp_decls,
+    norm_decls,
+    normal,
+    pre_norm,
+    pre_norm_decls,
+    zeros,
+)
 from gpt_neo.models.layers import dropout as dropout_fn
+from gpt_neo.models.positions import position_decls, position_embedding
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MASK_VALUE = attn_lib.MASK_VALUE
@@ -44,25 +65,66 @@ MASK_VALUE = attn_lib.MASK_VALUE
 
 def param_decls(cfg: Config) -> dict:
     """The parameter tree, undeclared values: shapes, logical axes and initializers."""
-    blocks = []
-    for index, kind in enumerate(cfg.attention_types):
-        block = {}
-        if kind != "none":
-            block["ln_1"] = norm_decls(cfg)
-            block["attn"] = attn_lib.param_decls(cfg)
-        block["ln_2"] = norm_decls(cfg)
-        if index in cfg.moe_layers:
-            block["moe"] = moe_lib.param_decls(cfg)
-        else:
-            block["mlp"] = mlp_decls(cfg)
-        blocks.append(block)
-    padded = (padded_vocab(cfg), cfg.n_embd) if padded_vocab(cfg) != cfg.n_vocab else None
-    return {
-        "wte": ParamDecl((cfg.n_vocab, cfg.n_embd), axes.TOKEN_EMBEDDING, normal(0.02), padded),
-        "wpe": ParamDecl((cfg.n_ctx, cfg.n_embd), axes.POSITION_EMBEDDING, normal(0.01)),
-        "blocks": blocks,
-        "ln_f": norm_decls(cfg),
-    }
+    if cfg.share_parameters:  # one block for all layers (config refuses MoE with it)
+        blocks = [block_decls(cfg, cfg.attention_types, moe=False)]
+    else:
+        blocks = [
+            block_decls(cfg, (kind,), moe=index in cfg.moe_layers)
+            for index, kind in enumerate(cfg.attention_types)
+        ]
+    decls = {"wte": vocab_decl(cfg, (cfg.n_embd,), normal(0.02)), **position_decls(cfg)}
+    decls["blocks"] = blocks
+    if not cfg.gpt_neo_untied_head:
+        decls["ln_f"] = norm_decls(cfg)
+    if cfg.no_weight_tie:
+        decls["head"] = head_decls(cfg)
+    return decls
+
+
+def vocab_decl(cfg: Config, trailing: tuple[int, ...], init) -> ParamDecl:
+    """A parameter with one row per token, stored padded when its mesh axes need it."""
+    shape = (cfg.n_vocab, *trailing)
+    padded = (padded_vocab(cfg), *trailing) if padded_vocab(cfg) != cfg.n_vocab else None
+    logical = axes.TOKEN_EMBEDDING if trailing else (axes.VOCAB,)
+    return ParamDecl(shape, logical, init, padded)
+
+
+def head_decls(cfg: Config) -> dict[str, ParamDecl]:
+    """`no_weight_tie`'s output head, laid out like wte: GPT-Neo's `linear()` init."""
+    std = 0.02 / cfg.n_embd**0.5 if cfg.scale_by_in else 0.02
+    decls = {"kernel": vocab_decl(cfg, (cfg.n_embd,), normal(std))}
+    if cfg.gpt_neo_untied_head:
+        decls["bias"] = vocab_decl(cfg, (), zeros)
+    return decls
+
+
+def block_decls(cfg: Config, kinds: tuple[str, ...], *, moe: bool) -> dict:
+    """One block's parameters, for a layer of the given kind (or, shared, of all of them)."""
+    block = {}
+    attending = [kind for kind in kinds if kind != "none"]
+    if attending:
+        if (norm := pre_norm_decls(cfg)) is not None:
+            block["ln_1"] = norm
+        block["attn"] = attn_lib.param_decls(cfg, "global" if "global" in kinds else attending[0])
+    if (norm := pre_norm_decls(cfg)) is not None:
+        block["ln_2"] = norm
+    if cfg.rezero:
+        gated = ["mlp"]
+        if attending or cfg.gpt_neo_none_layers:
+            gated.insert(0, "attn")
+        block["rezero"] = {name: ParamDecl((), axes.SCALAR, zeros) for name in gated}
+    if cfg.macaron:
+        block["mlp_macaron"] = mlp_decls(cfg)
+    if moe:
+        block["moe"] = moe_lib.param_decls(cfg)
+    else:
+        block["mlp"] = mlp_decls(cfg)
+    return block
+
+
+def layer_params(cfg: Config, params: dict, index: int) -> dict:
+    """Layer `index`'s block parameters (the one shared block with `share_parameters`)."""
+    return params["blocks"][0 if cfg.share_parameters else index]
 
 
 def param_decl_leaves(cfg: Config):
@@ -190,18 +252,19 @@ def transformer_with_stats(
     rngs = [None] * (cfg.n_layer + 1)
     if rng is not None:
         rngs = list(jax.random.split(rng, cfg.n_layer + 1))
-    position_rows = p["wpe"][:t] if positions is None else jnp.take(p["wpe"], positions, axis=0)
-    x = embed(cfg, p, tokens, position_rows)
+    x = embed(cfg, p, tokens, position_embedding(cfg, p, positions, t))
+    if positions is None:
+        positions = jnp.arange(t)[None, :]
     x = constrain(dropout_fn(x, cfg.embed_dropout, rngs[-1]), cfg, axes.HIDDEN)
     layers, moe_stats = [], {}
-    for index, (kind, block_params) in enumerate(
-        zip(cfg.attention_types, p["blocks"], strict=True)
-    ):
+    for index, kind in enumerate(cfg.attention_types):
         block_fn = functools.partial(block, cfg, kind, layer=index, train=train)
         if cfg.recompute_grad and cache is None:
             block_fn = jax.checkpoint(block_fn)
         layer_cache = None if cache is None else cache.layer(index)
-        x, layer_cache, stats = block_fn(block_params, x, rngs[index], layer_cache)
+        x, layer_cache, stats = block_fn(
+            layer_params(cfg, p, index), x, rngs[index], layer_cache, positions
+        )
         layers.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
         if stats is not None:
             moe_stats[index] = stats
@@ -226,9 +289,14 @@ def embed(cfg: Config, p: dict, tokens: jax.Array, position_rows: jax.Array) -> 
 
 
 def head(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
-    """ln_f, then the output projection tied to wte: float32 logits, padding rows masked."""
-    x = layer_norm(x, p["ln_f"])
-    logits = jnp.einsum("bte,ve->btv", x, p["wte"], preferred_element_type=jnp.float32)
+    """ln_f, then the output projection (tied to wte unless `no_weight_tie`): float32 logits,
+    padding rows masked. GPT-Neo's own untied head had no ln_f and a bias."""
+    if not cfg.gpt_neo_untied_head:
+        x = layer_norm(x, p["ln_f"])
+    weights = p["head"]["kernel"] if cfg.no_weight_tie else p["wte"]
+    logits = jnp.einsum("bte,ve->btv", x, weights, preferred_element_type=jnp.float32)
+    if cfg.gpt_neo_untied_head:
+        logits = logits + p["head"]["bias"].astype(jnp.float32)
     if logits.shape[-1] > cfg.n_vocab:
         real = jnp.arange(logits.shape[-1]) < cfg.n_vocab
         logits = jnp.where(real, logits, MASK_VALUE)
@@ -242,36 +310,47 @@ def block(
     x: jax.Array,
     rng: jax.Array | None = None,
     cache: attn_lib.KVCache | None = None,
+    positions: jax.Array | None = None,
     *,
     layer: int = 0,
     train: bool = False,
 ) -> tuple[jax.Array, attn_lib.KVCache | None, moe_lib.MoeStats | None]:
     """x + attn(ln_1(x)), then x + mlp(ln_2(x)); each branch followed by residual dropout.
     A `none` layer (GPT-Neo's PAR configs) has the MLP half only; in an MoE layer the MLP is
-    a mixture of experts, which also reports its `MoeStats`."""
-    attn_rng = res_rng = mlp_rng = moe_rng = None
+    a mixture of experts, which also reports its `MoeStats`. GPT-Neo's block options, in its
+    order: `macaron` first adds half an MLP of x (no norm) and halves the main MLP branch;
+    `rezero` scales each branch by a learned scalar instead of normalising its input;
+    `scalenorm` swaps the norm (see `pre_norm`)."""
+    attn_rng = res_rng = mlp_rng = moe_rng = macaron_rng = None
     if rng is not None:
         attn_rng, res_rng, mlp_rng = jax.random.split(rng, 3)
-        moe_rng = jax.random.fold_in(rng, 3)
+        moe_rng, macaron_rng = jax.random.fold_in(rng, 3), jax.random.fold_in(rng, 4)
+
+    def add(x, branch, rezero_gate=None, rng=None):
+        if rezero_gate is not None:
+            branch = branch * p["rezero"][rezero_gate]
+        return constrain(x + dropout_fn(branch, cfg.res_dropout, rng), cfg, axes.HIDDEN)
+
+    gate = (lambda name: name) if cfg.rezero else (lambda name: None)
+    half = 0.5 if cfg.macaron else 1.0
+    if cfg.macaron:
+        x = add(x, 0.5 * mlp(cfg, p["mlp_macaron"], x), rng=macaron_rng)
     if kind != "none":
         h, cache = attn_lib.attention(
-            cfg, kind, p["attn"], layer_norm(x, p["ln_1"]), attn_rng, cache
+            cfg, kind, p["attn"], pre_norm(cfg, p.get("ln_1"), x), attn_rng, cache, positions
         )
-        x = constrain(x + dropout_fn(h, cfg.res_dropout, res_rng), cfg, axes.HIDDEN)
+        x = add(x, h, gate("attn"), res_rng)
+    elif cfg.gpt_neo_none_layers:
+        x = add(x, x, gate("attn"))  # GPT-Neo's `a = x`
     stats = None
+    normed = pre_norm(cfg, p.get("ln_2"), x)
     if "moe" in p:
         h, stats = moe_lib.moe_mlp(
-            cfg,
-            p["moe"],
-            layer_norm(x, p["ln_2"]),
-            train=train,
-            rng=moe_rng,
-            layer=layer,
-            decoding=cache is not None,
+            cfg, p["moe"], normed, train=train, rng=moe_rng, layer=layer, decoding=cache is not None
         )
     else:
-        h = mlp(cfg, p["mlp"], layer_norm(x, p["ln_2"]))
-    return constrain(x + dropout_fn(h, cfg.res_dropout, mlp_rng), cfg, axes.HIDDEN), cache, stats
+        h = mlp(cfg, p["mlp"], normed)
+    return add(x, half * h, gate("mlp"), mlp_rng), cache, stats
 
 
 def param_count(
@@ -280,12 +359,22 @@ def param_count(
     """Parameters of the model; `active`: only those one token's forward pass uses (an MoE
     layer's router and the weights of the experts a token goes to)."""
     leaves = param_decl_leaves(cfg)[0]
-    total = sum(math.prod(decl.shape) for _, decl in leaves)
+    positions = set(position_decls(cfg))
+    total = sum(
+        math.prod(decl.shape)
+        for path, decl in leaves
+        if include_position_embedding or param_path(path) not in positions
+    )
     if active and cfg.moe_layers:
         hp = cfg.moe
         idle_experts = hp.moe_num_experts - hp.experts_per_token
         total -= len(cfg.moe_layers) * idle_experts * 2 * cfg.n_embd * hp.moe_hidden_size
-    return total if include_position_embedding else total - cfg.n_ctx * cfg.n_embd
+    return total
+
+
+def block_param_count(cfg: Config) -> int:
+    """Parameters of one block (the shared one with `share_parameters`)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(param_decls(cfg)["blocks"][0]))
 
 
 # FLOP conventions per token for training (forward + backward), as MFU reports name them.
@@ -302,6 +391,8 @@ def flops_per_token(cfg: Config, convention: str = "6N+12LHQT") -> float:
     token goes to, not all of them), L layers with attention (not `none` layers), H heads,
     Q head dim, T = n_ctx. Local layers are counted like global ones in both conventions."""
     n = param_count(cfg, include_position_embedding=False, active=True)
+    if cfg.share_parameters:  # each layer multiplies by the shared block's weights
+        n += (cfg.n_layer - 1) * block_param_count(cfg)
     layers = sum(kind != "none" for kind in cfg.attention_types)
     attention = layers * cfg.n_head * cfg.head_dim * cfg.n_ctx
     if convention == "6N+12LHQT":

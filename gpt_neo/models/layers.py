@@ -60,10 +60,29 @@ ones = constant(1.0)
 
 
 def norm_decls(cfg: Config) -> dict[str, ParamDecl]:
+    """A LayerNorm's scale and bias (ln_f, and the blocks' norms by default)."""
     return {
         "scale": ParamDecl((cfg.n_embd,), axes.NORM, ones),
         "bias": ParamDecl((cfg.n_embd,), axes.NORM, zeros),
     }
+
+
+def pre_norm_decls(cfg: Config) -> dict[str, ParamDecl] | None:
+    """The norm before a block's attention or MLP: a LayerNorm, GPT-Neo's `scalenorm` (one
+    scalar gain), or none at all with `rezero`."""
+    if cfg.rezero:
+        return None
+    if cfg.scalenorm:
+        return {"scale": ParamDecl((), axes.SCALAR, ones)}
+    return norm_decls(cfg)
+
+
+def pre_norm(cfg: Config, p: dict | None, x: jax.Array) -> jax.Array:
+    if cfg.rezero:
+        return x
+    if cfg.scalenorm:  # GPT-Neo's scale_norm(): its norm() times a scalar, no bias
+        return layer_norm(x, {"scale": p["scale"], "bias": jnp.zeros((), p["scale"].dtype)})
+    return layer_norm(x, p)
 
 
 def layer_norm(x: jax.Array, p: dict) -> jax.Array:
@@ -127,6 +146,9 @@ def mlp_decls(cfg: Config) -> dict:
         "proj_kernel": ParamDecl((m, d), axes.MLP_OUT, normal(proj_std)),
         "proj_bias": ParamDecl((d,), axes.MLP_OUT_BIAS, zeros),
     }
+    if cfg.mlp_glu:  # GPT-Neo's 8d-wide c_fc, split: its second half is the gate
+        decls["gate_kernel"] = ParamDecl((d, m), axes.MLP_IN, normal(fc_std))
+        decls["gate_bias"] = ParamDecl((m,), axes.MLP_IN_BIAS, zeros)
     learnable = ACTIVATION_PARAMS.get(cfg.activation_function)
     if learnable:
         decls["act"] = {
@@ -136,8 +158,13 @@ def mlp_decls(cfg: Config) -> dict:
 
 
 def mlp(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
-    """[batch, seq, embd] -> [batch, seq, embd] through the 4*n_embd hidden layer."""
-    h = jnp.einsum("bte,em->btm", x, p["fc_kernel"]) + p["fc_bias"]
-    h = constrain(h, cfg, axes.MLP_HIDDEN)
-    h = ACTIVATIONS[cfg.activation_function](h, p.get("act", {}))
+    """[batch, seq, embd] -> [batch, seq, embd] through the 4*n_embd hidden layer; with
+    `mlp_glu` the activation gates the hidden layer: act(x W_gate) * (x W_fc)."""
+    h = constrain(jnp.einsum("bte,em->btm", x, p["fc_kernel"]) + p["fc_bias"], cfg, axes.MLP_HIDDEN)
+    activation = ACTIVATIONS[cfg.activation_function]
+    if cfg.mlp_glu:
+        gate = jnp.einsum("bte,em->btm", x, p["gate_kernel"]) + p["gate_bias"]
+        h = h * activation(constrain(gate, cfg, axes.MLP_HIDDEN), p.get("act", {}))
+    else:
+        h = activation(h, p.get("act", {}))
     return jnp.einsum("btm,me->bte", h, p["proj_kernel"]) + p["proj_bias"]
