@@ -836,8 +836,7 @@ MLM_KEYS = (
 
 def _validate_mlm(cfg: Config, source: str) -> None:
     if not cfg.mlm_training:
-        defaults = Config(n_embd=1, n_head=1, n_layer=1, n_ctx=1, n_vocab=1)
-        if changed := [k for k in MLM_KEYS if getattr(cfg, k) != getattr(defaults, k)]:
+        if changed := [k for k in MLM_KEYS if getattr(cfg, k) != _FIELDS[k].default]:
             raise ConfigError(
                 f"{source}: {', '.join(changed)} set but mlm_training is not true; set "
                 '"mlm_training": true or remove them.'

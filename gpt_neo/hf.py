@@ -31,14 +31,12 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from gpt_neo.checkpoint import Checkpointer
-from gpt_neo.config import SHAPE_KEYS, Config, from_dict, repeating_pattern, to_dict
+from gpt_neo.config import SHAPE_KEYS, Config, from_dict, repeating_pattern
 from gpt_neo.encoders import HFEncoder, load_encoder
 from gpt_neo.errors import ConfigError, DataError
-from gpt_neo.mesh import check_layout, make_mesh, padded_vocab
+from gpt_neo.mesh import check_layout, padded_vocab
 from gpt_neo.models.gpt import param_shardings
-from gpt_neo.storage import write_text_atomic
-from gpt_neo.train import save_initial_checkpoint
+from gpt_neo.train import save_imported_model
 
 # Our activation names -> HF's ACT2FN names for the same function.
 HF_ACTIVATIONS = {
@@ -56,10 +54,7 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 
 def _weight_map(cfg: Config) -> Iterator[tuple[str, tuple, Transform, Transform]]:
-    """(HF name, our param path, ours->HF, HF->ours) for every tensor."""
-    if cfg.rotary_emb:
-        yield from _neox_weight_map(cfg)
-        return
+    """(HF GPT-Neo name, our param path, ours->HF, HF->ours) for every tensor."""
     d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
     same = (lambda a: a, lambda a: a)
     linear = (lambda a: a.T, lambda a: a.T)
@@ -100,52 +95,36 @@ def _vocab_rows(cfg: Config) -> tuple[Transform, Transform]:
     return lambda a: a[: cfg.n_vocab], lambda a: np.pad(a, ((0, rows), (0, 0)))
 
 
-def _neox_weight_map(cfg: Config) -> Iterator[tuple[str, tuple, Transform, Transform]]:
-    """GPT-NeoX names for a rotary model (export only: the HF->ours side is not used)."""
+def _neox_state_dict(cfg: Config, p: dict) -> dict[str, np.ndarray]:
+    """A rotary model's float32 parameters `p` under GPT-NeoX's names and layouts (export only)."""
     d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
-    same = (lambda a: a, lambda a: a)
-    linear = (lambda a: a.T, lambda a: a.T)
-    yield "gpt_neox.embed_in.weight", ("wte",), *_vocab_rows(cfg)
-    for i in range(cfg.n_layer):
-        pre = f"gpt_neox.layers.{i}"
-        yield f"{pre}.input_layernorm.weight", ("blocks", i, "ln_1", "scale"), *same
-        yield f"{pre}.input_layernorm.bias", ("blocks", i, "ln_1", "bias"), *same
-        yield f"{pre}.post_attention_layernorm.weight", ("blocks", i, "ln_2", "scale"), *same
-        yield f"{pre}.post_attention_layernorm.bias", ("blocks", i, "ln_2", "bias"), *same
-        yield (
-            f"{pre}.attention.query_key_value.weight",
-            ("blocks", i, "attn"),
-            lambda a: np.concatenate(
-                [
-                    a["q"].reshape(d, h, hd).transpose(1, 2, 0) * hd**0.5,
-                    a["k"].reshape(d, h, hd).transpose(1, 2, 0),
-                    a["v"].reshape(d, h, hd).transpose(1, 2, 0),
-                ],
-                axis=1,
-            ).reshape(3 * d, d),
-            None,
-        )
-        yield (
-            f"{pre}.attention.query_key_value.bias",
-            ("blocks", i, "attn", "o_bias"),
-            lambda a: np.zeros(3 * d, np.float32),
-            None,
-        )
-        yield (
-            f"{pre}.attention.dense.weight",
-            ("blocks", i, "attn", "o"),
-            lambda a: a.reshape(h * hd, d).T,
-            None,
-        )
-        yield f"{pre}.attention.dense.bias", ("blocks", i, "attn", "o_bias"), *same
-        yield f"{pre}.mlp.dense_h_to_4h.weight", ("blocks", i, "mlp", "fc_kernel"), *linear
-        yield f"{pre}.mlp.dense_h_to_4h.bias", ("blocks", i, "mlp", "fc_bias"), *same
-        yield f"{pre}.mlp.dense_4h_to_h.weight", ("blocks", i, "mlp", "proj_kernel"), *linear
-        yield f"{pre}.mlp.dense_4h_to_h.bias", ("blocks", i, "mlp", "proj_bias"), *same
-    yield "gpt_neox.final_layer_norm.weight", ("ln_f", "scale"), *same
-    yield "gpt_neox.final_layer_norm.bias", ("ln_f", "bias"), *same
-    head = ("head", "kernel") if cfg.no_weight_tie else ("wte",)
-    yield "embed_out.weight", head, *_vocab_rows(cfg)
+    vocab_rows = _vocab_rows(cfg)[0]
+
+    def per_head(w):  # [embd, heads, kv] -> [heads, kv, embd]: NeoX's fused rows, head-major
+        return w.reshape(d, h, hd).transpose(1, 2, 0)
+
+    out = {"gpt_neox.embed_in.weight": vocab_rows(p["wte"])}
+    for i, b in enumerate(p["blocks"]):
+        pre, attn = f"gpt_neox.layers.{i}", b["attn"]
+        qkv = [per_head(attn["q"]) * hd**0.5, per_head(attn["k"]), per_head(attn["v"])]
+        out |= {
+            f"{pre}.input_layernorm.weight": b["ln_1"]["scale"],
+            f"{pre}.input_layernorm.bias": b["ln_1"]["bias"],
+            f"{pre}.post_attention_layernorm.weight": b["ln_2"]["scale"],
+            f"{pre}.post_attention_layernorm.bias": b["ln_2"]["bias"],
+            f"{pre}.attention.query_key_value.weight": np.concatenate(qkv, 1).reshape(3 * d, d),
+            f"{pre}.attention.query_key_value.bias": np.zeros(3 * d, np.float32),
+            f"{pre}.attention.dense.weight": attn["o"].reshape(h * hd, d).T,
+            f"{pre}.attention.dense.bias": attn["o_bias"],
+            f"{pre}.mlp.dense_h_to_4h.weight": b["mlp"]["fc_kernel"].T,
+            f"{pre}.mlp.dense_h_to_4h.bias": b["mlp"]["fc_bias"],
+            f"{pre}.mlp.dense_4h_to_h.weight": b["mlp"]["proj_kernel"].T,
+            f"{pre}.mlp.dense_4h_to_h.bias": b["mlp"]["proj_bias"],
+        }
+    out["gpt_neox.final_layer_norm.weight"] = p["ln_f"]["scale"]
+    out["gpt_neox.final_layer_norm.bias"] = p["ln_f"]["bias"]
+    out["embed_out.weight"] = vocab_rows(p["head"]["kernel"] if cfg.no_weight_tie else p["wte"])
+    return out
 
 
 def _get(tree, path):
@@ -281,12 +260,13 @@ def _neox_config(cfg: Config, eos: int | None) -> dict:
 
 def hf_state_dict(cfg: Config, params: dict) -> dict[str, np.ndarray]:
     """Our parameter tree (or anything shaped like it: gradients too) as float32 arrays under
-    Hugging Face GPT-Neo's names and layouts."""
+    Hugging Face GPT-Neo's names and layouts (GPT-NeoX's for a rotary model)."""
     host = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
-    return {
-        name: np.ascontiguousarray(to_hf(_get(host, path)), np.float32)
-        for name, path, to_hf, _ in _weight_map(cfg)
-    }
+    if cfg.rotary_emb:
+        tensors = _neox_state_dict(cfg, host)
+    else:
+        tensors = {name: to_hf(_get(host, path)) for name, path, to_hf, _ in _weight_map(cfg)}
+    return {name: np.ascontiguousarray(a, np.float32) for name, a in tensors.items()}
 
 
 def export_hf(
@@ -443,15 +423,4 @@ def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None
     Returns the config's path."""
     run = {k: v for k, v in (run_config or {}).items() if k not in KEYS_FROM_HF_FOLDER}
     cfg, params = import_hf(hf_dir, overrides={**run, "model_path": model_path})
-    checkpointer = Checkpointer(model_path, cfg.keep_checkpoints)
-    try:
-        if checkpointer.latest_step() is not None:
-            raise ConfigError(
-                f"{model_path} already holds checkpoints; import into an empty model_path"
-            )
-        save_initial_checkpoint(cfg, make_mesh(cfg), params, checkpointer)
-    finally:
-        checkpointer.close()
-    config_path = f"{model_path.rstrip('/')}/config.json"
-    write_text_atomic(config_path, json.dumps(to_dict(cfg), indent=2) + "\n")
-    return config_path
+    return save_imported_model(cfg, params)

@@ -66,7 +66,6 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from gpt_neo.checkpoint import Checkpointer
 from gpt_neo.config import (
     Config,
     expand_attention_types,
@@ -74,14 +73,13 @@ from gpt_neo.config import (
     parse_overrides,
     read_json_object,
     resolve_config_path,
-    to_dict,
 )
 from gpt_neo.errors import ConfigError, DataError, UserError
-from gpt_neo.mesh import check_layout, make_mesh
+from gpt_neo.mesh import check_layout
 from gpt_neo.models.activations import ACTIVATION_PARAMS
-from gpt_neo.models.gpt import param_decl_leaves, param_shardings
-from gpt_neo.storage import tf, write_text_atomic
-from gpt_neo.train import save_initial_checkpoint
+from gpt_neo.models.gpt import param_decl_leaves, param_keys, param_shardings
+from gpt_neo.storage import tf
+from gpt_neo.train import save_imported_model
 
 Overrides = Mapping[str, object] | Sequence[str] | None
 
@@ -373,7 +371,7 @@ def read_params(prefix: str, cfg: Config) -> dict:
     checkpoint at `prefix`, for `cfg`. Raises `ConfigError` where they disagree."""
     variables = _variables(prefix)
     leaves, treedef = param_decl_leaves(cfg)
-    sources = [(_source(cfg, _keys(path), d.shape, variables), d) for path, d in leaves]
+    sources = [(_source(cfg, param_keys(path), d.shape, variables), d) for path, d in leaves]
     _check_names(prefix, cfg, {s.name for s, _ in sources}, _model_weights(prefix, variables))
     reader = _reader(prefix)
     values = []
@@ -390,11 +388,6 @@ def read_params(prefix: str, cfg: Config) -> dict:
         pad = [(0, s - d) for d, s in zip(decl.shape, decl.stored_shape, strict=True)]
         values.append(np.pad(value, pad) if any(p for _, p in pad) else value)
     return jax.tree.unflatten(treedef, values)
-
-
-def _keys(path) -> tuple:
-    """A tree path as plain keys: ("blocks", 0, "attn", "q")."""
-    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
 def _place(cfg: Config, params: dict, mesh):
@@ -436,19 +429,7 @@ def import_to_checkpoint(ckpt_dir, config_path, model_path: str, overrides: Over
     cfg = neo_config(config_path, {"model_path": model_path, **parse_overrides(overrides)})
     prefix = checkpoint_prefix(ckpt_dir)
     step = checkpoint_step(prefix)
-    mesh = make_mesh(cfg)
-    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
-    try:
-        if checkpointer.latest_step() is not None:
-            raise ConfigError(
-                f"{cfg.model_path} already holds checkpoints; import into an empty model_path"
-            )
-        params = _place(cfg, read_params(prefix, cfg), mesh)
-        save_initial_checkpoint(cfg, mesh, params, checkpointer, step=step)
-    finally:
-        checkpointer.close()
-    config_out = f"{cfg.model_path.rstrip('/')}/config.json"
-    write_text_atomic(config_out, json.dumps(to_dict(cfg), indent=2) + "\n")
+    config_out = save_imported_model(cfg, read_params(prefix, cfg), step)
     return Imported(cfg, prefix, step, config_out, optimizer_slots(prefix))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import signal
 import time
@@ -22,16 +23,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gpt_neo import axes
-from gpt_neo.config import Config
+from gpt_neo.checkpoint import Checkpointer
+from gpt_neo.config import Config, to_dict
 from gpt_neo.dataset_config import model_tokenizer
 from gpt_neo.errors import ConfigError
 from gpt_neo.feed import DeviceFeed
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
 from gpt_neo.models.gpt import abstract_params, init_params, transformer_with_stats
-from gpt_neo.objectives import MASKING_STREAM, Example, causal_example, make_example
+from gpt_neo.objectives import MASKING_STREAM, Example, make_example
 from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
 from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
+from gpt_neo.storage import write_text_atomic
 from gpt_neo.summary import memory_per_device
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; rerun to resume
@@ -44,12 +47,6 @@ DATA_FROM_THE_START = {"position": "start"}
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def counted_targets(cfg: Config, tokens) -> jax.Array:
-    """float32 [batch, n_ctx]: 1 where the next-token target of tokens [batch, n_ctx + 1]
-    counts in the loss, 0 where it is padding (`padding_id`)."""
-    return causal_example(cfg, tokens).weights
 
 
 def loss_fn(cfg: Config, params, batch, rng, target_count=None, *, train=True, share=1.0):
@@ -488,4 +485,22 @@ def save_initial_checkpoint(cfg: Config, mesh: Mesh, params, checkpointer, step:
     state["params"] = jax.device_put(params, trainer.state_shardings["params"])
     state["step"] = jax.device_put(jnp.int32(step), trainer.replicated)
     checkpointer.save(step, state, DATA_FROM_THE_START, cfg)
+
+
+def save_imported_model(cfg: Config, params, step: int = 0) -> str:
+    """An imported model (a Hugging Face folder, a GPT-Neo checkpoint) -> a checkpoint at
+    `step` under `cfg.model_path`, which must hold none yet, and `model_path/config.json`, which
+    `python main.py --model` continues training from. Returns the config's path."""
+    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+    try:
+        if checkpointer.latest_step() is not None:
+            raise ConfigError(
+                f"{cfg.model_path} already holds checkpoints; import into an empty model_path"
+            )
+        save_initial_checkpoint(cfg, make_mesh(cfg), params, checkpointer, step)
+    finally:
+        checkpointer.close()
+    config_path = f"{cfg.model_path.rstrip('/')}/config.json"
+    write_text_atomic(config_path, json.dumps(to_dict(cfg), indent=2) + "\n")
+    return config_path
     checkpointer.wait()

@@ -133,9 +133,14 @@ def param_decl_leaves(cfg: Config):
     )
 
 
+def param_keys(path) -> tuple:
+    """A tree path as plain keys: ("blocks", 3, "attn", "q")."""
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
 def param_path(path) -> str:
     """'blocks/3/attn/q' for a tree path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return "/".join(map(str, param_keys(path)))
 
 
 def param_shardings(cfg: Config, mesh: Mesh):
@@ -327,11 +332,10 @@ def block(
         moe_rng, macaron_rng = jax.random.fold_in(rng, 3), jax.random.fold_in(rng, 4)
 
     def add(x, branch, rezero_gate=None, rng=None):
-        if rezero_gate is not None:
+        if cfg.rezero and rezero_gate is not None:
             branch = branch * p["rezero"][rezero_gate]
         return constrain(x + dropout_fn(branch, cfg.res_dropout, rng), cfg, axes.HIDDEN)
 
-    gate = (lambda name: name) if cfg.rezero else (lambda name: None)
     half = 0.5 if cfg.macaron else 1.0
     if cfg.macaron:
         x = add(x, 0.5 * mlp(cfg, p["mlp_macaron"], x), rng=macaron_rng)
@@ -339,9 +343,9 @@ def block(
         h, cache = attn_lib.attention(
             cfg, kind, p["attn"], pre_norm(cfg, p.get("ln_1"), x), attn_rng, cache, positions
         )
-        x = add(x, h, gate("attn"), res_rng)
+        x = add(x, h, "attn", res_rng)
     elif cfg.gpt_neo_none_layers:
-        x = add(x, x, gate("attn"))  # GPT-Neo's `a = x`
+        x = add(x, x, "attn")  # GPT-Neo's `a = x`
     stats = None
     normed = pre_norm(cfg, p.get("ln_2"), x)
     if "moe" in p:
@@ -350,7 +354,7 @@ def block(
         )
     else:
         h = mlp(cfg, p["mlp"], normed)
-    return add(x, half * h, gate("mlp"), mlp_rng), cache, stats
+    return add(x, half * h, "mlp", mlp_rng), cache, stats
 
 
 def param_count(
