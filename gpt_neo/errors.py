@@ -9,11 +9,16 @@ exit with `UserError.exit_code` (2); anything else is a bug and keeps its traceb
 
 from __future__ import annotations
 
+# Exit codes, one table for every command line and for the pod launcher that reads them.
+EXIT_USER_ERROR = 2  # bad input: rerunning the same command cannot help
+EXIT_DIVERGED = 3  # non-finite loss or gradient; the last good checkpoint is untouched
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; rerun to resume
+
 
 class UserError(Exception):
     """Bad input. The message is user-facing text: what was wrong, where, and the fix."""
 
-    exit_code = 2
+    exit_code = EXIT_USER_ERROR
 
 
 class ConfigError(UserError, ValueError):

@@ -4,7 +4,7 @@ Everything scores through `Scorer`, which batches token rows to a fixed shape (s
 forward serves every request) and reads log-probabilities off the logits. The tasks and the
 lm-eval adapter (`gpt_neo.lm_eval_adapter`) are thin layers over it.
 
-Tasks (local files only; nothing is downloaded):
+Tasks (files on local disk or gs://; nothing is downloaded):
 - `lambada`: jsonl of {"text": ...}. The context is the passage up to its last space and the
   target the last *word* (" word", however many tokens). Accuracy = greedy decoding reproduces
   every target token; perplexity = exp(mean negative log-likelihood of the target per passage).
@@ -28,6 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from gpt_neo import storage
 from gpt_neo.config import Config, require_causal
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.models.gpt import apply
@@ -115,10 +116,10 @@ def _token_scores(cfg: Config):
 
 
 def _read_lines(path: str | Path, what: str) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
+    """The lines of a local or `gs://` text file."""
+    if not storage.exists(str(path)):
         raise DataError(f"{what} file not found: {path}")
-    return path.read_text(encoding="utf-8").splitlines()
+    return storage.read_text(str(path)).splitlines()
 
 
 def lambada(scorer: Scorer, encoder, path: str | Path, *, last_token: bool = False) -> dict:

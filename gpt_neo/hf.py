@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from gpt_neo import storage
 from gpt_neo.config import SHAPE_KEYS, Config, from_dict, repeating_pattern
 from gpt_neo.encoders import HFEncoder, load_encoder
 from gpt_neo.errors import ConfigError, DataError
@@ -276,8 +278,8 @@ def export_hf(
     *,
     force: bool = False,
     tokenizer: str | None = None,
-) -> Path:
-    """Write a `GPTNeoForCausalLM` folder (config.json + model.safetensors, float32), and with
+) -> Path | str:
+    """Write a `GPTNeoForCausalLM` folder (local or `gs://`) (config.json + model.safetensors, float32), and with
     `tokenizer` (a `load_encoder` spec) its tokenizer.json + tokenizer_config.json, so that
     `AutoTokenizer.from_pretrained(out_dir)` works too.
 
@@ -290,6 +292,13 @@ def export_hf(
         raise ConfigError(
             f"Hugging Face {name} cannot express this config: " + "; ".join(problems) + "."
         )
+    if storage.is_remote(out_dir):  # written locally, then copied: safetensors wants a file
+        if storage.listdir(str(out_dir)) and not force:
+            raise FileExistsError(f"{out_dir} exists and is not empty; choose another or force")
+        with tempfile.TemporaryDirectory() as local:
+            export_hf(cfg, params, local, tokenizer=tokenizer)
+            storage.copy_tree(local, str(out_dir))
+        return str(out_dir)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another directory or force")

@@ -9,17 +9,20 @@ matmul measured when training starts, and the progress line says which.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import tempfile
 import time
 
 import jax
 import numpy as np
 
+from gpt_neo import compilation_cache, storage
 from gpt_neo.config import Config, to_dict
 from gpt_neo.models.gpt import flops_per_token
-from gpt_neo.storage import tf
+from gpt_neo.storage import join, tf
 
 FLOP_CONVENTION = "6N+12LHQT"
 PEAK_BF16_FLOPS = {  # dense, per chip / GPU
@@ -89,8 +92,10 @@ def with_run_record(
         from sacred.observers import MongoObserver
 
         experiment.observers.append(MongoObserver(url=mongo_url))
+    elif storage.is_remote(model_path):
+        experiment.observers.append(_mirrored_observer(join(model_path, "sacred")))
     else:
-        experiment.observers.append(FileStorageObserver(os.path.join(model_path, "sacred")))
+        experiment.observers.append(FileStorageObserver(join(model_path, "sacred")))
     experiment.add_config(to_dict(cfg))
     result = {}
 
@@ -102,6 +107,34 @@ def with_run_record(
 
     experiment.run(options={"--loglevel": "ERROR"})
     return result["code"]
+
+
+def _mirrored_observer(remote: str):
+    """sacred's FileStorageObserver for a `gs://` folder. It writes with `open`, so it writes
+    into a local folder, and each file it saves is copied to `remote` right away; run ids
+    continue from those already in `remote`."""
+    from sacred.observers import FileStorageObserver
+
+    class MirroredObserver(FileStorageObserver):
+        def _maximum_existing_run_id(self):
+            return max((int(n) for n in storage.listdir(remote) if n.isdigit()), default=0)
+
+        def save_json(self, obj, filename):
+            super().save_json(obj, filename)
+            self._mirror(filename)
+
+        def save_cout(self):
+            super().save_cout()
+            self._mirror("cout.txt")
+
+        def _mirror(self, filename):
+            run = os.path.basename(self.dir)
+            storage.makedirs(join(remote, run))
+            tf().io.gfile.copy(
+                os.path.join(self.dir, filename), join(remote, run, filename), overwrite=True
+            )
+
+    return MirroredObserver(tempfile.mkdtemp(prefix="gpt-neo-sacred-"))
 
 
 class Metrics:
@@ -117,8 +150,7 @@ class Metrics:
     # --- sinks ---------------------------------------------------------------------------
     def _jsonl(self, record: dict) -> None:
         if self.enabled:
-            with open(os.path.join(self.model_path, "metrics.jsonl"), "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            storage.append_text(join(self.model_path, "metrics.jsonl"), json.dumps(record) + "\n")
 
     def _tensorboard(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -134,7 +166,7 @@ class Metrics:
 
     def _writer(self):
         if self._tb is None:
-            self._tb = tf().summary.create_file_writer(os.path.join(self.model_path, "tensorboard"))
+            self._tb = tf().summary.create_file_writer(join(self.model_path, "tensorboard"))
         return self._tb
 
     def _tensorboard_config(self, step: int) -> None:
@@ -157,7 +189,8 @@ class Metrics:
         self.first_step, self.started = step, time.perf_counter()
         self.peak, self.peak_source = peak_flops_per_device()
         self.devices = jax.device_count()
-        os.makedirs(self.model_path, exist_ok=True)
+        if self.enabled:
+            storage.makedirs(self.model_path)
         self._tensorboard_config(step)
         self.message(
             f"training from step {step} to {self.cfg.train_steps} on {self.devices} "
@@ -205,6 +238,8 @@ class Metrics:
             f"({FLOP_CONVENTION}, peak {self.peak / 1e9:,.0f} GFLOP/s/device {self.peak_source}) | "
             f"input wait {100 * record['input_wait']:.0f}% | ETA {_duration(remaining)}"
         )
+        if len(self.history) == 1 and (cache := compilation_cache.report()):
+            self.message(cache)  # the train step is compiled (or loaded) by now
 
     def log_eval(self, step: int, results: dict) -> None:
         self.evals.append((step, results["eval_loss"]))
@@ -235,18 +270,20 @@ class Metrics:
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
-        path = os.path.join(self.model_path, "loss_curve.png")
+        path = join(self.model_path, "loss_curve.png")
         fig.tight_layout()
-        fig.savefig(path)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
         plt.close(fig)
+        storage.write_bytes_atomic(path, png.getvalue())
         return path
 
     def finish(self, step: int, checkpoint_dir: str) -> None:
         self.message(
             f"done: step {step} in {_duration(time.perf_counter() - self.started)}; checkpoint "
-            f"{checkpoint_dir}/{step}; metrics {os.path.join(self.model_path, 'metrics.jsonl')}; "
-            f"TensorBoard {os.path.join(self.model_path, 'tensorboard')}; plot "
-            f"{os.path.join(self.model_path, 'loss_curve.png')}"
+            f"{checkpoint_dir}/{step}; metrics {join(self.model_path, 'metrics.jsonl')}; "
+            f"TensorBoard {join(self.model_path, 'tensorboard')}; plot "
+            f"{join(self.model_path, 'loss_curve.png')}"
         )
         self.plot()
 

@@ -1,11 +1,14 @@
 """Files on local disk or `gs://`, through one door: TensorFlow's `tf.io.gfile`.
 
 tf.data already streams TFRecords from both, so the same filesystem layer serves every other
-path a user names (predictions, eval results, manifests, a deleted `model_path`): nothing
-here uses a bare `open`, and `gs://` works wherever a local path does.
+path a user names (metrics, plots, run records, predictions, eval results, exports,
+manifests, a deleted `model_path`): nothing here uses a bare `open`, and `gs://` works
+wherever a local path does. (Checkpoints go through orbax, which has its own `gs://` client.)
 """
 
 from __future__ import annotations
+
+import os
 
 
 def tf():
@@ -17,8 +20,28 @@ def tf():
     return tensorflow
 
 
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def join(folder: str, *names: str) -> str:
+    """`folder/name`, for local paths and URLs alike (os.path.join would mangle neither, but
+    says nothing about `gs://`)."""
+    return "/".join([str(folder).rstrip("/"), *names])
+
+
 def exists(path: str) -> bool:
     return tf().io.gfile.exists(path)
+
+
+def makedirs(path: str) -> None:
+    tf().io.gfile.makedirs(path)
+
+
+def listdir(path: str) -> list[str]:
+    """Names in a folder (none when it does not exist)."""
+    gfile = tf().io.gfile
+    return [name.rstrip("/") for name in gfile.listdir(path)] if gfile.isdir(path) else []
 
 
 def read_text(path: str) -> str:
@@ -28,11 +51,32 @@ def read_text(path: str) -> str:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write `path` whole or not at all: a temporary file, then a rename."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
     t = tf()
     tmp = path + ".tmp"
-    with t.io.gfile.GFile(tmp, "w") as handle:
-        handle.write(text)
+    with t.io.gfile.GFile(tmp, "wb") as handle:
+        handle.write(data)
     t.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def append_text(path: str, text: str) -> None:
+    """Add `text` to the end of `path` (created if absent). On `gs://`, where objects cannot
+    grow, TensorFlow rewrites the object: fine for logs of a few MB."""
+    with tf().io.gfile.GFile(path, "a") as handle:
+        handle.write(text)
+
+
+def copy_tree(local_dir: str, destination: str) -> None:
+    """Copy a local folder's files into `destination` (local or `gs://`), overwriting."""
+    gfile = tf().io.gfile
+    for root, _, files in os.walk(local_dir):
+        target = join(destination, os.path.relpath(root, local_dir)).removesuffix("/.")
+        gfile.makedirs(target)
+        for name in files:
+            gfile.copy(os.path.join(root, name), join(target, name), overwrite=True)
 
 
 def delete_tree(path: str) -> None:

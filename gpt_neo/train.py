@@ -26,7 +26,7 @@ from gpt_neo import axes
 from gpt_neo.checkpoint import Checkpointer
 from gpt_neo.config import Config, to_dict
 from gpt_neo.dataset_config import model_tokenizer
-from gpt_neo.errors import ConfigError
+from gpt_neo.errors import EXIT_PREEMPTED, ConfigError
 from gpt_neo.feed import DeviceFeed
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
@@ -36,10 +36,6 @@ from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
 from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
 from gpt_neo.storage import write_text_atomic
 from gpt_neo.summary import memory_per_device
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; rerun to resume
-EXIT_DIVERGED = 3  # non-finite loss or gradient; the last good checkpoint is untouched
-
 
 # The data position of a checkpoint made outside training (an imported model): read from the start.
 DATA_FROM_THE_START = {"position": "start"}
@@ -503,4 +499,3 @@ def save_imported_model(cfg: Config, params, step: int = 0) -> str:
     config_path = f"{cfg.model_path.rstrip('/')}/config.json"
     write_text_atomic(config_path, json.dumps(to_dict(cfg), indent=2) + "\n")
     return config_path
-    checkpointer.wait()

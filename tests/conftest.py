@@ -2,11 +2,16 @@
 
 import os
 
+from tests.gcs_emulator import TF_IMPORT_TIME_ENV
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# TensorFlow reads its GCS retry settings at import: gs:// tests fail fast instead of retrying
+os.environ.update({k: v for k, v in TF_IMPORT_TIME_ENV.items() if k not in os.environ})
 
 import jax
 import pytest

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt_neo.train import EXIT_PREEMPTED
+from gpt_neo.errors import EXIT_PREEMPTED
 from tests.helpers import SMALL_RUN, restore_params, start_main, write_config, write_text_dataset
 
 STEPS, EVERY = 60, 10

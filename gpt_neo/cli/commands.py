@@ -11,12 +11,13 @@ import jax
 import numpy as np
 
 import gpt_neo
+from gpt_neo import compilation_cache
 from gpt_neo import evaluate as eval_tasks
 from gpt_neo import train as training
 from gpt_neo.checkpoint import Checkpointer, load_params
 from gpt_neo.config import Config, require_causal
 from gpt_neo.dataset_config import model_dataset, model_tokenizer
-from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.errors import EXIT_DIVERGED, ConfigError, DataError
 from gpt_neo.hf import export_hf
 from gpt_neo.inputs import InputPipeline, check_datasets
 from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
@@ -29,6 +30,11 @@ from gpt_neo.summary import print_summary
 
 def load(args: argparse.Namespace) -> Config:
     return gpt_neo.load_config(args.model, overrides=args.overrides)
+
+
+def enable_compilation_cache(cfg: Config, args: argparse.Namespace) -> None:
+    if not (args.check_dataset or args.summary):  # modes that compile nothing worth keeping
+        compilation_cache.enable(cfg.model_path, args.compilation_cache)
 
 
 def check_dataset(cfg: Config, args: argparse.Namespace) -> int:
@@ -106,7 +112,7 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
         )
     except training.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
-        return training.EXIT_DIVERGED
+        return EXIT_DIVERGED
     finally:
         checkpointer.close()
 
@@ -206,7 +212,7 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
         if task not in ("lambada", "wikitext"):
             raise ConfigError(f"unknown eval task {task!r}; known: lambada, wikitext")
         if not getattr(args, f"{task}_path"):
-            raise ConfigError(f"eval task {task} needs --{task}_path FILE (local files only)")
+            raise ConfigError(f"eval task {task} needs --{task}_path FILE (local or gs://)")
     if tasks:
         require_causal(cfg, f"--eval's {' and '.join(tasks)}")
     if not tasks and not cfg.eval_steps:

@@ -6,10 +6,12 @@
     python main.py --model cfg.json --predict [--prompt file.txt] [--interactive]
     python main.py --model cfg.json --eval [--lambada_path f.jsonl] [--wikitext_path f.txt]
     python main.py --model cfg.json --export OUT_DIR # a Hugging Face GPTNeoForCausalLM folder
+    python main.py --model cfg.json --tpu NAME --zone Z --accelerator_type v4-32  # a TPU pod
 
 Exit codes: 0 done, 1 --check_dataset found a problem, 2 bad input (config, data, paths, a
 platform that is not here), 3 training diverged (non-finite loss; the last checkpoint is kept),
 75 preempted by SIGTERM (a checkpoint was written: run the same command again to resume).
+The pod launcher adds 1 (a retry budget ran out) and 130 (Ctrl-C; the workers saved first).
 
 This module imports neither JAX nor TensorFlow at the top: `--tpu` and `--gpu_ids` choose the
 platform first, and only then is the rest of the library imported.
@@ -20,8 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt_neo import launch
 from gpt_neo.cli import add_overrides_flag, exit_code_of
+from gpt_neo.cli.pod import add_pod_flags, launch_pod, launching
+from gpt_neo.launch import platform
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="record the run in this MongoDB with sacred's MongoObserver (default: files under "
         "model_path/sacred)",
     )
-    parser.add_argument("--tpu", metavar="NAME", help="run on this TPU VM's chips")
+    parser.add_argument(
+        "--tpu",
+        metavar="NAME",
+        help="run on this TPU VM's chips; with --zone/--accelerator_type (below), launch on "
+        "every worker of the TPU slice NAME from this machine",
+    )
     parser.add_argument(
         "--gpu_ids", nargs="+", metavar="ID", help="run on these GPUs (0 1 ... or device:GPU:0 ...)"
     )
@@ -91,6 +99,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--process_id", type=int, metavar="I", help="multi-process: this process's index"
+    )
+    parser.add_argument(
+        "--compilation_cache",
+        metavar="DIR",
+        help="JAX's persistent compilation cache, so a restarted run skips compiling (default "
+        "model_path/compilation_cache; 'off' disables it)",
     )
     parser.add_argument(
         "--summary",
@@ -156,6 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="write a Hugging Face GPTNeoForCausalLM folder (safetensors, config.json, tokenizer)",
     )
     modes.add_argument("--force", action="store_true", help="with --export: overwrite OUT_DIR")
+    add_pod_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -164,21 +179,18 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    launch.select_platform(args.tpu, args.gpu_ids)
-    training = not (
-        args.check_dataset
-        or args.summary
-        or args.predict
-        or args.interactive
-        or args.eval
-        or args.export
-    )
-    if training:  # before anything starts a JAX backend
-        launch.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    launch.require_platform(args.tpu, args.gpu_ids)
+    if launching(args):  # from a workstation: no accelerator is used here
+        return launch_pod(args)
+    platform.select_platform(args.tpu, args.gpu_ids)
+    if training(args):  # before anything starts a JAX backend
+        platform.initialize_distributed(
+            args.coordinator_address, args.num_processes, args.process_id
+        )
+    platform.require_platform(args.tpu, args.gpu_ids)
     from gpt_neo.cli import commands  # imports JAX: only now that the platform is chosen
 
     cfg = commands.load(args)
+    commands.enable_compilation_cache(cfg, args)
     if args.check_dataset:
         return commands.check_dataset(cfg, args)
     if args.summary:
@@ -190,6 +202,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.export:
         return commands.export(cfg, args)
     return commands.train(cfg, args)
+
+
+def training(args: argparse.Namespace) -> bool:
+    return not (
+        args.check_dataset
+        or args.summary
+        or args.predict
+        or args.interactive
+        or args.eval
+        or args.export
+    )
 
 
 if __name__ == "__main__":

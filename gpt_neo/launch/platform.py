@@ -1,11 +1,13 @@
 """Where a run executes: the platform (chosen before JAX starts) and multi-host setup.
 
 - `--tpu NAME`: run on the TPU chips of this TPU VM (all local chips). Launching on every
-  worker of a named pod slice is not done from here.
+  worker of a named pod slice is `gpt_neo.launch.pod`'s job.
 - `--gpu_ids 0 1 ...` (GPT-Neo wrote `device:GPU:0`): run on those GPUs.
 - Several processes: `jax.distributed.initialize`, automatic on multi-host TPU slices and under
-  SLURM; explicit with `--coordinator_address HOST:PORT --num_processes N --process_id I` or the
-  same in `GPT_NEO_COORDINATOR_ADDRESS`, `GPT_NEO_NUM_PROCESSES`, `GPT_NEO_PROCESS_ID`.
+  SLURM (one process per node driving all its GPUs: `scripts/slurm/train.sbatch`); explicit
+  with `--coordinator_address HOST:PORT --num_processes N --process_id I` or the same in
+  `GPT_NEO_COORDINATOR_ADDRESS`, `GPT_NEO_NUM_PROCESSES`, `GPT_NEO_PROCESS_ID` (what the pod
+  launcher sets on each TPU worker).
 """
 
 from __future__ import annotations
@@ -80,14 +82,24 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     coordinator_address = coordinator_address or os.environ.get(ENV["coordinator_address"])
     num_processes = num_processes or os.environ.get(ENV["num_processes"])
     process_id = process_id if process_id is not None else os.environ.get(ENV["process_id"])
-    if coordinator_address or num_processes:
-        # CPU processes need a collectives library to talk (no effect on TPU/GPU backends);
-        # set before anything initialises a backend
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = bool(coordinator_address or num_processes)
+    if not (explicit or _multi_host_environment()):
+        return
+    # CPU processes need a collectives library to talk (no effect on TPU/GPU backends); set
+    # before anything initialises a backend
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=int(num_processes),
             process_id=int(process_id),
         )
-    elif _multi_host_environment():
-        jax.distributed.initialize()  # TPU pod slice or SLURM: everything comes from the environment
+    else:  # a TPU pod slice or SLURM: everything comes from the environment
+        jax.distributed.initialize(local_device_ids=_slurm_node_gpus())
+
+
+def _slurm_node_gpus() -> list[int] | None:
+    """All GPUs of this SLURM node (`--gpus-per-node`): one process drives a whole node. JAX's
+    SLURM default is one process per GPU, which `--ntasks-per-node=1` would leave with one."""
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE", "")
+    return list(range(int(gpus))) if gpus.isdigit() else None

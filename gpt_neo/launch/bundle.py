@@ -1,0 +1,120 @@
+"""What the pod launcher ships to every worker: this checkout's code and the run's config, as one
+tarball named by the hash of its contents.
+
+The config is shipped resolved (every `--model` file merged, `--set` applied), and the dataset
+configs and local tokenizer files it names are shipped beside it, so a worker needs nothing
+from the workstation's disk. Data itself is not shipped: a multi-host run reads it from `gs://`
+(checked by `preflight`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt_neo.config import REPO_ROOT, Config, to_dict
+from gpt_neo.dataset_config import load_dataset_config, resolve_dataset_config_path
+
+RUN_DIR = "run"  # inside the bundle: config.json, datasets/, tokenizers/
+BUILTIN_TOKENIZERS = ("byte", "gpt2")
+# Without git (an unpacked release), what a worker needs to run main.py and pip install it.
+FALLBACK_FILES = ("main.py", "pyproject.toml", "setup.py", "README.md", "LICENSE")
+FALLBACK_DIRS = ("gpt_neo", "configs", "data")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    data: bytes  # a .tgz
+    digest: str  # of the contents: the workers' code directory is named after it
+    setup_digest: str  # of what `pip install .` reads: setup reruns only when it changes
+    config_path: str  # the run's config inside the bundle, for `main.py --model`
+
+    @property
+    def name(self) -> str:
+        return f"gpt-neo-{self.digest}.tgz"
+
+
+def build(cfg: Config, root: Path = REPO_ROOT) -> Bundle:
+    files = {path: (root / path).read_bytes() for path in code_files(root)}
+    files |= run_files(cfg)
+    digest = _digest(files)
+    setup = {k: v for k, v in files.items() if k in ("pyproject.toml", "setup.py")}
+    return Bundle(_tar(files), digest, _digest(setup), f"{RUN_DIR}/config.json")
+
+
+def code_files(root: Path) -> list[str]:
+    """The checkout's files as git sees them (tracked, and new files not ignored: uncommitted
+    work ships too), else the package and the entry points."""
+    try:
+        listed = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        return sorted(p for p in set(listed.split("\0")) if p and (root / p).is_file())
+    except (OSError, subprocess.CalledProcessError):
+        found = [name for name in FALLBACK_FILES if (root / name).is_file()]
+        for folder in FALLBACK_DIRS:
+            found += [
+                str(p.relative_to(root))
+                for p in (root / folder).rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts
+            ]
+        return sorted(found)
+
+
+def run_files(cfg: Config) -> dict[str, bytes]:
+    """`run/config.json` and the dataset configs and tokenizer files it names, rewritten to
+    point inside the bundle."""
+    config = to_dict(cfg)
+    files = {}
+    for entry in config["datasets"] or []:
+        dataset = load_dataset_config(entry[0])
+        raw = json.loads(resolve_dataset_config_path(entry[0]).read_text(encoding="utf-8"))
+        tokenizer = raw.get("tokenizer_path")
+        if tokenizer and tokenizer not in BUILTIN_TOKENIZERS and "://" not in tokenizer:
+            source = Path(tokenizer)
+            target = f"{RUN_DIR}/tokenizers/{dataset.name}/{source.name}"
+            if source.is_dir():
+                for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                    files[f"{target}/{path.relative_to(source)}"] = path.read_bytes()
+            elif source.is_file():
+                files[target] = source.read_bytes()
+            raw["tokenizer_path"] = target
+        entry[0] = f"{RUN_DIR}/datasets/{dataset.name}.json"
+        files[entry[0]] = (json.dumps(raw, indent=2) + "\n").encode()
+    files[f"{RUN_DIR}/config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    return files
+
+
+def _digest(files: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return h.hexdigest()[:16]
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(files[name]), 0o644
+            if name == "main.py" or name.endswith(".sh"):
+                info.mode = 0o755
+            tar.addfile(info, io.BytesIO(files[name]))
+    return out.getvalue()

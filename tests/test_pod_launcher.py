@@ -1,0 +1,404 @@
+"""The TPU pod launcher (`main.py --tpu NAME --zone Z --accelerator_type T`) against a fake
+`gcloud` (tests/fake_gcloud.py) that simulates a slice of 2 workers as local processes.
+
+Most tests give the fake VM image a stand-in `python3` (a bash script) so that the launcher's
+decisions are tested in seconds; the end-to-end test runs the real main.py on 2 workers x 4
+simulated devices and preempts the slice mid-run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests.fake_gcloud import install
+from tests.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
+from tests.helpers import REPO, SMALL_RUN, restore_params, write_config, write_text_dataset
+
+ZONE, TYPE = "us-central2-b", "v4-16"  # v4-16: 2 worker VMs, as the fake simulates
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """(environment with the fake gcloud first on PATH, its state folder)."""
+    state = tmp_path / "gcloud"
+    bin_dir = install(tmp_path / "bin", state)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_GCLOUD_STATE": str(state),
+        "FAKE_GCLOUD_WORKERS": "2",
+        # a killed ssh client closes its output at once, as a real one does
+        "FAKE_GCLOUD_SSH_RELAY": "1",
+    }
+    yield env, state
+    subprocess.run([bin_dir / "gcloud", "fake", "kill-all"], env=env, capture_output=True)
+
+
+def vm_image(env, tmp_path, python3=None, devices=4, extra: dict | None = None) -> None:
+    """What the fake's worker VMs have: this venv's Python (or a stand-in `python3` script) on
+    PATH, simulated CPU devices, and `extra` (the GCS emulator's settings, standing in for a
+    VM's access to Cloud Storage)."""
+    bin_dir = tmp_path / "vm-bin"
+    bin_dir.mkdir(exist_ok=True)
+    if python3 is not None:
+        stub = bin_dir / "python3"
+        stub.write_text(python3)
+        stub.chmod(0o755)
+    env["FAKE_GCLOUD_VM_ENV"] = json.dumps(
+        {
+            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            **(extra or {}),
+        }
+    )
+
+
+def stub(body: str) -> str:
+    """A stand-in for main.py on a worker: records its pid and attempt, exits 75 on SIGTERM
+    (as main.py does after saving), then runs `body`."""
+    return (
+        "#!/bin/bash\n"
+        'echo $$ >> "$HOME/pids"\n'
+        'attempt=$(( $(cat "$HOME/attempts" 2>/dev/null || echo 0) + 1 ))\n'
+        'echo $attempt > "$HOME/attempts"\n'
+        "trap 'echo TERM >> \"$HOME/signals\"; exit 75' TERM\n" + body
+    )
+
+
+FINISH = 'for i in 1 2 3 4; do echo "step $i/4 | loss 1.0"; sleep 0.1; done\n'
+
+
+def model_config(tmp_path, **keys) -> str:
+    return write_config(
+        tmp_path / "model.json", {**SMALL_RUN, "model_path": str(tmp_path / "run"), **keys}
+    )
+
+
+def launch(env, tmp_path, *flags, model=None, name="pod", shared_filesystem=True):
+    command = launch_command(tmp_path, *flags, model=model, name=name)
+    if not shared_filesystem:
+        command.remove("--shared_filesystem")
+    return subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def launch_command(tmp_path, *flags, model=None, name="pod") -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "main.py"),
+        "--model",
+        model or model_config(tmp_path),
+        "--tpu",
+        name,
+        "--zone",
+        ZONE,
+        "--accelerator_type",
+        TYPE,
+        "--shared_filesystem",  # the fake's workers are local processes: they share a disk
+        "--poll_seconds",
+        "1",
+        "--create_retry_seconds",
+        "0.2",
+        "--worker_setup",
+        'echo setup >> "$HOME/setup.log"',
+        "--launch_logs",
+        str(tmp_path / "logs" / name),
+        *flags,
+    ]
+
+
+def finish(process, timeout=120) -> tuple[int, str]:
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def verbs(state) -> list[str]:
+    """Each gcloud call as its verb: create, delete, ssh, scp, describe, fake preempt..."""
+    calls = [json.loads(line)["argv"] for line in (state / "calls.jsonl").read_text().splitlines()]
+    known = ("create", "delete", "describe", "ssh", "scp", "list", "preempt", "stall")
+    return [next((w for w in argv if w in known), argv[0]) for argv in calls]
+
+
+def disk(state, worker: int, name="pod") -> Path:
+    return state / "disks" / name / f"worker-{worker}"
+
+
+def gcloud(env, *args) -> str:
+    return subprocess.run(
+        ["gcloud", *args], env=env, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing created
+
+
+def test_no_gcloud_on_path(tmp_path, fake):
+    env, _ = fake
+    env["PATH"] = str(tmp_path / "empty")  # no gcloud (the machine's real one is not there)
+    code, out = finish(launch(env, tmp_path))
+    assert code == 2, out
+    assert out.strip().splitlines()[-1].startswith("error: the TPU launcher needs the gcloud CLI")
+
+
+@pytest.mark.parametrize(
+    "setting, flags, message",
+    [
+        ({"FAKE_GCLOUD_LOGGED_OUT": "1"}, [], "gcloud is not logged in: run `gcloud auth login`"),
+        ({}, ["--zone", "mars-north1-a"], "--zone mars-north1-a: gcloud cannot list TPU types"),
+        ({}, ["--accelerator_type", "v9-1024"], "--accelerator_type v9-1024 is not offered"),
+    ],
+)
+def test_bad_launch_input_creates_nothing(tmp_path, fake, setting, flags, message):
+    env, state = fake
+    env.update(setting)
+    code, out = finish(launch(env, tmp_path, *flags))
+    assert code == 2, out
+    assert message in out.strip().splitlines()[-1]
+    assert "create" not in verbs(state)
+
+
+def test_multi_host_slice_needs_model_path_on_gs(tmp_path, fake):
+    env, state = fake
+    code, out = finish(launch(env, tmp_path, shared_filesystem=False))
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert "model_path is" in last and "2 worker VMs" in last and "gs://" in last
+    assert "create" not in verbs(state)
+
+
+def test_bucket_must_exist(tmp_path, fake, gcs):  # noqa: F811
+    env, state = fake
+    env.update(gcs.subprocess_env(env))
+    model = model_config(tmp_path, model_path="gs://no-such-bucket/run")
+    code, out = finish(launch(env, tmp_path, model=model))
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert "bucket gs://no-such-bucket does not exist" in last and "buckets create" in last
+    assert "create" not in verbs(state)
+
+
+def test_a_bucket_this_account_cannot_write_is_refused(gcs, monkeypatch):  # noqa: F811
+    """The emulator has no permissions, so the denial the real service would send is
+    injected where google-cloud-storage raises it."""
+    from google.api_core import exceptions
+    from google.cloud import storage
+
+    from gpt_neo.launch import preflight
+    from gpt_neo.launch.gcloud import LaunchError
+
+    def denied(*args, **kwargs):
+        raise exceptions.Forbidden("caller does not have storage.objects.create access")
+
+    monkeypatch.setattr(storage.Blob, "upload_from_string", denied)
+    with pytest.raises(LaunchError, match=r"cannot write to gs://test-bucket .*objectAdmin"):
+        preflight.check_bucket("gs://test-bucket/run", None)
+    monkeypatch.undo()
+    preflight.check_bucket("gs://test-bucket/run", None)  # writable: no error, no probe left
+    assert not gcs.list_objects("gs://test-bucket/run/.gpt-neo-write-check")
+
+
+def test_launcher_refuses_modes_other_than_training(tmp_path, fake):
+    env, state = fake
+    code, out = finish(launch(env, tmp_path, "--predict"))
+    assert code == 2 and "the pod launcher runs training" in out, out
+    assert not (state / "calls.jsonl").exists() or "create" not in verbs(state)
+
+
+# --------------------------------------------------------------------------------------------
+# The state machine, with a stand-in main.py
+
+
+def test_capacity_errors_on_create_are_retried_with_backoff(tmp_path, fake):
+    env, state = fake
+    env["FAKE_GCLOUD_CREATE_FAILURES"] = "2"
+    vm_image(env, tmp_path, stub(FINISH))
+    code, out = finish(launch(env, tmp_path))
+    assert code == 0, out
+    assert verbs(state).count("create") == 3
+    assert out.count("no capacity") == 2 and "try 3 in" in out
+    assert "[worker 0] step 4/4 | loss 1.0" in out
+    # the code and the setup reached both workers, the setup ran once on each
+    for worker in (0, 1):
+        assert (disk(state, worker) / "setup.log").read_text() == "setup\n"
+
+
+@pytest.mark.parametrize("exit_code", [2, 3])
+def test_bad_input_and_divergence_are_not_retried(tmp_path, fake, exit_code):
+    env, state = fake
+    vm_image(env, tmp_path, stub(f'echo "error: the run cannot go on"; exit {exit_code}\n'))
+    code, out = finish(launch(env, tmp_path))
+    assert code == exit_code, out
+    assert "not retried" in out and "error: the run cannot go on" in out
+    assert (disk(state, 0) / "attempts").read_text().strip() == "1"
+    assert "delete" not in verbs(state)
+
+
+def test_failures_have_their_own_budget(tmp_path, fake):
+    env, state = fake
+    vm_image(env, tmp_path, stub('echo "Traceback: a bug"; exit 1\n'))
+    code, out = finish(launch(env, tmp_path, "--max_failures", "2"))
+    assert code == 1, out
+    assert "giving up: 3 failures, more than --max_failures 2" in out
+    assert (disk(state, 0) / "attempts").read_text().strip() == "3"
+    assert "delete" not in verbs(state)  # a crash of the run is not a reason to recreate
+
+
+def test_hung_worker_is_caught_by_the_heartbeat_and_relaunched(tmp_path, fake):
+    """Attempt 1 logs one step, then hangs (alive, silent); the launcher kills it by its
+    recorded pid and relaunches on the same slice."""
+    env, state = fake
+    hang_once = 'if [ "$attempt" = 1 ]; then echo "step 1/4 | loss 1.0"; sleep 600; fi\n'
+    vm_image(env, tmp_path, stub(hang_once + FINISH))
+    code, out = finish(launch(env, tmp_path, "--heartbeat_timeout", "3"))
+    assert code == 0, out
+    assert "no step logged for" in out and "kill it and relaunch" in out
+    assert "killed the previous run process" in out
+    for worker in (0, 1):
+        pids = [int(p) for p in (disk(state, worker) / "pids").read_text().split()]
+        assert len(pids) == 2 and not any(alive(p) for p in pids)
+    assert "delete" not in verbs(state)
+
+
+def test_ctrl_c_asks_the_workers_to_save_and_stops_them(tmp_path, fake):
+    env, state = fake
+    forever = 'i=0; while true; do i=$((i+1)); echo "step $i/1000 | loss 1.0"; sleep 0.1; done\n'
+    vm_image(env, tmp_path, stub(forever))
+    process = launch(env, tmp_path)
+    deadline = time.monotonic() + 60
+    while not (disk(state, 1) / "pids").exists():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    code, out = finish(process)
+    assert code == 130, out
+    assert "asking the workers to save a checkpoint and stop" in out
+    for worker in (0, 1):
+        assert (disk(state, worker) / "signals").read_text() == "TERM\n"  # main.py saves on it
+        pids = [int(p) for p in (disk(state, worker) / "pids").read_text().split()]
+        assert not any(alive(p) for p in pids)
+
+
+def test_queued_resource_preempted_is_force_deleted_and_recreated(tmp_path, fake):
+    env, state = fake
+    # attempt 1 runs until the test preempts the slice; on the fresh disks, it finishes
+    marker = tmp_path / "preempted"
+    body = f'if [ ! -e "{marker}" ]; then sleep 600; fi\n' + FINISH
+    vm_image(env, tmp_path, stub(body))
+    process = launch(env, tmp_path, "--queued", "--spot", "--delete_when_done")
+    deadline = time.monotonic() + 60
+    while not (disk(state, 1) / "pids").exists():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    marker.touch()
+    gcloud(env, "fake", "preempt", "pod")
+    code, out = finish(process)
+    assert code == 0, out
+    calls = [json.loads(line)["argv"] for line in (state / "calls.jsonl").read_text().splitlines()]
+    queued = [c for c in calls if "queued-resources" in c and c[3] in ("create", "delete")]
+    assert [c[3] for c in queued] == ["create", "delete", "create", "delete"]
+    assert "--force" in queued[1] and "--spot" in queued[0]
+    assert "is SUSPENDED" in out and "deleted TPU pod" in out
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: the real main.py on 2 workers x 4 devices
+
+
+STEPS, EVERY = 24, 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_text_dataset(tmp_path_factory.mktemp("text"), docs=40, eval_docs=4, files_per=10)
+
+
+def e2e_config(tmp_path, dataset, name, model_path=None):
+    keys = {
+        **SMALL_RUN,
+        "train_steps": STEPS,
+        "lr_decay_end": STEPS,
+        "input_streams": 2,
+        "datasets": [[dataset, 1, "documents_random", 1.0]],
+        "model_path": model_path or str(tmp_path / name),
+    }
+    return write_config(tmp_path / f"{name}.json", keys)
+
+
+def newest_checkpoint(gcs, url: str) -> int:  # noqa: F811
+    """The newest committed checkpoint step under a gs:// model_path: on GCS, where nothing
+    renames atomically, orbax marks a finished step with `<step>/commit_success.txt`."""
+    prefix = f"{url}/checkpoints/"
+    names = [n.removeprefix(prefix).split("/") for n in gcs.list_objects(prefix)]
+    return max((int(p[0]) for p in names if p[1:] == ["commit_success.txt"]), default=0)
+
+
+@pytest.mark.slow
+def test_preempted_pod_resumes_and_ends_bit_identical(tmp_path, fake, dataset, gcs):  # noqa: F811
+    """The reference run checkpoints to a local folder, the preempted one to the bucket: the
+    same parameters at the end, bit for bit."""
+    env, state = fake
+    vm_image(env, tmp_path, extra=gcs.env)
+    timings = {}
+
+    start = time.monotonic()
+    reference = e2e_config(tmp_path, dataset, "uninterrupted")
+    code, out = finish(
+        launch(env, tmp_path, "--steps_per_checkpoint", str(EVERY), model=reference, name="a"),
+        timeout=400,
+    )
+    assert code == 0, out[-4000:]
+    timings["uninterrupted"] = time.monotonic() - start
+
+    start = time.monotonic()
+    model_path = "gs://test-bucket/pod-run"
+    model = e2e_config(tmp_path, dataset, "preempted", model_path)
+    env.update(gcs.subprocess_env(env))  # for the launcher's bucket check
+    process = launch(env, tmp_path, "--steps_per_checkpoint", str(EVERY), model=model, name="b")
+    deadline = time.monotonic() + 300
+    while newest_checkpoint(gcs, model_path) < 2 * EVERY:
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.1)
+    preempted_after = newest_checkpoint(gcs, model_path)
+    gcloud(env, "fake", "preempt", "b")
+    code, out = finish(process, timeout=400)
+    assert code == 0, out[-4000:]
+    timings["preempted"] = time.monotonic() - start
+    print(f"e2e timings: {timings}")
+
+    # it resumed from a checkpoint at or after the one seen before the preemption...
+    attempt_2 = (tmp_path / "logs" / "b" / "attempt-2" / "worker-0.log").read_text()
+    resumed = int(attempt_2.split("training from step ")[1].split()[0])
+    assert preempted_after <= resumed < STEPS
+    # ...after the launcher deleted and recreated the slice
+    seen = verbs(state)
+    after = seen[seen.index("preempt") :]
+    assert "delete" in after and after.index("delete") < after.index("create")
+    assert "TPU b is PREEMPTED" in out or "TPU is PREEMPTED" in out
+    # and ends where the uninterrupted run did, bit for bit
+    a = restore_params(tmp_path / "uninterrupted" / "checkpoints" / str(STEPS) / "state")
+    b = restore_params(f"{model_path}/checkpoints/{STEPS}/state")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
