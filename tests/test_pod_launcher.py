@@ -243,6 +243,36 @@ def test_capacity_errors_on_create_are_retried_with_backoff(tmp_path, fake):
         assert (disk(state, worker) / "setup.log").read_text() == "setup\n"
 
 
+def test_the_default_worker_setup_installs_the_project_in_a_venv_once(tmp_path, fake):
+    """The VM image's python3 stands in for venv creation (a pip that logs its arguments) and
+    for main.py; the launcher's own default --worker_setup runs against it."""
+    env, state = fake
+    python3 = (
+        "#!/bin/bash\n"
+        'if [ "$1 $2" = "-m venv" ]; then\n'
+        '  mkdir -p "$3/bin"; touch "$3/bin/activate"\n'
+        """  printf '#!/bin/bash\\necho "$PWD: pip $*" >> "$HOME/pip.log"\\n' > "$3/bin/pip"\n"""
+        '  chmod +x "$3/bin/pip"; exit 0\n'
+        "fi\n" + FINISH
+    )
+    vm_image(env, tmp_path, python3)
+    command = launch_command(tmp_path)
+    del command[command.index("--worker_setup") : command.index("--worker_setup") + 2]
+    for _ in range(2):  # the second launch finds the slice and the setup done: no pip again
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert verbs(state).count("create") == 1
+    for worker in (0, 1):
+        pip = (disk(state, worker) / "pip.log").read_text().splitlines()
+        code_dir = disk(state, worker) / "gpt-neo"
+        assert [line.split(": ", 1)[1] for line in pip] == [
+            "pip install --quiet --upgrade pip",
+            "pip install --quiet .[tpu]",
+        ]
+        assert pip[0].startswith(str(code_dir))  # run in the shipped code's folder
+        assert (code_dir / "venv" / "bin" / "pip").exists()
+
+
 @pytest.mark.parametrize("exit_code", [2, 3])
 def test_bad_input_and_divergence_are_not_retried(tmp_path, fake, exit_code):
     env, state = fake
@@ -387,6 +417,7 @@ def test_preempted_pod_resumes_and_ends_bit_identical(tmp_path, fake, dataset, g
     assert code == 0, out[-4000:]
     timings["preempted"] = time.monotonic() - start
     print(f"e2e timings: {timings}")
+    print("\n".join(line for line in out.splitlines() if line.startswith("[launcher")))
 
     # it resumed from a checkpoint at or after the one seen before the preemption...
     attempt_2 = (tmp_path / "logs" / "b" / "attempt-2" / "worker-0.log").read_text()

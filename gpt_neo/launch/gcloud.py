@@ -83,16 +83,15 @@ class Gcloud:
     # --- slices ----------------------------------------------------------------------------
     def describe_node(self, name: str) -> dict | None:
         """The TPU VM's Node (state, networkEndpoints, ...); None when it does not exist."""
-        try:
-            return self.json("compute", "tpus", "tpu-vm", "describe", name)
-        except GcloudError as err:
-            if err.not_found:
-                return None
-            raise
+        return self._describe("tpu-vm", name)
 
     def describe_queued(self, name: str) -> dict | None:
+        """The queued resource (`state.state`); None when it does not exist."""
+        return self._describe("queued-resources", name)
+
+    def _describe(self, kind: str, name: str) -> dict | None:
         try:
-            return self.json("compute", "tpus", "queued-resources", "describe", name)
+            return self.json("compute", "tpus", kind, "describe", name)
         except GcloudError as err:
             if err.not_found:
                 return None

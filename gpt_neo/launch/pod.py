@@ -108,13 +108,13 @@ class PodLauncher:
                 self._delete("--delete_when_done")
 
     def _run(self) -> int:
-        synced = False
+        synced_to = None  # the createTime of the slice the code was shipped to
         while True:
             node, created = self.ensure_slice()
-            if created or not synced:
+            if created or synced_to is None or node.get("createTime", "") != synced_to:
                 if not self._sync(node):
                     continue  # the slice went away while we shipped the code
-                synced = True
+                synced_to = node.get("createTime", "")
             if not self._clean():
                 continue
             outcome = self.run_attempt(node)
@@ -239,7 +239,7 @@ class PodLauncher:
         setup = ""
         if self.o.worker_setup:
             setup = (
-                f'if [ ! -e "{marker}" ]; then echo "worker setup: {self.o.worker_setup}"; '
+                f'if [ ! -e "{marker}" ]; then echo {shlex.quote("setup: " + self.o.worker_setup)}; '
                 f'({self.o.worker_setup}) && touch "{marker}"; fi'
             )
         unpack = (
@@ -299,6 +299,8 @@ class PodLauncher:
                 "GPT_NEO_PROCESS_ID": str(worker),
             }
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        # No --tpu: a TPU VM's JAX picks its chips by itself (and the tests' CPU workers stay on
+        # CPU); main.py prints the platform and device count it trains on.
         return (
             f'cd "{REMOTE_DIR}/{self.bundle.digest}" && echo $$ > "{PID_FILE}" && '
             f'if [ -f "{REMOTE_DIR}/venv/bin/activate" ]; then . "{REMOTE_DIR}/venv/bin/activate"; '
