@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import gpt_neo
-from gpt_neo import compilation_cache
+from gpt_neo import aot, compilation_cache
 from gpt_neo import evaluate as eval_tasks
 from gpt_neo import train as training
 from gpt_neo.checkpoint import Checkpointer, load_params
@@ -47,7 +47,14 @@ def check_dataset(cfg: Config, args: argparse.Namespace) -> int:
 # --summary
 
 
-def summary(cfg: Config) -> int:
+def summary(cfg: Config, args: argparse.Namespace) -> int:
+    if args.topology:
+        devices = aot.topology_devices(args.topology, args.num_slices)  # bad names: before output
+        print_summary(cfg)
+        compiled = aot.compile_train_step(cfg, devices)
+        for line in aot.report(cfg, args.topology, devices, compiled):
+            print(line)
+        return 0
     print_summary(cfg)
     forward_check(cfg)
     return 0

@@ -112,6 +112,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="print parameter count, FLOPs/token, per-device memory and parameter shardings, "
         "then run one forward pass on random tokens if the devices match mesh_shape",
     )
+    parser.add_argument(
+        "--topology",
+        metavar="T",
+        help="with --summary: compile the train step for this TPU slice (v5e:2x2, v4:2x2x2, "
+        "v5p:2x2x4, v6e:4x4, ...) on this machine and print the compiler's per-device memory "
+        "and FLOPs (needs libtpu: pip install '.[tpu]')",
+    )
+    parser.add_argument(
+        "--num_slices", type=int, default=1, metavar="N", help="with --topology: N such slices"
+    )
     modes = parser.add_argument_group(
         "sampling, evaluation and export (from the latest checkpoint)"
     )
@@ -194,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.check_dataset:
         return commands.check_dataset(cfg, args)
     if args.summary:
-        return commands.summary(cfg)
+        return commands.summary(cfg, args)
     if args.predict or args.interactive:
         return commands.predict(cfg, args)
     if args.eval:

@@ -34,6 +34,7 @@ from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_spec, constrain, rules
 from gpt_neo.models.layers import ParamDecl, dropout, normal, zeros
+from gpt_neo.models.platform import target_platform
 from gpt_neo.models.positions import rotate
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -204,7 +205,7 @@ def resolve_kernel(cfg: Config, dtype, seq_len: int, has_dropout: bool, plain=Fa
     a forced kernel that cannot run this attention is a `ConfigError`. `plain`: the attention
     is bidirectional or has memory slots, which only XLA computes."""
     if cfg.attention_kernel == "auto":
-        preferred = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+        preferred = {"gpu": "cudnn", "tpu": "splash"}.get(target_platform(), "xla")
         usable = not plain and _why_not(cfg, preferred, dtype, seq_len, has_dropout) is None
         return preferred if usable else "xla"
     if plain and cfg.attention_kernel != "xla":
@@ -376,7 +377,7 @@ def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = target_platform() != "tpu"
     mesh = jax.sharding.get_abstract_mesh()
     spec = activation_spec(cfg, (axes.BATCH, None, axes.HEADS, None))
     heads_axes = rules(cfg).activations.get(axes.HEADS, ()) if not mesh.empty else ()

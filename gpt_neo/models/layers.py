@@ -11,6 +11,7 @@ from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.mesh import constrain
 from gpt_neo.models.activations import ACTIVATION_PARAMS, ACTIVATIONS
+from gpt_neo.models.platform import target_platform
 
 LAYER_NORM_EPS = 1e-5  # GPT-Neo and Hugging Face GPT-Neo both use 1e-5
 
@@ -87,7 +88,7 @@ def pre_norm(cfg: Config, p: dict | None, x: jax.Array) -> jax.Array:
 
 def layer_norm(x: jax.Array, p: dict) -> jax.Array:
     """LayerNorm over the last axis, computed in float32 whatever the activation dtype."""
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
         x = materialized_gradient(x)
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)

@@ -42,6 +42,7 @@ from gpt_neo.config import Config
 from gpt_neo.mesh import batch_axes, constrain, rules, split_size
 from gpt_neo.models.activations import ACTIVATIONS
 from gpt_neo.models.layers import ParamDecl, dropout, truncated_normal
+from gpt_neo.models.platform import target_platform
 
 EVAL_ROUTING_SEED = 0  # the fixed key of random routing choices outside training
 
@@ -393,7 +394,7 @@ def grouped_matmul(x, w, sizes):
     sizes[g] rows; rows past sum(sizes) give 0. `jax.lax.ragged_dot` where the backend has a
     kernel for it (TPU, GPU); on CPU XLA lowers it to a masked dense product with every group
     (groups x the FLOPs), so there the tiled form below runs instead (4x faster, measured)."""
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
         return tiled_grouped_matmul(x, w, sizes)
     return jax.lax.ragged_dot(x, w, sizes)
 
