@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -55,6 +56,13 @@ def require_platform(tpu: str | None, gpu_ids: list[str] | None) -> None:
         "cuda": "install JAX for CUDA (`pip install jax[cuda12]`), check nvidia-smi, or leave "
         "out --gpu_ids",
     }[platform]
+    if platform == "tpu" and not _tpu_chips_present():
+        # asked before libtpu starts: on a machine without chips it would first print a page
+        # of metadata-server warnings
+        raise PlatformError(
+            f"{asked}: JAX finds no TPU on this machine (no /dev/accel* or /dev/vfio devices); "
+            f"{fix}"
+        )
     try:
         devices = jax.devices()
     except Exception as err:  # RuntimeError for a missing TPU, AssertionError for CUDA
@@ -68,6 +76,11 @@ def require_platform(tpu: str | None, gpu_ids: list[str] | None) -> None:
             f"{asked}: {len(gpu_ids)} GPU(s) asked for, {len(devices)} visible to JAX; name "
             "GPUs that exist (nvidia-smi lists them)"
         )
+
+
+def _tpu_chips_present() -> bool:
+    """TPU VMs expose their chips as /dev/accel* (v4 and older) or /dev/vfio/* (v5e and newer)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _multi_host_environment() -> bool:
