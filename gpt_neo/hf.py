@@ -279,7 +279,7 @@ def export_hf(
     force: bool = False,
     tokenizer: str | None = None,
 ) -> Path | str:
-    """Write a `GPTNeoForCausalLM` folder (local or `gs://`) (config.json + model.safetensors, float32), and with
+    """Write a `GPTNeoForCausalLM` folder, local or `gs://` (config.json + model.safetensors, float32), and with
     `tokenizer` (a `load_encoder` spec) its tokenizer.json + tokenizer_config.json, so that
     `AutoTokenizer.from_pretrained(out_dir)` works too.
 

@@ -130,9 +130,7 @@ def _mirrored_observer(remote: str):
         def _mirror(self, filename):
             run = os.path.basename(self.dir)
             storage.makedirs(join(remote, run))
-            tf().io.gfile.copy(
-                os.path.join(self.dir, filename), join(remote, run, filename), overwrite=True
-            )
+            storage.copy(os.path.join(self.dir, filename), join(remote, run, filename))
 
     return MirroredObserver(tempfile.mkdtemp(prefix="gpt-neo-sacred-"))
 

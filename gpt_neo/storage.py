@@ -69,14 +69,18 @@ def append_text(path: str, text: str) -> None:
         handle.write(text)
 
 
+def copy(source: str, destination: str) -> None:
+    """Copy one file (either side local or `gs://`), overwriting."""
+    tf().io.gfile.copy(source, destination, overwrite=True)
+
+
 def copy_tree(local_dir: str, destination: str) -> None:
     """Copy a local folder's files into `destination` (local or `gs://`), overwriting."""
-    gfile = tf().io.gfile
     for root, _, files in os.walk(local_dir):
         target = join(destination, os.path.relpath(root, local_dir)).removesuffix("/.")
-        gfile.makedirs(target)
+        makedirs(target)
         for name in files:
-            gfile.copy(os.path.join(root, name), join(target, name), overwrite=True)
+            copy(os.path.join(root, name), join(target, name))
 
 
 def delete_tree(path: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt_neo.config import REPO_ROOT, Config, to_dict
-from gpt_neo.dataset_config import load_dataset_config, resolve_dataset_config_path
+from gpt_neo.dataset_config import load_dataset_config
 
 RUN_DIR = "run"  # inside the bundle: config.json, datasets/, tokenizers/
 BUILTIN_TOKENIZERS = ("byte", "gpt2")
@@ -84,7 +84,7 @@ def run_files(cfg: Config) -> dict[str, bytes]:
     files = {}
     for entry in config["datasets"] or []:
         dataset = load_dataset_config(entry[0])
-        raw = json.loads(resolve_dataset_config_path(entry[0]).read_text(encoding="utf-8"))
+        raw = dataset.to_json()
         tokenizer = raw.get("tokenizer_path")
         if tokenizer and tokenizer not in BUILTIN_TOKENIZERS and "://" not in tokenizer:
             source = Path(tokenizer)

@@ -25,8 +25,8 @@ class GcloudError(RuntimeError):
 
     def __init__(self, args: list[str], code: int, stderr: str):
         self.code, self.stderr = code, stderr.strip()
-        last = self.stderr.splitlines()[-1] if self.stderr else f"exit code {code}"
-        super().__init__(f"gcloud {' '.join(args[:4])}: {last}")
+        self.reason = self.stderr.splitlines()[-1] if self.stderr else f"exit code {code}"
+        super().__init__(f"gcloud {' '.join(args[:4])}: {self.reason}")
 
     @property
     def not_found(self) -> bool:
@@ -42,9 +42,11 @@ class GcloudError(RuntimeError):
 # launcher does about them.
 READY = "READY"
 ACTIVE = "ACTIVE"  # a queued resource whose node exists
-SETTLING = {"CREATING", "STARTING", "RESTARTING", "REPAIRING", "REIMAGING", "UNHIDING"}
-SETTLING_QUEUED = {"CREATING", "ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES"}
-GOING = {"DELETING", "STOPPING", "SUSPENDING", "HIDING"}  # wait until it is gone or settled
+WAIT = {  # on the way to READY (a node or a queued resource), or to gone: poll again
+    *("CREATING", "STARTING", "RESTARTING", "REPAIRING", "REIMAGING", "UNHIDING"),
+    *("ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES"),
+    *("DELETING", "STOPPING", "SUSPENDING", "HIDING"),
+}
 # anything else (PREEMPTED, TERMINATED, STOPPED, SUSPENDED, FAILED, HIDDEN, UNKNOWN) is lost:
 # delete and recreate
 
@@ -181,8 +183,8 @@ class Gcloud:
             listed = self.json("compute", "tpus", "accelerator-types", "list")
         except GcloudError as err:
             raise LaunchError(
-                f"--zone {self.zone}: gcloud cannot list TPU types there ({err.stderr.splitlines()[-1] if err.stderr else err}); "
-                "pick a zone with TPUs (gcloud compute tpus locations list)"
+                f"--zone {self.zone}: gcloud cannot list TPU types there ({err.reason}); pick a "
+                "zone with TPUs (gcloud compute tpus locations list)"
             ) from None
         return sorted(entry["type"] for entry in listed or [])
 

@@ -170,10 +170,10 @@ class PodLauncher:
                 return None, None
             state = queued.get("state", {}).get("state", "UNKNOWN")
             if state != g.ACTIVE:
-                return ("SETTLING:" + state if state in g.SETTLING_QUEUED else state), None
+                return state, None
         node = self.gcloud.describe_node(name)
-        if node is None:
-            return (None if not self.o.spec.queued else "SETTLING:ACTIVE"), None
+        if node is None:  # an ACTIVE queued resource's node appears a moment later
+            return ("CREATING" if self.o.spec.queued else None), None
         return node.get("state", "UNKNOWN"), node
 
     def ensure_slice(self) -> tuple[dict, bool]:
@@ -185,7 +185,7 @@ class PodLauncher:
                 state, node = self.observe()
             except g.GcloudError as err:
                 self.log(f"describe failed ({err})", f"retry in {self.o.poll_seconds:.0f}s")
-                self._sleep(self.o.poll_seconds)
+                time.sleep(self.o.poll_seconds)
                 continue
             if state == g.READY:
                 return node, created
@@ -204,10 +204,10 @@ class PodLauncher:
                     delay = min(self.o.create_retry_seconds * 2 ** (create_failures - 1), 600)
                     delay *= random.uniform(1, 1.5)
                     self.log(
-                        f"create {spec.name}: no capacity ({err.stderr.splitlines()[-1]})",
+                        f"create {spec.name}: no capacity ({err.reason})",
                         f"try {create_failures + 1} in {delay:.0f}s",
                     )
-                    self._sleep(delay)
+                    time.sleep(delay)
                     continue
                 created = True
                 self.log(
@@ -215,9 +215,9 @@ class PodLauncher:
                     f"created {'a queued resource ' if spec.queued else ''}{spec.accelerator_type}"
                     f" ({spec.provisioning}, {spec.runtime_version})",
                 )
-            elif state.startswith("SETTLING:") or state in g.SETTLING or state in g.GOING:
-                self.log(f"TPU {spec.name} is {state.removeprefix('SETTLING:')}", "waiting")
-                self._sleep(self.o.poll_seconds)
+            elif state in g.WAIT:
+                self.log(f"TPU {spec.name} is {state}", "waiting")
+                time.sleep(self.o.poll_seconds)
             else:
                 self.log(f"TPU {spec.name} is {state}", "deleting it to recreate it")
                 self.gcloud.delete(spec.name, spec.queued)
@@ -462,6 +462,3 @@ class PodLauncher:
         self._end_ssh()
         with contextlib.suppress(g.GcloudError, g.LaunchError, Stop):
             self._clean()
-
-    def _sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
