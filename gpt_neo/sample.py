@@ -88,7 +88,7 @@ def _empty_cache(cfg: Config, batch: int, length: int) -> tuple:
 
 
 @dataclass(frozen=True)
-class _Decoder:
+class Decoder:
     """The decode of one batch shape: prefill, then `step` until `running` is false. The loop
     carry is (step index, cache, last logits [batch, vocab], new tokens [batch, max_new], done)."""
 
@@ -138,7 +138,7 @@ class _Decoder:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(decoder: _Decoder):
+def _compiled(decoder: Decoder):
     """(whole decode, prefill, one step): jitted once per decoder and reused."""
     return (
         jax.jit(decoder.run),
@@ -186,7 +186,7 @@ def generate(
         if mesh is not None:
             tokens = jax.device_put(tokens, activation_sharding(mesh, cfg, axes.TOKENS))
         lengths = jnp.asarray(lengths)
-        decoder = _Decoder(cfg, sampling, max_new, eos_id)
+        decoder = Decoder(cfg, sampling, max_new, eos_id)
         if on_token is None:
             out = np.asarray(_compiled(decoder)[0](params, tokens, lengths, rng))
         else:
@@ -194,7 +194,7 @@ def generate(
     return [_until_eos(list(row), eos_id) for row in out[:n_real]]
 
 
-def _stream(decoder: _Decoder, params, tokens, lengths, rng, on_token, n_real):
+def _stream(decoder: Decoder, params, tokens, lengths, rng, on_token, n_real):
     """The decode one step at a time, calling on_token after each."""
     _, prefill, step = _compiled(decoder)
     carry = prefill(params, tokens, lengths)

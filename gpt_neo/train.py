@@ -30,7 +30,8 @@ from gpt_neo.errors import EXIT_PREEMPTED, ConfigError
 from gpt_neo.feed import DeviceFeed
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
-from gpt_neo.models.gpt import abstract_params, init_params, transformer_with_stats
+from gpt_neo.models.gpt import abstract_params, head_inputs, init_params, trunk
+from gpt_neo.models.loss import head_loss
 from gpt_neo.objectives import MASKING_STREAM, Example, make_example
 from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
 from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
@@ -58,20 +59,17 @@ def loss_fn(cfg: Config, params, batch, rng, target_count=None, *, train=True, s
     `router_z_loss` and per layer `moe/<i>/aux_loss`, `moe/<i>/dropped`,
     `moe/<i>/load/<expert>`, all already weighted by `share`."""
     example = batch if isinstance(batch, Example) else make_example(cfg, batch)
-    logits, _, moe_stats = transformer_with_stats(cfg, params, example.inputs, rng=rng, train=train)
-    weight = example.weights
+    x, _, moe_stats = trunk(cfg, params, example.inputs, rng=rng, train=train)
     if target_count is None:
-        target_count = jnp.maximum(weight.sum(), 1.0)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, example.targets[..., None], axis=-1)[..., 0]
-    cross_entropy = jnp.sum((log_z - target) * weight) / target_count
-    z_loss = cfg.z_loss * jnp.sum(jnp.square(log_z) * weight) / target_count
-    metrics = {"loss": cross_entropy, "z_loss": z_loss}
+        target_count = jnp.maximum(example.weights.sum(), 1.0)
+    terms = head_loss(
+        cfg, *head_inputs(cfg, params, x), example.targets, example.weights, target_count
+    )
+    metrics = {"loss": terms.cross_entropy, "z_loss": terms.z_loss}
     if cfg.mlm_training:
-        correct = (jnp.argmax(logits, axis=-1) == example.targets).astype(jnp.float32)
-        metrics["accuracy"] = jnp.sum(correct * weight) / target_count
+        metrics["accuracy"] = terms.correct
     if not moe_stats:
-        return cross_entropy + z_loss, metrics
+        return terms.total, metrics
     hp = cfg.moe
     balance = hp.moe_loss_coef * share * sum(s.aux_loss for s in moe_stats.values())
     router_z = hp.moe_router_z_loss * share * sum(s.router_z_loss for s in moe_stats.values())
@@ -80,7 +78,7 @@ def loss_fn(cfg: Config, params, batch, rng, target_count=None, *, train=True, s
         metrics[f"moe/{layer}/aux_loss"] = share * stats.aux_loss
         metrics[f"moe/{layer}/dropped"] = share * stats.dropped
         metrics |= {f"moe/{layer}/load/{e}": share * v for e, v in enumerate(stats.load)}
-    return cross_entropy + z_loss + balance + router_z, metrics
+    return terms.total + balance + router_z, metrics
 
 
 def uses_randomness(cfg: Config) -> bool:

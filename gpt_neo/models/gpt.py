@@ -44,6 +44,7 @@ from gpt_neo.mesh import (
     param_sharding,
 )
 from gpt_neo.models import attention as attn_lib
+from gpt_neo.models import loss as loss_lib
 from gpt_neo.models import moe as moe_lib
 from gpt_neo.models.layers import (
     ParamDecl,
@@ -60,7 +61,6 @@ from gpt_neo.models.layers import dropout as dropout_fn
 from gpt_neo.models.positions import position_decls, position_embedding
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MASK_VALUE = attn_lib.MASK_VALUE
 
 
 def param_decls(cfg: Config) -> dict:
@@ -201,8 +201,9 @@ def _initializer(kind: str, shape: tuple, stored_shape: tuple, sharding: NamedSh
 
 
 def cast_params(cfg: Config, params):
-    """float32 master parameters -> the compute dtype (`precision`). The only cast: `transformer`
-    applies it, and decoding applies it once per call so that its loop reads cast weights."""
+    """float32 master parameters -> the compute dtype (`precision`); a no-op on cast ones.
+    Each block casts its own weights (`block`); decoding casts the whole tree once per call so
+    that its loop reads cast weights."""
     dtype = COMPUTE_DTYPES[cfg.precision]
     return jax.tree.map(lambda a: a.astype(dtype), params)
 
@@ -249,15 +250,35 @@ def transformer_with_stats(
     routing policies. With `cache`, attention reads and extends it (decoding); the updated
     cache is returned. Pure; trace under `jax.set_mesh(mesh)` for sharded activations.
     """
+    x, cache, moe_stats = trunk(
+        cfg, params, tokens, positions=positions, rng=rng, cache=cache, train=train
+    )
+    return head(cfg, params, x), cache, moe_stats
+
+
+def trunk(
+    cfg: Config,
+    params: dict,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    rng: jax.Array | None = None,
+    cache: DecodeCache | None = None,
+    train: bool | None = None,
+) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
+    """`transformer_with_stats` up to the output head: the residual stream after the last
+    block [batch, seq, embd] in the compute dtype, the cache, the MoE layers' reports.
+
+    Each block casts its own weights to the compute dtype (inside its remat scope, when
+    `recompute_grad`), so no compute-dtype copy of the whole model is ever live at once."""
     t = tokens.shape[1]
     if positions is None and t > cfg.n_ctx:
         raise ValueError(f"sequence length {t} exceeds n_ctx {cfg.n_ctx}")
     train = rng is not None if train is None else train
-    p = cast_params(cfg, params)
     rngs = [None] * (cfg.n_layer + 1)
     if rng is not None:
         rngs = list(jax.random.split(rng, cfg.n_layer + 1))
-    x = embed(cfg, p, tokens, position_embedding(cfg, p, positions, t))
+    x = embed(cfg, params, tokens, position_embedding(cfg, params, positions, t))
     if positions is None:
         positions = jnp.arange(t)[None, :]
     x = constrain(dropout_fn(x, cfg.embed_dropout, rngs[-1]), cfg, axes.HIDDEN)
@@ -268,13 +289,12 @@ def transformer_with_stats(
             block_fn = jax.checkpoint(block_fn)
         layer_cache = None if cache is None else cache.layer(index)
         x, layer_cache, stats = block_fn(
-            layer_params(cfg, p, index), x, rngs[index], layer_cache, positions
+            layer_params(cfg, params, index), x, rngs[index], layer_cache, positions
         )
         layers.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
         if stats is not None:
             moe_stats[index] = stats
-    logits = head(cfg, p, x)
-    return logits, None if cache is None else cache._replace(layers=tuple(layers)), moe_stats
+    return x, None if cache is None else cache._replace(layers=tuple(layers)), moe_stats
 
 
 def forward(
@@ -288,23 +308,29 @@ def forward(
     return transformer(cfg, params, tokens, rng=rng, train=train)[0]
 
 
-def embed(cfg: Config, p: dict, tokens: jax.Array, position_rows: jax.Array) -> jax.Array:
+def embed(cfg: Config, params: dict, tokens: jax.Array, position_rows) -> jax.Array:
+    """Token rows plus position rows, in the compute dtype (only the rows used are cast)."""
+    dtype = COMPUTE_DTYPES[cfg.precision]
     tokens = constrain(tokens, cfg, axes.TOKENS)
-    return jnp.take(p["wte"], tokens, axis=0) + position_rows
+    rows = jnp.take(params["wte"], tokens, axis=0).astype(dtype)
+    return rows + jnp.asarray(position_rows).astype(dtype)
 
 
-def head(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
-    """ln_f, then the output projection (tied to wte unless `no_weight_tie`): float32 logits,
-    padding rows masked. GPT-Neo's own untied head had no ln_f and a bias."""
+def head_inputs(cfg: Config, params: dict, x: jax.Array):
+    """What the output head multiplies: (ln_f(x), weights [vocab, embd], bias or None), in
+    the compute dtype. Tied to wte unless `no_weight_tie`; GPT-Neo's own untied head had no
+    ln_f and a bias."""
+    dtype = COMPUTE_DTYPES[cfg.precision]
     if not cfg.gpt_neo_untied_head:
-        x = layer_norm(x, p["ln_f"])
-    weights = p["head"]["kernel"] if cfg.no_weight_tie else p["wte"]
-    logits = jnp.einsum("bte,ve->btv", x, weights, preferred_element_type=jnp.float32)
-    if cfg.gpt_neo_untied_head:
-        logits = logits + p["head"]["bias"].astype(jnp.float32)
-    if logits.shape[-1] > cfg.n_vocab:
-        real = jnp.arange(logits.shape[-1]) < cfg.n_vocab
-        logits = jnp.where(real, logits, MASK_VALUE)
+        x = layer_norm(x, params["ln_f"])
+    weights = params["head"]["kernel"] if cfg.no_weight_tie else params["wte"]
+    bias = params["head"]["bias"] if cfg.gpt_neo_untied_head else None
+    return x, weights.astype(dtype), bias
+
+
+def head(cfg: Config, params: dict, x: jax.Array) -> jax.Array:
+    """The output head: float32 logits [batch, seq, padded vocab], padding rows masked."""
+    logits = loss_lib.logits(*head_inputs(cfg, params, x), cfg.n_vocab)
     return constrain(logits, cfg, axes.LOGITS)
 
 
@@ -325,7 +351,8 @@ def block(
     a mixture of experts, which also reports its `MoeStats`. GPT-Neo's block options, in its
     order: `macaron` first adds half an MLP of x (no norm) and halves the main MLP branch;
     `rezero` scales each branch by a learned scalar instead of normalising its input;
-    `scalenorm` swaps the norm (see `pre_norm`)."""
+    `scalenorm` swaps the norm (see `pre_norm`). `p` is cast to the compute dtype here."""
+    p = cast_params(cfg, p)
     attn_rng = res_rng = mlp_rng = moe_rng = macaron_rng = None
     if rng is not None:
         attn_rng, res_rng, mlp_rng = jax.random.split(rng, 3)
