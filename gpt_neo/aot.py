@@ -11,18 +11,30 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
+from gpt_neo import axes
+from gpt_neo import sample as sample_lib
 from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError
-from gpt_neo.mesh import make_mesh, mesh_axes
+from gpt_neo.mesh import (
+    activation_sharding,
+    activation_spec,
+    data_parallel_size,
+    make_mesh,
+    mesh_axes,
+    padded_vocab,
+)
 from gpt_neo.metrics import FLOP_CONVENTION, PEAK_BF16_FLOPS
-from gpt_neo.models.gpt import flops_per_token
-from gpt_neo.summary import memory_per_device
+from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token
+from gpt_neo.models.loss import loss_chunks
+from gpt_neo.planner import plan
 from gpt_neo.train import Trainer
 
 # Per-chip HBM that programs may use (bytes), by jax's device_kind.
@@ -83,15 +95,43 @@ class Compiled:
         return self.arguments + self.temporaries + self.outputs - self.aliased
 
 
-def compile_train_step(cfg: Config, devices: list) -> Compiled:
-    """Compile the train step of `cfg` for `devices` (a slice's, from `topology_devices`)."""
+def _slice_mesh(cfg: Config, devices: list):
     sizes = mesh_axes(cfg) or {"x": len(devices)}
     if (needed := math.prod(sizes.values())) != len(devices):
         raise ConfigError(
             f"mesh_shape '{cfg.mesh_shape}' needs {needed} devices, the topology has "
             f"{len(devices)}: pick a mesh_shape whose sizes multiply to {len(devices)}"
         )
-    mesh = make_mesh(cfg, devices)
+    return make_mesh(cfg, devices)
+
+
+def _analysed(lowered, start: float, flops_scale=None) -> Compiled:
+    """Compile `lowered`; `flops_scale(flops, program_text)` corrects XLA's FLOP count."""
+    try:
+        compiled = lowered.compile()
+    except Exception as err:  # XLA raises bare runtime errors; only running out of HBM is ours
+        if (problem := _out_of_memory(err)) is not None:
+            raise problem from None
+        raise
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    flops = float(cost.get("flops", 0.0))
+    return Compiled(
+        arguments=memory.argument_size_in_bytes,
+        temporaries=memory.temp_size_in_bytes,
+        outputs=memory.output_size_in_bytes,
+        aliased=memory.alias_size_in_bytes,
+        flops=flops_scale(flops, compiled.as_text()) if flops_scale else flops,
+        seconds=seconds,
+    )
+
+
+def compile_train_step(cfg: Config, devices: list) -> Compiled:
+    """Compile the train step of `cfg` for `devices` (a slice's, from `topology_devices`)."""
+    mesh = _slice_mesh(cfg, devices)
     start = time.perf_counter()
     # built outside set_mesh: the optimizer's init makes concrete arrays on this machine
     trainer = Trainer(cfg, mesh)
@@ -100,51 +140,143 @@ def compile_train_step(cfg: Config, devices: list) -> Compiled:
         (trainer.batch_size, cfg.n_ctx + 1), jnp.int32, sharding=trainer.batch_sharding
     )
     with jax.set_mesh(mesh):  # the model's kernel choices read the mesh's platform: TPU
-        compiled = trainer.step.lower(state, tokens).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):  # older JAX: one dict per program
-        cost = cost[0] if cost else {}
-    return Compiled(
-        arguments=memory.argument_size_in_bytes,
-        temporaries=memory.temp_size_in_bytes,
-        outputs=memory.output_size_in_bytes,
-        aliased=memory.alias_size_in_bytes,
-        flops=float(cost.get("flops", 0.0)),
-        seconds=seconds,
+        lowered = trainer.step.lower(state, tokens)
+        micro_batch = trainer.batch_size // trainer.n_micro
+        chunks = loss_chunks(cfg, micro_batch, cfg.n_ctx, padded_vocab(cfg))
+    chunk_flops = head_flops(cfg, micro_batch, mesh) / chunks
+
+    def trip_counts(flops: float, program_text: str) -> float:
+        # XLA's cost analysis counts a loop's body once. The loss's chunk loop runs `chunks`
+        # times, inside the microbatch loop, which runs n_micro times (the optimizer update
+        # outside it costs a few FLOPs per parameter: not worth a term). The compiler unrolls
+        # some loops: then no loop carries the stacked slices, and nothing is scaled.
+        if chunks > 1 and _has_loop_over(program_text, chunks):
+            flops += (chunks - 1) * chunk_flops
+        if trainer.n_micro > 1 and _has_loop_over(program_text, trainer.n_micro):
+            flops *= trainer.n_micro
+        return flops
+
+    return _analysed(lowered, start, trip_counts)
+
+
+def _has_loop_over(program_text: str, trips: int) -> bool:
+    """Whether a while loop of the compiled program carries an array stacked `trips` deep
+    (a `lax.scan` over `trips` slices that the compiler kept as a loop)."""
+    stacked = re.compile(rf"\[{trips},\d")
+    return any(stacked.search(line) for line in program_text.splitlines() if " while(" in line)
+
+
+def head_flops(cfg: Config, batch: int, mesh) -> float:
+    """Per-device FLOPs of the output head's three matmuls (logits, their gradients with
+    respect to the hidden states and to the weights) for `batch` sequences."""
+    spec = activation_spec(cfg, axes.LOGITS)
+    sizes = dict(mesh.shape)
+    pieces = 1
+    for entry in spec:
+        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        pieces *= math.prod(sizes[n] for n in names)
+    return 3 * 2 * batch * cfg.n_ctx * padded_vocab(cfg) * cfg.n_embd / pieces
+
+
+def compile_decode(cfg: Config, devices: list) -> Compiled:
+    """Compile sampling (`--predict`: prefill half the context, then decode the other half
+    with the KV cache, in one while loop) for `devices`, with `predict_batch_size` prompts."""
+    mesh = _slice_mesh(cfg, devices)
+    start = time.perf_counter()
+    batch = -(-cfg.predict_batch_size // data_parallel_size(cfg, mesh)) * data_parallel_size(
+        cfg, mesh
     )
+    prompt = cfg.n_ctx // 2
+    decoder = sample_lib.Decoder(cfg, sample_lib.Sampling(), cfg.n_ctx - prompt, cfg.eos_id)
+    dtype = COMPUTE_DTYPES[cfg.precision]
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding),
+        abstract_params(cfg, mesh),
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    args = (
+        params,
+        jax.ShapeDtypeStruct(
+            (batch, prompt), jnp.int32, sharding=activation_sharding(mesh, cfg, axes.TOKENS)
+        ),
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated),
+        jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
+    )
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(decoder.run).lower(*args)
+    return _analysed(lowered, start)
 
 
-def report(cfg: Config, topology: str, devices: list, compiled: Compiled) -> list[str]:
+def hbm_bytes(devices: list) -> int | None:
+    """Per-chip HBM that programs may use, or None for a chip this table does not know."""
+    return HBM_BYTES.get(devices[0].device_kind)
+
+
+def report(
+    cfg: Config, topology: str, devices: list, train: Compiled, decode: Compiled | None = None
+) -> list[str]:
     """The lines `--summary --topology` prints."""
     gib = 2**30
     kind = devices[0].device_kind
-    hbm = HBM_BYTES.get(kind)
-    estimated = sum(memory_per_device(cfg).values())
-    fits = "?" if hbm is None else ("fits" if compiled.total <= hbm else "DOES NOT FIT")
+    hbm = hbm_bytes(devices)
+    estimate = plan(cfg)
+
+    def fits(total: int) -> str:
+        return "?" if hbm is None else ("fits" if total <= hbm else "DOES NOT FIT")
+
+    hbm_text = f"HBM {hbm / gib:.2f} GiB" if hbm else f"HBM unknown for {kind}"
     tokens = cfg.train_batch_size * cfg.n_ctx
     model_flops = flops_per_token(cfg, FLOP_CONVENTION) * tokens / len(devices)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
     lines = [
         f"compiled the train step for {topology} ({len(devices)} x {kind}) in "
-        f"{compiled.seconds:.1f}s; per device: arguments {compiled.arguments / gib:.2f} GiB, "
-        f"temporaries {compiled.temporaries / gib:.2f} GiB, outputs {compiled.outputs / gib:.2f}"
-        f" GiB ({compiled.aliased / gib:.2f} GiB of them in donated argument buffers)",
-        f"per-device memory: estimated {estimated / gib:.2f} GiB (parameters and optimizer state "
-        f"only), compiled {compiled.total / gib:.2f} GiB, HBM "
-        + (f"{hbm / gib:.2f} GiB: {fits}" if hbm else f"unknown for {kind}"),
-        f"FLOPs per step per device: compiled {compiled.flops:.3e}, model {model_flops:.3e} "
-        f"({FLOP_CONVENTION}; compiled/model {compiled.flops / max(model_flops, 1):.2f}: above 1 "
+        f"{train.seconds:.1f}s; per device: arguments {train.arguments / gib:.2f} GiB, "
+        f"temporaries {train.temporaries / gib:.2f} GiB, outputs {train.outputs / gib:.2f} GiB "
+        f"({train.aliased / gib:.2f} GiB of them in donated argument buffers)",
+        f"per-device memory: estimated {estimate.train_total / gib:.2f} GiB, compiled "
+        f"{train.total / gib:.2f} GiB, {hbm_text}: {fits(train.total)}",
+        f"FLOPs per step per device: compiled {train.flops:.3e}, model {model_flops:.3e} "
+        f"({FLOP_CONVENTION}; compiled/model {train.flops / max(model_flops, 1):.2f}: above 1 "
         "where recomputation adds work, below where Pallas kernels hide theirs)",
     ]
     if peak:
         # the compiler counts no FLOPs inside Pallas kernels (splash attention), so the compiled
         # count can fall below the model's; the estimate takes the larger
-        work = max(compiled.flops, model_flops)
+        work = max(train.flops, model_flops)
         lines.append(
             f"roofline ESTIMATE (compute-bound at the {peak / 1e12:.0f} TFLOP/s bf16 peak, no "
             f"communication or memory stalls): {work / peak * 1e3:.1f} ms/step, MFU at most "
             f"{100 * model_flops / work:.0f}%"
         )
+    if decode is not None:
+        lines.append(
+            f"compiled sampling ({cfg.predict_batch_size} prompt(s) of {cfg.n_ctx // 2} tokens, "
+            f"{cfg.n_ctx - cfg.n_ctx // 2} new, KV cache) in {decode.seconds:.1f}s; per-device "
+            f"memory: estimated {estimate.decode_total / gib:.2f} GiB, compiled "
+            f"{decode.total / gib:.2f} GiB, {hbm_text}: {fits(decode.total)}"
+        )
     return lines
+
+
+class DoesNotFit(ConfigError):
+    """The TPU compiler ran out of the chip's HBM."""
+
+
+def _out_of_memory(error: Exception) -> DoesNotFit | None:
+    """The TPU compiler's out-of-memory error as one line that names the fixes, or None."""
+    text = str(error)
+    if not any(m in text for m in ("RESOURCE_EXHAUSTED", "HbmOom", "exceeds available HBM")):
+        return None
+    # "... the total memory required for HLO temporaries (42.88G) exceeds available HBM (15.75G)."
+    detail = re.search(r"required for ([^(]*)\(([^)]*)\) exceeds available HBM \(([^)]*)\)", text)
+    what = (
+        f": XLA needs {detail.group(2)} for {detail.group(1).strip()} per chip, which has "
+        f"{detail.group(3)}"
+        if detail
+        else ""
+    )
+    return DoesNotFit(
+        f"does not fit in the chips' memory{what}. Split the weights over more chips (FSDP: "
+        '"param_layout": "embd:x"), set "recompute_grad": true, lower train_batch_size or set '
+        "tokens_per_mb_per_replica (microbatches), or use a bigger slice"
+    )

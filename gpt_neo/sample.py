@@ -27,7 +27,15 @@ from gpt_neo import axes
 from gpt_neo.config import Config, require_causal
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size
-from gpt_neo.models.gpt import COMPUTE_DTYPES, DecodeCache, cast_params, mesh_of, transformer
+from gpt_neo.models.gpt import (
+    COMPUTE_DTYPES,
+    DecodeCache,
+    cast_params,
+    head,
+    mesh_of,
+    transformer,
+    trunk,
+)
 
 
 @dataclass(frozen=True)
@@ -108,9 +116,10 @@ class Decoder:
         positions = jnp.maximum(slots[None, :] - (prompt_len - lengths)[:, None], 0)
         layers = _empty_cache(self.cfg, batch, prompt_len + self.max_new)
         cache = DecodeCache(layers, slots, self.key_valid(prompts, lengths))
-        logits, cache = transformer(self.cfg, params, prompts, positions=positions, cache=cache)
+        x, cache, _ = trunk(self.cfg, params, prompts, positions=positions, cache=cache)
+        logits = head(self.cfg, params, x[:, -1:])[:, 0]  # only the last position's: no [b, t, v]
         out = jnp.zeros((batch, self.max_new), jnp.int32)
-        return jnp.int32(0), cache.layers, logits[:, -1], out, jnp.zeros(batch, bool)
+        return jnp.int32(0), cache.layers, logits, out, jnp.zeros(batch, bool)
 
     def step(self, params, prompts, lengths, rng, carry):
         i, cache, last_logits, out, done = carry

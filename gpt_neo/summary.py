@@ -7,100 +7,14 @@ summary of a TPU-pod config can be read on a laptop.
 from __future__ import annotations
 
 import math
-import re
-from collections import defaultdict
-from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
 
 from gpt_neo.config import Config
-from gpt_neo.mesh import mesh_axes, padded_vocab, param_spec, rules, split_size
-from gpt_neo.models.gpt import (
-    FLOP_CONVENTIONS,
-    flops_per_token,
-    param_count,
-    param_decl_leaves,
-    param_path,
-)
-
-BYTES_PER_PARAM = 4  # float32 master copies, whatever the compute precision
-
-
-@dataclass(frozen=True)
-class ParamRow:
-    name: str  # blocks/*/attn/q style, layers folded together
-    layers: int  # how many parameters share the row
-    shape: tuple[int, ...]  # as stored (the vocabulary padded, if it is)
-    axes: tuple[str | None, ...]
-    spec: str  # mesh axes per dimension, "-" where replicated
-    device_shape: tuple[int, ...]
-
-
-def _device_shape(cfg: Config, shape, dims) -> tuple[int, ...]:
-    """The per-device shape of a parameter under the parameter rules (mesh sizes from
-    mesh_shape; unknown sizes count as 1)."""
-    sizes = mesh_axes(cfg) or {}
-    table = rules(cfg).parameters
-    return tuple(
-        size // split_size(sizes, tuple(a for a in table.get(dim, ()) if a in sizes))
-        for size, dim in zip(shape, dims, strict=True)
-    )
-
-
-def param_rows(cfg: Config) -> list[ParamRow]:
-    grouped: dict[str, list] = defaultdict(list)
-    for path, decl in param_decl_leaves(cfg)[0]:
-        grouped[re.sub(r"^blocks/\d+/", "blocks/*/", param_path(path))].append(decl)
-    rows = []
-    for name, decls in grouped.items():
-        decl = decls[0]
-        spec = param_spec(cfg, decl.axes)
-        rows.append(
-            ParamRow(
-                name,
-                len(decls),
-                decl.stored_shape,
-                decl.axes,
-                ",".join(_mesh_text(a) for a in spec) or "-",
-                _device_shape(cfg, decl.stored_shape, decl.axes),
-            )
-        )
-    return rows
-
-
-def _mesh_text(entry) -> str:
-    """One PartitionSpec entry as text: `x`, `x+z`, or `-` for replicated."""
-    if entry is None:
-        return "-"
-    return entry if isinstance(entry, str) else "+".join(entry)
-
-
-ADAFACTOR_MIN_DIM_TO_FACTOR = 128  # optax.scale_by_factored_rms's default
-
-
-def optimizer_state_elements(cfg: Config, shape: tuple[int, ...], device_shape) -> int:
-    """Optimizer-state floats per device for one parameter of `shape` (`device_shape` on one
-    device). Moments shaped like the parameter are split like it (gpt_neo.optim.state_shardings);
-    Adafactor's factored statistics are replicated."""
-    if cfg.opt_name.lower() == "adam":
-        return 2 * math.prod(device_shape)  # first and second moments
-    # Adafactor (optax): factors the two largest dims when both reach 128, keeping a row and a
-    # column statistic plus a 1-element placeholder; else the full v and two placeholders.
-    largest = sorted(range(len(shape)), key=lambda d: shape[d])[-2:]
-    if len(shape) < 2 or shape[largest[0]] < ADAFACTOR_MIN_DIM_TO_FACTOR:
-        return math.prod(device_shape) + 2
-    size = math.prod(shape)
-    return size // shape[largest[1]] + size // shape[largest[0]] + 1
-
-
-def memory_per_device(cfg: Config) -> dict[str, int]:
-    """Bytes per device of float32 parameters and optimizer state, under the configured mesh."""
-    params = optimizer = 0
-    for row in param_rows(cfg):
-        params += row.layers * math.prod(row.device_shape)
-        optimizer += row.layers * optimizer_state_elements(cfg, row.shape, row.device_shape)
-    return {"parameters": params * BYTES_PER_PARAM, "optimizer state": optimizer * BYTES_PER_PARAM}
+from gpt_neo.mesh import mesh_axes, padded_vocab, rules
+from gpt_neo.models.gpt import FLOP_CONVENTIONS, flops_per_token, param_count
+from gpt_neo.planner import param_rows, plan
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -160,11 +74,19 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
             f"vocabulary: {cfg.n_vocab} tokens, embedding padded to {padded_vocab(cfg)} rows so "
             "that its mesh axes divide it (padding is masked out)"
         )
-    memory = memory_per_device(cfg)
+    estimate = plan(cfg)
+    remat = "on" if cfg.recompute_grad else "off"
+    parts = " + ".join(f"{name} {_bytes(size)}" for name, size in estimate.lines())
     console.print(
-        f"per-device memory ({cfg.opt_name}): parameters {_bytes(memory['parameters'])} + "
-        f"optimizer state {_bytes(memory['optimizer state'])} = "
-        f"{_bytes(sum(memory.values()))} [dim](float32; activations not included)[/dim]"
+        f"per-device memory ({cfg.opt_name}), estimated: {parts} = "
+        f"{_bytes(estimate.train_total)} per train step [dim]({cfg.precision} activations, "
+        f"recompute_grad {remat}; --topology compiles it for a TPU slice to check)[/dim]"
+    )
+    console.print(
+        f"sampling, estimated: parameters ({cfg.precision}) "
+        f"{_bytes(estimate.decode_parameters)} + KV cache {_bytes(estimate.kv_cache)} (twice: "
+        f"the decode loop's input and output) + prefill {_bytes(estimate.prefill_working_set)}"
+        f" = {_bytes(estimate.decode_total)} per device ({cfg.predict_batch_size} row(s) x n_ctx)"
     )
     table = Table(title="parameters and their sharding (- = replicated)", box=None)
     for column in ("parameter", "count", "shape", "logical axes", "mesh axes", "per device"):

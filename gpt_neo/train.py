@@ -34,9 +34,9 @@ from gpt_neo.models.gpt import abstract_params, head_inputs, init_params, trunk
 from gpt_neo.models.loss import head_loss
 from gpt_neo.objectives import MASKING_STREAM, Example, make_example
 from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
+from gpt_neo.planner import memory_per_device
 from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
 from gpt_neo.storage import write_text_atomic
-from gpt_neo.summary import memory_per_device
 
 # The data position of a checkpoint made outside training (an imported model): read from the start.
 DATA_FROM_THE_START = {"position": "start"}

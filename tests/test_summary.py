@@ -10,7 +10,7 @@ import pytest
 import gpt_neo
 from gpt_neo.hf import hf_config
 from gpt_neo.models.gpt import flops_per_token, param_count
-from gpt_neo.summary import memory_per_device, param_rows
+from gpt_neo.planner import memory_per_device, param_rows
 from gpt_neo.train import Trainer
 from main import main
 from tests.helpers import REPO, tiny_config
@@ -82,7 +82,7 @@ def test_cli_summary_prints_counts_shardings_and_runs_a_forward_pass(capsys):
     cfg = gpt_neo.load_config(REPO / "configs" / "demo.json", overrides=mesh)
     assert f"parameters: {param_count(cfg):,}" in out
     assert "6N+12LHQT" in out and "6N+6LHQT (causal)" in out
-    assert "per-device memory (adam)" in out
+    assert "per-device memory (adam), estimated: parameters" in out
     wte_row = next(line for line in out.splitlines() if line.strip().startswith("wte "))
     assert (
         "vocab,embd" in wte_row

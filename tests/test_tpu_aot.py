@@ -2,6 +2,8 @@
 .topologies`): the programs a TPU would run, TPU kernels included, so a kernel that only fails
 at Mosaic lowering fails here; and `--summary --topology`."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -83,8 +85,15 @@ def test_summary_topology_prints_the_compilers_memory_and_flops(tmp_path):
     assert process.returncode == 0, out[-3000:]
     memory = next(line for line in out.splitlines() if line.startswith("per-device memory:"))
     assert "compiled" in memory and "HBM 15.75 GiB: fits" in memory
+    estimated, compiled = (
+        float(v) for v in re.findall(r"(?:estimated|compiled) ([\d.]+) GiB", memory)
+    )
+    assert estimated > 0 and compiled > 0
     assert "compiled the train step for v5e:2x2 (4 x TPU v5 lite)" in out
     assert "roofline ESTIMATE" in out
+    sampling = next(line for line in out.splitlines() if line.startswith("compiled sampling"))
+    assert "(1 prompt(s) of 128 tokens, 128 new, KV cache)" in sampling
+    assert "HBM 15.75 GiB: fits" in sampling
 
 
 @pytest.mark.parametrize(
@@ -92,6 +101,10 @@ def test_summary_topology_prints_the_compilers_memory_and_flops(tmp_path):
     [
         (["--topology", "v9:9x9"], "--topology v9:9x9: the TPU runtime does not know it"),
         (["--topology", "v5e:2x2", "--set", "mesh_shape=x:4,y:2"], "needs 8 devices, the topology"),
+        (  # 4 layers of n_embd 8192 replicated: 100 GB of weights and Adam moments per chip
+            ["--topology", "v5e:2x2", "--set", "n_embd=8192", "--set", "n_head=64"],
+            "--topology v5e:2x2: the train step does not fit in the chips' memory: XLA needs",
+        ),
     ],
 )
 def test_bad_topologies_are_one_line(tmp_path, flags, message):
@@ -112,3 +125,23 @@ def test_bad_topologies_are_one_line(tmp_path, flags, message):
     assert done.returncode == 2, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
+
+
+TOPOLOGY = ("--topology", "v5e:2x2")
+
+
+def test_without_libtpu_the_flag_says_how_to_get_it(tmp_path):
+    model = write_config(tmp_path / "m.json", {**SPLASH, "model_path": str(tmp_path / "run")})
+    blocker = tmp_path / "blocked"
+    blocker.mkdir()
+    (blocker / "libtpu.py").write_text("raise ImportError('libtpu is not installed')\n")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--model", model, "--summary", *TOPOLOGY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(blocker)},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pip install '.[tpu]'" in errors[0]

@@ -394,7 +394,7 @@ def test_out_of_memory_is_explained_with_the_memory_estimate(
     tmp_path, dataset, monkeypatch, capsys
 ):
     from gpt_neo import train as train_module
-    from gpt_neo.summary import memory_per_device
+    from gpt_neo.planner import memory_per_device
 
     def exhausted(self, seed):
         raise jax.errors.JaxRuntimeError(

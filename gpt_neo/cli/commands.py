@@ -51,8 +51,13 @@ def summary(cfg: Config, args: argparse.Namespace) -> int:
     if args.topology:
         devices = aot.topology_devices(args.topology, args.num_slices)  # bad names: before output
         print_summary(cfg)
-        compiled = aot.compile_train_step(cfg, devices)
-        for line in aot.report(cfg, args.topology, devices, compiled):
+        where = f"{args.topology}" + (f" x {args.num_slices}" if args.num_slices > 1 else "")
+        try:
+            train = aot.compile_train_step(cfg, devices)
+        except aot.DoesNotFit as err:
+            raise ConfigError(f"--topology {where}: the train step {err}") from None
+        decode = aot.compile_decode(cfg, devices) if not cfg.mlm_training else None
+        for line in aot.report(cfg, where, devices, train, decode):
             print(line)
         return 0
     print_summary(cfg)

@@ -1,0 +1,267 @@
+"""Per-device memory of a config, from the config alone: what `--summary` estimates and what
+`layout: "auto"` ranks candidates by, held to the TPU compiler's `memory_analysis`
+(tests/test_planner.py, bench/memory_planner.py).
+
+What a train step holds on one device:
+- arguments: float32 parameters, optimizer state (both split per `layout` + `param_layout`)
+  and the batch of token ids;
+- gradients: float32, split like the parameters (twice with microbatches: the running sum
+  and the current microbatch's);
+- saved activations: with `recompute_grad`, every block's input (the residual stream,
+  [batch, seq, embd] in the compute dtype); without it, everything a block's backward pass
+  reads (its normed inputs, q/k/v, the attention output, the MLP's hidden layer before and
+  after the activation);
+- one block's working set while it is recomputed and differentiated: its weights in the
+  compute dtype (gathered whole where `param_layout` splits them), its weight gradients
+  before they are reduced, and its largest activations;
+- the output head's loss (gpt_neo.models.loss): one chunk's float32 logits, and the head
+  weights' gradient.
+
+Sizes are per device: each logical dimension divided by the mesh axes the layout splits it
+over. Decoding holds the parameters in the compute dtype and the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from gpt_neo import axes
+from gpt_neo.config import Config
+from gpt_neo.mesh import (
+    logical_dim_sizes,
+    mesh_axes,
+    param_spec,
+    rules,
+    split_size,
+)
+from gpt_neo.models.gpt import param_decl_leaves, param_path
+from gpt_neo.models.loss import CHUNK_BYTES
+
+COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+BYTES_PER_PARAM = 4  # float32 master copies, whatever the compute precision
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    name: str  # blocks/*/attn/q style, layers folded together
+    layers: int  # how many parameters share the row
+    shape: tuple[int, ...]  # as stored (the vocabulary padded, if it is)
+    axes: tuple[str | None, ...]
+    spec: str  # mesh axes per dimension, "-" where replicated
+    device_shape: tuple[int, ...]
+
+
+def _device_shape(cfg: Config, shape, dims) -> tuple[int, ...]:
+    """The per-device shape of a parameter under the parameter rules (mesh sizes from
+    mesh_shape; unknown sizes count as 1)."""
+    sizes = mesh_axes(cfg) or {}
+    table = rules(cfg).parameters
+    return tuple(
+        size // split_size(sizes, tuple(a for a in table.get(dim, ()) if a in sizes))
+        for size, dim in zip(shape, dims, strict=True)
+    )
+
+
+def param_rows(cfg: Config) -> list[ParamRow]:
+    grouped: dict[str, list] = defaultdict(list)
+    for path, decl in param_decl_leaves(cfg)[0]:
+        grouped[re.sub(r"^blocks/\d+/", "blocks/*/", param_path(path))].append(decl)
+    rows = []
+    for name, decls in grouped.items():
+        decl = decls[0]
+        spec = param_spec(cfg, decl.axes)
+        rows.append(
+            ParamRow(
+                name,
+                len(decls),
+                decl.stored_shape,
+                decl.axes,
+                ",".join(_mesh_text(a) for a in spec) or "-",
+                _device_shape(cfg, decl.stored_shape, decl.axes),
+            )
+        )
+    return rows
+
+
+def _mesh_text(entry) -> str:
+    """One PartitionSpec entry as text: `x`, `x+z`, or `-` for replicated."""
+    if entry is None:
+        return "-"
+    return entry if isinstance(entry, str) else "+".join(entry)
+
+
+ADAFACTOR_MIN_DIM_TO_FACTOR = 128  # optax.scale_by_factored_rms's default
+
+
+def optimizer_state_elements(cfg: Config, shape: tuple[int, ...], device_shape) -> int:
+    """Optimizer-state floats per device for one parameter of `shape` (`device_shape` on one
+    device). Moments shaped like the parameter are split like it (gpt_neo.optim.state_shardings);
+    Adafactor's factored statistics are replicated."""
+    if cfg.opt_name.lower() == "adam":
+        return 2 * math.prod(device_shape)  # first and second moments
+    # Adafactor (optax): factors the two largest dims when both reach 128, keeping a row and a
+    # column statistic plus a 1-element placeholder; else the full v and two placeholders.
+    largest = sorted(range(len(shape)), key=lambda d: shape[d])[-2:]
+    if len(shape) < 2 or shape[largest[0]] < ADAFACTOR_MIN_DIM_TO_FACTOR:
+        return math.prod(device_shape) + 2
+    size = math.prod(shape)
+    return size // shape[largest[1]] + size // shape[largest[0]] + 1
+
+
+def memory_per_device(cfg: Config) -> dict[str, int]:
+    """Bytes per device of float32 parameters and optimizer state, under the configured mesh."""
+    params = optimizer = 0
+    for row in param_rows(cfg):
+        params += row.layers * math.prod(row.device_shape)
+        optimizer += row.layers * optimizer_state_elements(cfg, row.shape, row.device_shape)
+    return {"parameters": params * BYTES_PER_PARAM, "optimizer state": optimizer * BYTES_PER_PARAM}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated bytes per device of one train step (and of decoding)."""
+
+    parameters: int
+    optimizer_state: int
+    batch: int
+    gradients: int
+    saved_activations: int
+    block_working_set: int  # one block's backward pass, with the output head's weights
+    loss_working_set: int  # one chunk of float32 logits (forward: before gradients exist)
+    kv_cache: int  # decoding, at n_ctx positions for predict_batch_size rows
+    prefill_working_set: int
+    decode_parameters: int  # decoding reads compute-dtype parameters
+
+    @property
+    def arguments(self) -> int:
+        return self.parameters + self.optimizer_state + self.batch
+
+    @property
+    def temporaries(self) -> int:
+        return self.gradients + self.saved_activations + self.block_working_set
+
+    @property
+    def train_total(self) -> int:
+        return self.arguments + self.temporaries
+
+    @property
+    def decode_total(self) -> int:
+        return self.decode_parameters + 2 * self.kv_cache + self.prefill_working_set
+
+    def lines(self) -> list[tuple[str, int]]:
+        return [
+            ("parameters (float32)", self.parameters),
+            ("optimizer state", self.optimizer_state),
+            ("gradients (float32)", self.gradients),
+            ("saved activations", self.saved_activations),
+            ("working set", self.block_working_set),
+            ("batch", self.batch),
+        ]
+
+
+def local_dims(cfg: Config, sizes: dict[str, int], microbatches: int = 1) -> dict[str, int]:
+    """Each logical dimension's size on one device under the activation layout."""
+    table = rules(cfg).activations
+    dims = logical_dim_sizes(cfg)
+    dims[axes.BATCH] = cfg.train_batch_size // microbatches
+    return {
+        name: -(-size // split_size(sizes, tuple(a for a in table.get(name, ()) if a in sizes)))
+        for name, size in dims.items()
+        if size is not None
+    }
+
+
+def microbatches(cfg: Config, sizes: dict[str, int]) -> int:
+    from gpt_neo.train import num_microbatches  # train imports summary: keep this one lazy
+
+    data = split_size(sizes, tuple(a for a in rules(cfg).activations.get(axes.BATCH, ())))
+    return num_microbatches(cfg, cfg.train_batch_size, data)
+
+
+def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
+    """The estimate for `cfg` on a mesh of `sizes` (default: `mesh_shape`; unset: 1 device)."""
+    sizes = sizes or mesh_axes(cfg) or {"x": 1}
+    if mesh_axes(cfg) != sizes:
+        cfg = cfg.replace(mesh_shape=",".join(f"{k}:{v}" for k, v in sizes.items()))
+    act = COMPUTE_BYTES[cfg.precision]
+    stored = memory_per_device(cfg)
+    n_micro = microbatches(cfg, sizes)
+    d = local_dims(cfg, sizes, n_micro)
+    tokens = d[axes.BATCH] * d[axes.SEQ]
+    qkv = tokens * d[axes.HEADS] * d[axes.KV]
+    hidden = tokens * d[axes.EMBD]
+    mlp = tokens * d[axes.MLP]
+    attending = sum(kind != "none" for kind in cfg.attention_types)
+
+    if cfg.recompute_grad:
+        saved = cfg.n_layer * hidden * act
+    else:
+        per_block = (4 * hidden + 4 * qkv + 2 * mlp) * act
+        saved = cfg.n_layer * per_block - (cfg.n_layer - attending) * 4 * qkv * act
+
+    layer = _weights(cfg, lambda name: name.startswith("blocks/"))
+    head = _weights(cfg, lambda name: name in ("wte", "head/kernel"))
+    block = (
+        3 * mlp * act  # the MLP's hidden layer: pre-activation, activation, its gradient
+        + layer.gathered * act  # compute-dtype weights, whole where param_layout splits them
+        + (layer.gathered - layer.local) * 4  # their gradients before the reduce-scatter
+        + head.gathered * act  # the output head's weights and gradient, likewise
+        + (head.gathered - head.local) * 4
+    )
+    loss = min(CHUNK_BYTES, tokens * d[axes.VOCAB] * 4)
+
+    grads = stored["parameters"] * (2 if n_micro > 1 else 1)
+    batch_rows = cfg.train_batch_size // split_size(
+        sizes, tuple(rules(cfg).activations.get(axes.BATCH, ()))
+    )
+    # sampling: prompts padded to the data-parallel size (gpt_neo.sample), then split like a
+    # batch; the loop carries the cache in and out (two copies), and the prefill of half the
+    # context holds one layer's attention scores over the cache
+    data = split_size(sizes, tuple(rules(cfg).activations.get(axes.BATCH, ())))
+    decode_rows = -(-cfg.predict_batch_size // data)
+    cache = 2 * attending * decode_rows * cfg.n_ctx * d[axes.HEADS] * d[axes.KV] * act
+    # (scores, their exponentials and the mask: three [rows, heads, n_ctx / 2, n_ctx] float32)
+    prefill_scores = 3 * decode_rows * d[axes.HEADS] * (cfg.n_ctx // 2) * cfg.n_ctx * 4
+    return MemoryPlan(
+        parameters=stored["parameters"],
+        optimizer_state=stored["optimizer state"],
+        batch=batch_rows * (cfg.n_ctx + 1) * 4,
+        gradients=grads,
+        saved_activations=saved,
+        block_working_set=block,
+        loss_working_set=loss,
+        kv_cache=cache,
+        prefill_working_set=prefill_scores,
+        decode_parameters=stored["parameters"] * act // 4,
+    )
+
+
+class _Weights(NamedTuple):
+    local: int  # elements on one device
+    gathered: int  # elements as the matmuls use them
+
+
+def _weights(cfg: Config, include) -> _Weights:
+    """Elements of the parameters whose summary name `include` accepts, counting one block of
+    each kind: on one device, and as the matmuls use them (split only where the activation
+    layout splits the same dimension; the rest gathered, as FSDP does)."""
+    mesh = mesh_axes(cfg) or {}
+    acts = rules(cfg).activations
+    local = gathered = 0
+    for row in param_rows(cfg):
+        if not include(row.name):
+            continue
+        local += math.prod(row.device_shape)
+        gathered += math.prod(
+            size // split_size(mesh, tuple(a for a in acts.get(dim, ()) if a in mesh))
+            if dim
+            else size
+            for size, dim in zip(row.shape, row.axes, strict=True)
+        )
+    return _Weights(local, gathered)
