@@ -177,9 +177,19 @@ def local_dims(cfg: Config, sizes: dict[str, int], microbatches: int = 1) -> dic
     }
 
 
-def microbatches(cfg: Config, sizes: dict[str, int]) -> int:
-    from gpt_neo.train import num_microbatches  # train imports summary: keep this one lazy
+def num_microbatches(cfg: Config, batch_size: int, data_parallel: int) -> int:
+    """GPT-Neo's `tokens_per_mb_per_replica`: sequences per microbatch = tokens // n_ctx,
+    lowered until it divides the per-replica batch."""
+    per_replica = batch_size // data_parallel
+    if not cfg.tokens_per_mb_per_replica:
+        return 1
+    size = max(1, min(per_replica, cfg.tokens_per_mb_per_replica // cfg.n_ctx))
+    while per_replica % size:
+        size -= 1
+    return per_replica // size
 
+
+def microbatches(cfg: Config, sizes: dict[str, int]) -> int:
     data = split_size(sizes, tuple(a for a in rules(cfg).activations.get(axes.BATCH, ())))
     return num_microbatches(cfg, cfg.train_batch_size, data)
 

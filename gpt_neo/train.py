@@ -34,7 +34,7 @@ from gpt_neo.models.gpt import abstract_params, head_inputs, init_params, trunk
 from gpt_neo.models.loss import head_loss
 from gpt_neo.objectives import MASKING_STREAM, Example, make_example
 from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
-from gpt_neo.planner import memory_per_device
+from gpt_neo.planner import memory_per_device, num_microbatches
 from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
 from gpt_neo.storage import write_text_atomic
 
@@ -93,18 +93,6 @@ def uses_randomness(cfg: Config) -> bool:
     if hp.moe_gating == "rand_1":
         return hp.moe_rand_1_policy_train != "argmax" or hp.moe_dropout_rate > 0
     return hp.moe_dropout_rate > 0
-
-
-def num_microbatches(cfg: Config, batch_size: int, data_parallel: int) -> int:
-    """GPT-Neo's `tokens_per_mb_per_replica`: sequences per microbatch = tokens // n_ctx,
-    lowered until it divides the per-replica batch."""
-    per_replica = batch_size // data_parallel
-    if not cfg.tokens_per_mb_per_replica:
-        return 1
-    size = max(1, min(per_replica, cfg.tokens_per_mb_per_replica // cfg.n_ctx))
-    while per_replica % size:
-        size -= 1
-    return per_replica // size
 
 
 def split_microbatches(batch, n_micro: int, data_parallel: int):

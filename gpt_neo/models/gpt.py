@@ -232,27 +232,12 @@ def transformer(
 
 
 def transformer_with_stats(
-    cfg: Config,
-    params: dict,
-    tokens: jax.Array,
-    *,
-    positions: jax.Array | None = None,
-    rng: jax.Array | None = None,
-    cache: DecodeCache | None = None,
-    train: bool | None = None,
+    cfg: Config, params: dict, tokens: jax.Array, **options
 ) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
-    """The whole model: (logits, cache, {MoE layer index: MoeStats}).
-
-    tokens [batch, seq] int -> logits [batch, seq, padded vocab] float32 (rows past n_vocab,
-    if the vocabulary is padded, hold a huge negative number: never predicted or sampled).
-    `positions` [batch, seq] picks position-embedding rows (default 0..seq-1). `rng` enables
-    dropout. `train` (default: whether `rng` is given) picks MoE layers' training capacity and
-    routing policies. With `cache`, attention reads and extends it (decoding); the updated
-    cache is returned. Pure; trace under `jax.set_mesh(mesh)` for sharded activations.
-    """
-    x, cache, moe_stats = trunk(
-        cfg, params, tokens, positions=positions, rng=rng, cache=cache, train=train
-    )
+    """The whole model: (logits, cache, {MoE layer index: MoeStats}); `trunk` documents
+    `options`. Logits are [batch, seq, padded vocab] float32 (rows past n_vocab, if the
+    vocabulary is padded, hold a huge negative number: never predicted or sampled)."""
+    x, cache, moe_stats = trunk(cfg, params, tokens, **options)
     return head(cfg, params, x), cache, moe_stats
 
 
@@ -266,9 +251,13 @@ def trunk(
     cache: DecodeCache | None = None,
     train: bool | None = None,
 ) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
-    """`transformer_with_stats` up to the output head: the residual stream after the last
-    block [batch, seq, embd] in the compute dtype, the cache, the MoE layers' reports.
+    """The model up to the output head: (the residual stream after the last block [batch,
+    seq, embd] in the compute dtype, cache, {MoE layer index: MoeStats}).
 
+    `positions` [batch, seq] picks position-embedding rows (default 0..seq-1). `rng` enables
+    dropout. `train` (default: whether `rng` is given) picks MoE layers' training capacity and
+    routing policies. With `cache`, attention reads and extends it (decoding); the updated
+    cache is returned. Pure; trace under `jax.set_mesh(mesh)` for sharded activations.
     Each block casts its own weights to the compute dtype (inside its remat scope, when
     `recompute_grad`), so no compute-dtype copy of the whole model is ever live at once."""
     t = tokens.shape[1]
