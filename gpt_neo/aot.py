@@ -25,7 +25,6 @@ from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import (
     activation_sharding,
-    activation_spec,
     data_parallel_size,
     make_mesh,
     mesh_axes,
@@ -33,7 +32,7 @@ from gpt_neo.mesh import (
 )
 from gpt_neo.metrics import FLOP_CONVENTION, PEAK_BF16_FLOPS
 from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token
-from gpt_neo.models.loss import loss_chunks
+from gpt_neo.models.loss import logits_split, loss_chunks
 from gpt_neo.planner import plan
 from gpt_neo.train import Trainer
 
@@ -169,13 +168,8 @@ def _has_loop_over(program_text: str, trips: int) -> bool:
 def head_flops(cfg: Config, batch: int, mesh) -> float:
     """Per-device FLOPs of the output head's three matmuls (logits, their gradients with
     respect to the hidden states and to the weights) for `batch` sequences."""
-    spec = activation_spec(cfg, axes.LOGITS)
-    sizes = dict(mesh.shape)
-    pieces = 1
-    for entry in spec:
-        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-        pieces *= math.prod(sizes[n] for n in names)
-    return 3 * 2 * batch * cfg.n_ctx * padded_vocab(cfg) * cfg.n_embd / pieces
+    work = 3 * 2 * batch * cfg.n_ctx * padded_vocab(cfg) * cfg.n_embd
+    return work / logits_split(cfg, dict(mesh.shape))
 
 
 def compile_decode(cfg: Config, devices: list) -> Compiled:

@@ -161,6 +161,12 @@ def split_size(sizes: dict[str, int], mesh_list: MeshAxes) -> int:
     return math.prod(sizes[a] for a in mesh_list)
 
 
+def pieces(sizes: dict[str, int], table: dict[str, MeshAxes], dim: str | None) -> int:
+    """How many pieces `table` (a rule table of `rules`) cuts logical dimension `dim` into on a
+    mesh of `sizes`; mesh axes the mesh does not have count as 1."""
+    return split_size(sizes, tuple(a for a in table.get(dim, ()) if a in sizes)) if dim else 1
+
+
 def padded_vocab(cfg: Config) -> int:
     """Embedding rows: n_vocab, padded up to a multiple of `vocab_pad_multiple` when that is
     set, else, when `vocab` is split over mesh axes that do not divide n_vocab, to the

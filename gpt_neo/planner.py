@@ -14,8 +14,9 @@ What a train step holds on one device:
 - one block's working set while it is recomputed and differentiated: its weights in the
   compute dtype (gathered whole where `param_layout` splits them), its weight gradients
   before they are reduced, and its largest activations;
-- the output head's loss (gpt_neo.models.loss): one chunk's float32 logits, and the head
-  weights' gradient.
+- the output head's weights in the compute dtype and their gradient, likewise (its loss,
+  gpt_neo.models.loss, keeps one chunk of float32 logits, in the forward pass, before any
+  gradient exists: not a term of the peak).
 
 Sizes are per device: each logical dimension divided by the mesh axes the layout splits it
 over. Decoding holds the parameters in the compute dtype and the KV cache.
@@ -29,20 +30,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import jax.numpy as jnp
+
 from gpt_neo import axes
 from gpt_neo.config import Config
-from gpt_neo.mesh import (
-    logical_dim_sizes,
-    mesh_axes,
-    param_spec,
-    rules,
-    split_size,
-)
-from gpt_neo.models.gpt import param_decl_leaves, param_path
-from gpt_neo.models.loss import CHUNK_BYTES
-
-COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
-
+from gpt_neo.mesh import logical_dim_sizes, mesh_axes, param_spec, pieces, rules
+from gpt_neo.models.gpt import COMPUTE_DTYPES, param_decl_leaves, param_path
 
 BYTES_PER_PARAM = 4  # float32 master copies, whatever the compute precision
 
@@ -62,10 +55,7 @@ def _device_shape(cfg: Config, shape, dims) -> tuple[int, ...]:
     mesh_shape; unknown sizes count as 1)."""
     sizes = mesh_axes(cfg) or {}
     table = rules(cfg).parameters
-    return tuple(
-        size // split_size(sizes, tuple(a for a in table.get(dim, ()) if a in sizes))
-        for size, dim in zip(shape, dims, strict=True)
-    )
+    return tuple(size // pieces(sizes, table, dim) for size, dim in zip(shape, dims, strict=True))
 
 
 def param_rows(cfg: Config) -> list[ParamRow]:
@@ -133,7 +123,6 @@ class MemoryPlan:
     gradients: int
     saved_activations: int
     block_working_set: int  # one block's backward pass, with the output head's weights
-    loss_working_set: int  # one chunk of float32 logits (forward: before gradients exist)
     kv_cache: int  # decoding, at n_ctx positions for predict_batch_size rows
     prefill_working_set: int
     decode_parameters: int  # decoding reads compute-dtype parameters
@@ -171,7 +160,7 @@ def local_dims(cfg: Config, sizes: dict[str, int], microbatches: int = 1) -> dic
     dims = logical_dim_sizes(cfg)
     dims[axes.BATCH] = cfg.train_batch_size // microbatches
     return {
-        name: -(-size // split_size(sizes, tuple(a for a in table.get(name, ()) if a in sizes)))
+        name: -(-size // pieces(sizes, table, name))
         for name, size in dims.items()
         if size is not None
     }
@@ -189,19 +178,15 @@ def num_microbatches(cfg: Config, batch_size: int, data_parallel: int) -> int:
     return per_replica // size
 
 
-def microbatches(cfg: Config, sizes: dict[str, int]) -> int:
-    data = split_size(sizes, tuple(a for a in rules(cfg).activations.get(axes.BATCH, ())))
-    return num_microbatches(cfg, cfg.train_batch_size, data)
-
-
 def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     """The estimate for `cfg` on a mesh of `sizes` (default: `mesh_shape`; unset: 1 device)."""
     sizes = sizes or mesh_axes(cfg) or {"x": 1}
     if mesh_axes(cfg) != sizes:
         cfg = cfg.replace(mesh_shape=",".join(f"{k}:{v}" for k, v in sizes.items()))
-    act = COMPUTE_BYTES[cfg.precision]
+    act = jnp.dtype(COMPUTE_DTYPES[cfg.precision]).itemsize
     stored = memory_per_device(cfg)
-    n_micro = microbatches(cfg, sizes)
+    data = pieces(sizes, rules(cfg).activations, axes.BATCH)  # data-parallel replicas
+    n_micro = num_microbatches(cfg, cfg.train_batch_size, data)
     d = local_dims(cfg, sizes, n_micro)
     tokens = d[axes.BATCH] * d[axes.SEQ]
     qkv = tokens * d[axes.HEADS] * d[axes.KV]
@@ -224,16 +209,11 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
         + head.gathered * act  # the output head's weights and gradient, likewise
         + (head.gathered - head.local) * 4
     )
-    loss = min(CHUNK_BYTES, tokens * d[axes.VOCAB] * 4)
 
     grads = stored["parameters"] * (2 if n_micro > 1 else 1)
-    batch_rows = cfg.train_batch_size // split_size(
-        sizes, tuple(rules(cfg).activations.get(axes.BATCH, ()))
-    )
     # sampling: prompts padded to the data-parallel size (gpt_neo.sample), then split like a
     # batch; the loop carries the cache in and out (two copies), and the prefill of half the
     # context holds one layer's attention scores over the cache
-    data = split_size(sizes, tuple(rules(cfg).activations.get(axes.BATCH, ())))
     decode_rows = -(-cfg.predict_batch_size // data)
     cache = 2 * attending * decode_rows * cfg.n_ctx * d[axes.HEADS] * d[axes.KV] * act
     # (scores, their exponentials and the mask: three [rows, heads, n_ctx / 2, n_ctx] float32)
@@ -241,11 +221,10 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     return MemoryPlan(
         parameters=stored["parameters"],
         optimizer_state=stored["optimizer state"],
-        batch=batch_rows * (cfg.n_ctx + 1) * 4,
+        batch=cfg.train_batch_size // data * (cfg.n_ctx + 1) * 4,
         gradients=grads,
         saved_activations=saved,
         block_working_set=block,
-        loss_working_set=loss,
         kv_cache=cache,
         prefill_working_set=prefill_scores,
         decode_parameters=stored["parameters"] * act // 4,
@@ -269,9 +248,6 @@ def _weights(cfg: Config, include) -> _Weights:
             continue
         local += math.prod(row.device_shape)
         gathered += math.prod(
-            size // split_size(mesh, tuple(a for a in acts.get(dim, ()) if a in mesh))
-            if dim
-            else size
-            for size, dim in zip(row.shape, row.axes, strict=True)
+            size // pieces(mesh, acts, dim) for size, dim in zip(row.shape, row.axes, strict=True)
         )
     return _Weights(local, gathered)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt_neo import axes
-from gpt_neo.mesh import activation_spec, split_size
+from gpt_neo.mesh import pieces, rules
 from gpt_neo.models.attention import MASK_VALUE  # also the logit of padding rows: never predicted
 
 # Per-device bytes of one chunk's float32 logits: a few of these are live at once (logits,
@@ -77,16 +77,17 @@ def head_loss(
 def loss_chunks(cfg, batch: int, seq: int, vocab: int) -> int:
     """How many pieces to cut the sequence into so that one piece's float32 logits take at
     most `CHUNK_BYTES` per device (the fewest such pieces that divide the sequence)."""
-    pieces = 1
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        sizes = dict(mesh.shape)
-        for entry in activation_spec(cfg, axes.LOGITS):
-            names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-            pieces *= split_size(sizes, tuple(n for n in names if n in sizes))
-    local_bytes = batch * seq * vocab * 4 / pieces
+    split = 1 if mesh.empty else logits_split(cfg, dict(mesh.shape))
+    local_bytes = batch * seq * vocab * 4 / split
     wanted = max(1, math.ceil(local_bytes / CHUNK_BYTES))
     return next(n for n in range(wanted, seq + 1) if seq % n == 0)
+
+
+def logits_split(cfg, sizes: dict[str, int]) -> int:
+    """Devices a batch's logits are spread over (batch, sequence and vocabulary splits)."""
+    table = rules(cfg).activations
+    return math.prod(pieces(sizes, table, dim) for dim in axes.LOGITS)
 
 
 class _Static(NamedTuple):
