@@ -20,6 +20,7 @@ _LAZY = {
     "init_params": "gpt_neo.models.gpt",
     "apply": "gpt_neo.models.gpt",
     "generate": "gpt_neo.sample",
+    "choose_layout": "gpt_neo.auto_layout",
 }
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "DataError",
     "UserError",
     "apply",
+    "choose_layout",
     "generate",
     "hf",
     "init_params",

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gpt_neo import axes
+from gpt_neo import axes, hardware
 from gpt_neo import sample as sample_lib
 from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError
@@ -30,22 +30,12 @@ from gpt_neo.mesh import (
     mesh_axes,
     padded_vocab,
 )
-from gpt_neo.metrics import FLOP_CONVENTION, PEAK_BF16_FLOPS
+from gpt_neo.metrics import FLOP_CONVENTION
 from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token
 from gpt_neo.models.loss import logits_split, loss_chunks
 from gpt_neo.planner import plan
 from gpt_neo.train import Trainer
 
-# Per-chip HBM that programs may use (bytes), by jax's device_kind.
-HBM_BYTES = {
-    "TPU v2": 8 * 2**30,
-    "TPU v3": 16 * 2**30,
-    "TPU v4": 32 * 2**30,
-    "TPU v5 lite": int(15.75 * 2**30),
-    "TPU v5p": 95 * 2**30,
-    "TPU v5": 95 * 2**30,
-    "TPU v6 lite": 32 * 2**30,
-}
 EXAMPLES = "v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x4, v6e:4x4"
 
 
@@ -202,8 +192,8 @@ def compile_decode(cfg: Config, devices: list) -> Compiled:
 
 
 def hbm_bytes(devices: list) -> int | None:
-    """Per-chip HBM that programs may use, or None for a chip this table does not know."""
-    return HBM_BYTES.get(devices[0].device_kind)
+    """Per-chip HBM that programs may use, or None for a chip `gpt_neo.hardware` does not know."""
+    return hardware.memory_limit(devices[0])
 
 
 def report(
@@ -221,7 +211,7 @@ def report(
     hbm_text = f"HBM {hbm / gib:.2f} GiB" if hbm else f"HBM unknown for {kind}"
     tokens = cfg.train_batch_size * cfg.n_ctx
     model_flops = flops_per_token(cfg, FLOP_CONVENTION) * tokens / len(devices)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
+    peak = known.peak_flops if (known := hardware.chip(kind)) else None
     lines = [
         f"compiled the train step for {topology} ({len(devices)} x {kind}) in "
         f"{train.seconds:.1f}s; per device: arguments {train.arguments / gib:.2f} GiB, "
@@ -270,7 +260,8 @@ def _out_of_memory(error: Exception) -> DoesNotFit | None:
         else ""
     )
     return DoesNotFit(
-        f"does not fit in the chips' memory{what}. Split the weights over more chips (FSDP: "
+        f'does not fit in the chips\' memory{what}. Let the library search ("layout": "auto"), '
+        "split the weights over more chips (FSDP: "
         '"param_layout": "embd:x"), set "recompute_grad": true, lower train_batch_size or set '
         "tokens_per_mb_per_replica (microbatches), or use a bigger slice"
     )

@@ -248,16 +248,19 @@ class Config:
     keep_checkpoints: int = 5
     """How many of the newest checkpoints to keep under model_path. Not a GPT-Neo key."""
     mesh_shape: str | None = None
-    """`"x:4,y:2"`: named mesh axes and their sizes; missing means all devices on one axis `x`."""
+    """`"x:4,y:2"`: named mesh axes and their sizes; missing means all devices on one axis `x`.
+    `"auto"`: chosen for the devices at hand, with `layout` and `param_layout` (see
+    `gpt_neo.auto_layout`)."""
     layout: str | None = None
     """`"batch:x,heads:y"`: dimension -> mesh axis rules for activations, and for parameters
     unless `param_layout` says otherwise; missing means `batch` on the first mesh axis. A
-    dimension may be split over several mesh axes: `batch:x+z`."""
+    dimension may be split over several mesh axes: `batch:x+z`. `"auto"`: chosen for the given
+    mesh, with `param_layout`."""
     param_layout: str | None = None
     """Rules for parameters (and their gradients and optimizer state), same syntax as `layout`,
     applied on top of it: `"embd:x"` with `layout` `"batch:x"` shards every weight over the
     data-parallel axis (FSDP / ZeRO-3) while activations stay split by batch. Missing means
-    parameters follow `layout`. Not a GPT-Neo key."""
+    parameters follow `layout`; `"auto"`: FSDP or not, chosen. Not a GPT-Neo key."""
     vocab_pad_multiple: int | None = None
     """Pad the embedding to a multiple of this many rows. Missing means: pad only when `vocab`
     is split over mesh axes that do not divide n_vocab, to the smallest multiple of 128 that
@@ -676,7 +679,40 @@ def _one_of(source: str, key: str, value: str, allowed) -> None:
         )
 
 
+AUTO = "auto"
+LAYOUT_KEYS = ("mesh_shape", "layout", "param_layout")  # each names what the next one uses
+
+
+def auto_keys(cfg: Config) -> tuple[str, ...]:
+    """The keys `gpt_neo.auto_layout` chooses: the layout keys set to "auto" and the unset
+    ones after them, and `tokens_per_mb_per_replica` when it is unset too."""
+    chosen: list[str] = []
+    for key in LAYOUT_KEYS:
+        value = getattr(cfg, key)
+        if value == AUTO or (chosen and value is None):
+            chosen.append(key)
+    if chosen and cfg.tokens_per_mb_per_replica is None:
+        chosen.append("tokens_per_mb_per_replica")
+    return tuple(chosen)
+
+
+def _validate_auto(cfg: Config, source: str) -> None:
+    """A value after an "auto" one would name mesh axes or rules the search has not chosen."""
+    auto = None
+    for key in LAYOUT_KEYS:
+        value = getattr(cfg, key)
+        if value == AUTO:
+            auto = auto or key
+        elif auto and value is not None:
+            raise ConfigError(
+                f"{source}: {auto} is \"auto\" but {key} is '{value}', which depends on what "
+                f'the search chooses. Set {key} to "auto" too (or remove it), or set {auto} '
+                "yourself."
+            )
+
+
 def _validate(cfg: Config, source: str) -> None:
+    _validate_auto(cfg, source)
     for key in ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "local_attention_radius"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(cfg, key)}")

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gpt_neo import axes
-from gpt_neo.config import Config
+from gpt_neo.config import AUTO, LAYOUT_KEYS, Config, auto_keys
 from gpt_neo.errors import ConfigError
 
 VOCAB_ALIGNMENT = 128  # default padding multiple: whole MXU tiles / tensor-core tiles
@@ -85,7 +85,16 @@ def parse_mesh_shape(mesh_shape: str, source: str = "config") -> dict[str, int]:
 
 def mesh_axes(cfg: Config, source: str = "config") -> dict[str, int] | None:
     """The configured mesh axes, or None when `mesh_shape` is unset (sized at `make_mesh`)."""
+    _require_chosen(cfg)
     return None if cfg.mesh_shape is None else parse_mesh_shape(cfg.mesh_shape, source)
+
+
+def _require_chosen(cfg: Config) -> None:
+    if keys := [k for k in LAYOUT_KEYS if getattr(cfg, k) == AUTO]:
+        raise ConfigError(
+            f"{' and '.join(keys)} 'auto' must be chosen for the devices before a mesh is made: "
+            "cfg = gpt_neo.choose_layout(cfg) (the command line does this for you)"
+        )
 
 
 def _parse_rules(text: str, key: str, known: list[str], source: str) -> dict[str, MeshAxes]:
@@ -129,7 +138,7 @@ def _parse_rules(text: str, key: str, known: list[str], source: str) -> dict[str
 @functools.lru_cache(maxsize=256)
 def rules(cfg: Config, source: str = "config") -> Rules:
     """The rule tables of `cfg` (default layout: `batch` on the first mesh axis)."""
-    sizes = mesh_axes(cfg, source)
+    sizes = mesh_axes(cfg, source)  # refuses "auto" values
     known = list(sizes) if sizes else ["x"]
     layout = cfg.layout if cfg.layout is not None else f"batch:{known[0]}"
     activations = _parse_rules(layout, "layout", known, source)
@@ -194,7 +203,10 @@ def _vocab_split(cfg: Config) -> int:
 def check_layout(cfg: Config, source: str = "config", sizes: dict[str, int] | None = None) -> None:
     """Refuse a layout that cannot work, before anything is compiled: unknown names or mesh
     axes, one tensor split twice over a mesh axis, a dimension its mesh axes do not divide.
-    `sizes` are the mesh's axis sizes (default: from `mesh_shape`). Raises `ConfigError`."""
+    `sizes` are the mesh's axis sizes (default: from `mesh_shape`). "auto" keys pass: the search
+    (`gpt_neo.auto_layout`) checks each candidate. Raises `ConfigError`."""
+    if auto_keys(cfg):
+        return
     tables = rules(cfg, source)
     param_key = "param_layout (on top of layout)" if cfg.param_layout else "layout"
     _check_tensors(tables.activations, axes.ACTIVATIONS, "layout", source)

@@ -19,36 +19,19 @@ import time
 import jax
 import numpy as np
 
-from gpt_neo import compilation_cache, storage
+from gpt_neo import compilation_cache, hardware, storage
 from gpt_neo.config import Config, to_dict
 from gpt_neo.models.gpt import flops_per_token
 from gpt_neo.storage import join, tf
 
 FLOP_CONVENTION = "6N+12LHQT"
-PEAK_BF16_FLOPS = {  # dense, per chip / GPU
-    "TPU v2": 45e12,
-    "TPU v3": 123e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-}
 
 
 def peak_flops_per_device() -> tuple[float, str]:
     """(FLOP/s, where the number comes from) for one of this process's devices."""
     kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_BF16_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak, f"{kind} bf16 peak"
+    if known := hardware.chip(kind):
+        return known.peak_flops, f"{kind} bf16 peak"
     return measured_matmul_flops() / jax.local_device_count(), "measured f32 matmul"
 
 

@@ -126,6 +126,7 @@ class MemoryPlan:
     kv_cache: int  # decoding, at n_ctx positions for predict_batch_size rows
     prefill_working_set: int
     decode_parameters: int  # decoding reads compute-dtype parameters
+    decode_gathered: int  # ... and gathered whole, where param_layout splits them
 
     @property
     def arguments(self) -> int:
@@ -141,7 +142,12 @@ class MemoryPlan:
 
     @property
     def decode_total(self) -> int:
-        return self.decode_parameters + 2 * self.kv_cache + self.prefill_working_set
+        return (
+            self.decode_parameters
+            + self.decode_gathered
+            + 2 * self.kv_cache
+            + self.prefill_working_set
+        )
 
     def lines(self) -> list[tuple[str, int]]:
         return [
@@ -200,8 +206,9 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
         per_block = (4 * hidden + 4 * qkv + 2 * mlp) * act
         saved = cfg.n_layer * per_block - (cfg.n_layer - attending) * 4 * qkv * act
 
-    layer = _weights(cfg, lambda name: name.startswith("blocks/"))
-    head = _weights(cfg, lambda name: name in ("wte", "head/kernel"))
+    layer = weights(cfg, lambda name: name.startswith("blocks/"))
+    head = weights(cfg, lambda name: name in ("wte", "head/kernel"))
+    every = weights(cfg, every_layer=True)
     block = (
         3 * mlp * act  # the MLP's hidden layer: pre-activation, activation, its gradient
         + layer.gathered * act  # compute-dtype weights, whole where param_layout splits them
@@ -228,26 +235,30 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
         kv_cache=cache,
         prefill_working_set=prefill_scores,
         decode_parameters=stored["parameters"] * act // 4,
+        # the compiler hoists FSDP's weight gathers out of the decode loop: every weight is
+        # gathered whole at once, beside its shard
+        decode_gathered=every.gathered * act if every.gathered > every.local else 0,
     )
 
 
-class _Weights(NamedTuple):
+class Weights(NamedTuple):
     local: int  # elements on one device
     gathered: int  # elements as the matmuls use them
 
 
-def _weights(cfg: Config, include) -> _Weights:
-    """Elements of the parameters whose summary name `include` accepts, counting one block of
-    each kind: on one device, and as the matmuls use them (split only where the activation
-    layout splits the same dimension; the rest gathered, as FSDP does)."""
+def weights(cfg: Config, include=lambda name: True, every_layer: bool = False) -> Weights:
+    """Elements of the parameters whose summary name `include` accepts (one block of each
+    kind, or `every_layer`): on one device, and as the matmuls use them (split only where the
+    activation layout splits the same dimension; the rest gathered, as FSDP does)."""
     mesh = mesh_axes(cfg) or {}
     acts = rules(cfg).activations
     local = gathered = 0
     for row in param_rows(cfg):
         if not include(row.name):
             continue
-        local += math.prod(row.device_shape)
-        gathered += math.prod(
+        count = row.layers if every_layer else 1
+        local += count * math.prod(row.device_shape)
+        gathered += count * math.prod(
             size // pieces(mesh, acts, dim) for size, dim in zip(row.shape, row.axes, strict=True)
         )
-    return _Weights(local, gathered)
+    return Weights(local, gathered)

@@ -84,7 +84,13 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
     )
     console.print(
         f"sampling, estimated: parameters ({cfg.precision}) "
-        f"{_bytes(estimate.decode_parameters)} + KV cache {_bytes(estimate.kv_cache)} (twice: "
+        f"{_bytes(estimate.decode_parameters)}"
+        + (
+            f" + gathered whole {_bytes(estimate.decode_gathered)}"
+            if estimate.decode_gathered
+            else ""
+        )
+        + f" + KV cache {_bytes(estimate.kv_cache)} (twice: "
         f"the decode loop's input and output) + prefill {_bytes(estimate.prefill_working_set)}"
         f" = {_bytes(estimate.decode_total)} per device ({cfg.predict_batch_size} row(s) x n_ctx)"
     )

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 
 import gpt_neo
-from gpt_neo import aot, compilation_cache
+from gpt_neo import aot, auto_layout, compilation_cache
 from gpt_neo import evaluate as eval_tasks
 from gpt_neo import train as training
 from gpt_neo.checkpoint import Checkpointer, load_params
-from gpt_neo.config import Config, require_causal
+from gpt_neo.config import Config, auto_keys, require_causal
 from gpt_neo.dataset_config import model_dataset, model_tokenizer
 from gpt_neo.errors import EXIT_DIVERGED, ConfigError, DataError
 from gpt_neo.hf import export_hf
@@ -47,13 +47,26 @@ def check_dataset(cfg: Config, args: argparse.Namespace) -> int:
 # --summary
 
 
+def choose_layout(cfg: Config, args: argparse.Namespace, *, confirm: bool) -> Config:
+    """`cfg` with its "auto" layout keys chosen for the devices present (`--summary
+    --topology` chooses for the slice instead, in `summary`). `confirm`: compile the winner."""
+    if args.check_dataset or (args.summary and args.topology):
+        return cfg
+    return auto_layout.choose_layout(cfg, confirm=confirm)
+
+
 def summary(cfg: Config, args: argparse.Namespace) -> int:
     if args.topology:
         devices = aot.topology_devices(args.topology, args.num_slices)  # bad names: before output
-        print_summary(cfg)
         where = f"{args.topology}" + (f" x {args.num_slices}" if args.num_slices > 1 else "")
+        train = None
+        if auto_keys(cfg):
+            choice = auto_layout.choose(cfg, devices)
+            print("\n".join(choice.lines()))
+            cfg, train = choice.cfg, choice.compiled
+        print_summary(cfg)
         try:
-            train = aot.compile_train_step(cfg, devices)
+            train = train or aot.compile_train_step(cfg, devices)
         except aot.DoesNotFit as err:
             raise ConfigError(f"--topology {where}: the train step {err}") from None
         decode = aot.compile_decode(cfg, devices) if not cfg.mlm_training else None

@@ -201,6 +201,8 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = commands.load(args)
     commands.enable_compilation_cache(cfg, args)
+    # "auto" layouts: training and --summary compile the winner first; the rest only rank
+    cfg = commands.choose_layout(cfg, args, confirm=training(args) or args.summary)
     if args.check_dataset:
         return commands.check_dataset(cfg, args)
     if args.summary:

@@ -1,0 +1,452 @@
+"""`"mesh_shape": "auto"`, `"layout": "auto"`, `"param_layout": "auto"`: the library chooses
+how to split a run over the devices present, or over a TPU slice named by `--topology`.
+
+The search has three steps:
+1. **Enumerate** every way to give each mesh axis a job, with the options that go with it:
+   - data parallel: the axis splits the batch;
+   - tensor parallel, Megatron-style: it splits attention heads, the MLP's hidden layer and the
+     vocabulary (and each expert's hidden layer);
+   - FSDP or not: weights split over the data axes too, `param_layout: "embd:<data axes>"`;
+   - for MoE models, experts over the data axes (expert parallelism) or not;
+   - microbatches (`tokens_per_mb_per_replica`), when that key is unset.
+   `mesh.check_layout` drops what cannot work (a dimension its axes do not divide).
+2. **Rank** by whether the planner's memory fits the chip (its accuracy against the compiler,
+   `PLANNER_MARGIN`, separates "fits" from "may fit"), then by a roofline estimate of the step
+   time (`estimate`), then by fewer microbatches, fewer bytes sent and less memory.
+3. **Confirm** by compiling the best candidate's train step for those devices (a TPU slice's
+   ahead of time, or the ones present) and keeping it if the compiler's memory fits the chip;
+   else the next one, `CONFIRM_TRIES` at most.
+
+With `mesh_shape: "auto"` the mesh axes are called `data` and `tensor`; with a given
+`mesh_shape`, only its axes' jobs are chosen. The result is an ordinary config: the chosen
+values are printed, recorded with the run, and can be pinned in the JSON to skip the search.
+
+The estimate is a roofline, not a measurement: matmuls at the chip's peak, tensor-parallel
+all-reduces and MoE all-to-alls on the critical path, gradient all-reduces (or FSDP's gathers
+and reduce-scatters) overlapped with compute, all at the chip's link bandwidth
+(`gpt_neo.hardware`). Across slices (`--num_slices`) the data axis is outermost, so it spans
+them; the slower data-centre network between slices is not modelled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+
+from gpt_neo import aot, axes, hardware
+from gpt_neo.config import AUTO, Config, auto_keys
+from gpt_neo.errors import ConfigError
+from gpt_neo.mesh import check_layout, mesh_axes, parse_mesh_shape, pieces, rules
+from gpt_neo.metrics import FLOP_CONVENTION
+from gpt_neo.models.gpt import COMPUTE_DTYPES, flops_per_token
+from gpt_neo.planner import MemoryPlan, memory_per_device, num_microbatches, plan, weights
+
+DATA_AXIS, TENSOR_AXIS = "data", "tensor"  # the axes of a mesh the search shapes
+TENSOR_DIMS = ("heads", "intermediate_expanded", "vocab")  # Megatron's splits, GPT-Neo names
+PLANNER_MARGIN = 0.10  # the planner against the compiler (tests/test_planner.py)
+CONFIRM_TRIES = 3
+MAX_MICROBATCHES = 64
+SHOWN = 5
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Split:
+    """One way to split a run: the mesh, which axes carry which job, and the options."""
+
+    mesh: tuple[tuple[str, int], ...]  # (axis, size), outermost first
+    data: tuple[str, ...]  # axes that split the batch
+    tensor: tuple[str, ...]  # axes that split heads, MLP hidden and vocabulary
+    fsdp: bool = False
+    experts_on_data: bool = False
+    microbatches: int = 1
+
+    def describe(self) -> str:
+        jobs = [
+            f"{name}:{size} {'data' if name in self.data else 'tensor'}-parallel"
+            for name, size in self.mesh
+            if name in self.data + self.tensor
+        ]
+        text = " + ".join(jobs) or "one device"
+        if self.fsdp:
+            text += ", FSDP"
+        if self.experts_on_data:
+            text += ", experts on the data axes"
+        if self.microbatches > 1:
+            text += f", {self.microbatches} microbatches"
+        return text
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Roofline seconds of one train step on one device (see the module docstring)."""
+
+    compute: float  # matmuls at the chip's peak, recomputation included
+    memory: float  # HBM traffic: weights read per microbatch and pass, the optimizer update
+    data: float  # gradient all-reduces / FSDP gathers and reduce-scatters
+    tensor: float  # tensor-parallel all-reduces of activations: on the critical path
+    experts: float  # MoE all-to-alls of tokens: on the critical path
+    bytes_sent: float
+
+    @property
+    def seconds(self) -> float:
+        # compute, HBM traffic and gradient traffic overlap: the slowest bounds the step
+        return max(self.compute, self.memory, self.data) + self.tensor + self.experts
+
+    def why(self) -> str:
+        overlapped = {"compute": self.compute, "HBM": self.memory, "gradient traffic": self.data}
+        bound = max(overlapped, key=overlapped.get)
+        hidden = [f"{name} {_ms(t)}" for name, t in overlapped.items() if name != bound and t]
+        text = f"{bound} {_ms(overlapped[bound])}"
+        if hidden:
+            text += f" (under it: {', '.join(hidden)})"
+        if self.tensor:
+            text += f" + tensor all-reduces {_ms(self.tensor)}"
+        if self.experts:
+            text += f" + expert all-to-alls {_ms(self.experts)}"
+        return text
+
+
+@dataclass(frozen=True)
+class Candidate:
+    split: Split
+    cfg: Config  # the config with the split's values
+    memory: MemoryPlan
+    cost: Estimate
+    limit: int | None  # bytes per device, None: not limited
+
+    @property
+    def tier(self) -> int:
+        """0: the planner says it fits; 1: it says not, by less than its own error margin (the
+        compiler may disagree); 2: it does not fit."""
+        if self.limit is None or self.memory.train_total <= self.limit:
+            return 0
+        return 1 if self.memory.train_total <= (1 + PLANNER_MARGIN) * self.limit else 2
+
+    def rank_key(self):
+        return (
+            self.tier,
+            self.cost.seconds,
+            self.split.microbatches,
+            self.cost.bytes_sent,
+            self.memory.train_total,
+        )
+
+    def why(self) -> str:
+        total, limit = self.memory.train_total, self.limit
+        if limit is None:
+            memory = "memory not limited"
+        elif self.tier == 0:
+            memory = f"fits, {_size(limit - total)} spare"
+            if total > (1 - PLANNER_MARGIN) * limit:
+                memory += " (tight: within the planner's error)"
+        elif self.tier == 1:
+            memory = f"may fit: {_size(total - limit)} over, within the planner's error"
+        else:
+            memory = f"does not fit: needs {_size(total)} of {_size(limit)}"
+        return f"{memory}; {self.cost.why()}"
+
+
+@dataclass
+class Choice:
+    chosen: Candidate
+    ranked: list[Candidate]
+    devices: str  # "4 x TPU v5 lite"
+    keys: tuple[str, ...]
+    compiled: aot.Compiled | None = None  # the chosen train step, when confirmed by compiling
+    verdicts: dict[int, str] = field(default_factory=dict)  # index in ranked -> compile result
+
+    @property
+    def cfg(self) -> Config:
+        return self.chosen.cfg
+
+    def lines(self) -> list[str]:
+        limit = self.chosen.limit
+        memory = f"{_size(limit)} each" if limit else "memory not limited"
+        shown = list(range(min(SHOWN, len(self.ranked))))
+        naive = next((i for i, c in enumerate(self.ranked) if _is_naive(c.split)), None)
+        if naive is not None and naive not in shown:
+            shown.append(naive)
+        labels = {
+            i: self.ranked[i].split.describe() + (" (naive)" if i == naive else "") for i in shown
+        }
+        width = max(map(len, labels.values()))
+        lines = [
+            f"auto layout ({', '.join(self.keys)}): {len(self.ranked)} candidates for "
+            f"{self.devices} ({memory}); memory from the planner, step time a roofline ESTIMATE",
+            f"  {'#':>2}  {'split':<{width}} {'memory':>10} {'step':>9}  why",
+        ]
+        for i in shown:
+            c = self.ranked[i]
+            why = c.why() + (f"; {self.verdicts[i]}" if i in self.verdicts else "")
+            lines.append(
+                f"  {i + 1:>2}  {labels[i]:<{width}} {_size(c.memory.train_total):>10} "
+                f"{_ms(c.cost.seconds):>9}  {why}"
+            )
+        pinned = ", ".join(f'"{key}": {_json(getattr(self.cfg, key))}' for key in self.keys)
+        lines.append(
+            f"chosen #{self.ranked.index(self.chosen) + 1}: {pinned} (set these in the config "
+            "to skip the search)"
+        )
+        return lines
+
+
+def _json(value) -> str:
+    return "null" if value is None else str(value) if isinstance(value, int) else f'"{value}"'
+
+
+def _ms(seconds: float) -> str:
+    if seconds >= 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds * 1e3:.0f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} us"
+
+
+def _size(size: float) -> str:
+    if size >= GIB:
+        return f"{size / GIB:.2f} GiB"
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 1024:.0f} KiB"
+
+
+def _is_naive(split: Split) -> bool:
+    """Every device data-parallel, weights whole on each, one microbatch: the layout a user
+    who sets nothing gets."""
+    return not (split.tensor or split.fsdp or split.experts_on_data) and split.microbatches == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Enumerate
+
+
+def splits(cfg: Config, n_devices: int) -> list[Split]:
+    """Every split the search considers for `cfg` on `n_devices` (before `check_layout`)."""
+    keys = auto_keys(cfg)
+    if "mesh_shape" in keys:
+        meshes = []
+        for tensor_size in _divisors(n_devices):
+            shape = {DATA_AXIS: n_devices // tensor_size, TENSOR_AXIS: tensor_size}
+            mesh = tuple((a, s) for a, s in shape.items() if s > 1) or ((DATA_AXIS, 1),)
+            named = dict(mesh)
+            data, tensor = ((a,) if a in named else () for a in (DATA_AXIS, TENSOR_AXIS))
+            meshes.append((mesh, data, tensor))
+    else:
+        sizes = parse_mesh_shape(cfg.mesh_shape) if cfg.mesh_shape else {"x": n_devices}
+        mesh = tuple(sizes.items())
+        if "layout" in keys:  # every assignment of data/tensor to the given axes
+            meshes = []
+            for tensor_flags in itertools.product((False, True), repeat=len(mesh)):
+                tensor = tuple(a for (a, _), t in zip(mesh, tensor_flags, strict=True) if t)
+                data = tuple(a for a, _ in mesh if a not in tensor)
+                meshes.append((mesh, data, tensor))
+        else:  # only param_layout: the layout's batch axes are the data axes
+            data = rules(cfg.replace(param_layout=None)).activations.get(axes.BATCH, ())
+            meshes = [(mesh, data, ())]
+    choose_fsdp = "param_layout" in keys
+    choose_experts = "layout" in keys and bool(cfg.moe_layers)
+    result = []
+    for mesh, data, tensor in meshes:
+        data_size = math.prod(dict(mesh)[a] for a in data)
+        for fsdp, experts, micro in itertools.product(
+            (False, True) if choose_fsdp and data else (False,),
+            (False, True) if choose_experts and data else (False,),
+            _microbatch_options(cfg, data_size),
+        ):
+            result.append(Split(mesh, data, tensor, fsdp, experts, micro))
+    return result
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _microbatch_options(cfg: Config, data_size: int) -> list[int]:
+    """Microbatch counts to try: powers of two dividing each replica's batch, or the one that
+    `tokens_per_mb_per_replica` gives when the config sets it."""
+    per_replica = cfg.train_batch_size // data_size if data_size else 0
+    if "tokens_per_mb_per_replica" not in auto_keys(cfg) or per_replica < 1:
+        return [num_microbatches(cfg, cfg.train_batch_size, max(data_size, 1))]
+    options, m = [], 1
+    while m <= min(per_replica, MAX_MICROBATCHES) and per_replica % m == 0:
+        options.append(m)
+        m *= 2
+    return options
+
+
+def split_config(cfg: Config, split: Split) -> Config:
+    """`cfg` with the values of `split` for the keys the search chooses."""
+    keys = auto_keys(cfg)
+    changes: dict = {"mesh_shape": ",".join(f"{a}:{s}" for a, s in split.mesh)}
+    data, tensor = "+".join(split.data), "+".join(split.tensor)
+    if "layout" in keys:
+        parts = [f"batch:{data}"] if data else []
+        if tensor:
+            parts += [f"{dim}:{tensor}" for dim in TENSOR_DIMS]
+            if cfg.moe_layers:
+                parts.append(f"expert_hidden:{tensor}")
+        if split.experts_on_data:
+            parts.append(f"experts:{data}")
+        changes["layout"] = ",".join(parts) or f"batch:{split.mesh[0][0]}"
+    if "param_layout" in keys:
+        changes["param_layout"] = f"embd:{data}" if split.fsdp else None
+    if "tokens_per_mb_per_replica" in keys and split.microbatches > 1:
+        per_replica = cfg.train_batch_size // math.prod(dict(split.mesh)[a] for a in split.data)
+        changes["tokens_per_mb_per_replica"] = per_replica // split.microbatches * cfg.n_ctx
+    return cfg.replace(**changes)
+
+
+# --------------------------------------------------------------------------------------------
+# Rank
+
+
+def estimate(cfg: Config, chip: hardware.Chip) -> Estimate:
+    """The roofline estimate of one train step of `cfg` (a concrete mesh and layout)."""
+    sizes = mesh_axes(cfg)
+    n = math.prod(sizes.values())
+    acts = rules(cfg).activations
+    data, tensor = pieces(sizes, acts, axes.BATCH), pieces(sizes, acts, axes.MLP)
+    micro = num_microbatches(cfg, cfg.train_batch_size, data)
+    act = jnp.dtype(COMPUTE_DTYPES[cfg.precision]).itemsize
+    passes = 3 if cfg.recompute_grad else 2  # forward, (recomputed forward,) backward
+    tokens = cfg.train_batch_size * cfg.n_ctx
+    # 6N+12LHQT counts a forward and a backward pass; a recomputed forward adds a third of it
+    flops = (
+        flops_per_token(cfg, FLOP_CONVENTION) * tokens / n * (4 / 3 if cfg.recompute_grad else 1)
+    )
+    residual = tokens / data * cfg.n_embd * act  # this device's residual stream, whole step
+
+    # Megatron: two all-reduces of the residual stream per block and pass
+    tensor_bytes = cfg.n_layer * 2 * passes * _all_reduce(residual, tensor)
+    experts = pieces(sizes, acts, axes.EXPERTS) if cfg.moe_layers else 1
+    expert_bytes = 0.0
+    if experts > 1:  # dispatch and combine, each pass, of each token's copies
+        copies = residual * cfg.moe.experts_per_token
+        expert_bytes = len(cfg.moe_layers) * 2 * passes * copies * (experts - 1) / experts
+    used = weights(cfg, every_layer=True).gathered  # what the matmuls read: split by tensor only
+    if cfg.param_layout and data > 1:  # FSDP: gather per pass, reduce-scatter float32 grads
+        data_bytes = micro * (data - 1) / data * used * (passes * act + 4)
+    else:  # float32 gradients all-reduced (per microbatch, inside the accumulation loop)
+        data_bytes = micro * _all_reduce(used * 4, data)
+    # HBM: each microbatch reads the weights its matmuls use once per pass; the optimizer
+    # reads parameters, moments and gradients and writes parameters and moments (float32)
+    stored = memory_per_device(cfg)
+    update_bytes = 2 * (stored["parameters"] + stored["optimizer state"]) + stored["parameters"]
+    hbm_bytes = micro * passes * used * act + update_bytes
+    link = chip.link_bandwidth
+    return Estimate(
+        compute=flops / chip.peak_flops,
+        memory=hbm_bytes / chip.hbm_bandwidth,
+        tensor=tensor_bytes / link,
+        experts=expert_bytes / link,
+        data=data_bytes / link,
+        bytes_sent=tensor_bytes + expert_bytes + data_bytes,
+    )
+
+
+def _all_reduce(size: float, ways: int) -> float:
+    """Bytes one device sends in a ring all-reduce of `size` bytes over `ways` devices."""
+    return 2 * (ways - 1) / ways * size
+
+
+def rank(cfg: Config, n_devices: int, chip: hardware.Chip, limit: int | None) -> list[Candidate]:
+    """The candidates for `cfg` on `n_devices` chips of `limit` bytes, best first."""
+    candidates = []
+    for split in splits(cfg, n_devices):
+        candidate_cfg = split_config(cfg, split)
+        try:
+            check_layout(candidate_cfg)
+        except ConfigError:
+            continue
+        if num_microbatches(candidate_cfg, cfg.train_batch_size, _data_size(split)) != (
+            split.microbatches
+        ):
+            continue
+        candidates.append(
+            Candidate(
+                split, candidate_cfg, plan(candidate_cfg), estimate(candidate_cfg, chip), limit
+            )
+        )
+    return sorted(candidates, key=Candidate.rank_key)
+
+
+def _data_size(split: Split) -> int:
+    return math.prod(dict(split.mesh)[a] for a in split.data)
+
+
+# --------------------------------------------------------------------------------------------
+# Confirm
+
+
+def choose(
+    cfg: Config,
+    devices: list,
+    *,
+    compile_step: Callable | None = aot.compile_train_step,
+    limit: int | str | None = "device",
+) -> Choice:
+    """The best split of `cfg` over `devices`, confirmed by `compile_step(cfg, devices)` (a
+    `gpt_neo.aot.Compiled`; None: rank only). `limit`: bytes per device (default: what the
+    devices have). Raises `ConfigError` when nothing fits."""
+    keys = auto_keys(cfg)
+    kind = devices[0].device_kind
+    if limit == "device":
+        limit = hardware.memory_limit(devices[0])
+    ranked = rank(cfg, len(devices), hardware.chip(kind) or hardware.UNKNOWN, limit)
+    where = f"{len(devices)} x {kind}"
+    if not ranked:
+        raise ConfigError(
+            f"auto layout: no split of this model over {where} passes the layout checks "
+            "(heads, MLP width, vocabulary or batch not divisible by the mesh axes); set "
+            "mesh_shape and layout yourself, or change train_batch_size"
+        )
+    if ranked[0].tier == 2:
+        best = min(c.memory.train_total for c in ranked)
+        raise ConfigError(
+            f"auto layout: nothing fits on {where}: the smallest of {len(ranked)} candidates "
+            f"needs {_size(best)} per device, the chips have {_size(limit)}. Use more "
+            'chips, a smaller train_batch_size, or "recompute_grad": true'
+        )
+    choice = Choice(ranked[0], ranked, where, keys)
+    if compile_step is None:
+        return choice
+    for i, candidate in enumerate(ranked[:CONFIRM_TRIES]):
+        if candidate.tier == 2:
+            break
+        try:
+            compiled = compile_step(candidate.cfg, devices)
+        except aot.DoesNotFit:
+            choice.verdicts[i] = "compiled: does not fit"
+            continue
+        if limit is not None and compiled.total > limit:
+            choice.verdicts[i] = f"compiled: {_size(compiled.total)}, does not fit"
+            continue
+        choice.verdicts[i] = f"compiled: {_size(compiled.total)} in {compiled.seconds:.0f}s"
+        choice.chosen, choice.compiled = candidate, compiled
+        return choice
+    raise ConfigError(
+        f"auto layout: the compiler found that none of the {min(CONFIRM_TRIES, len(ranked))} "
+        f"best candidates fits on {where}. Use more chips, a smaller train_batch_size, or "
+        '"recompute_grad": true'
+    )
+
+
+__all__ = ["AUTO", "Choice", "choose", "choose_layout", "estimate", "rank", "splits"]
+
+
+def choose_layout(cfg: Config, devices=None, *, confirm: bool = True, log=print) -> Config:
+    """`cfg` with its "auto" keys chosen for `devices` (default: all of them), the ranking
+    logged (by process 0). `confirm`: compile the winner's train step first."""
+    if not auto_keys(cfg):
+        return cfg
+    choice = choose(
+        cfg,
+        list(jax.devices() if devices is None else devices),
+        compile_step=aot.compile_train_step if confirm else None,
+    )
+    if jax.process_index() == 0:
+        for line in choice.lines():
+            log(line)
+    return choice.cfg
