@@ -112,6 +112,18 @@ def perturbed_params(cfg, seed=0):
     )
 
 
+def train_steps(cfg, mesh, batches, seed):
+    """The train state after one step per batch on `mesh`, from the init of `seed`."""
+    from gpt_neo.train import Trainer
+
+    trainer = Trainer(cfg, mesh)
+    state = trainer.init_state(seed)
+    with jax.set_mesh(mesh):
+        for batch in batches:
+            state, _ = trainer.step(state, trainer.place(batch))
+    return state
+
+
 def random_tokens(cfg, batch=8, length=None, seed=0):
     length = cfg.n_ctx if length is None else length
     return np.random.default_rng(seed).integers(0, cfg.n_vocab, (batch, length)).astype(np.int32)

@@ -17,12 +17,12 @@ from gpt_neo.config import auto_keys
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import mesh_axes, pieces, rules
 from gpt_neo.planner import num_microbatches
-from gpt_neo.train import Trainer
 from tests.helpers import (
     REPO,
     SMALL_RUN,
     random_tokens,
     tiny_config,
+    train_steps,
     write_config,
     write_text_dataset,
 )
@@ -113,15 +113,6 @@ def batches():
     return [random_tokens(cfg, batch=8, length=cfg.n_ctx + 1, seed=s) for s in range(STEPS)]
 
 
-def train(cfg, mesh, batches):
-    trainer = Trainer(cfg, mesh)
-    state = trainer.init_state(SEED)
-    with jax.set_mesh(mesh):
-        for batch in batches:
-            state, _ = trainer.step(state, trainer.place(batch))
-    return state["params"]
-
-
 def test_a_memory_limit_moves_the_choice_the_compiler_confirms_it_and_it_trains_like_one_device(
     batches,
 ):
@@ -141,8 +132,10 @@ def test_a_memory_limit_moves_the_choice_the_compiler_confirms_it_and_it_trains_
     assert "(naive)" in lines and "does not fit" in lines and "compiled:" in lines
 
     single = tiny_config(mesh_shape="x:1", **RUN)
-    reference = train(single, jax.sharding.Mesh(np.array(devices[:1]), ("x",)), batches)
-    chosen = train(choice.cfg, gpt_neo.make_mesh(choice.cfg), batches)
+    reference = train_steps(
+        single, jax.sharding.Mesh(np.array(devices[:1]), ("x",)), batches, SEED
+    )["params"]
+    chosen = train_steps(choice.cfg, gpt_neo.make_mesh(choice.cfg), batches, SEED)["params"]
     for a, b in zip(jax.tree.leaves(chosen), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, atol=0.02 * RUN["lr"])
         assert np.abs(np.asarray(a) - np.asarray(b)).mean() < 1e-6

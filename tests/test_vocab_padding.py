@@ -15,7 +15,7 @@ from gpt_neo.checkpoint import Checkpointer, load_params
 from gpt_neo.hf import export_hf
 from gpt_neo.mesh import padded_vocab
 from gpt_neo.train import Trainer, gradients
-from tests.helpers import hf_logits, random_tokens, tiny_config
+from tests.helpers import hf_logits, random_tokens, tiny_config, train_steps
 
 SEED = 5
 GPT_NEO = {"n_vocab": 50257, "n_layer": 2, "attention_types": ["global", "local"], "n_ctx": 16}
@@ -63,23 +63,14 @@ def test_padded_model_equals_the_unpadded_one(keys, rows):
     assert not np.asarray(grads["wte"])[cfg.n_vocab :].any()  # masked logits: no gradient
 
 
-def train(cfg, mesh, batches):
-    trainer = Trainer(cfg, mesh)
-    state = trainer.init_state(SEED)
-    with jax.set_mesh(mesh):
-        for batch in batches:
-            state, _ = trainer.step(state, trainer.place(batch))
-    return state
-
-
 @pytest.fixture(scope="module")
 def trained():
     """GPT-Neo's vocabulary: a few Adam steps with weight decay, padded (50304 rows over y:2)
     and unpadded (one device)."""
     cfg = tiny_config(**GPT_NEO, **GPT_NEO_SPLIT, **RUN)
     batches = [random_tokens(cfg, batch=8, length=cfg.n_ctx + 1, seed=s) for s in range(3)]
-    padded = train(cfg, gpt_neo.make_mesh(cfg), batches)
-    plain = train(unpadded(cfg), single_device_mesh(), batches)
+    padded = train_steps(cfg, gpt_neo.make_mesh(cfg), batches, SEED)
+    plain = train_steps(unpadded(cfg), single_device_mesh(), batches, SEED)
     return cfg, padded, plain
 
 
