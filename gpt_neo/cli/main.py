@@ -201,8 +201,9 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = commands.load(args)
     commands.enable_compilation_cache(cfg, args)
-    # "auto" layouts: training and --summary compile the winner first; the rest only rank
-    cfg = commands.choose_layout(cfg, args, confirm=training(args) or args.summary)
+    # "auto" layouts: training compiles the winner first (then hits the compilation cache);
+    # the other modes only rank (--summary --topology compiles for the slice instead)
+    cfg = commands.choose_layout(cfg, args, confirm=training(args))
     if args.check_dataset:
         return commands.check_dataset(cfg, args)
     if args.summary:
