@@ -164,6 +164,9 @@ def test_training_from_the_command_line_chooses_records_and_samples(tmp_path, ca
     out = capsys.readouterr().out
     chosen = re.search(r'chosen #1: "mesh_shape": "([^"]+)", "layout": "([^"]+)"', out)
     assert chosen and "compiled:" in out and "step 4/4 | loss" in out
+    # the confirming compile went into the (fresh) compilation cache: training's was a hit
+    hits = re.search(r"compilation cache \S+: (\d+) hit", out)
+    assert hits and int(hits.group(1)) >= 1
     recorded = json.loads((tmp_path / "run" / "sacred" / "1" / "config.json").read_text())
     assert (recorded["mesh_shape"], recorded["layout"]) == chosen.groups()
 
