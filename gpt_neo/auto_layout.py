@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt_neo import aot, axes, hardware
-from gpt_neo.config import AUTO, Config, auto_keys
+from gpt_neo.config import Config, auto_keys
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import check_layout, mesh_axes, parse_mesh_shape, pieces, rules
 from gpt_neo.metrics import FLOP_CONVENTION
@@ -65,6 +65,11 @@ class Split:
     fsdp: bool = False
     experts_on_data: bool = False
     microbatches: int = 1
+
+    @property
+    def data_size(self) -> int:
+        """Data-parallel replicas: the product of the data axes' sizes."""
+        return math.prod(dict(self.mesh)[a] for a in self.data)
 
     def describe(self) -> str:
         jobs = [
@@ -249,11 +254,10 @@ def splits(cfg: Config, n_devices: int) -> list[Split]:
     choose_experts = "layout" in keys and bool(cfg.moe_layers)
     result = []
     for mesh, data, tensor in meshes:
-        data_size = math.prod(dict(mesh)[a] for a in data)
         for fsdp, experts, micro in itertools.product(
             (False, True) if choose_fsdp and data else (False,),
             (False, True) if choose_experts and data else (False,),
-            _microbatch_options(cfg, data_size),
+            _microbatch_options(cfg, Split(mesh, data, tensor).data_size),
         ):
             result.append(Split(mesh, data, tensor, fsdp, experts, micro))
     return result
@@ -266,9 +270,9 @@ def _divisors(n: int) -> list[int]:
 def _microbatch_options(cfg: Config, data_size: int) -> list[int]:
     """Microbatch counts to try: powers of two dividing each replica's batch, or the one that
     `tokens_per_mb_per_replica` gives when the config sets it."""
-    per_replica = cfg.train_batch_size // data_size if data_size else 0
+    per_replica = cfg.train_batch_size // data_size
     if "tokens_per_mb_per_replica" not in auto_keys(cfg) or per_replica < 1:
-        return [num_microbatches(cfg, cfg.train_batch_size, max(data_size, 1))]
+        return [num_microbatches(cfg, cfg.train_batch_size, data_size)]
     options, m = [], 1
     while m <= min(per_replica, MAX_MICROBATCHES) and per_replica % m == 0:
         options.append(m)
@@ -293,7 +297,7 @@ def split_config(cfg: Config, split: Split) -> Config:
     if "param_layout" in keys:
         changes["param_layout"] = f"embd:{data}" if split.fsdp else None
     if "tokens_per_mb_per_replica" in keys and split.microbatches > 1:
-        per_replica = cfg.train_batch_size // math.prod(dict(split.mesh)[a] for a in split.data)
+        per_replica = cfg.train_batch_size // split.data_size
         changes["tokens_per_mb_per_replica"] = per_replica // split.microbatches * cfg.n_ctx
     return cfg.replace(**changes)
 
@@ -360,20 +364,12 @@ def rank(cfg: Config, n_devices: int, chip: hardware.Chip, limit: int | None) ->
             check_layout(candidate_cfg)
         except ConfigError:
             continue
-        if num_microbatches(candidate_cfg, cfg.train_batch_size, _data_size(split)) != (
-            split.microbatches
-        ):
-            continue
         candidates.append(
             Candidate(
                 split, candidate_cfg, plan(candidate_cfg), estimate(candidate_cfg, chip), limit
             )
         )
     return sorted(candidates, key=Candidate.rank_key)
-
-
-def _data_size(split: Split) -> int:
-    return math.prod(dict(split.mesh)[a] for a in split.data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,9 +427,6 @@ def choose(
         f"best candidates fits on {where}. Use more chips, a smaller train_batch_size, or "
         '"recompute_grad": true'
     )
-
-
-__all__ = ["AUTO", "Choice", "choose", "choose_layout", "estimate", "rank", "splits"]
 
 
 def choose_layout(cfg: Config, devices=None, *, confirm: bool = True, log=print) -> Config:
