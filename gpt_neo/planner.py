@@ -123,6 +123,7 @@ class MemoryPlan:
     gradients: int
     saved_activations: int
     block_working_set: int  # one block's backward pass, with the output head's weights
+    freed_early: int  # saved activations freed before the last gradients exist (see `plan`)
     kv_cache: int  # decoding, at n_ctx positions for predict_batch_size rows
     prefill_working_set: int
     decode_parameters: int  # decoding reads compute-dtype parameters
@@ -134,7 +135,7 @@ class MemoryPlan:
 
     @property
     def temporaries(self) -> int:
-        return self.gradients + self.saved_activations + self.block_working_set
+        return self.gradients + self.saved_activations - self.freed_early + self.block_working_set
 
     @property
     def train_total(self) -> int:
@@ -155,6 +156,7 @@ class MemoryPlan:
             ("optimizer state", self.optimizer_state),
             ("gradients (float32)", self.gradients),
             ("saved activations", self.saved_activations),
+            ("freed as gradients arrive", -self.freed_early),
             ("working set", self.block_working_set),
             ("batch", self.batch),
         ]
@@ -203,21 +205,38 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     if cfg.recompute_grad:
         saved = cfg.n_layer * hidden * act
     else:
-        per_block = (4 * hidden + 4 * qkv + 2 * mlp) * act
+        # the residual stream before each branch (XLA recomputes the LayerNorms from it,
+        # fused into the matmuls), q, k, v and the attention output, the MLP's pre-activation
+        # and activation
+        per_block = (2 * hidden + 4 * qkv + 2 * mlp) * act
         saved = cfg.n_layer * per_block - (cfg.n_layer - attending) * 4 * qkv * act
 
     layer = weights(cfg, lambda name: name.startswith("blocks/"))
     head = weights(cfg, lambda name: name in ("wte", "head/kernel"))
     every = weights(cfg, every_layer=True)
     block = (
-        3 * mlp * act  # the MLP's hidden layer: pre-activation, activation, its gradient
+        # the MLP's hidden layer, five buffers of it: pre-activation and activation
+        # (recomputed), their gradients and a copy; measured where they dominate (125M at 256
+        # sequences per device: three under-estimate the compiler by 19%, five are within 1%)
+        5 * mlp * act
         + layer.gathered * act  # compute-dtype weights, whole where param_layout splits them
         + (layer.gathered - layer.local) * 4  # their gradients before the reduce-scatter
         + head.gathered * act  # the output head's weights and gradient, likewise
         + (head.gathered - head.local) * 4
     )
 
-    grads = stored["parameters"] * (2 if n_micro > 1 else 1)
+    # with microbatches, one microbatch's gradients plus their running sum, which the loop
+    # carries in and out (two buffers: 3 in all fits the compiler at 125M, batch 32 and 1024)
+    grads = stored["parameters"] * (3 if n_micro > 1 else 1)
+    # The backward pass frees each block's saved activations as it makes the block's
+    # gradients. Where gradients are whole on every device (data and tensor parallel) XLA
+    # overlaps the two fully: the peak is the larger of (saved + the head's gradient, made
+    # first) and all of one pass's gradients. With FSDP (parameters split beyond the
+    # activation layout) it overlaps less, the more the larger the model: on v5e:2x2 none at
+    # 125M and 350M, 46% at 1.3B, 73% at 2.7B (bench/memory_planner.py); counted as half.
+    fresh = stored["parameters"]  # one pass's gradients (a microbatch sum, if any, stays)
+    overlap = saved + fresh - max(saved + head.local * 4, fresh)
+    freed_early = overlap if every.gathered == every.local else overlap // 2
     # sampling: prompts padded to the data-parallel size (gpt_neo.sample), then split like a
     # batch; the loop carries the cache in and out (two copies), and the prefill of half the
     # context holds one layer's attention scores over the cache
@@ -232,6 +251,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
         gradients=grads,
         saved_activations=saved,
         block_working_set=block,
+        freed_early=freed_early,
         kv_cache=cache,
         prefill_working_set=prefill_scores,
         decode_parameters=stored["parameters"] * act // 4,

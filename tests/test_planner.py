@@ -1,6 +1,6 @@
 """The memory planner: exact where it can be (parameters, optimizer state, gradients and the
 batch against the arrays themselves), and held to the TPU compiler's memory_analysis for the
-125M preset on a v5e:2x2 under three layouts (bench/memory_planner.py runs the larger presets)."""
+125M preset on a v5e:2x2 under five layouts (bench/memory_planner.py runs the larger presets)."""
 
 import jax
 import pytest
@@ -54,8 +54,12 @@ def test_saved_activations_follow_remat_and_the_layout():
 
 
 PRESET_125M = REPO / "configs" / "gpt_neo_125M.json"
-LAYOUTS_125M = {  # FSDP is in bench/memory_planner.py: at 125M XLA spends the slack (below)
+LAYOUTS_125M = {  # the larger presets: bench/memory_planner.py
     "data": dict(mesh_shape="x:4", layout="batch:x"),
+    "FSDP": dict(mesh_shape="x:4", layout="batch:x", param_layout="embd:x"),
+    "data, 2 microbatches": dict(
+        mesh_shape="x:4", layout="batch:x", tokens_per_mb_per_replica=4 * 2048
+    ),
     "data, no remat": dict(mesh_shape="x:4", layout="batch:x", recompute_grad=False),
     "data x tensor": dict(
         mesh_shape="x:2,y:2", layout="batch:x,heads:y,intermediate_expanded:y,vocab:y"
