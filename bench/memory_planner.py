@@ -37,9 +37,13 @@ LAYOUTS = {
         "mesh_shape": "x:4",
         "layout": "batch:x",
         "param_layout": "embd:x",
-        "microbatches": 2,
+        "tokens_per_mb_per_replica": 4 * 2048,  # 2 of each replica's 8 sequences (n_ctx 2048)
     },
-    "data x:4, 2 microbatches": {"mesh_shape": "x:4", "layout": "batch:x", "microbatches": 2},
+    "data x:4, 2 microbatches": {
+        "mesh_shape": "x:4",
+        "layout": "batch:x",
+        "tokens_per_mb_per_replica": 4 * 2048,
+    },
     "FSDP x data x tensor x:2,y:2": {
         "mesh_shape": "x:2,y:2",
         "layout": "batch:x,heads:y,intermediate_expanded:y,vocab:y",
@@ -65,11 +69,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for preset in args.presets:
         for name in args.layouts:
-            keys = {**COMMON, **LAYOUTS[name]}
-            cfg = load_config(f"configs/{preset}.json")
-            if microbatches := keys.pop("microbatches", None):  # of each replica's 8 sequences
-                keys["tokens_per_mb_per_replica"] = 8 // microbatches * cfg.n_ctx
-            cfg = cfg.replace(**keys)
+            cfg = load_config(f"configs/{preset}.json").replace(**{**COMMON, **LAYOUTS[name]})
             estimate = plan(cfg).train_total / GIB
             try:
                 c = aot.compile_train_step(cfg, devices)

@@ -5,12 +5,13 @@
 What a train step holds on one device:
 - arguments: float32 parameters, optimizer state (both split per `layout` + `param_layout`)
   and the batch of token ids;
-- gradients: float32, split like the parameters (twice with microbatches: the running sum
-  and the current microbatch's);
+- gradients: float32, split like the parameters (three times with microbatches: the current
+  microbatch's and the running sum, carried into and out of the loop);
 - saved activations: with `recompute_grad`, every block's input (the residual stream,
   [batch, seq, embd] in the compute dtype); without it, everything a block's backward pass
-  reads (its normed inputs, q/k/v, the attention output, the MLP's hidden layer before and
-  after the activation);
+  reads (the residual stream before each branch, q/k/v, the attention output, the MLP's
+  hidden layer before and after the activation); less what the backward pass frees before
+  the last gradients exist (`freed_early`);
 - one block's working set while it is recomputed and differentiated: its weights in the
   compute dtype (gathered whole where `param_layout` splits them), its weight gradients
   before they are reduced, and its largest activations;
@@ -214,6 +215,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     layer = weights(cfg, lambda name: name.startswith("blocks/"))
     head = weights(cfg, lambda name: name in ("wte", "head/kernel"))
     every = weights(cfg, every_layer=True)
+    fsdp = every.gathered > every.local  # param_layout splits what the matmuls read whole
     block = (
         # the MLP's hidden layer, five buffers of it: pre-activation and activation
         # (recomputed), their gradients and a copy; measured where they dominate (125M at 256
@@ -236,7 +238,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     # 125M and 350M, 46% at 1.3B, 73% at 2.7B (bench/memory_planner.py); counted as half.
     fresh = stored["parameters"]  # one pass's gradients (a microbatch sum, if any, stays)
     overlap = saved + fresh - max(saved + head.local * 4, fresh)
-    freed_early = overlap if every.gathered == every.local else overlap // 2
+    freed_early = overlap // 2 if fsdp else overlap
     # sampling: prompts padded to the data-parallel size (gpt_neo.sample), then split like a
     # batch; the loop carries the cache in and out (two copies), and the prefill of half the
     # context holds one layer's attention scores over the cache
@@ -257,7 +259,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
         decode_parameters=stored["parameters"] * act // 4,
         # the compiler hoists FSDP's weight gathers out of the decode loop: every weight is
         # gathered whole at once, beside its shard
-        decode_gathered=every.gathered * act if every.gathered > every.local else 0,
+        decode_gathered=every.gathered * act if fsdp else 0,
     )
 
 
