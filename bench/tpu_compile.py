@@ -14,6 +14,7 @@ environment: bench/maxtext_side.py says how to make one.
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -59,8 +60,11 @@ def theirs(python: str, size: str, layout: str) -> dict:
     try:
         r = maxtext_compile(python, size, layout, scan=False)
     except RuntimeError as err:
-        fit = "does not fit" if "HBM" in str(err) or "RESOURCE_EXHAUSTED" in str(err) else "failed"
-        return {"error": fit}
+        if "HBM" in str(err) or "RESOURCE_EXHAUSTED" in str(err):
+            return {"error": "does not fit"}
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"MaxText {size} {layout}: {lines[-1] if lines else err}", file=sys.stderr)
+        return {"error": "failed (reason on stderr)"}
     return {
         "args": r["arguments"] / GIB,
         "temp": r["temporaries"] / GIB,

@@ -1,6 +1,6 @@
 """The memory planner: exact where it can be (parameters, optimizer state, gradients and the
 batch against the arrays themselves), and held to the TPU compiler's memory_analysis for the
-125M preset on a v5e:2x2 under five layouts (bench/memory_planner.py runs the larger presets)."""
+125M preset on a v5e:2x2 under six layouts (bench/memory_planner.py runs the larger presets)."""
 
 import jax
 import pytest
@@ -59,6 +59,10 @@ LAYOUTS_125M = {  # the larger presets: bench/memory_planner.py
     "FSDP": dict(mesh_shape="x:4", layout="batch:x", param_layout="embd:x"),
     "data, 2 microbatches": dict(
         mesh_shape="x:4", layout="batch:x", tokens_per_mb_per_replica=4 * 2048
+    ),
+    # also holds gpt_neo.train.gradients to its barrier: without it XLA needs 7% more, a miss
+    "FSDP, 2 microbatches": dict(
+        mesh_shape="x:4", layout="batch:x", param_layout="embd:x", tokens_per_mb_per_replica=4 * 2048
     ),
     "data, no remat": dict(mesh_shape="x:4", layout="batch:x", recompute_grad=False),
     "data x tensor": dict(

@@ -128,10 +128,11 @@ def test_reported_loss_is_cross_entropy_with_z_loss_apart(tmp_path):
     assert float(metrics["z_loss"]) == pytest.approx(0.01 * np.mean(lse**2), rel=1e-5)
 
 
-def test_microbatched_gradients_equal_the_unsplit_batch():
-    cfg = from_dict(
-        {**ARCH, "train_batch_size": 8, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y"}
-    )
+@pytest.mark.parametrize("param_layout", ["", "embd:x"], ids=["replicated", "fsdp"])
+def test_microbatched_gradients_equal_the_unsplit_batch(param_layout):
+    # FSDP runs the microbatches through an optimization barrier (gpt_neo.train.gradients)
+    layout = {"mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y", "param_layout": param_layout}
+    cfg = from_dict({**ARCH, "train_batch_size": 8, **layout})
     trainer = Trainer(cfg.replace(tokens_per_mb_per_replica=32), gpt_neo.make_mesh(cfg))
     assert trainer.n_micro == 2  # 1 sequence per microbatch, 2 per replica
     state = trainer.init_state(0)
