@@ -95,7 +95,14 @@ COMMON = {
     "remat_policy": "full",
 }
 
-ENV = {"TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    # MaxText 0.2.5 pins a libtpu older than its jax: the Mosaic kernels' debug locations (a
+    # newer custom-call field) make libtpu reject splash attention ("no such field:
+    # 'debug_locations'"), which MaxText picks at head_dim 128 (1.3B)
+    "JAX_MOSAIC_UNZIP_DEBUG_LOCATIONS": "false",
+}
 
 MARKER = "MAXTEXT_SIDE_RESULT "
 

@@ -10,8 +10,8 @@ Large presets take minutes per compile on a small machine. The test suite runs t
 
 The planner's measured terms (the MLP's five buffers, how far saved activations and gradients
 overlap, the microbatch loop's gradient buffers) were fitted to the first four layouts' rows, to
-125M with 2 microbatches and to the auto-layout choices for 2.7B (FSDP) and 125M at batch 1024;
-FSDP x data x tensor and 1.3B's microbatches were left out of the fit and check it.
+the 2-microbatch rows and to the auto-layout choices for 2.7B (FSDP) and 125M at batch 1024;
+FSDP x data x tensor was left out of the fit and checks it.
 """
 
 import argparse
@@ -37,7 +37,7 @@ LAYOUTS = {
         "mesh_shape": "x:4",
         "layout": "batch:x",
         "param_layout": "embd:x",
-        "tokens_per_mb_per_replica": 4 * 2048,  # 2 of each replica's 8 sequences (n_ctx 2048)
+        "tokens_per_mb_per_replica": 4 * 2048,  # 4 of each replica's 8 sequences: 2 microbatches
     },
     "data x:4, 2 microbatches": {
         "mesh_shape": "x:4",

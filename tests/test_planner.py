@@ -62,7 +62,10 @@ LAYOUTS_125M = {  # the larger presets: bench/memory_planner.py
     ),
     # also holds gpt_neo.train.gradients to its barrier: without it XLA needs 7% more, a miss
     "FSDP, 2 microbatches": dict(
-        mesh_shape="x:4", layout="batch:x", param_layout="embd:x", tokens_per_mb_per_replica=4 * 2048
+        mesh_shape="x:4",
+        layout="batch:x",
+        param_layout="embd:x",
+        tokens_per_mb_per_replica=4 * 2048,
     ),
     "data, no remat": dict(mesh_shape="x:4", layout="batch:x", recompute_grad=False),
     "data x tensor": dict(
