@@ -22,9 +22,11 @@ Usage:
 
 prints one JSON dict: per-device `arguments`, `temporaries` and `outputs` in bytes (and
 `aliased`: the part of the outputs living in donated argument buffers), `flops` per device
-and step from XLA's cost analysis, and `seconds`, the wall time of MaxText's
-`jit_and_compile` (trace, lower and compile; not the config parsing before it). Another
-bench script can call `maxtext_compile(python, size, layout, scan)` for the same dict.
+and step from XLA's cost analysis, `seconds`, the wall time of MaxText's `jit_and_compile`
+(trace, lower and compile; not the config parsing before it), and the `jax` and `libtpu`
+versions that compiled it. Another bench script can call `maxtext_compile(python, size,
+layout, scan)` for the same dict, and `run_side` to run its own compile with the same compiler
+(bench/tpu_compile.py does: memory depends on the libtpu version as much as on the program).
 
 The model is MaxText's `gpt3` decoder block (learned positions, LayerNorm with bias, GELU,
 fused QKV, tied input/output embedding) with the settings of MaxText's own gpt3-*.yml model
@@ -114,7 +116,8 @@ from absl import app
 import maxtext.configs
 from maxtext.trainers.pre_train import train_compile
 
-result = {{}}
+from importlib.metadata import version
+result = {{"jax": version("jax"), "libtpu": version("libtpu")}}
 jit_and_compile = train_compile.jit_and_compile
 
 def timed_jit_and_compile(*args, **kwargs):
@@ -157,6 +160,31 @@ def maxtext_args(size: str, layout: str, scan: bool, overrides: dict | None = No
     return [f"{key}={_value(value)}" for key, value in config.items()]
 
 
+def run_side(
+    python: str, args: list[str], *, env: dict | None = None, timeout: float = 1800
+) -> dict:
+    """Run `python args...` with the side environment's settings (and `env`) and return the
+    JSON dict it printed behind `MARKER`. Raises RuntimeError with the tail of its output when
+    it printed none (a failed compile)."""
+    inherited = dict(os.environ)
+    # jax points this at the libtpu it loaded: a caller's libtpu, not the side environment's
+    # (an older one there rejects the newer jax's Mosaic kernels)
+    inherited.pop("TPU_LIBRARY_PATH", None)
+    process = subprocess.run(
+        [python, *args],
+        env={**inherited, **ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    for line in reversed(process.stdout.splitlines()):
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER) :])
+    tail = (process.stdout + process.stderr)[-4000:]
+    raise RuntimeError(f"the compile failed (exit {process.returncode}):\n{tail}")
+
+
 def maxtext_compile(
     python: str,
     size: str,
@@ -169,27 +197,16 @@ def maxtext_compile(
     """Compile MaxText's train step for v5e:2x2 with the side environment's `python`.
 
     Returns per-device bytes (`arguments`, `temporaries`, `outputs`, `aliased`), `flops` per
-    device and step, and `seconds` spent in MaxText's jit_and_compile. Raises RuntimeError
-    with the tail of MaxText's output when the compile fails.
+    device and step, `seconds` spent in MaxText's jit_and_compile, and the `jax` and `libtpu`
+    versions that compiled it. Raises RuntimeError with the tail of MaxText's output when the
+    compile fails.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, not {size!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, not {layout!r}")
-    command = [python, "-c", WRAPPER, *maxtext_args(size, layout, scan, overrides)]
-    process = subprocess.run(
-        command,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    for line in reversed(process.stdout.splitlines()):
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER) :])
-    tail = (process.stdout + process.stderr)[-4000:]
-    raise RuntimeError(f"MaxText's compile failed (exit {process.returncode}):\n{tail}")
+    args = ["-c", WRAPPER, *maxtext_args(size, layout, scan, overrides)]
+    return run_side(python, args, timeout=timeout)
 
 
 def main() -> None:

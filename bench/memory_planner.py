@@ -2,6 +2,10 @@
 presets in configs/ under several layouts: the table behind "within 10%".
 
     python bench/memory_planner.py [--presets gpt_neo_125M gpt3_350M ...] [--topology v5e:2x2]
+                                   [--layouts data fsdp tensor ...]
+
+The layouts scale with the slice: on v5e:4x4, `fsdp` is FSDP over x:16 and `tensor` is data
+x:8 by tensor y:2 (6.7B and 13B need 16 chips).
 
 Each row compiles the real train step for the slice on this machine (libtpu; no TPU needed):
 global batch 32 x n_ctx, bfloat16 activations, full remat unless the layout says otherwise.
@@ -24,32 +28,43 @@ from gpt_neo.config import load_config
 from gpt_neo.planner import plan
 
 COMMON = {"train_batch_size": 32, "precision": "bfloat16", "recompute_grad": True}
-LAYOUTS = {
-    "data x:4": {"mesh_shape": "x:4", "layout": "batch:x"},
-    "FSDP x:4": {"mesh_shape": "x:4", "layout": "batch:x", "param_layout": "embd:x"},
-    "data x tensor x:2,y:2": {
-        "mesh_shape": "x:2,y:2",
-        "layout": "batch:x,heads:y,intermediate_expanded:y,vocab:y",
-    },
-    "data x:4, no remat": {"mesh_shape": "x:4", "layout": "batch:x", "recompute_grad": False},
-    # microbatches: 125M's row set the planner's gradient buffers for the loop; the rest check
-    "FSDP x:4, 2 microbatches": {
-        "mesh_shape": "x:4",
-        "layout": "batch:x",
-        "param_layout": "embd:x",
-        "tokens_per_mb_per_replica": 4 * 2048,  # 4 of each replica's 8 sequences: 2 microbatches
-    },
-    "data x:4, 2 microbatches": {
-        "mesh_shape": "x:4",
-        "layout": "batch:x",
-        "tokens_per_mb_per_replica": 4 * 2048,
-    },
-    "FSDP x data x tensor x:2,y:2": {
-        "mesh_shape": "x:2,y:2",
-        "layout": "batch:x,heads:y,intermediate_expanded:y,vocab:y",
-        "param_layout": "embd:x",
-    },
-}
+
+
+def layouts(n: int) -> dict[str, tuple[str, dict]]:
+    """The layouts compared, by key: (name, config keys) for a slice of `n` chips."""
+    tensor = "batch:x,heads:y,intermediate_expanded:y,vocab:y"
+    data = {"mesh_shape": f"x:{n}", "layout": "batch:x"}
+    fsdp = {**data, "param_layout": "embd:x"}
+    tensor_mesh = {"mesh_shape": f"x:{n // 2},y:2", "layout": tensor}
+    return {
+        "data": (f"data x:{n}", data),
+        "fsdp": (f"FSDP x:{n}", fsdp),
+        "tensor": (f"data x tensor x:{n // 2},y:2", tensor_mesh),
+        "no-remat": (f"data x:{n}, no remat", {**data, "recompute_grad": False}),
+        # microbatches: 125M's row set the planner's gradient buffers for the loop; the rest check
+        "fsdp-micro": (f"FSDP x:{n}, 2 microbatches", {**fsdp, "microbatches": 2}),
+        "data-micro": (f"data x:{n}, 2 microbatches", {**data, "microbatches": 2}),
+        "fsdp-tensor": (
+            f"FSDP x data x tensor x:{n // 2},y:2",
+            {**tensor_mesh, "param_layout": "embd:x"},
+        ),
+        # MoE presets only: the experts split over the data axis (expert parallelism)
+        "experts": (f"data x:{n}, experts on x", {**data, "layout": "batch:x,experts:x"}),
+    }
+
+
+def config(preset: str, layout: dict):
+    """The preset at batch 32 x n_ctx with `layout`; `microbatches` becomes the number of
+    tokens per microbatch and replica that makes that many."""
+    preset_cfg = load_config(f"configs/{preset}.json")
+    layout = dict(layout)
+    if micro := layout.pop("microbatches", None):
+        replicas = int(layout["mesh_shape"].split(",")[0].split(":")[1])
+        per_replica = COMMON["train_batch_size"] // replicas
+        layout["tokens_per_mb_per_replica"] = per_replica // micro * preset_cfg.n_ctx
+    return preset_cfg.replace(**COMMON, **layout)
+
+
 GIB = 2**30
 
 
@@ -60,16 +75,21 @@ def main() -> None:
         nargs="+",
         default=["gpt_neo_125M", "gpt3_350M", "gpt_neo_1.3B", "gpt_neo_2.7B"],
     )
-    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=sorted(LAYOUTS))
+    keys = list(layouts(4))
+    parser.add_argument("--layouts", nargs="+", choices=keys, default=keys)
     parser.add_argument("--topology", default="v5e:2x2")
     args = parser.parse_args()
     devices = aot.topology_devices(args.topology)
+    table = layouts(len(devices))
     print(f"{args.topology}: {len(devices)} x {devices[0].device_kind}")
     print("| preset | layout | planner | compiled (args + temp) | planner / compiled | compile |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|", flush=True)
     for preset in args.presets:
-        for name in args.layouts:
-            cfg = load_config(f"configs/{preset}.json").replace(**{**COMMON, **LAYOUTS[name]})
+        for key in args.layouts:
+            name, layout = table[key]
+            cfg = config(preset, layout)
+            if key == "experts" and not cfg.moe_layers:
+                continue
             estimate = plan(cfg).train_total / GIB
             try:
                 c = aot.compile_train_step(cfg, devices)

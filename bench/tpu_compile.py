@@ -5,25 +5,39 @@ estimate and (with --maxtext_python) MaxText's own compile of the same model on 
 No TPU is needed: libtpu compiles for the slice on this machine (see gpt_neo/aot.py).
 
     python bench/tpu_compile.py [--sizes 125M 1.3B] [--maxtext_python /path/to/venv/bin/python]
+                                [--all_global]
 
 Every run: global batch 32 x 2048, bfloat16 activations, float32 weights, full remat
 (`recompute_grad`), Adam with decoupled weight decay (AdamW). MaxText runs its `gpt3` decoder
 unscanned (its scanned layers cost more temporaries and hide FLOPs in the loop body) in a side
 environment: bench/maxtext_side.py says how to make one.
+
+Why ours is compiled twice with --maxtext_python: the temporaries depend on the compiler as
+much as on the program. MaxText needs Python >= 3.12 and so a newer jax and libtpu than a
+Python 3.11 environment can install; the same 1.3B FSDP step of ours needs 4.12 GiB of
+temporaries under libtpu 0.0.42.1 and 3.28 GiB under 0.0.52. So the side environment also
+compiles ours (it imports gpt_neo from this checkout), and the like-for-like comparison is
+between the two columns it fills. `--all_global` makes every layer of ours global attention, as
+in MaxText's gpt3 (the GPT-Neo presets alternate global and local layers).
 """
 
 import argparse
+import json
 import os
+import re
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from maxtext_side import maxtext_compile  # bench/maxtext_side.py (this folder is on sys.path)
+from maxtext_side import MARKER, maxtext_compile, run_side  # bench/ is on sys.path
 
 from gpt_neo import aot
 from gpt_neo.config import load_config
 from gpt_neo.planner import plan
 
+REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"125M": "configs/gpt_neo_125M.json", "1.3B": "configs/gpt_neo_1.3B.json"}
 COMMON = {"train_batch_size": 32, "precision": "bfloat16", "recompute_grad": True}
 LAYOUTS = {  # ours, and MaxText's name for the same layout (None: no counterpart run)
@@ -40,76 +54,117 @@ LAYOUTS = {  # ours, and MaxText's name for the same layout (None: no counterpar
 GIB = 2**30
 
 
-def ours(size: str, layout: dict, devices) -> dict:
-    cfg = load_config(PRESETS[size]).replace(**COMMON, **layout)
-    estimate = plan(cfg).train_total / GIB
+def config(size: str, layout: str, all_global: bool):
+    cfg = load_config(str(REPO / PRESETS[size])).replace(**COMMON, **LAYOUTS[layout][0])
+    if all_global:
+        cfg = cfg.replace(attention_types=[[["global"], cfg.n_layer]])
+    return cfg
+
+
+def ours(size: str, layout: str, all_global: bool) -> dict:
+    """Our compile with this environment's jax and libtpu, as bytes and FLOPs per device."""
+    cfg = config(size, layout, all_global)
+    result = {"estimate": plan(cfg).train_total, "jax": version("jax"), "libtpu": version("libtpu")}
     try:
-        c = aot.compile_train_step(cfg, devices)
+        c = aot.compile_train_step(cfg, aot.topology_devices("v5e:2x2"))
     except aot.DoesNotFit as err:
-        return {"estimate": estimate, "error": f"does not fit: {str(err)[:90]}"}
+        needs = re.search(r"XLA needs (\S+) for HLO temporaries", str(err))
+        return {
+            **result,
+            "error": f"does not fit (temp {needs.group(1)})" if needs else "does not fit",
+        }
     return {
-        "estimate": estimate,
-        "args": c.arguments / GIB,
-        "temp": c.temporaries / GIB,
+        **result,
+        "arguments": c.arguments,
+        "temporaries": c.temporaries,
         "flops": c.flops,
         "seconds": c.seconds,
     }
 
 
+def ours_in(python: str, size: str, layout: str, all_global: bool) -> dict:
+    """`ours` run by another environment's `python` (its jax and libtpu), on this checkout."""
+    args = [str(Path(__file__).resolve()), "--one", size, layout]
+    if all_global:
+        args.append("--all_global")
+    # the side environment has no gpt_neo installed: it imports this checkout's
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    try:
+        return run_side(python, args, env={"PYTHONPATH": path})
+    except RuntimeError as err:
+        return failed("ours (side environment)", size, layout, err)
+
+
 def theirs(python: str, size: str, layout: str) -> dict:
     try:
-        r = maxtext_compile(python, size, layout, scan=False)
+        return maxtext_compile(python, size, layout, scan=False)
     except RuntimeError as err:
-        if "HBM" in str(err) or "RESOURCE_EXHAUSTED" in str(err):
-            return {"error": "does not fit"}
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        print(f"MaxText {size} {layout}: {lines[-1] if lines else err}", file=sys.stderr)
-        return {"error": "failed (reason on stderr)"}
-    return {
-        "args": r["arguments"] / GIB,
-        "temp": r["temporaries"] / GIB,
-        "flops": r["flops"],
-        "seconds": r["seconds"],
-    }
+        return failed("MaxText", size, layout, err)
 
 
-def cells(r: dict | None) -> str:
+def failed(who: str, size: str, layout: str, err: RuntimeError) -> dict:
+    """A cell for a compile that failed: out of memory, or the reason printed on stderr."""
+    if "HBM" in str(err) or "RESOURCE_EXHAUSTED" in str(err) or "does not fit" in str(err):
+        return {"error": "does not fit"}
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    print(f"{who} {size} {layout}: {lines[-1] if lines else err}", file=sys.stderr)
+    return {"error": "failed (reason on stderr)"}
+
+
+def cells(r: dict | None) -> list[str]:
+    """args + temp, FLOPs, compile time."""
     if r is None:
-        return "- | - | - | -"
+        return ["-", "-", "-"]
     if "error" in r:
-        return f"{r['error']} | - | - | -"
-    return (
-        f"{r['args']:.2f} + {r['temp']:.2f} = {r['args'] + r['temp']:.2f} GiB | "
-        f"{r['flops']:.3e} | {r['seconds']:.0f} s"
-    )
+        return [r["error"], "-", "-"]
+    args, temp = r["arguments"] / GIB, r["temporaries"] / GIB
+    return [
+        f"{args:.2f} + {temp:.2f} = {args + temp:.2f} GiB",
+        f"{r['flops']:.3e}",
+        f"{r['seconds']:.0f} s",
+    ]
+
+
+def compiler(r: dict) -> str:
+    return f"jax {r['jax']}, libtpu {r['libtpu']}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
     parser.add_argument("--maxtext_python", help="the side venv's python (bench/maxtext_side.py)")
+    parser.add_argument("--all_global", action="store_true", help="every layer global attention")
+    parser.add_argument("--one", nargs=2, metavar=("SIZE", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    devices = aot.topology_devices("v5e:2x2")
-    hbm = aot.hbm_bytes(devices) / GIB
+    if args.one:  # one compile of ours, for `ours_in`
+        print(MARKER + json.dumps(ours(*args.one, args.all_global)), flush=True)
+        return
+    side = args.maxtext_python
+    hbm = aot.hbm_bytes(aot.topology_devices("v5e:2x2")) / GIB
     print(f"TPU v5e:2x2 (HBM {hbm:.2f} GiB per chip), batch 32 x 2048, bfloat16, full remat, AdamW")
-    print(
-        "| model | layout | planner | ours: args + temp | ours: FLOPs | ours: compile | "
-        "MaxText: args + temp | MaxText: FLOPs | MaxText: compile |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    header = ["model", "layout", "planner", "ours: args + temp", "ours: FLOPs", "ours: compile"]
+    if side:
+        header += ["ours, MaxText's compiler: args + temp", "FLOPs", "compile"]
+        header += ["MaxText: args + temp", "MaxText: FLOPs", "MaxText: compile"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    compilers = {}
     for size in args.sizes:
-        for name, (layout, maxtext_layout) in LAYOUTS.items():
-            mine = ours(size, layout, devices)
-            other = None
-            if args.maxtext_python and maxtext_layout:
-                other = theirs(args.maxtext_python, size, maxtext_layout)
-            elif maxtext_layout:
-                other = {"error": "not run (no --maxtext_python)"}
-            mine_cells = " | ".join(cells(mine).split(" | ")[:3])
-            other_cells = " | ".join(cells(other).split(" | ")[:3])
-            print(
-                f"| {size} | {name} | {mine['estimate']:.2f} GiB | {mine_cells} | {other_cells} |"
-            )
+        for name, (_, maxtext_layout) in LAYOUTS.items():
+            mine = ours(size, name, args.all_global)
+            compilers["ours"] = compiler(mine)
+            row = [size, name, f"{mine['estimate'] / GIB:.2f} GiB", *cells(mine)]
+            if side:
+                mine_there = ours_in(side, size, name, args.all_global)
+                row += cells(mine_there)
+                other = theirs(side, size, maxtext_layout) if maxtext_layout else None
+                row += cells(other)
+                for who, r in (("ours, side", mine_there), ("MaxText", other)):
+                    if r and "jax" in r:
+                        compilers[who] = compiler(r)
+            print("| " + " | ".join(row) + " |", flush=True)
+    for who, what in compilers.items():
+        print(f"{who}: {what}")
 
 
 if __name__ == "__main__":
