@@ -23,8 +23,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from gpt_neo import aot
+from gpt_neo import aot, axes
 from gpt_neo.config import load_config
+from gpt_neo.mesh import mesh_axes, pieces, rules
 from gpt_neo.planner import plan
 
 COMMON = {"train_batch_size": 32, "precision": "bfloat16", "recompute_grad": True}
@@ -56,13 +57,14 @@ def layouts(n: int) -> dict[str, tuple[str, dict]]:
 def config(preset: str, layout: dict):
     """The preset at batch 32 x n_ctx with `layout`; `microbatches` becomes the number of
     tokens per microbatch and replica that makes that many."""
-    preset_cfg = load_config(f"configs/{preset}.json")
     layout = dict(layout)
-    if micro := layout.pop("microbatches", None):
-        replicas = int(layout["mesh_shape"].split(",")[0].split(":")[1])
-        per_replica = COMMON["train_batch_size"] // replicas
-        layout["tokens_per_mb_per_replica"] = per_replica // micro * preset_cfg.n_ctx
-    return preset_cfg.replace(**COMMON, **layout)
+    micro = layout.pop("microbatches", None)
+    cfg = load_config(f"configs/{preset}.json").replace(**COMMON, **layout)
+    if micro:
+        replicas = pieces(mesh_axes(cfg), rules(cfg).activations, axes.BATCH)
+        per_replica = cfg.train_batch_size // replicas
+        cfg = cfg.replace(tokens_per_mb_per_replica=per_replica // micro * cfg.n_ctx)
+    return cfg
 
 
 GIB = 2**30
