@@ -2,7 +2,7 @@
 presets in configs/ under several layouts: the table behind "within 10%".
 
     python bench/memory_planner.py [--presets gpt_neo_125M gpt3_350M ...] [--topology v5e:2x2]
-                                   [--layouts data fsdp tensor ...]
+                                   [--layouts data fsdp tensor ...] [--least_memory]
 
 The layouts scale with the slice: on v5e:4x4, `fsdp` is FSDP over x:16 and `tensor` is data
 x:8 by tensor y:2 (6.7B and 13B need 16 chips).
@@ -70,6 +70,15 @@ def config(preset: str, layout: dict):
 GIB = 2**30
 
 
+def compared(estimate: float, c: aot.Compiled) -> tuple[str, str]:
+    """Table cells: the compiled memory (args + temp = total) and the estimate's error."""
+    total = c.total / GIB
+    return (
+        f"{c.arguments / GIB:.2f} + {c.temporaries / GIB:.2f} = {total:.2f} GiB",
+        f"{estimate / total - 1:+.1%}",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -80,12 +89,22 @@ def main() -> None:
     keys = list(layouts(4))
     parser.add_argument("--layouts", nargs="+", choices=keys, default=keys)
     parser.add_argument("--topology", default="v5e:2x2")
+    parser.add_argument(
+        "--least_memory",
+        action="store_true",
+        help="also compile each row under the scheduler's lowest memory limit (twice the "
+        "compile time): the least memory the program needs, next to what the compiler spends "
+        "by default, when HBM is free (gpt_neo.aot.LEAST_MEMORY_OPTIONS)",
+    )
     args = parser.parse_args()
     devices = aot.topology_devices(args.topology)
     table = layouts(len(devices))
     print(f"{args.topology}: {len(devices)} x {devices[0].device_kind}")
-    print("| preset | layout | planner | compiled (args + temp) | planner / compiled | compile |")
-    print("|---|---|---|---|---|---|", flush=True)
+    least = " compiled, least memory | planner / least |" if args.least_memory else ""
+    print(
+        f"| preset | layout | planner | compiled (args + temp) | planner / compiled |{least} compile |"
+    )
+    print("|---|---|---|---|---|---|" + "---|---|" * args.least_memory, flush=True)
     for preset in args.presets:
         for key in args.layouts:
             name, layout = table[key]
@@ -98,13 +117,13 @@ def main() -> None:
             except aot.DoesNotFit:
                 print(f"| {preset} | {name} | {estimate:.2f} GiB | does not fit | - | - |")
                 continue
-            total = c.total / GIB
-            print(
-                f"| {preset} | {name} | {estimate:.2f} GiB | {c.arguments / GIB:.2f} + "
-                f"{c.temporaries / GIB:.2f} = {total:.2f} GiB | {estimate / total - 1:+.1%} | "
-                f"{c.seconds:.0f} s |",
-                flush=True,
-            )
+            cells = [f"{estimate:.2f} GiB", *compared(estimate, c)]
+            seconds = c.seconds
+            if args.least_memory:
+                lean = aot.compile_train_step(cfg, devices, least_memory=True)
+                cells += compared(estimate, lean)
+                seconds += lean.seconds
+            print(f"| {preset} | {name} | {' | '.join(cells)} | {seconds:.0f} s |", flush=True)
 
 
 if __name__ == "__main__":

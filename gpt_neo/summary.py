@@ -26,7 +26,7 @@ def _human(n: float, unit: str = "") -> str:
 
 def _bytes(n: int) -> str:
     for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
+        if abs(n) >= scale:
             return f"{n / scale:.2f} {suffix}"
     return f"{n} B"
 
