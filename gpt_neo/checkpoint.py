@@ -8,24 +8,74 @@ a run may resume on another `mesh_shape`/`layout`/`param_layout`. A layout that 
 vocabulary differently (`gpt_neo.mesh.padded_vocab`) restores too: the embedding and its
 optimizer state are read at the new size, cut or filled with zeros. Only the padding rows
 can differ, and they are zeros in every checkpoint (see `_check_config`).
+
+Once orbax has committed a checkpoint, its files' checksums are recorded
+(`gpt_neo.checkpoint_manifest`); restoring checks them and falls back, newest first, past
+damaged checkpoints, which are moved to `{model_path}/damaged_checkpoints/` (never deleted).
+A save that runs out of space stops the run with `StorageFull` (exit 4): orbax's unfinished
+temporary folder is removed and the previous checkpoint stays the newest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import sys
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from gpt_neo import checkpoint_manifest, storage
 from gpt_neo.config import SHAPE_KEYS, Config, default_of, to_dict
-from gpt_neo.errors import ConfigError
+from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import abstract_params
 
 # The parameters' and the optimizer state's shapes: a checkpoint fits only a config that
 # agrees on these.
 ARCHITECTURE_KEYS = (*SHAPE_KEYS, "opt_name")
+
+
+class _SpaceErrorsReportedElsewhere(logging.Filter):
+    """Drops orbax's and asyncio's own logs of a write that ran out of space (tracebacks from
+    writer threads): `Checkpointer` reports it as one line (StorageFull)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (storage.is_out_of_space(error) or storage.is_out_of_space(record.getMessage()))
+
+
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_SpaceErrorsReportedElsewhere())
+
+
+def _quiet_closed_loop_callbacks(previous_hook=sys.excepthook, previous=sys.unraisablehook):
+    """When one write of a save fails, orbax closes that save's event loop while tensorstore
+    still completes the others, whose callbacks then fail on the closed loop and are printed
+    from C (PyErr_WriteUnraisable or PyErr_Print): noise after an error already reported.
+    Only that exact error is dropped."""
+
+    def closed_loop(error) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    def unraisable(info):
+        if not closed_loop(info.exc_value):
+            previous(info)
+
+    def hook(kind, error, trace):
+        if not closed_loop(error):
+            previous_hook(kind, error, trace)
+
+    sys.unraisablehook = unraisable
+    sys.excepthook = hook
+
+
+_quiet_closed_loop_callbacks()
 
 
 class Checkpointer:
@@ -52,24 +102,71 @@ class Checkpointer:
             raise ConfigError(
                 f"model_path {model_path} is not writable ({err.strerror or err}); choose another"
             ) from None
+        self.aside = f"{model_path.rstrip('/')}/damaged_checkpoints"
+        self._unsealed: int | None = None  # saved, its checksums not yet recorded
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def step_dir(self, step: int) -> str:
+        return f"{self.directory}/{step}"
+
     def save(self, step: int, state, data_state: dict, cfg: Config) -> None:
         """Start writing checkpoint `step`: the arrays are copied to host memory, the files
-        are written in the background (`wait()` waits for them)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(to_dict(cfg)),
-            ),
-        )
+        are written in the background (`wait()` waits for them). The previous checkpoint is
+        finished and its checksums recorded first."""
+        self.wait()
+        with self._out_of_space(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    config=ocp.args.JsonSave(to_dict(cfg)),
+                ),
+            )
+        self._unsealed = step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the checkpoint being written, then record its checksums."""
+        with self._out_of_space(self._unsealed):
+            self.manager.wait_until_finished()
+            if self._unsealed is not None and jax.process_index() == 0:
+                checkpoint_manifest.write(self.step_dir(self._unsealed))
+        self._unsealed = None
+
+    @contextlib.contextmanager
+    def _out_of_space(self, step: int | None):
+        """A write that fails for lack of space becomes `StorageFull`, with orbax's unfinished
+        folder removed (the previous checkpoint stays the newest)."""
+        try:
+            yield
+        except Exception as err:
+            if not storage.is_out_of_space(err):
+                raise
+            self._failed = True
+            self._remove_unfinished()
+            latest = self.manager.latest_step() if step is None else _previous(self, step)
+            if latest is None:
+                need, kept = "", "no earlier checkpoint exists"
+            else:
+                size = _tree_bytes(self.step_dir(latest)) / 2**20
+                need = f"a checkpoint takes about {size:.1f} MiB: "
+                kept = f"step {latest} is intact and a rerun resumes from it"
+            raise StorageFull(
+                f"out of space writing checkpoint {step} under {self.directory} "
+                f"({storage.space_problem(err)}); {need}free space or point model_path "
+                f"elsewhere; {kept}"
+            ) from None
+
+    def _remove_unfinished(self) -> None:
+        if jax.process_index() != 0:
+            return
+        for name in storage.listdir(self.directory):
+            if "orbax-checkpoint-tmp" in name:
+                with contextlib.suppress(Exception):
+                    storage.delete_tree(storage.join(self.directory, name))
 
     def _check_config(self, step: int, cfg: Config) -> None:
         """A ConfigError when checkpoint `step` was written for a model of other shapes. Past
@@ -90,37 +187,112 @@ class Checkpointer:
                 "elsewhere, or start over with --new"
             )
 
+    def _newest_intact(self, cfg: Config, read):
+        """`read(step)` of the newest checkpoint whose files match their checksums and that
+        orbax can read; damaged ones on the way are moved aside with a warning. None when
+        there is no checkpoint; DataError when none is intact."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            step_dir = self.step_dir(step)
+            problem = self._damage(step_dir)
+            if problem is None:
+                try:
+                    self._check_config(step, cfg)
+                    return read(step)
+                except UserError:
+                    raise
+                except Exception as err:  # orbax and tensorstore raise bare errors on bad bytes
+                    if checkpoint_manifest.recorded(step_dir):
+                        raise  # its bytes are as written: not damage, a bug to see whole
+                    problem = f"orbax cannot read it: {_first_line(err)}"
+            damaged.append(self._set_aside(step, problem))
+        if damaged:
+            raise DataError(
+                f"no intact checkpoint in {self.directory}: {'; '.join(damaged)}. Restore a "
+                f"copy of one, or start over with --new"
+            )
+        return None
+
+    def _damage(self, step_dir: str) -> str | None:
+        """`checkpoint_manifest.damage`, read by process 0 only (on a pod, every host reading
+        every file of a `gs://` checkpoint would multiply the traffic) and shared."""
+        problem = checkpoint_manifest.damage(step_dir) if jax.process_index() == 0 else None
+        if jax.process_count() > 1:
+            damaged = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+            if damaged and problem is None:
+                problem = "its files do not match their checksums (process 0 read them)"
+        return problem
+
+    def _set_aside(self, step: int, problem: str) -> str:
+        """Move a damaged checkpoint out of orbax's sight (kept, never deleted)."""
+        if jax.process_count() > 1:  # every process has judged it before any moves it
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        destination = f"{self.aside}/{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            storage.move_tree(self.step_dir(step), destination)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self.manager.reload()
+        note = f"checkpoint {self.step_dir(step)} is damaged ({problem}); moved to {destination}"
+        print(f"warning: {note}; trying the one before", file=sys.stderr, flush=True)
+        return note
+
     def restore_latest(self, cfg: Config, abstract_state):
-        """(state, data_state) of the newest checkpoint, placed per `abstract_state`'s
+        """(state, data_state) of the newest intact checkpoint, placed per `abstract_state`'s
         shardings; None when there is none. A checkpoint of another model is a ConfigError."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        self._check_config(step, cfg)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=_restore(abstract_state), data=ocp.args.JsonRestore()),
-        )
-        return restored["state"], restored["data"]
+
+        def read(step):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=_restore(abstract_state), data=ocp.args.JsonRestore()
+                ),
+            )
+            return restored["state"], restored["data"]
+
+        return self._newest_intact(cfg, read)
 
     def restore_latest_params(self, cfg: Config, target_params):
-        """(params, step) of the newest checkpoint without reading the optimizer state (a third
-        of the memory for sampling, evaluation and export); None when there is none."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        self._check_config(step, cfg)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=_restore({"params": target_params}, partial_restore=True)
-            ),
-        )
-        return restored["state"]["params"], step
+        """(params, step) of the newest intact checkpoint without reading the optimizer state
+        (a third of the memory for sampling, evaluation and export); None when there is none."""
+
+        def read(step):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=_restore({"params": target_params}, partial_restore=True)
+                ),
+            )
+            return restored["state"]["params"], step
+
+        return self._newest_intact(cfg, read)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed:  # the error was reported; orbax's state after it is not worth a second
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
+        self.wait()
         self.manager.close()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def _previous(checkpointer: Checkpointer, step: int) -> int | None:
+    earlier = [s for s in checkpointer.manager.all_steps() if s < step]
+    return max(earlier) if earlier else None
+
+
+def _tree_bytes(path: str) -> int:
+    gfile = storage.tf().io.gfile
+    return sum(
+        gfile.stat(storage.join(root, name)).length
+        for root, _, names in gfile.walk(path)
+        for name in names
+    )
 
 
 # Orbax splits the writing of a replicated array (every array of a data-parallel run) across its

@@ -4,7 +4,9 @@ exit with `UserError.exit_code` (2); anything else is a bug and keeps its traceb
     UserError            bad input: the message says what, where, and how to fix it
     ├── ConfigError      a model or dataset config, a flag, a mesh layout
     ├── DataError        data files: missing, unreadable, corrupt, or not what the config says
-    └── PlatformError    the hardware asked for (--tpu, --gpu_ids) is not on this machine
+    ├── PlatformError    the hardware asked for (--tpu, --gpu_ids) is not on this machine
+    ├── StorageFull      a write failed for lack of space (exit 4: free space, then rerun)
+    └── RunLocked        another live run holds the model_path
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 # Exit codes, one table for every command line and for the pod launcher that reads them.
 EXIT_USER_ERROR = 2  # bad input: rerunning the same command cannot help
 EXIT_DIVERGED = 3  # non-finite loss or gradient; the last good checkpoint is untouched
+EXIT_STORAGE_FULL = 4  # a write ran out of space; what was complete before is intact
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; rerun to resume
 
 
@@ -31,3 +34,14 @@ class DataError(UserError):
 
 class PlatformError(UserError):
     """The requested accelerator platform is not available on this machine."""
+
+
+class StorageFull(UserError):
+    """A write failed for lack of space (a full disk, a quota, a file-size limit). Nothing
+    complete was lost; rerunning after freeing space resumes."""
+
+    exit_code = EXIT_STORAGE_FULL
+
+
+class RunLocked(UserError):
+    """Another live run writes the same model_path."""

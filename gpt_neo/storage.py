@@ -8,6 +8,7 @@ wherever a local path does. (Checkpoints go through orbax, which has its own `gs
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -84,4 +85,57 @@ def copy_tree(local_dir: str, destination: str) -> None:
 
 
 def delete_tree(path: str) -> None:
-    tf().io.gfile.rmtree(path)
+    """Delete a folder and everything in it, or one file."""
+    gfile = tf().io.gfile
+    if gfile.isdir(path):
+        gfile.rmtree(path)
+    else:
+        gfile.remove(path)
+
+
+def move_tree(source: str, destination: str) -> None:
+    """Move a folder (a rename on local disk; object by object on `gs://`, which has no
+    folders to rename)."""
+    if not is_remote(source):
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        os.replace(source, destination)
+        return
+    gfile = tf().io.gfile
+    for root, _, files in gfile.walk(source):
+        target = join(destination, root[len(source) :].strip("/")).rstrip("/")
+        makedirs(target)
+        for name in files:
+            gfile.rename(join(root, name), join(target, name), overwrite=True)
+    delete_tree(source)
+
+
+_SPACE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file-size limit (ulimit -f) was reached",
+}
+# TensorFlow, tensorstore and GCS report lack of space as text in errors of their own
+_SPACE_MESSAGES = {
+    "no space left": _SPACE_ERRNOS[errno.ENOSPC],
+    "disk quota exceeded": _SPACE_ERRNOS[errno.EDQUOT],
+    "file too large": _SPACE_ERRNOS[errno.EFBIG],
+    "quota exceeded": "the storage quota is used up",
+}
+
+
+def space_problem(err: BaseException | str | None) -> str | None:
+    """Why a write failed for lack of space (a full disk, a quota, a file-size limit), in a
+    few words; None when it did not fail for that. `err` may be an error's text."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _SPACE_ERRNOS:
+            return _SPACE_ERRNOS[err.errno]
+        text = str(err).lower()
+        for message, reason in _SPACE_MESSAGES.items():
+            if message in text:
+                return reason
+        err = getattr(err, "__cause__", None) or getattr(err, "__context__", None)
+    return None
+
+
+def is_out_of_space(err: BaseException | str | None) -> bool:
+    return space_problem(err) is not None

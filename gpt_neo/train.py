@@ -36,6 +36,7 @@ from gpt_neo.objectives import MASKING_STREAM, Example, make_example
 from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
 from gpt_neo.planner import gathers_weights, memory_per_device, num_microbatches
 from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
+from gpt_neo.run_lock import writer_lock
 from gpt_neo.storage import write_text_atomic
 
 # The data position of a checkpoint made outside training (an imported model): read from the start.
@@ -483,15 +484,16 @@ def save_imported_model(cfg: Config, params, step: int = 0) -> str:
     """An imported model (a Hugging Face folder, a GPT-Neo checkpoint) -> a checkpoint at
     `step` under `cfg.model_path`, which must hold none yet, and `model_path/config.json`, which
     `python main.py --model` continues training from. Returns the config's path."""
-    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
-    try:
-        if checkpointer.latest_step() is not None:
-            raise ConfigError(
-                f"{cfg.model_path} already holds checkpoints; import into an empty model_path"
-            )
-        save_initial_checkpoint(cfg, make_mesh(cfg), params, checkpointer, step)
-    finally:
-        checkpointer.close()
+    with writer_lock(cfg.model_path):
+        checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+        try:
+            if checkpointer.latest_step() is not None:
+                raise ConfigError(
+                    f"{cfg.model_path} already holds checkpoints; import into an empty model_path"
+                )
+            save_initial_checkpoint(cfg, make_mesh(cfg), params, checkpointer, step)
+        finally:
+            checkpointer.close()
     config_path = f"{cfg.model_path.rstrip('/')}/config.json"
     write_text_atomic(config_path, json.dumps(to_dict(cfg), indent=2) + "\n")
     return config_path

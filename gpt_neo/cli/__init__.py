@@ -5,10 +5,12 @@ package."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
-from gpt_neo.errors import UserError
+from gpt_neo import storage
+from gpt_neo.errors import EXIT_STORAGE_FULL, StorageFull, UserError
 
 
 def add_overrides_flag(parser: argparse.ArgumentParser, what: str = "a config key") -> None:
@@ -26,9 +28,32 @@ def add_overrides_flag(parser: argparse.ArgumentParser, what: str = "a config ke
 
 def exit_code_of(run: Callable[..., int], *args) -> int:
     """`run(*args)`'s exit code; a `UserError` becomes one `error: ...` line on stderr and its
-    exit code (2). Anything else is a bug and keeps its traceback."""
+    exit code (2); a write that ran out of space, one line and exit 4 (EXIT_STORAGE_FULL).
+    Anything else is a bug and keeps its traceback."""
     try:
         return run(*args)
+    except StorageFull as err:
+        _exit_now(f"error: {err}", err.exit_code)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:
+        if (problem := storage.space_problem(err)) is None:
+            raise
+        # a write elsewhere than a checkpoint (metrics, predictions, an export, TFRecords):
+        # those are written whole or not at all (storage.write_*_atomic)
+        _exit_now(f"error: out of space ({problem}): {_first_line(err)}", EXIT_STORAGE_FULL)
+
+
+def _exit_now(line: str, code: int):
+    """Print `line` and leave at once: after a failed write, orbax's and TensorFlow's writer
+    threads are mid-failure, and the interpreter's teardown would print their tracebacks."""
+    print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]

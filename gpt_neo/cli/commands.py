@@ -23,8 +23,9 @@ from gpt_neo.inputs import InputPipeline, check_datasets
 from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
 from gpt_neo.metrics import Metrics, with_run_record
 from gpt_neo.predict import DEFAULT_PROMPT, max_new_tokens, write_predictions
+from gpt_neo.run_lock import LOCK_NAME, writer_lock
 from gpt_neo.sample import generate
-from gpt_neo.storage import delete_tree, exists, read_text
+from gpt_neo.storage import delete_tree, exists, join, listdir, read_text
 from gpt_neo.summary import print_summary
 
 
@@ -115,8 +116,13 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError("set model_path in the config (where checkpoints and logs go)")
     if args.steps_per_checkpoint < 1:
         raise ConfigError("--steps_per_checkpoint must be at least 1")
-    if args.new:
-        _delete_model_path(cfg.model_path, args.yes)
+    with writer_lock(cfg.model_path):  # before --new deletes anything: a live run is refused
+        if args.new:
+            _delete_model_path(cfg.model_path, args.yes)
+        return _train(cfg, args)
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> int:
     mesh = make_mesh(cfg)
     pipeline = InputPipeline(cfg, skip_corrupt=args.skip_corrupt_records)
     checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
@@ -149,8 +155,10 @@ def _delete_model_path(model_path: str, assume_yes: bool) -> None:
         answer = input(f"--new: delete everything in {model_path}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             raise SystemExit("not deleted; nothing done")
-    delete_tree(model_path)
-    print(f"deleted {model_path}")
+    for name in listdir(model_path):
+        if name != LOCK_NAME:  # this run's own lock
+            delete_tree(join(model_path, name))
+    print(f"deleted everything in {model_path}")
 
 
 # --------------------------------------------------------------------------------------------
