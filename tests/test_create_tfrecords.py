@@ -3,6 +3,8 @@
 import io
 import json
 import lzma
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -11,10 +13,10 @@ from gpt_neo import tfrecords
 from gpt_neo.config import from_dict
 from gpt_neo.corpus import list_input_files, wikitext_detokenize
 from gpt_neo.encoders import load_encoder
-from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.errors import EXIT_STORAGE_FULL, ConfigError, DataError
 from gpt_neo.inputs import InputPipeline, iter_records
 from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
-from tests.helpers import SAMPLE_TEXTS, train_tokenizer_file
+from tests.helpers import REPO, SAMPLE_TEXTS, train_tokenizer_file
 
 DOCS = {
     "a.txt": "First plain text document.\nWith two lines.",
@@ -299,3 +301,25 @@ def test_cli_bad_input_exits_2_with_one_message(tmp_path, capsys):
     bad_tok.write_text("{")
     assert cli.main(["--input_dir", str(tmp_path), "--encoder_path", str(bad_tok), "--quiet"]) == 2
     assert "not a Hugging Face tokenizer.json" in capsys.readouterr().err
+
+
+def test_running_out_of_space_is_one_line_and_exit_4(tmp_path):
+    """A file-size limit (ulimit -f) stands in for a full disk: the writer's error becomes one
+    line naming the file, exit 4 (EXIT_STORAGE_FULL), no traceback."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    words = ["alpha", "beta", "gamma", "delta"]
+    for i in range(4):
+        (raw / f"{i}.txt").write_text(" ".join(words[(i * j) % 4] for j in range(20_000)))
+    command = [sys.executable, str(REPO / "data" / "create_tfrecords.py"), "--input_dir", str(raw)]
+    command += ["--output_dir", str(tmp_path / "out"), "--encoder_path", "byte", "--quiet"]
+    done = subprocess.run(
+        ["bash", "-c", 'ulimit -f 40 && exec "$@"', "bash", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == EXIT_STORAGE_FULL, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "out of space (a file-size limit" in errors[0], done.stderr
+    assert str(tmp_path / "out") in errors[0] and "Traceback" not in done.stderr
