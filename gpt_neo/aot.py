@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gpt_neo import axes, hardware
 from gpt_neo import sample as sample_lib
 from gpt_neo.config import Config
-from gpt_neo.errors import ConfigError
+from gpt_neo.errors import ConfigError, first_line
 from gpt_neo.mesh import (
     activation_sharding,
     data_parallel_size,
@@ -60,9 +60,8 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
             topology_name=name, platform="tpu", num_slices=num_slices
         )
     except Exception as err:  # the runtime raises bare errors for names it does not know
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"--topology {name}: the TPU runtime does not know it ({detail[:160]}); give a "
+            f"--topology {name}: the TPU runtime does not know it ({first_line(err, 160)}); give a "
             f"generation and chip grid, e.g. {EXAMPLES}"
         ) from None
     return list(topology.devices)

@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 
 from gpt_neo import checkpoint_manifest, storage
 from gpt_neo.config import SHAPE_KEYS, Config, default_of, to_dict
-from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError
+from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError, first_line
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import abstract_params
 
@@ -204,7 +204,7 @@ class Checkpointer:
                 except Exception as err:  # orbax and tensorstore raise bare errors on bad bytes
                     if checkpoint_manifest.recorded(step_dir):
                         raise  # its bytes are as written: not damage, a bug to see whole
-                    problem = f"orbax cannot read it: {_first_line(err)}"
+                    problem = f"orbax cannot read it: {first_line(err)}"
             damaged.append(self._set_aside(step, problem))
         if damaged:
             raise DataError(
@@ -274,11 +274,6 @@ class Checkpointer:
             return
         self.wait()
         self.manager.close()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 def _previous(checkpointer: Checkpointer, step: int) -> int | None:

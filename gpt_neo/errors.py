@@ -45,3 +45,9 @@ class StorageFull(UserError):
 
 class RunLocked(UserError):
     """Another live run writes the same model_path."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of a (third-party) error's message, for quoting in a one-line error."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]

@@ -110,14 +110,13 @@ def preempt_after_first_checkpoint(model, run):
 
 @contextlib.contextmanager
 def small_filesystem(path, size_mib):
-    """A real tmpfs of `size_mib` mounted at `path` (root only)."""
+    """A real tmpfs of `size_mib` mounted at `path`; None where this user cannot mount one
+    (not root), and the caller falls back to a file-size limit."""
     path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
-        capture_output=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)]
+    if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
+        yield None
+        return
     try:
         yield path
     finally:
@@ -132,12 +131,11 @@ def tree_bytes(path):
 def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_resumes(
     tmp_path, dataset, uninterrupted, kind
 ):
-    if kind == "tmpfs" and os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root; the file-size limit case runs")
     with contextlib.ExitStack() as stack:
         root = tmp_path
-        if kind == "tmpfs":
-            root = stack.enter_context(small_filesystem(tmp_path / "small", 64))
+        if kind == "tmpfs":  # as the issue allows: a file-size limit where none can be mounted
+            mounted = stack.enter_context(small_filesystem(tmp_path / "small", 64))
+            root, kind = (mounted, kind) if mounted else (tmp_path, "file-size limit")
         run = root / "run"
         model = config(tmp_path, dataset, run)
         saved = preempt_after_first_checkpoint(model, run)

@@ -18,3 +18,17 @@ def test_write_read_and_delete_whole_trees(tmp_path, root):
     assert not storage.exists(path + ".tmp")
     storage.delete_tree(f"{base}/run")
     assert not storage.exists(path)
+
+
+@pytest.mark.parametrize("root", ["local", "ram://storage-move"])
+def test_move_tree_moves_every_file_and_leaves_nothing_behind(tmp_path, root):
+    """How a damaged checkpoint is set aside (gpt_neo.checkpoint): a rename locally, object
+    by object through gfile elsewhere."""
+    base = str(tmp_path) if root == "local" else root
+    storage.makedirs(f"{base}/checkpoints/9/state/d")
+    storage.write_text_atomic(f"{base}/checkpoints/9/state/d/a", "array bytes")
+    storage.write_text_atomic(f"{base}/checkpoints/9/meta", "{}")
+    storage.move_tree(f"{base}/checkpoints/9", f"{base}/damaged/9-x")
+    assert not storage.exists(f"{base}/checkpoints/9")
+    assert storage.read_text(f"{base}/damaged/9-x/state/d/a") == "array bytes"
+    assert storage.read_text(f"{base}/damaged/9-x/meta") == "{}"

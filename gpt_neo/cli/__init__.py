@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from gpt_neo import storage
-from gpt_neo.errors import EXIT_STORAGE_FULL, StorageFull, UserError
+from gpt_neo.errors import EXIT_STORAGE_FULL, StorageFull, UserError, first_line
 
 
 def add_overrides_flag(parser: argparse.ArgumentParser, what: str = "a config key") -> None:
@@ -42,7 +42,7 @@ def exit_code_of(run: Callable[..., int], *args) -> int:
             raise
         # a write elsewhere than a checkpoint (metrics, predictions, an export, TFRecords):
         # those are written whole or not at all (storage.write_*_atomic)
-        _exit_now(f"error: out of space ({problem}): {_first_line(err)}", EXIT_STORAGE_FULL)
+        _exit_now(f"error: out of space ({problem}): {first_line(err)}", EXIT_STORAGE_FULL)
 
 
 def _exit_now(line: str, code: int):
@@ -52,8 +52,3 @@ def _exit_now(line: str, code: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
