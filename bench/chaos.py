@@ -1,13 +1,17 @@
 """Chaos: one training run killed with -9 again and again, some kills aimed at the moment a
-checkpoint is being written, plus a storm of SIGTERMs; each time the same command restarts
-it. The final parameters are compared with an uninterrupted run's, and every checkpoint left
-on disk is checked against its recorded checksums.
+checkpoint is being written, plus a storm of SIGTERMs, then a NaN injected by the test hook
+(GPT_NEO_TEST_NAN_AT_STEP) at a checkpoint step; each time the same command restarts it. The
+final parameters are compared with an uninterrupted run's, and every checkpoint left on disk
+is checked against its recorded checksums.
 
     python bench/chaos.py [--kills 20] [--steps 1000] [--every 10] [--seed 0]
 
 Prints `kills survived K/N, bit-identical yes/no, corrupt checkpoints C`; exits 1 unless
-all kills were survived, the parameters are bit-identical and nothing is corrupt.
-`make test` runs 3 kills (tests/test_checkpoint_faults.py).
+all kills were survived, the SIGTERM storm saved and stopped (exit 75), the NaN stopped the
+run (exit 3) before its step was saved, the parameters are bit-identical and nothing is
+corrupt.
+`make test` runs 2 kills (tests/test_checkpoint_faults.py); every third kill, from the second
+on, is aimed at a checkpoint write.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from train_end_to_end import write_dataset  # noqa: E402
 
-EXIT_PREEMPTED = 75
+EXIT_DIVERGED, EXIT_PREEMPTED = 3, 75
+NAN_AT_STEP_ENV = "GPT_NEO_TEST_NAN_AT_STEP"
 MODEL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_ctx": 64}
 
 
@@ -57,9 +62,11 @@ def model_config(folder: Path, dataset: str, model_path: Path, steps: int) -> st
     return str(path)
 
 
-def start(model: str, every: int) -> subprocess.Popen:
+def start(model: str, every: int, nan_at_step: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     env.setdefault("JAX_PLATFORMS", "cpu")
+    if nan_at_step is not None:
+        env[NAN_AT_STEP_ENV] = str(nan_at_step)
     command = [sys.executable, str(REPO / "main.py"), "--model", model]
     return subprocess.Popen(
         [*command, "--steps_per_checkpoint", str(every)],
@@ -125,6 +132,20 @@ def sigterm_storm(model: str, run: Path, every: int) -> int:
     return process.returncode
 
 
+def saved_steps(run: Path) -> list[int]:
+    folder = run / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def nan_injection(model: str, run: Path, every: int, steps: int) -> tuple[int, int, list[int]]:
+    """Restart with the NaN hook set for the next checkpoint step: (that step, the exit code,
+    the checkpoints on disk afterwards; none may be at or past the poisoned step)."""
+    at = min((saved_steps(run)[-1] // every + 1) * every, steps)
+    process = start(model, every, nan_at_step=at)
+    process.communicate(timeout=600)
+    return at, process.returncode, saved_steps(run)
+
+
 def params(run: Path, step: int):
     import jax
     import orbax.checkpoint as ocp
@@ -174,7 +195,7 @@ def main() -> int:
     killed = False
     for kill in range(args.kills):
         process = start(model, args.every)
-        where = kill_at_random(process, run, rng, aim_at_save=kill % 3 == 2)
+        where = kill_at_random(process, run, rng, aim_at_save=kill % 3 == 1)
         survived += killed and where is not None  # the previous kill's restart trained
         if where is None:  # it finished (or failed) before the kill
             out, _ = process.communicate()
@@ -187,6 +208,13 @@ def main() -> int:
         print(f"kill {kill + 1}/{args.kills} {where}, at step {logged_step(run)}", flush=True)
     storm = sigterm_storm(model, run, args.every)
     print(f"SIGTERM storm (4 in 200 ms): exit {storm} (75 = saved and stopped)", flush=True)
+    nan_step, nan_exit, after_nan = nan_injection(model, run, args.every, args.steps)
+    nan_stopped = nan_exit == EXIT_DIVERGED and after_nan[-1] < nan_step
+    print(
+        f"NaN injected before step {nan_step}: exit {nan_exit} (3 = diverged), newest "
+        f"checkpoint {after_nan[-1]} ({'before it' if nan_stopped else 'NOT before it'})",
+        flush=True,
+    )
     process = start(model, args.every)
     out, _ = process.communicate()
     if process.returncode != 0:
@@ -202,9 +230,11 @@ def main() -> int:
         print(f"corrupt checkpoint {line}")
     print(
         f"kills survived {survived}/{args.kills}, bit-identical {'yes' if same else 'no'}, "
-        f"corrupt checkpoints {len(corrupt)}, SIGTERM storm exit {storm}"
+        f"corrupt checkpoints {len(corrupt)}, SIGTERM storm exit {storm}, NaN stopped "
+        f"{'yes' if nan_stopped else 'no'}"
     )
-    return 0 if same and not corrupt and survived == args.kills and storm == EXIT_PREEMPTED else 1
+    ok = same and not corrupt and survived == args.kills and nan_stopped
+    return 0 if ok and storm == EXIT_PREEMPTED else 1
 
 
 if __name__ == "__main__":

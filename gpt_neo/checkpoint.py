@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 
 from gpt_neo import checkpoint_manifest, storage
 from gpt_neo.config import SHAPE_KEYS, Config, default_of, to_dict
-from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError, first_line
+from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError, first_line, warn
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import abstract_params
 
@@ -234,7 +234,7 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
         self.manager.reload()
         note = f"checkpoint {self.step_dir(step)} is damaged ({problem}); moved to {destination}"
-        print(f"warning: {note}; trying the one before", file=sys.stderr, flush=True)
+        warn(f"{note}; trying the one before")
         return note
 
     def restore_latest(self, cfg: Config, abstract_state):

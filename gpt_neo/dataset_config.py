@@ -10,6 +10,7 @@ how `data/create_tfrecords.py` wrote the records: `documents` or `chunks`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from gpt_neo.config import REPO_ROOT, find_named_config, read_json_object
 from gpt_neo.encoders import Encoder, check_vocab_fits, load_encoder
-from gpt_neo.errors import ConfigError
+from gpt_neo.errors import ConfigError, DataError, UserError, warn
 
 KEYS = {
     "n_vocab",
@@ -77,11 +78,35 @@ def load_dataset_config(dataset_id: str) -> DatasetConfig:
     for key in ("n_vocab", "path"):
         if key not in raw:
             raise ConfigError(f"{path}: required key '{key}' is missing")
-    if not isinstance(raw["n_vocab"], int) or raw["n_vocab"] < 1:
-        raise ConfigError(f"{path}: 'n_vocab' must be a positive integer")
-    if raw.get("mode") not in (None, "documents", "chunks"):
-        raise ConfigError(f"{path}: 'mode' must be 'documents' or 'chunks'")
+    for key, value in raw.items():
+        if value is not None and (problem := _type_problem(key, value, raw["n_vocab"])):
+            raise ConfigError(f"{path}: '{key}' = {json.dumps(value)} {problem}")
     return DatasetConfig(name=path.stem, **{k: v for k, v in raw.items() if v is not None})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_problem(key: str, value, n_vocab) -> str | None:
+    """What is wrong with one dataset config value, or None."""
+    if key == "n_vocab":
+        return None if _is_int(value) and value >= 1 else "must be a positive integer"
+    if key in ("eos_id", "padding_id"):
+        if not _is_int(value) or value < 0:
+            return "must be a token id (an integer >= 0)"
+        # GPT-Neo's padding id is often n_vocab itself (a row past the tokenizer); the end of
+        # text is appended to documents, so it must be a real token
+        if key == "eos_id" and _is_int(n_vocab) and value >= n_vocab:
+            return f"must be below n_vocab {n_vocab}"
+        return None
+    if key == "tokenizer_is_pretrained":
+        return None if isinstance(value, bool) else "must be true or false"
+    if key == "mode":
+        return None if value in ("documents", "chunks") else "must be 'documents' or 'chunks'"
+    if key == "path" and value == "":
+        return "must name the TFRecord files (a local or gs:// glob)"
+    return None if isinstance(value, str) else "must be a string (a path)"
 
 
 def write_dataset_config(cfg: DatasetConfig, path: str | os.PathLike) -> Path:
@@ -109,3 +134,45 @@ def model_tokenizer(cfg) -> tuple[Encoder, int | None]:
     encoder = dataset.encoder()
     check_vocab_fits(encoder, cfg.n_vocab, f"dataset '{dataset.name}'")
     return encoder, cfg.eos_id if cfg.eos_id is not None else dataset.eos_id
+
+
+def tokenizer_identity(encoder: Encoder, spec: str | None) -> dict:
+    """What tells one tokenizer from another: its size and a digest of its vocabulary."""
+    vocab = getattr(encoder, "tokenizer", None)
+    listing = sorted(vocab.get_vocab(with_added_tokens=True).items()) if vocab else encoder.name
+    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return {"tokenizer": spec, "vocab_size": encoder.vocab_size, "digest": digest}
+
+
+def check_run_tokenizer(cfg, started_with: dict | None, *, needed: bool) -> dict | None:
+    """The model's tokenizer as it is now, checked against `started_with` (the identity a
+    checkpoint recorded): another size is an error (the run's records, its samples and its
+    exports would disagree with it). Training itself reads token ids, so a tokenizer that
+    cannot be loaded is only an error when `needed` (sampling during training); else it
+    returns `started_with` after a warning."""
+    try:
+        dataset = model_dataset(cfg)
+        encoder = dataset.encoder()
+        check_vocab_fits(encoder, cfg.n_vocab, f"dataset '{dataset.name}'")
+    except UserError as err:
+        if needed:
+            raise
+        if started_with is not None:
+            warn(f"the run's tokenizer cannot be loaded now ({err}); --predict and --eval need it")
+        return started_with
+    now = tokenizer_identity(encoder, dataset.tokenizer_path)
+    if started_with is None:
+        return now
+    if now["vocab_size"] != started_with["vocab_size"]:
+        raise DataError(
+            f"tokenizer {now['tokenizer']} now has {now['vocab_size']} ids, but this run was "
+            f"started with one of {started_with['vocab_size']} ids (its records, samples and "
+            "exports are in those ids): put back the tokenizer the run started with, or start a "
+            "new run (--new)"
+        )
+    if now["digest"] != started_with["digest"]:
+        warn(
+            f"tokenizer {now['tokenizer']} has the same size as the one this run started with "
+            "but other tokens; samples and exports will decode with the new one"
+        )
+    return now

@@ -11,6 +11,8 @@ exit with `UserError.exit_code` (2); anything else is a bug and keeps its traceb
 
 from __future__ import annotations
 
+import sys
+
 # Exit codes, one table for every command line and for the pod launcher that reads them.
 EXIT_USER_ERROR = 2  # bad input: rerunning the same command cannot help
 EXIT_DIVERGED = 3  # non-finite loss or gradient; the last good checkpoint is untouched
@@ -51,3 +53,8 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of a (third-party) error's message, for quoting in a one-line error."""
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
+def warn(message: str) -> None:
+    """A `warning: ...` line on stderr, from whichever process saw the problem."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ import numpy as np
 
 from gpt_neo.config import Config
 from gpt_neo.dataset_config import DatasetConfig, load_dataset_config
-from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.errors import ConfigError, DataError, first_line, warn
 from gpt_neo.storage import tf
 
 GROUP_FILES = 8
@@ -67,6 +68,9 @@ class CorruptRecordError(DataError):
     pass
 
 
+SKIP_HINT = "rerun with --skip_corrupt_records to skip damaged records (each skip is reported)"
+
+
 @dataclass
 class ReaderStats:
     skipped_files: list[str] = field(default_factory=list)  # "file (from record k)"
@@ -95,18 +99,28 @@ class RecordReader:
         self.group_files = max(1, min(GROUP_FILES, len(files)))
         self.groups_per_epoch = -(-len(files) // self.group_files)
         self.shuffle_buffer = SHUFFLE_BUFFER
-        self.fingerprint = hashlib.sha256("\n".join(files).encode()).hexdigest()[
-            :7
-        ]  # fits the int32 that process_allgather carries
+        # 7 hex digits: what checkpoints written before the position became JSON hold
+        self.fingerprint = hashlib.sha256("\n".join(files).encode()).hexdigest()[:7]
         self.group, self.offset = 0, 0
         self.stats = ReaderStats()
-        self._truncated: dict[str, int] = {}  # corrupt file -> records readable before damage
+        # corrupt file -> records readable before its damage; saved with the position, so that
+        # a resumed run cuts the file where the interrupted one did, whatever the file is now
+        self._truncated: dict[str, int] = {}
+        # True from `restore` until the records the interrupted run consumed are replayed:
+        # damage found then is damage that run did not see, so the order cannot be the same
+        self._replaying = False
+        self._groups_without_records = 0  # a whole epoch of them: nothing left to read
         self._iterator = None
         self._upcoming = None  # (group, limits, stream): the next group's, opened ahead
 
     # --- position -------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"group": self.group, "offset": self.offset, "files": self.fingerprint}
+        return {
+            "group": self.group,
+            "offset": self.offset,
+            "files": self.fingerprint,
+            "damaged": dict(self._truncated),
+        }
 
     def restore(self, state: dict) -> None:
         if state["files"] != self.fingerprint:
@@ -115,6 +129,8 @@ class RecordReader:
                 "(the data position cannot be restored); restore the files or start a new run"
             )
         self.group, self.offset = int(state["group"]), int(state["offset"])
+        self._truncated = {path: int(good) for path, good in state.get("damaged", {}).items()}
+        self._replaying = self.offset > 0
         self._iterator = None
 
     # --- reading --------------------------------------------------------------------------
@@ -194,16 +210,31 @@ class RecordReader:
             except (t.errors.DataLossError, t.errors.InvalidArgumentError) as err:
                 self._handle_corrupt(err)
                 continue
+            except t.errors.OpError as err:  # gone, no permission, a storage outage
+                raise self._unreadable(err) from None
             if item is None:
                 self._check_complete()
-                self.group, self.offset, self._iterator = self.group + 1, 0, None
+                self._end_group()
                 continue
             file_index, record_index, tokens = item
             if self._to_skip:
                 self._to_skip -= 1
+                # read so far: what the interrupted run had read when its position was saved
+                self._replaying = self._replaying and self._to_skip > 0
                 continue
             self.offset += 1
             return tokens, self._group_paths[file_index], int(record_index)
+
+    def _end_group(self) -> None:
+        empty = self.offset == 0
+        self._groups_without_records = self._groups_without_records + 1 if empty else 0
+        if self._groups_without_records >= self.groups_per_epoch:
+            what = "damaged or empty" if self._truncated else "empty"
+            raise DataError(
+                f"dataset '{self.name}': a whole epoch of its {len(self.files)} file(s) held no "
+                f"readable records (all {what}); re-create them"
+            )
+        self.group, self.offset, self._iterator = self.group + 1, 0, None
 
     def _check_complete(self) -> None:
         """TFRecord readers end a truncated file quietly; GPT-Neo's file names carry their
@@ -215,11 +246,9 @@ class RecordReader:
             if not self.skip_corrupt:
                 raise CorruptRecordError(
                     f"dataset '{self.name}': {path} is corrupt or truncated at record {seen} (its "
-                    f"name promises {expected} records). Re-create the file, or let the pipeline "
-                    "skip damaged records (InputPipeline(skip_corrupt=True)); they are reported."
+                    f"name promises {expected} records). Re-create the file, or {SKIP_HINT}"
                 )
-            self._truncated[path] = seen
-            self.stats.skipped_files.append(f"{path} (from record {seen})")
+            self._skip(path, seen)
 
     def _handle_corrupt(self, err) -> None:
         path, good = locate_corruption(self._group_paths)
@@ -228,12 +257,41 @@ class RecordReader:
         if not self.skip_corrupt:
             raise CorruptRecordError(
                 f"dataset '{self.name}': {path} is corrupt or truncated at record {good}. "
-                "Re-create the file, or let the pipeline skip damaged records "
-                "(InputPipeline(skip_corrupt=True)); skipped files are reported."
+                f"Re-create the file, or {SKIP_HINT}"
             )
+        self._skip(path, good)
+        self._iterator = None  # rebuild the group without the damaged tail, skip what was read
+
+    def _skip(self, path: str, good: int) -> None:
         self._truncated[path] = good
         self.stats.skipped_files.append(f"{path} (from record {good})")
-        self._iterator = None  # rebuild the group without the damaged tail, skip what was read
+        warn(
+            f"dataset '{self.name}': {path} is corrupt or truncated at record {good}; skipping "
+            f"the rest of it (--skip_corrupt_records; {len(self.stats.skipped_files)} file(s) "
+            "skipped by this reader so far)"
+        )
+        if self._replaying:
+            warn(
+                f"dataset '{self.name}': the run this one resumes read {path} intact, so the "
+                "records it trained on since its checkpoint cannot all be replayed: the data order "
+                "from here differs from an uninterrupted run's. Restore the file to keep it"
+            )
+
+    def _unreadable(self, err) -> DataError:
+        """A group file that cannot be opened or read at all, named. Never skipped: records
+        already trained on may come from it, and a restarted run could not replay them."""
+        t = tf()
+        for path in self._group_paths:
+            try:
+                with t.io.gfile.GFile(path, "rb") as f:
+                    f.read(1)
+            except t.errors.OpError as file_err:
+                return DataError(
+                    f"dataset '{self.name}': cannot read {path} ({first_line(file_err)}); it "
+                    "was there when the run started. Restore it (or, to drop it, remove it from "
+                    "the dataset and start a new run)"
+                )
+        return DataError(f"dataset '{self.name}': reading failed: {first_line(err)}")
 
 
 def record_stream(files: list[str], limits: list[int], threads: int):
@@ -579,6 +637,10 @@ class InputPipeline:
     def sources(self) -> list[DatasetSource]:
         return [source for stream in self.streams for source in stream.sources]
 
+    def skipped_files(self) -> list[str]:
+        """Files this host's readers cut at their damage (`skip_corrupt`), "file (from record k)"."""
+        return [f for source in self.sources for f in source.reader.stats.skipped_files]
+
     def state(self) -> dict:
         """This host's position: the batch counter and every local reader's position."""
         return {
@@ -595,21 +657,10 @@ class InputPipeline:
         local = local or self.state()
         if self.process_count == 1:
             return local
-        from jax.experimental import multihost_utils
-
-        rows = [
-            [int(k), i, r["group"], r["offset"], int(r["files"], 16)]
-            for k, readers in local["streams"].items()
-            for i, r in enumerate(readers)
-        ]
-        gathered = np.asarray(multihost_utils.process_allgather(np.array(rows, np.int32))).reshape(
-            -1, 5
-        )
-        streams: dict[str, list] = {}
-        for stream, _, group, offset, files in sorted(gathered.tolist()):
-            streams.setdefault(str(stream), []).append(
-                {"group": group, "offset": offset, "files": f"{files:07x}"}
-            )
+        streams = {}
+        for host in _allgather_json(local["streams"]):
+            streams |= host
+        streams = dict(sorted(streams.items(), key=lambda item: int(item[0])))
         return {"version": STATE_VERSION, "batch": local["batch"], "streams": streams}
 
     def restore(self, state: dict) -> None:
@@ -636,6 +687,18 @@ class InputPipeline:
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
             yield self.next_batch()
+
+
+def _allgather_json(value) -> list:
+    """`value` (JSON-able) from every process, in process order."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(row[:size].tobytes()) for row, size in zip(rows, sizes, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,25 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+
+# TensorFlow imports Keras's optimizers eagerly when Keras is installed (it is: a TensorFlow
+# dependency), 2-3 s of every start for a library nothing here uses (tf.data, tf.io and
+# tf.train.Example only). TensorFlow skips that import when it fails, and a None entry in
+# sys.modules makes it fail at once; the entry goes right after, so `import keras` still works.
+_KERAS_EAGER_IMPORT = "keras.src.optimizers"
 
 
 def tf():
     """TensorFlow, for data and files only: it never sees an accelerator (JAX owns those).
     Imported on first use: it is heavy, and model code never needs it."""
+    if "tensorflow" not in sys.modules and "keras" not in sys.modules:
+        sys.modules[_KERAS_EAGER_IMPORT] = None
+        try:
+            import tensorflow
+        finally:
+            if sys.modules.get(_KERAS_EAGER_IMPORT, "") is None:
+                del sys.modules[_KERAS_EAGER_IMPORT]
     import tensorflow
 
     tensorflow.config.set_visible_devices([], "GPU")

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from jax.sharding import PartitionSpec as P
 from gpt_neo import axes
 from gpt_neo.checkpoint import Checkpointer
 from gpt_neo.config import Config, to_dict
-from gpt_neo.dataset_config import model_tokenizer
-from gpt_neo.errors import EXIT_PREEMPTED, ConfigError
+from gpt_neo.dataset_config import check_run_tokenizer, model_tokenizer
+from gpt_neo.errors import EXIT_PREEMPTED, ConfigError, warn
 from gpt_neo.feed import DeviceFeed
 from gpt_neo.inputs import InputPipeline
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
@@ -41,6 +42,18 @@ from gpt_neo.storage import write_text_atomic
 
 # The data position of a checkpoint made outside training (an imported model): read from the start.
 DATA_FROM_THE_START = {"position": "start"}
+
+# A fault-injection hook for tests and bench/chaos.py: the parameters turn to NaN just before
+# step N runs, as an overflow would make them, so that the divergence guard is seen to stop
+# the run before anything poisoned is saved. Unset in normal use.
+NAN_AT_STEP_ENV = "GPT_NEO_TEST_NAN_AT_STEP"
+
+
+def _poisoned_before(step: int, state):
+    """`state` with NaN parameters if NAN_AT_STEP_ENV names `step`, else `state`."""
+    if os.environ.get(NAN_AT_STEP_ENV) != str(step):
+        return state
+    return {**state, "params": jax.tree.map(lambda x: x * jnp.nan, state["params"])}
 
 
 class TrainingDiverged(RuntimeError):
@@ -384,12 +397,15 @@ def _train(
     trainer = Trainer(cfg, mesh)
     pipeline = pipeline or InputPipeline(cfg)
     restored = checkpointer.restore_latest(cfg, trainer.abstract_state())
+    tokenizer = None  # the identity of the tokenizer the run started with, saved with the data
     if restored is None:
         state = trainer.init_state(cfg.seed)
     else:
         state, data_state = restored
+        tokenizer = data_state.get("tokenizer")
         if data_state != DATA_FROM_THE_START:
             pipeline.restore(data_state)
+    tokenizer = check_run_tokenizer(cfg, tokenizer, needed=bool(cfg.predict_steps))
     step = int(state["step"])
     if step >= cfg.train_steps:
         metrics.message(
@@ -408,6 +424,7 @@ def _train(
             history = []
             for _ in range(todo):
                 batch, data_state = feed.next()
+                state = _poisoned_before(step + len(history) + 1, state)
                 state, step_metrics = trainer.step(state, batch)
                 history.append(step_metrics)
                 if jax.process_count() == 1 and preemption.requested:
@@ -419,10 +436,12 @@ def _train(
             boundary = step % steps_per_checkpoint == 0 or step == cfg.train_steps
             if boundary or stop:
                 report.flush()  # this block's losses are checked before its state is saved
-                checkpointer.save(step, state, pipeline.global_state(data_state), cfg)
+                position = pipeline.global_state(data_state)
+                checkpointer.save(step, state, position | {"tokenizer": tokenizer}, cfg)
             if boundary and cfg.eval_steps:
                 metrics.log_eval(step, evaluate(cfg, trainer, state["params"], cfg.eval_steps))
             if boundary and cfg.predict_steps:
+                tokenizer = check_run_tokenizer(cfg, tokenizer, needed=True)
                 metrics.message(sample_now(cfg, state["params"], step))
             if boundary and (cfg.eval_steps or cfg.predict_steps):
                 report.restart_clock()  # evaluation has its own line; tok/s counts training
@@ -435,6 +454,8 @@ def _train(
         report.flush()
     checkpointer.wait()
     metrics.finish(step, checkpointer.directory)
+    if skipped := pipeline.skipped_files():
+        warn(f"{len(skipped)} damaged file(s) were cut short: {', '.join(skipped)}")
     return 0
 
 

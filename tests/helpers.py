@@ -310,6 +310,8 @@ def start_main(*args: str, devices: int = 8):
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
+        # several processes on a loaded 2-core machine can miss JAX's 100 s of heartbeats
+        "GPT_NEO_HEARTBEAT_TIMEOUT": "900",
     }
     command = [sys.executable, str(REPO / "main.py"), *args]
     return subprocess.Popen(

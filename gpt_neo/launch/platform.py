@@ -22,6 +22,9 @@ ENV = {
     "coordinator_address": "GPT_NEO_COORDINATOR_ADDRESS",
     "num_processes": "GPT_NEO_NUM_PROCESSES",
     "process_id": "GPT_NEO_PROCESS_ID",
+    # seconds without a heartbeat before the coordinator declares a process dead (JAX: 100);
+    # raised where processes share a loaded machine (the test suite's CPU processes)
+    "heartbeat_timeout": "GPT_NEO_HEARTBEAT_TIMEOUT",
 }
 
 
@@ -101,14 +104,17 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     # CPU processes need a collectives library to talk (no effect on TPU/GPU backends); set
     # before anything initialises a backend
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    heartbeat = os.environ.get(ENV["heartbeat_timeout"])
+    timeouts = {"heartbeat_timeout_seconds": int(heartbeat)} if heartbeat else {}
     if explicit:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=int(num_processes),
             process_id=int(process_id),
+            **timeouts,
         )
     else:  # a TPU pod slice or SLURM: everything comes from the environment
-        jax.distributed.initialize(local_device_ids=_slurm_node_gpus())
+        jax.distributed.initialize(local_device_ids=_slurm_node_gpus(), **timeouts)
 
 
 def _slurm_node_gpus() -> list[int] | None:
