@@ -289,13 +289,20 @@ def damaged(data: bytes, edits) -> bytes:
     return bytes(out)
 
 
+@contextlib.contextmanager
+def damaged_file(data: bytes, edits, name: str):
+    """`data` with `edits` applied, as a file `name` in a fresh folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_bytes(damaged(data, edits))
+        yield path
+
+
 @fuzz(150)
 @given(edits=damages)
 def test_a_damaged_tfrecord_reads_whole_or_is_named(intact_records, edits):
     data, _ = intact_records
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "c_0_8.tfrecords"
-        path.write_bytes(damaged(data, edits))
+    with damaged_file(data, edits, "c_0_8.tfrecords") as path:
         try:
             read = list(inputs.iter_records([str(path)]))
             assert len(read) == 8  # only damage that changed nothing reads whole
@@ -307,9 +314,7 @@ def test_a_damaged_tfrecord_reads_whole_or_is_named(intact_records, edits):
 @given(edits=damages)
 def test_skipping_damage_never_passes_damaged_bytes_on_as_tokens(intact_records, edits):
     data, originals = intact_records
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "c_0_8.tfrecords"
-        path.write_bytes(damaged(data, edits))
+    with damaged_file(data, edits, "c_0_8.tfrecords") as path:
         skipping = inputs.RecordReader([str(path)], seed=0, name="c", skip_corrupt=True)
         got = []
         with contextlib.suppress(UserError):  # nothing readable at all: an error, named
@@ -325,9 +330,7 @@ def tokenizer_bytes(tmp_path_factory):
 @fuzz(150)
 @given(edits=damages)
 def test_a_damaged_tokenizer_file_loads_or_is_one_data_error(tokenizer_bytes, edits):
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "tokenizer.json"
-        path.write_bytes(damaged(tokenizer_bytes, edits))
+    with damaged_file(tokenizer_bytes, edits, "tokenizer.json") as path:
         try:
             encoder = load_encoder(path)
             encoder.decode(encoder.encode("a damaged tokenizer that still loads must work"))
