@@ -1,0 +1,29 @@
+"""docs/config.md is generated from gpt_neo/config.py and must be current."""
+
+import dataclasses
+
+from gpt_neo import config, config_reference
+
+
+def test_docs_config_md_is_what_the_generator_writes_now():
+    assert config_reference.main(["--check"]) == 0, (
+        "docs/config.md is out of date: run python -m gpt_neo.config_reference"
+    )
+
+
+def test_every_key_is_documented_with_its_docstring_type_and_default():
+    docs = {doc.name: doc for doc in config_reference.key_docs()}
+    assert list(docs) == [f.name for f in dataclasses.fields(config.Config)]
+    assert all(doc.text for doc in docs.values()), [n for n, d in docs.items() if not d.text]
+    assert docs["n_embd"].default == "required" and docs["lr"].default == "`0.0006`"
+    assert docs["rotary_emb"].type == "true or false"
+    assert "GPT-Neo switched it on with any value" in docs["rotary_emb"].text
+    assert docs["model_path"].section == "run, data and evaluation"
+
+
+def test_a_stale_page_is_reported(tmp_path):
+    page = tmp_path / "config.md"
+    page.write_text(config_reference.render().replace("Transformer blocks.", "Blocks."))
+    assert config_reference.main(["--check", "--output", str(page)]) == 1
+    assert config_reference.main(["--output", str(page)]) == 0
+    assert config_reference.main(["--check", "--output", str(page)]) == 0
