@@ -415,11 +415,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def find_named_config(name: str, folder: str) -> Path | None:
-    """`<folder>/<name>.json` under the working directory, else under this checkout."""
-    for root in (Path.cwd(), REPO_ROOT):
-        if (path := root / folder / f"{name}.json").is_file():
+    """`<folder>/<name>.json` (folder: `configs` or `configs/dataset_configs`) under the
+    working directory, else under this checkout, else among the configs installed with the
+    package (`gpt_neo.presets`: `configs/` as a wheel carries it)."""
+    for base in (Path.cwd() / folder, REPO_ROOT / folder, _presets() / folder.partition("/")[2]):
+        if (path := base / f"{name}.json").is_file():
             return path
     return None
+
+
+def _presets() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt_neo.presets")  # a data folder: no module to import
+    if spec is None or not spec.submodule_search_locations:  # a checkout, not installed
+        return REPO_ROOT / "configs"
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
