@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from gpt_neo import compilation_cache, hardware, storage
+from gpt_neo import compilation_cache, hardware, report, storage
 from gpt_neo.config import Config, to_dict
 from gpt_neo.models.gpt import flops_per_token
 from gpt_neo.storage import join, tf
@@ -264,9 +264,12 @@ class Metrics:
             f"done: step {step} in {_duration(time.perf_counter() - self.started)}; checkpoint "
             f"{checkpoint_dir}/{step}; metrics {join(self.model_path, 'metrics.jsonl')}; "
             f"TensorBoard {join(self.model_path, 'tensorboard')}; plot "
-            f"{join(self.model_path, 'loss_curve.png')}"
+            f"{join(self.model_path, 'loss_curve.png')}; report "
+            f"{join(self.model_path, report.NAME)}"
         )
         self.plot()
+        if self.enabled:
+            report.write_report(self.model_path)
 
 
 def _duration(seconds: float) -> str:

@@ -196,6 +196,8 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     act = jnp.dtype(COMPUTE_DTYPES[cfg.precision]).itemsize
     stored = memory_per_device(cfg)
     data = pieces(sizes, rules(cfg).activations, axes.BATCH)  # data-parallel replicas
+    if not cfg.train_batch_size:  # a model-only config: one sequence per replica
+        cfg = cfg.replace(train_batch_size=data)
     n_micro = num_microbatches(cfg, cfg.train_batch_size, data)
     d = local_dims(cfg, sizes, n_micro)
     tokens = d[axes.BATCH] * d[axes.SEQ]

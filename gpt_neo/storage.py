@@ -64,6 +64,11 @@ def read_text(path: str) -> str:
         return handle.read()
 
 
+def read_bytes(path: str) -> bytes:
+    with tf().io.gfile.GFile(path, "rb") as handle:
+        return handle.read()
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write `path` whole or not at all: a temporary file, then a rename."""
     write_bytes_atomic(path, text.encode())

@@ -79,7 +79,9 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
     parts = " + ".join(f"{name} {_bytes(size)}" for name, size in estimate.lines())
     console.print(
         f"per-device memory ({cfg.opt_name}), estimated: {parts} = "
-        f"{_bytes(estimate.train_total)} per train step [dim]({cfg.precision} activations, "
+        f"{_bytes(estimate.train_total)} per train step "
+        + ("" if cfg.train_batch_size else "(train_batch_size unset: one sequence per replica) ")
+        + f"[dim]({cfg.precision} activations, "
         f"recompute_grad {remat}; --topology compiles it for a TPU slice to check)[/dim]"
     )
     console.print(

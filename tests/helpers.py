@@ -317,3 +317,42 @@ def start_main(*args: str, devices: int = 8):
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def parse_report(text: str) -> dict:
+    """report.html parsed with the standard library's HTML parser: its table rows (lists of
+    cell texts), image sources and <pre> texts."""
+    from html.parser import HTMLParser
+
+    class Parser(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.images, self.pre, self._cell, self._in_pre = [], [], [], None, False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag == "td":
+                self._cell = ""
+            elif tag == "img":
+                self.images.append(dict(attrs)["src"])
+            elif tag == "pre":
+                self._in_pre = True
+                self.pre.append("")
+
+        def handle_endtag(self, tag):
+            if tag == "td":
+                self.rows[-1].append(self._cell)
+                self._cell = None
+            elif tag == "pre":
+                self._in_pre = False
+
+        def handle_data(self, data):
+            if self._cell is not None:
+                self._cell += data
+            if self._in_pre:
+                self.pre[-1] += data
+
+    parser = Parser()
+    parser.feed(text)
+    return {"rows": [r for r in parser.rows if r], "images": parser.images, "pre": parser.pre}

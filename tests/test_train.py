@@ -1,5 +1,6 @@
 """Training: schedule, optimizers, microbatching, the loop, checkpoints, resume, bad input."""
 
+import base64
 import json
 import math
 import time
@@ -15,7 +16,14 @@ from gpt_neo.config import from_dict
 from gpt_neo.optim import learning_rate, make_optimizer
 from gpt_neo.train import Trainer, gradients, loss_fn
 from main import main
-from tests.helpers import SMALL_MODEL, SMALL_RUN, restore_params, write_config, write_text_dataset
+from tests.helpers import (
+    SMALL_MODEL,
+    SMALL_RUN,
+    parse_report,
+    restore_params,
+    write_config,
+    write_text_dataset,
+)
 
 ARCH = SMALL_MODEL
 
@@ -265,6 +273,13 @@ def test_training_runs_logs_and_saves_then_reports_complete(tmp_path, dataset, c
     assert all(0.0 <= r["input_wait"] <= 1.0 for r in train)  # share of the interval
     assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = parse_report((run / "report.html").read_text())
+    shown = [
+        (int(step), float(value)) for step, _, name, value in report["rows"] if name == "eval_loss"
+    ]
+    assert shown == [(r["step"], pytest.approx(r["eval_loss"], abs=1e-4)) for r in evals]
+    [image] = report["images"]
+    assert base64.b64decode(image.split(",", 1)[1]) == (run / "loss_curve.png").read_bytes()
     assert any((run / "tensorboard").iterdir())
     sacred_run = run / "sacred" / "1"
     assert json.loads((sacred_run / "config.json").read_text())["n_embd"] == 32

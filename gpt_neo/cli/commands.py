@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import gpt_neo
-from gpt_neo import aot, auto_layout, compilation_cache
+from gpt_neo import aot, auto_layout, compilation_cache, layout_picture
 from gpt_neo import evaluate as eval_tasks
 from gpt_neo import train as training
 from gpt_neo.checkpoint import Checkpointer, load_params
@@ -23,6 +23,7 @@ from gpt_neo.inputs import InputPipeline, check_datasets
 from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
 from gpt_neo.metrics import Metrics, with_run_record
 from gpt_neo.predict import DEFAULT_PROMPT, max_new_tokens, write_predictions
+from gpt_neo.report import write_report
 from gpt_neo.run_lock import LOCK_NAME, writer_lock
 from gpt_neo.sample import Sampling, generate
 from gpt_neo.storage import delete_tree, exists, join, listdir, read_text
@@ -75,6 +76,9 @@ def summary(cfg: Config, args: argparse.Namespace) -> int:
             print(line)
         return 0
     print_summary(cfg)
+    if args.summary_image:
+        sizes = mesh_axes(cfg) or {"x": jax.device_count()}
+        print(f"wrote {layout_picture.draw(cfg, sizes, args.summary_image)}")
     forward_check(cfg)
     return 0
 
@@ -275,6 +279,7 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
             )
     eval_tasks.print_table(results, step)
     print(f"wrote {eval_tasks.write_results(results, cfg.model_path, step)}", file=sys.stderr)
+    print(f"wrote {write_report(cfg.model_path)}", file=sys.stderr)
     return 0
 
 

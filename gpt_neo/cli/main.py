@@ -113,6 +113,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "then run one forward pass on random tokens if the devices match mesh_shape",
     )
     parser.add_argument(
+        "--summary_image",
+        metavar="FILE",
+        help="with --summary: also draw the mesh and how each parameter is split over it, to "
+        "FILE (.png or .svg, local or gs://)",
+    )
+    parser.add_argument(
         "--topology",
         metavar="T",
         help="with --summary: compile the train step for this TPU slice (v5e:2x2, v4:2x2x2, "
