@@ -30,7 +30,7 @@ demo: setup
 	$(PY) main.py --model configs/demo.json --predict --prompt data/demo_prompt.txt --max_new_tokens 64
 
 test: setup-test
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
