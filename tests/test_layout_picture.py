@@ -53,3 +53,11 @@ def test_the_png_renders_and_the_command_line_writes_it(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
     assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 10  # not blank
     assert main(["--model", model, "--summary", "--summary_image", str(tmp_path / "m.gif")]) == 2
+
+
+def test_the_picture_is_written_through_the_storage_layer_where_gs_paths_go():
+    """`ram://` stands in for `gs://`: both go through tf.io.gfile (gpt_neo.storage)."""
+    from gpt_neo import storage
+
+    path = draw(tiny_config(**LAYOUT), {"x": 4, "y": 2}, "ram://picture-test/mesh.png")
+    assert storage.read_bytes(path)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -40,3 +40,16 @@ def test_a_run_without_evaluations_or_samples_still_gets_a_page(tmp_path):
     page = parse_report(Path(write_report(str(tmp_path))).read_text())
     assert page == {"rows": [], "images": [], "pre": []}
     assert "last step 1: loss 2.0000" in (tmp_path / "report.html").read_text()
+
+
+def test_the_report_is_written_through_the_storage_layer_where_gs_paths_go(tmp_path):
+    """`ram://` stands in for `gs://`: both go through tf.io.gfile (gpt_neo.storage)."""
+    from gpt_neo import storage
+
+    root = "ram://report-test/run"
+    storage.makedirs(root)
+    storage.write_text_atomic(f"{root}/metrics.jsonl", json.dumps({"step": 3, "loss": 1.5}) + "\n")
+    storage.write_text_atomic(f"{root}/predictions_3.txt", "a sample")
+    page = parse_report(storage.read_text(write_report(root)))
+    assert page["pre"] == ["a sample"]
+    assert "last step 3: loss 1.5000" in storage.read_text(f"{root}/report.html")
