@@ -1,5 +1,5 @@
 """A fake `gcloud` for testing the TPU-pod launcher without GCP: a "slice" of N workers is N
-local process groups, each worker's "disk" a directory.
+local "VMs" (processes in namespaces of their own), each worker's "disk" a directory.
 
 Run as ``python tests/fake_gcloud.py ARGS...``; ``install(bin_dir, state_dir)`` writes an
 executable ``bin_dir/gcloud`` wrapper so a test can put ``bin_dir`` first on PATH. Stdlib only,
@@ -15,23 +15,29 @@ Contract, in brief (the full list is in ``USAGE`` below):
 - Implemented: ``auth list``, ``config get-value project``,
   ``compute tpus accelerator-types list``, ``compute tpus tpu-vm
   create|describe|list|delete|ssh|scp``, ``compute tpus queued-resources
-  create|describe|list|delete``, and the test hooks ``fake preempt|stall|resume|processes|
-  kill-all``. Anything else (a verb, a flag, a ``--format``) exits 2 with
+  create|describe|list|delete``, and the test hooks ``fake preempt|stall|resume|disconnect|
+  processes|kill-all``. Anything else (a verb, a flag, a ``--format``) exits 2 with
   ``fake gcloud: not implemented: <argv>`` on stderr.
 - Errors look like gcloud's: ``ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: ...``,
   exit 1; ``ssh``/``scp`` to a node that is not READY exit 255 with an ssh-like
   ``Connection refused``.
-- ``ssh`` runs ``bash -c CMD`` per selected worker in a new session (its own process group,
-  recorded in the state), with cwd = HOME = the worker's disk and a minimal environment
-  (PATH, HOME, USER, LANG, then ``$FAKE_GCLOUD_VM_ENV``), never the caller's. Worker output
-  goes straight to the fake's stdout/stderr (the workers inherit its file descriptors), or,
-  with ``FAKE_GCLOUD_SSH_RELAY=1``, through pipes the fake copies as data comes, so the
-  caller's pipe closes when the client dies. The exit code is the max over the workers, or 255
-  when a worker died by a signal or the node was deleted/preempted meanwhile. A SIGTERM/SIGINT/
-  SIGHUP to the fake ssh client makes it exit 255 at once and leaves the remote processes
-  running, as a real ssh client would.
-- ``fake preempt`` SIGKILLs the node's process groups, sets PREEMPTED/UNHEALTHY_MAINTENANCE,
-  wipes its disks and suspends its queued resource; ``fake stall`` SIGSTOPs a worker.
+- Each worker is a VM of its own: booted at its first ssh, it has a hostname like Cloud TPU's
+  (``t1v-n-<id>-w-<i>``, new with every node) and process ids from 1 (UTS, PID and mount
+  namespaces), so a recreated VM is another machine to the code under test.
+- ``ssh`` runs ``bash -c CMD`` per selected worker inside its VM, in a new session (its own
+  process group, recorded in the state), with cwd = HOME = the worker's disk and a minimal
+  environment (PATH, HOME, USER, LANG, then ``$FAKE_GCLOUD_VM_ENV``), never the caller's.
+  Worker output goes straight to the fake's stdout/stderr (the workers inherit its file
+  descriptors), or, with ``FAKE_GCLOUD_SSH_RELAY=1``, through pipes the fake copies as data
+  comes, so the caller's pipe closes when the client dies. A session ends 255 when the remote
+  command dies by a signal, the node is deleted/preempted meanwhile or the connection is
+  dropped (``fake disconnect``), and then, as gcloud does, the command runs again on that
+  worker (10 attempts in all, 5 s apart). The exit code is 255 if a worker's last attempt
+  ended so, else the max over the workers. A SIGTERM/SIGINT/SIGHUP to the fake ssh client
+  makes it exit 255 at once and leaves the remote processes running, as a real ssh client
+  would.
+- ``fake preempt`` kills the node's VMs, sets PREEMPTED/UNHEALTHY_MAINTENANCE, wipes its disks
+  and suspends its queued resource; ``fake stall`` SIGSTOPs a worker.
 """
 
 from __future__ import annotations
@@ -72,13 +78,15 @@ fake gcloud (test double). Global flags, accepted anywhere: --zone Z, --project 
   compute tpus queued-resources describe|delete NAME --zone=Z [--force]
   compute tpus queued-resources list --zone=Z
   fake preempt NODE | fake stall NODE [--worker=W] | fake resume NODE [--worker=W]
-  fake processes NODE | fake kill-all
+  fake disconnect NODE [--worker=W] | fake processes NODE | fake kill-all
 
 Env: FAKE_GCLOUD_STATE (required), FAKE_GCLOUD_PROJECT (fake-project), FAKE_GCLOUD_ZONES
 (us-central2-b,europe-west4-a), FAKE_GCLOUD_WORKERS (2), FAKE_GCLOUD_CREATE_FAILURES (0),
 FAKE_GCLOUD_CREATING_DESCRIBES (0), FAKE_GCLOUD_QR_WAITING_DESCRIBES (0),
 FAKE_GCLOUD_VM_ENV (JSON object), FAKE_GCLOUD_LOGGED_OUT (1 = no credentialed account),
-FAKE_GCLOUD_SSH_RELAY (1 = relay worker output through pipes instead of sharing the fds).
+FAKE_GCLOUD_SSH_RELAY (1 = relay worker output through pipes instead of sharing the fds),
+FAKE_GCLOUD_SSH_ATTEMPTS (10) and FAKE_GCLOUD_SSH_RETRY_SECONDS (5): gcloud's reruns of an ssh
+that exited 255, FAKE_GCLOUD_ISOLATE (0 = no VM namespaces: every VM is this machine).
 """
 
 ACCELERATOR_TYPES = (
@@ -94,6 +102,7 @@ ACCELERATOR_TYPES = (
 )
 DEFAULT_ZONES = "us-central2-b,europe-west4-a"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+SSH_FAILED = 255  # ssh(1)'s own status: no connection, a dropped one, or a remote death by signal
 ACCOUNT = "tester@example.com"
 
 GLOBAL_VALUE_FLAGS = {"zone", "project", "format", "verbosity", "strict-host-key-checking"}
@@ -133,6 +142,7 @@ COMMAND_FLAGS = {
     },
     "queued-resources delete": {"force"},
     "fake stall": {"worker"},
+    "fake disconnect": {"worker"},
     "fake resume": {"worker"},
 }
 
@@ -476,8 +486,10 @@ def _signal_groups(node: dict, sig: int, workers: list[int] | None = None) -> li
 
 
 def _kill_node_processes(node: dict) -> None:
-    """SIGKILL every recorded process group of the node and wait (briefly) until they are gone."""
+    """SIGKILL every process of the node (its VMs and recorded process groups) and wait
+    (briefly) until they are gone."""
     recs = [r for w in node["workers"] for r in w["pgids"]]
+    _halt_vms(node)
     _signal_groups(node, signal.SIGKILL)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
@@ -514,11 +526,6 @@ def _parse_workers(spec: str, n: int, command: str) -> list[int]:
             2,
         )
     return sorted(set(workers))
-
-
-def _refuse_connection(command: str) -> Exit:
-    _stderr("ssh: connect to host 127.0.0.1 port 22: Connection refused")
-    return _fail(command, "[/usr/bin/ssh] exited with return code [255].", 255)
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,8 +697,108 @@ def cmd_tpu_delete(args: Args) -> int:
     return 0
 
 
-_ssh_critical = False
-_ssh_pending: int | None = None
+# --------------------------------------------------------------------------------------------
+# Worker VMs: each worker of a node is a machine of its own, a process (the VM's init) in new
+# UTS, PID and mount namespaces, booted at its first ssh session. It has Cloud TPU's hostname
+# (`t1v-n-<id>-w-<i>`, new with every node) and process ids counted from 1, so a recreated VM
+# looks like another machine, as it is; every ssh session runs inside it (nsenter), and killing
+# its init (preempt, delete) ends every process on it. FAKE_GCLOUD_ISOLATE=0 runs sessions on
+# this machine as it is (one hostname, one process table for every VM).
+
+VM_INIT = """\
+import os, socket, subprocess, sys, time
+hostname, ready, hosts = sys.argv[1:]
+socket.sethostname(hostname)
+# the VM's /etc/hosts names it, as a TPU VM's does (gloo, for one, resolves the hostname)
+with open("/etc/hosts") as f, open(hosts, "w") as out:
+    out.write(f.read().rstrip("\\n") + f"\\n127.0.1.1 {hostname}\\n")
+subprocess.run(["mount", "--bind", hosts, "/etc/hosts"], check=True)
+open(ready, "w").close()
+while True:  # pid 1 of the VM reaps the processes orphaned there, as an init does
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.5)
+"""
+
+
+def _isolated() -> bool:
+    return os.environ.get("FAKE_GCLOUD_ISOLATE", "1") != "0"
+
+
+def _hostname(node: dict, worker: int) -> str:
+    return f"t1v-n-{int(node['id']) % 16**8:08x}-w-{worker}"
+
+
+def _child_of(pid: int) -> int | None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                raw = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(raw[raw.rfind(")") + 2 :].split()[1]) == pid:
+                return int(entry)
+    return None
+
+
+def _boot_vm(node: dict, worker: int, command: str) -> dict:
+    """The running VM of `worker`, booted if it is not running."""
+    record = node["workers"][worker]
+    vm = record.get("vm")
+    if vm is not None and _start_time(vm["pid"]) == vm["start"]:
+        return vm
+    folder = _state_dir() / "vms"
+    folder.mkdir(exist_ok=True)
+    hostname = _hostname(node, worker)
+    ready, log, hosts = (folder / f"{hostname}.{kind}" for kind in ("ready", "log", "hosts"))
+    ready.unlink(missing_ok=True)
+    with open(log, "w") as errors:
+        unshare = subprocess.Popen(
+            [
+                *("unshare", "--uts", "--pid", "--mount", "--fork", "--mount-proc", "--"),
+                *(sys.executable, "-I", "-c", VM_INIT, hostname, str(ready), str(hosts)),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        if unshare.poll() is not None or time.monotonic() > deadline:
+            unshare.kill()
+            _stderr(
+                f"fake gcloud: cannot boot worker {worker}'s VM (unshare: "
+                f"{log.read_text().strip() or 'timed out'}); it needs root or user namespaces. "
+                "FAKE_GCLOUD_ISOLATE=0 runs the workers on this machine instead"
+            )
+            raise _fail(command, "[/usr/bin/ssh] exited with return code [255].", 255)
+        time.sleep(0.01)
+    init = _child_of(unshare.pid)
+    record["vm"] = {"pid": init, "start": _start_time(init), "hostname": hostname}
+    return record["vm"]
+
+
+def _halt_vms(node: dict) -> None:
+    """SIGKILL every worker VM's init: the kernel then kills every process of the VM."""
+    for record in node["workers"]:
+        vm = record.pop("vm", None)
+        if vm is not None and _start_time(vm["pid"]) == vm["start"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(vm["pid"], signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# ssh, and gcloud's retries of it. ssh(1) exits 255 when it cannot connect, when the connection
+# drops, and when the remote command dies by a signal; `gcloud compute tpus tpu-vm ssh` then
+# runs the command again on that worker (FAKE_GCLOUD_SSH_ATTEMPTS times in all, 10, every
+# FAKE_GCLOUD_SSH_RETRY_SECONDS, 5). `fake disconnect` drops sessions: the client stops copying
+# the worker's output (its next write fails) and says 255, and the remote command runs on.
+
+_spawn_guard = threading.Lock()
+_spawning = 0  # sessions being started and recorded: a SIGTERM waits for them
+_pending_signal: int | None = None
 
 
 def _ssh_client_exit(signum: int) -> None:
@@ -700,19 +807,34 @@ def _ssh_client_exit(signum: int) -> None:
 
 
 def _on_ssh_signal(signum, frame):
-    global _ssh_pending
-    if _ssh_critical:
-        _ssh_pending = signum  # exit once the workers are recorded
-    else:
+    global _pending_signal
+    _pending_signal = signum  # exit once the sessions being started are recorded
+    if _spawning == 0:
         _ssh_client_exit(signum)
 
 
-def _relay(src, dst_fd: int) -> None:
-    """Copy a worker's pipe to our fd as it comes. When this client dies, the pipe's read end
-    closes and the worker's next write fails (EPIPE/SIGPIPE), as with a real dropped session."""
+@contextlib.contextmanager
+def _recording_session():
+    global _spawning
+    with _spawn_guard:
+        _spawning += 1
+    try:
+        yield
+    finally:
+        with _spawn_guard:
+            _spawning -= 1
+            exit_now = _spawning == 0 and _pending_signal is not None
+        if exit_now:
+            _ssh_client_exit(_pending_signal)
+
+
+def _relay(src, dst_fd: int, dropped: threading.Event) -> None:
+    """Copy a worker's pipe to our fd as it comes. When this client dies or the session is
+    dropped, the pipe's read end closes and the worker's next write fails (EPIPE/SIGPIPE), as
+    with a real dropped session."""
     fd = src.fileno()
     try:
-        while chunk := os.read(fd, 65536):
+        while (chunk := os.read(fd, 65536)) and not dropped.is_set():
             while chunk:
                 chunk = chunk[os.write(dst_fd, chunk) :]
     except OSError:
@@ -741,8 +863,81 @@ def _worker_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _dropped_flag(pgid: int) -> Path:
+    return _state_dir() / "dropped" / str(pgid)
+
+
+def _session(name: str, uid: str, worker: int, cmd: str, shared_stdin: bool, command: str) -> int:
+    """One ssh connection to `worker` running `cmd`: its exit status, or 255 as ssh says it."""
+    relay = os.environ.get("FAKE_GCLOUD_SSH_RELAY") == "1"
+    with _recording_session(), locked_state() as st:
+        node = st["nodes"].get(name)
+        if node is None or node["uid"] != uid or node["state"] != "READY":
+            _stderr("ssh: connect to host 127.0.0.1 port 22: Connection refused")
+            return SSH_FAILED
+        home = _disk(name, worker)
+        home.mkdir(parents=True, exist_ok=True)
+        argv = [shutil.which("bash") or "/bin/bash", "-c", cmd]
+        if _isolated():
+            vm = _boot_vm(node, worker, command)
+            nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+            enter = ["--uts", "--pid", "--mount", f"--wd={home}", "--"]
+            argv = [nsenter, f"--target={vm['pid']}", *enter, *argv]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        process = subprocess.Popen(
+            argv,
+            cwd=home,
+            env=_worker_env(home),
+            stdin=None if shared_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if relay else None,
+            stderr=subprocess.PIPE if relay else None,
+            start_new_session=True,
+        )
+        node["workers"][worker]["pgids"].append(
+            {
+                "pgid": process.pid,
+                "start": _start_time(process.pid),
+                "ssh_pid": os.getpid(),
+                "nsenter": _isolated(),  # the group's leader is nsenter, outside the VM
+            }
+        )
+    dropped = threading.Event()
+    relays = []
+    if relay:
+        for src, dst in ((process.stdout, 1), (process.stderr, 2)):
+            relays.append(threading.Thread(target=_relay, args=(src, dst, dropped), daemon=True))
+            relays[-1].start()
+    while process.poll() is None:
+        if _dropped_flag(process.pid).exists():
+            dropped.set()
+            _stderr("client_loop: send disconnect: Broken pipe")
+            return SSH_FAILED
+        time.sleep(0.05)
+    for thread in relays:
+        thread.join()  # like ssh: the session ends at EOF, when no process holds the output open
+    with locked_state() as st:
+        now = st["nodes"].get(name)
+        lost = now is None or now["uid"] != uid or now["state"] != "READY"
+    return SSH_FAILED if lost or process.returncode < 0 else process.returncode
+
+
+def _session_with_retries(name, uid, worker, cmd, shared_stdin, command) -> int:
+    attempts = _int_env("FAKE_GCLOUD_SSH_ATTEMPTS", 10)
+    delay = float(os.environ.get("FAKE_GCLOUD_SSH_RETRY_SECONDS") or 5)
+    for attempt in range(attempts):
+        code = _session(name, uid, worker, cmd, shared_stdin, command)
+        if code != SSH_FAILED or attempt == attempts - 1:
+            return code
+        _stderr(
+            f"Retrying: SSH command error: [/usr/bin/ssh] exited with return code [{SSH_FAILED}]."
+        )
+        time.sleep(delay)
+        _stderr(f"SSH: Attempting to connect to worker {worker}...")
+    return SSH_FAILED
+
+
 def cmd_tpu_ssh(args: Args) -> int:
-    global _ssh_critical
     command = "compute.tpus.tpu-vm.ssh"
     name = _need_name(args, command, 5)
     cmd = args.get("command")
@@ -750,54 +945,28 @@ def cmd_tpu_ssh(args: Args) -> int:
         raise NotImplementedCall  # an interactive shell
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_ssh_signal)
-    bash = shutil.which("bash") or "/bin/bash"
     _worker_env(Path("."))  # a malformed FAKE_GCLOUD_VM_ENV fails here, before any worker starts
-    relay = os.environ.get("FAKE_GCLOUD_SSH_RELAY") == "1"
-    procs: list[subprocess.Popen] = []
     with locked_state() as st:
         node = _node_or_not_found(st, args, command, name)
         workers = _parse_workers(args.get("worker", "0"), len(node["workers"]), command)
-        if node["state"] != "READY":
-            raise _refuse_connection(command)
         uid = node["uid"]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _ssh_critical = True  # a SIGTERM now waits until every worker is in the state file
-        for i in workers:
-            home = _disk(name, i)
-            home.mkdir(parents=True, exist_ok=True)
-            p = subprocess.Popen(
-                [bash, "-c", cmd],
-                cwd=home,
-                env=_worker_env(home),
-                stdin=None if len(workers) == 1 else subprocess.DEVNULL,
-                stdout=subprocess.PIPE if relay else None,
-                stderr=subprocess.PIPE if relay else None,
-                start_new_session=True,
+    codes: dict[int, int] = {}
+
+    def connect(worker: int) -> None:
+        try:
+            codes[worker] = _session_with_retries(
+                name, uid, worker, cmd, len(workers) == 1, command
             )
-            procs.append(p)
-            node["workers"][i]["pgids"].append(
-                {"pgid": p.pid, "start": _start_time(p.pid), "ssh_pid": os.getpid()}
-            )
-    _ssh_critical = False
-    if _ssh_pending is not None:
-        _ssh_client_exit(_ssh_pending)
-    threads = []
-    if relay:
-        for p in procs:
-            for src, dst in ((p.stdout, 1), (p.stderr, 2)):
-                t = threading.Thread(target=_relay, args=(src, dst), daemon=True)
-                t.start()
-                threads.append(t)
-    codes = [p.wait() for p in procs]
-    for t in threads:
-        t.join()  # like ssh: the session ends at EOF, when no process holds the output open
-    with locked_state() as st:
-        now = st["nodes"].get(name)
-        lost = now is None or now["uid"] != uid or now["state"] != "READY"
-    if lost or any(c < 0 for c in codes):
-        return 255
-    return max(codes)
+        except Exit as failed:  # the message is on stderr already
+            codes[worker] = failed.code
+
+    threads = [threading.Thread(target=connect, args=(i,), daemon=True) for i in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # a timed join lets this thread take signals
+            thread.join(0.1)
+    return SSH_FAILED if SSH_FAILED in codes.values() else max(codes.values())
 
 
 def _remote_rel(dst: str) -> Path | None:
@@ -1055,12 +1224,33 @@ def _fake_signal(args: Args, verb: str, sig: int) -> int:
     return 0
 
 
+def cmd_fake_disconnect(args: Args) -> int:
+    """Drop the ssh sessions to the node's workers (--worker, default all): their clients say
+    255 (and gcloud retries), their remote commands run on."""
+    with locked_state() as st:
+        node = _fake_node(st, args, "disconnect")
+        workers = _parse_workers(args.get("worker", "all"), len(node["workers"]), "fake.disconnect")
+        table = _proc_table()
+        folder = _state_dir() / "dropped"
+        folder.mkdir(exist_ok=True)
+        for i in workers:
+            for record in node["workers"][i]["pgids"]:
+                if _group_pids(record, table):
+                    _dropped_flag(record["pgid"]).touch()
+    return 0
+
+
 def cmd_fake_processes(args: Args) -> int:
     with locked_state() as st:
         node = _fake_node(st, args, "processes")
         table = _proc_table()
         out = {
-            str(i): sorted(pid for rec in w["pgids"] for pid in _group_pids(rec, table))
+            str(i): sorted(
+                pid
+                for rec in w["pgids"]
+                for pid in _group_pids(rec, table)
+                if not (rec.get("nsenter") and pid == rec["pgid"])
+            )
             for i, w in enumerate(node["workers"])
         }
     sys.stdout.write(json.dumps(out) + "\n")
@@ -1114,6 +1304,7 @@ def dispatch(args: Args) -> int:
             "fake stall": lambda a: _fake_signal(a, "stall", signal.SIGSTOP),
             "fake resume": lambda a: _fake_signal(a, "resume", signal.SIGCONT),
             "fake processes": cmd_fake_processes,
+            "fake disconnect": cmd_fake_disconnect,
             "fake kill-all": cmd_fake_kill_all,
         }.get(key)
         if handler is not None:

@@ -48,6 +48,7 @@ class Gcloud:
             **base,
             "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
             "FAKE_GCLOUD_STATE": str(self.state),
+            "FAKE_GCLOUD_SSH_RETRY_SECONDS": "0.05",  # gcloud's 5 s between reruns of an ssh
         }
         self.cwd = tmp
 
@@ -357,8 +358,8 @@ def test_sigterm_to_ssh_client_leaves_remote_process_alive(gcloud, tmp_path):
     time.sleep(0.2)
     assert _proc_state(pid) == "S"  # the "remote" process outlives the local ssh client
     assert gcloud.processes("t1") == {"0": [pid], "1": []}
-    recorded = (gcloud.state / "disks/t1/worker-0/worker.pid").read_text()
-    assert int(recorded) == pid
+    recorded = int((gcloud.state / "disks/t1/worker-0/worker.pid").read_text())
+    assert recorded < 10 and recorded != pid  # the VM's own process ids, counted from 1
 
     # A launcher cleans up by recorded pid over a new ssh session:
     assert gcloud.ssh("t1", "kill $(cat ~/worker.pid)", worker="0").returncode == 0
@@ -438,3 +439,68 @@ def test_queued_resources_lifecycle(gcloud):
     gcloud.ok(*qr, "delete", "q1", *LOC, "--quiet")
     gcloud.ok(*create)
     assert gcloud.json(*node_describe)["state"] == "READY"
+
+
+def test_every_vm_is_a_machine_of_its_own_and_a_recreated_one_another(gcloud):
+    """Cloud TPU names each worker VM `t1v-n-<id>-w-<i>`, new with every node: code that
+    identifies a machine by its hostname sees a recreated slice as other machines."""
+    probe = "echo $(hostname) $$ $(ps -e -o pid= | wc -l)"
+    gcloud.create("t1")
+    first = sorted(gcloud.ssh("t1", probe).stdout.splitlines())
+    again = sorted(gcloud.ssh("t1", probe).stdout.splitlines())
+    hosts = [line.split()[0] for line in first]
+    assert hosts[0].startswith("t1v-n-") and hosts[0].endswith("-w-0")
+    assert hosts[1] == hosts[0].removesuffix("0") + "1"
+    assert [line.split()[0] for line in again] == hosts  # the same VM across sessions
+    for line in first:
+        _, pid, processes = line.split()
+        assert int(pid) < 10 and int(processes) < 10  # its own process table, counted from 1
+    assert all(host != os.uname().nodename for host in hosts)
+
+    gcloud.ok("fake", "preempt", "t1")
+    gcloud.ok("compute", "tpus", "tpu-vm", "delete", "t1", *LOC, "--quiet")
+    gcloud.create("t1")
+    recreated = [line.split()[0] for line in sorted(gcloud.ssh("t1", probe).stdout.splitlines())]
+    assert set(recreated).isdisjoint(hosts)
+
+
+def test_an_ssh_that_ends_255_is_run_again_as_gcloud_does(gcloud):
+    """A remote command that dies by a signal (ssh says 255) runs again on that worker only,
+    up to 10 times; one that exits with a status of its own is not rerun."""
+    gcloud.create("t1")
+    count_and_die = 'echo run >> runs; if [ "${HOME##*-}" = 1 ]; then kill -9 $$; fi; exit 7'
+    r = gcloud.ssh("t1", count_and_die)
+    assert r.returncode == 255
+    assert r.stderr.count("Retrying: SSH command error") == 9
+    assert "SSH: Attempting to connect to worker 1..." in r.stderr
+    disks = gcloud.state / "disks" / "t1"
+    assert (disks / "worker-1" / "runs").read_text().count("run") == 10
+    assert (disks / "worker-0" / "runs").read_text().count("run") == 1
+    r = gcloud.ssh("t1", count_and_die, env={"FAKE_GCLOUD_SSH_ATTEMPTS": "1"}, worker="1")
+    assert r.returncode == 255 and "Retrying" not in r.stderr
+
+    die_once = "[ -e ran ] && exit 5; touch ran; kill -9 $$"  # the rerun sees the first run
+    r = gcloud.ssh("t1", die_once, worker="0")
+    assert r.returncode == 5 and r.stderr.count("Retrying") == 1
+
+
+def test_a_dropped_connection_is_rerun_while_the_first_command_runs_on(gcloud):
+    gcloud.create("t1")
+    relay = {"FAKE_GCLOUD_SSH_RELAY": "1"}
+    command = "echo $$ >> pids; exec sleep 60"
+    ssh = gcloud.popen(
+        "compute", "tpus", "tpu-vm", "ssh", "t1", *LOC, "--worker=0", "--command", command,
+        env={**relay, "FAKE_GCLOUD_SSH_ATTEMPTS": "2"},
+    )  # fmt: skip
+    (first,) = _wait_for(lambda: gcloud.processes("t1")["0"])
+    gcloud.ok("fake", "disconnect", "t1", "--worker=0")
+    second = _wait_for(
+        lambda: [p for p in gcloud.processes("t1")["0"] if p != first], what="the rerun"
+    )
+    assert _proc_state(first) == "S"  # the first command still runs: two copies now
+    assert len(second) == 1
+    gcloud.ok("fake", "disconnect", "t1")
+    _, err = ssh.communicate(timeout=10)
+    assert ssh.returncode == 255  # the second attempt was dropped too: gcloud gives up
+    assert "Broken pipe" in err and err.count("Retrying") == 1
+    assert len(gcloud.state.joinpath("disks/t1/worker-0/pids").read_text().split()) == 2

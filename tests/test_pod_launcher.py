@@ -8,6 +8,7 @@ simulated devices and preempts the slice mid-run.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from gpt_neo import run_lock, storage
 from tests.fake_gcloud import install
 from tests.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
 from tests.helpers import REPO, SMALL_RUN, restore_params, write_config, write_text_dataset
@@ -37,6 +39,8 @@ def fake(tmp_path):
         "FAKE_GCLOUD_WORKERS": "2",
         # a killed ssh client closes its output at once, as a real one does
         "FAKE_GCLOUD_SSH_RELAY": "1",
+        "FAKE_GCLOUD_SSH_RETRY_SECONDS": "0.2",  # gcloud's 5 s between reruns of an ssh
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),  # the launcher's claim on a slice
     }
     yield env, state
     subprocess.run([bin_dir / "gcloud", "fake", "kill-all"], env=env, capture_output=True)
@@ -140,13 +144,21 @@ def gcloud(env, *args) -> str:
     ).stdout
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/status")
-    return not (status.exists() and "State:\tZ" in status.read_text())
+def started(process, state, workers=(0, 1)) -> None:
+    """Wait until the stand-in main.py runs on `workers` (it records its pid first)."""
+    deadline = time.monotonic() + 60
+    while not all((disk(state, w) / "pids").exists() for w in workers):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+
+
+def running_on(env, worker: int, name="pod") -> set[int]:
+    """The process ids that run on a worker VM (ids as the VM counts them), zombies left out."""
+    listing = gcloud(
+        env, "compute", "tpus", "tpu-vm", "ssh", name, f"--zone={ZONE}", f"--worker={worker}",
+        "--command=ps -e -o pid=,stat=",
+    )  # fmt: skip
+    return {int(pid) for pid, stat in map(str.split, listing.splitlines()) if "Z" not in stat}
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +318,7 @@ def test_hung_worker_is_caught_by_the_heartbeat_and_relaunched(tmp_path, fake):
     assert "killed the previous run process" in out
     for worker in (0, 1):
         pids = [int(p) for p in (disk(state, worker) / "pids").read_text().split()]
-        assert len(pids) == 2 and not any(alive(p) for p in pids)
+        assert len(pids) == 2 and running_on(env, worker).isdisjoint(pids)
     assert "delete" not in verbs(state)
 
 
@@ -315,10 +327,7 @@ def test_ctrl_c_asks_the_workers_to_save_and_stops_them(tmp_path, fake):
     forever = 'i=0; while true; do i=$((i+1)); echo "step $i/1000 | loss 1.0"; sleep 0.1; done\n'
     vm_image(env, tmp_path, stub(forever))
     process = launch(env, tmp_path)
-    deadline = time.monotonic() + 60
-    while not (disk(state, 1) / "pids").exists():
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.1)
+    started(process, state)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     code, out = finish(process)
@@ -327,7 +336,7 @@ def test_ctrl_c_asks_the_workers_to_save_and_stops_them(tmp_path, fake):
     for worker in (0, 1):
         assert (disk(state, worker) / "signals").read_text() == "TERM\n"  # main.py saves on it
         pids = [int(p) for p in (disk(state, worker) / "pids").read_text().split()]
-        assert not any(alive(p) for p in pids)
+        assert running_on(env, worker).isdisjoint(pids)
 
 
 def test_queued_resource_preempted_is_force_deleted_and_recreated(tmp_path, fake):
@@ -337,10 +346,7 @@ def test_queued_resource_preempted_is_force_deleted_and_recreated(tmp_path, fake
     body = f'if [ ! -e "{marker}" ]; then sleep 600; fi\n' + FINISH
     vm_image(env, tmp_path, stub(body))
     process = launch(env, tmp_path, "--queued", "--spot", "--delete_when_done")
-    deadline = time.monotonic() + 60
-    while not (disk(state, 1) / "pids").exists():
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.1)
+    started(process, state)
     marker.touch()
     gcloud(env, "fake", "preempt", "pod")
     code, out = finish(process)
@@ -350,6 +356,153 @@ def test_queued_resource_preempted_is_force_deleted_and_recreated(tmp_path, fake
     assert [c[3] for c in queued] == ["create", "delete", "create", "delete"]
     assert "--force" in queued[1] and "--spot" in queued[0]
     assert "is SUSPENDED" in out and "deleted TPU pod" in out
+
+
+# --------------------------------------------------------------------------------------------
+# What the workers' shell reports: a death by a signal is not ssh's 255, which gcloud would rerun
+
+
+def test_a_worker_killed_by_a_signal_is_relaunched_with_the_others_never_rerun_alone(
+    tmp_path, fake
+):
+    """`gcloud ... ssh` reruns a command on one worker when ssh says 255, which an exec'd
+    main.py killed by a signal makes it say: the shell reports 137 instead, and the launcher
+    relaunches every worker."""
+    env, state = fake
+    oom_once = (  # worker 1 is killed; worker 0's next collective then fails
+        'if [ "$attempt" = 1 ] && [ "$GPT_NEO_PROCESS_ID" = 1 ]; then kill -KILL $$; fi\n'
+        'if [ "$attempt" = 1 ]; then sleep 1; exit 1; fi\n'
+    )
+    vm_image(env, tmp_path, stub(oom_once + FINISH))
+    code, out = finish(launch(env, tmp_path, "--max_failures", "1"))
+    assert code == 0, out
+    assert "worker exit codes [1, 137] (worker 0 exited 1, worker 1 was killed by SIGKILL" in out
+    assert "relaunch every worker (failures 1/1)" in out
+    assert "Retrying: SSH command error" not in out
+    for worker in (0, 1):  # twice each: attempt 1 and attempt 2, nothing rerun behind our back
+        assert (disk(state, worker) / "attempts").read_text().strip() == "2"
+
+
+def test_a_lost_connection_relaunches_every_worker_and_gcloud_cannot_start_a_second_copy(
+    tmp_path, fake
+):
+    """The connection to worker 0 drops while its run goes on: gcloud runs the command again
+    there, the shell refuses to start that attempt twice, and the launcher relaunches every
+    worker after killing the first attempt's processes."""
+    env, state = fake
+    forever_once = 'if [ "$attempt" = 1 ]; then echo "step 1/4 | loss 1.0"; sleep 600; fi\n'
+    vm_image(env, tmp_path, stub(forever_once + FINISH))
+    process = launch(env, tmp_path)
+    started(process, state)
+    first = {w: int((disk(state, w) / "pids").read_text()) for w in (0, 1)}
+    gcloud(env, "fake", "disconnect", "pod", "--worker=0")
+    code, out = finish(process)
+    assert code == 0, out
+    assert "Retrying: SSH command error" in out  # gcloud did run it again...
+    assert "was started on this worker already" in out  # ...and the shell refused
+    assert "worker exit codes [254, 255], TPU is READY: the connection to worker 0" in out
+    assert "relaunch every worker on the same slice" in out
+    for worker in (0, 1):
+        assert (disk(state, worker) / "attempts").read_text().strip() == "2"
+        assert first[worker] not in running_on(env, worker)  # the orphan was killed
+
+
+def test_a_second_launcher_for_the_same_slice_is_refused(tmp_path, fake):
+    env, state = fake
+    forever = 'while true; do echo "step 1/9 | loss 1.0"; sleep 0.2; done\n'
+    vm_image(env, tmp_path, stub(forever))
+    first = launch(env, tmp_path)
+    started(first, state)
+    code, out = finish(launch(env, tmp_path))
+    assert code == 2, out
+    assert (
+        out.strip().splitlines()[-1].startswith(f"error: another launcher (pid {first.pid}, since ")
+    )
+    assert "drives TPU pod" in out
+    first.send_signal(signal.SIGINT)
+    assert finish(first)[0] == 130
+    assert (disk(state, 0) / "attempts").read_text().strip() == "1"  # never disturbed
+
+
+# --------------------------------------------------------------------------------------------
+# The run lock across attempts, with a stand-in main.py that takes the real lock
+
+
+def locking_worker(tmp_path) -> str:
+    """A stand-in main.py that does with the run lock what a training run does: process 0
+    takes it (with the environment the launcher's worker command sets) and logs a step."""
+    program = tmp_path / "locking_worker.py"
+    program.write_text(
+        "import os, sys\n"
+        "sys.path.insert(0, os.getcwd())  # the shipped code\n"
+        "from gpt_neo.errors import UserError\n"
+        "from gpt_neo.run_lock import RunLock\n"
+        "if os.environ['GPT_NEO_PROCESS_ID'] == '0':\n"
+        "    try:\n"
+        "        RunLock(sys.argv[1]).acquire()\n"
+        "    except UserError as err:\n"
+        "        sys.exit(f'error: {err}')\n"
+        "print('step 1/1 | loss 1.0')\n"
+    )
+    model_path = tmp_path / "run"
+    return stub(f'"{sys.executable}" "{program}" "{model_path}" || exit 2\n')
+
+
+def hold_lock(tmp_path, **holder) -> None:
+    """model_path's lock as another run left it: live (refreshed just now) unless told."""
+    now = time.time()
+    fields = {"host": "t1v-n-0badf00d-w-0", "pid": 9, "since": now, "refreshed": now}
+    fields |= {"token": "theirs", **holder}
+    lock = run_lock.RunLock(str(tmp_path / "run"))
+    Path(lock.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(lock.path).write_bytes(run_lock._encode(run_lock.Holder(**fields)))
+
+
+def test_two_independent_runs_collide_and_the_second_is_refused_before_anything_is_created(
+    tmp_path, fake
+):
+    env, state = fake
+    vm_image(env, tmp_path, locking_worker(tmp_path))
+    with run_lock.RunLock(str(tmp_path / "run")):  # a run on this workstation trains there
+        code, out = finish(launch(env, tmp_path))
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"error: model_path {tmp_path / 'run'} is in use by another run (host")
+    assert f"pid {os.getpid()}" in last and "is free after" in last
+    assert "create" not in verbs(state)
+
+    # another launcher's run on a slice that is READY
+    gcloud(env, "compute", "tpus", "tpu-vm", "create", "other", f"--zone={ZONE}",
+           "--accelerator-type=v4-16", "--version=tpu-ubuntu2204-base")  # fmt: skip
+    other = run_lock.Launch(run_lock.node_path("fake-project", ZONE, "other"), "x-4")
+    hold_lock(tmp_path, launch=other)
+    code, out = finish(launch(env, tmp_path))
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert "the pod launcher's run on TPU other (us-central2-b, project fake-project)" in last
+    assert "TPU other is READY: stop that launcher (Ctrl-C) or delete that slice" in last
+    assert verbs(state).count("create") == 1  # "other" only
+
+    # that slice is gone: its run is over, and the workers take its lock over
+    gcloud(env, "compute", "tpus", "tpu-vm", "delete", "other", f"--zone={ZONE}")
+    code, out = finish(launch(env, tmp_path))
+    assert code == 0, out
+    assert "is over: TPU other is gone; the workers take it over" in out
+    assert "the pod launcher found that run gone before starting this one" in out
+
+
+def test_rerunning_the_launcher_resumes_when_its_slice_was_recreated_meanwhile(tmp_path, fake):
+    """The launcher died (a closed laptop); meanwhile the slice was preempted and its worker 0,
+    the lock's holder, went with it. The rerun command is the same launch run: its attempt
+    takes the lock over at once, where a run started by hand waits ten minutes."""
+    env, _ = fake
+    vm_image(env, tmp_path, locking_worker(tmp_path))
+    ours = run_lock.Launch(run_lock.node_path("fake-project", ZONE, "pod"), "20261206-0-abc-7")
+    hold_lock(tmp_path, launch=ours)
+    code, out = finish(launch(env, tmp_path))
+    assert code == 0, out
+    assert "run lock" not in out.split("[launcher")[0]  # nothing for the launcher to decide
+    assert "took over" in out and "an earlier attempt of this launch run" in out
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,6 +576,16 @@ def test_preempted_pod_resumes_and_ends_bit_identical(tmp_path, fake, dataset, g
     attempt_2 = (tmp_path / "logs" / "b" / "attempt-2" / "worker-0.log").read_text()
     resumed = int(attempt_2.split("training from step ")[1].split()[0])
     assert preempted_after <= resumed < STEPS
+    # on a recreated VM (another hostname), whose worker 0 took the run lock over from the
+    # process that died with the old one
+    took_over = re.search(r"run lock: took over .* host (t1v-n-\w+-w-0), .*: (.*)", attempt_2)
+    assert (
+        took_over.group(2)
+        == "an earlier attempt of this launch run, which the launcher ended first"
+    )
+    now_on = gcloud(env, "compute", "tpus", "tpu-vm", "ssh", "b", f"--zone={ZONE}",
+                    "--worker=0", "--command=hostname").strip()  # fmt: skip
+    assert now_on.startswith("t1v-n-") and now_on != took_over.group(1)
     # ...after the launcher deleted and recreated the slice
     seen = verbs(state)
     after = seen[seen.index("preempt") :]
@@ -433,3 +596,16 @@ def test_preempted_pod_resumes_and_ends_bit_identical(tmp_path, fake, dataset, g
     b = restore_params(f"{model_path}/checkpoints/{STEPS}/state")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    final = [final_loss(path) for path in (tmp_path / "uninterrupted", model_path)]
+    print(f"final loss: uninterrupted {final[0]!r}, preempted and resumed {final[1]!r}")
+    assert final[0] == final[1]
+
+
+def final_loss(model_path) -> float:
+    """The loss of the last step logged to `model_path/metrics.jsonl`."""
+    records = [
+        json.loads(line) for line in storage.read_text(f"{model_path}/metrics.jsonl").splitlines()
+    ]
+    last = max((r for r in records if "loss" in r), key=lambda r: r["step"])
+    assert last["step"] == STEPS
+    return last["loss"]

@@ -95,3 +95,75 @@ def refreshed_at(path):
         return json.loads(run_lock.storage.read_text(path))["refreshed"]
     except (run_lock.storage.tf().errors.OpError, ValueError):
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# Runs the pod launcher starts: a recreated TPU VM is another host, and its killed process
+# cannot be asked about, so the launch run's own attempts take over from each other.
+
+RUN = run_lock.node_path("proj", "us-central2-b", "pod")
+
+
+def launched(monkeypatch, attempt: str, run: str = RUN) -> None:
+    """This process is worker 0 of `attempt` of the launch run on `run`, as the launcher's
+    worker command sets it up."""
+    monkeypatch.setenv(run_lock.LAUNCH_RUN_ENV, run)
+    monkeypatch.setenv(run_lock.LAUNCH_ATTEMPT_ENV, attempt)
+
+
+def held_by_attempt(attempt: str, run: str = RUN) -> dict:
+    """A live holder on a VM that no longer exists (another host, refreshed just now)."""
+    return {"host": "t1v-n-0badf00d-w-0", "pid": 7, "launch": run_lock.Launch(run, attempt)}
+
+
+def test_a_later_attempt_of_the_launch_run_takes_over_from_an_earlier_one(
+    model_path, monkeypatch, capsys
+):
+    lock = run_lock.RunLock(model_path)
+    write_holder(lock, **held_by_attempt("20261206-120000-aaaaaa-1"))
+    launched(monkeypatch, "20261206-120000-aaaaaa-2")
+    with lock:
+        held = run_lock.peek(model_path)
+        assert held.launch == run_lock.Launch(RUN, "20261206-120000-aaaaaa-2")
+        assert held.host == socket.gethostname()
+    said = capsys.readouterr().out
+    assert "took over" in said and "an earlier attempt of this launch run" in said
+    assert "the pod launcher's run on TPU pod (us-central2-b, project proj)" in said
+
+
+def test_an_attempt_started_twice_and_other_runs_are_refused(model_path, monkeypatch):
+    lock = run_lock.RunLock(model_path)
+    write_holder(lock, **held_by_attempt("20261206-120000-aaaaaa-2"))
+    launched(monkeypatch, "20261206-120000-aaaaaa-2")  # the same attempt again
+    with pytest.raises(RunLocked, match="attempt 20261206-120000-aaaaaa-2: host t1v-n-0badf00d"):
+        lock.acquire()
+    launched(monkeypatch, "x-1", run=run_lock.node_path("proj", "europe-west4-a", "other"))
+    with pytest.raises(RunLocked, match=r"is in use by another run .*TPU pod"):
+        lock.acquire()
+    monkeypatch.delenv(run_lock.LAUNCH_RUN_ENV)  # a run started by hand
+    with pytest.raises(RunLocked, match=r"the lock is free after \d\d:\d\d:\d\d"):
+        lock.acquire()
+    write_holder(lock)  # a run started by hand holds it: a launched worker is refused
+    launched(monkeypatch, "20261206-120000-aaaaaa-3")
+    with pytest.raises(RunLocked, match="host elsewhere, pid 4242"):
+        lock.acquire()
+
+
+def test_a_holder_the_launcher_found_gone_is_taken_over_by_its_token(model_path, monkeypatch):
+    lock = run_lock.RunLock(model_path)
+    write_holder(lock)  # live, another host: only the launcher's word frees it
+    monkeypatch.setenv(run_lock.TAKEOVER_ENV, "a-different-token")
+    with pytest.raises(RunLocked):
+        lock.acquire()
+    monkeypatch.setenv(run_lock.TAKEOVER_ENV, "other")
+    with lock:
+        assert run_lock.peek(model_path).token != "other"
+
+
+def test_a_lock_written_before_launch_runs_existed_still_reads(tmp_path):
+    lock = run_lock.RunLock(str(tmp_path))
+    write_holder(lock)
+    data = json.loads(run_lock.storage.read_text(lock.path))
+    del data["launch"]
+    run_lock.storage.write_text_atomic(lock.path, json.dumps(data))
+    assert run_lock.peek(str(tmp_path)) == run_lock.Holder(**data)

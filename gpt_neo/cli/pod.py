@@ -12,9 +12,10 @@ import argparse
 from pathlib import Path
 
 import gpt_neo
+from gpt_neo import run_lock
 from gpt_neo.launch import bundle, preflight
 from gpt_neo.launch.gcloud import Gcloud, GcloudError, LaunchError, SliceSpec, find_gcloud
-from gpt_neo.launch.pod import PodLauncher, PodOptions
+from gpt_neo.launch.pod import PodLauncher, PodOptions, sole_launcher
 
 DEFAULT_SETUP = (
     'python3 -m venv "$HOME/gpt-neo/venv" && "$HOME/gpt-neo/venv/bin/pip" install --quiet '
@@ -100,6 +101,14 @@ def add_pod_flags(parser: argparse.ArgumentParser) -> None:
         help="first wait after a capacity error on create, doubling up to 10 min (60)",
     )
     pod.add_argument(
+        "--ship",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also ship this file or folder of the checkout (repeatable); otherwise only what "
+        "git tracks is shipped",
+    )
+    pod.add_argument(
         "--launch_logs",
         type=Path,
         metavar="DIR",
@@ -156,35 +165,53 @@ def launch_pod(args: argparse.Namespace) -> int:
     hosts = hosts or preflight.hosts_of(accelerator) or 2  # unknown naming: assume several
     preflight.check_storage(cfg, hosts, args.shared_filesystem)
     preflight.check_bucket(cfg.model_path, gcloud.project)
-    if args.new and not args.yes:
-        answer = input(f"--new: delete everything in {cfg.model_path} first? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            raise SystemExit("not deleted; nothing done")
-    shipped = bundle.build(cfg)
-    worker_args = ["--steps_per_checkpoint", str(args.steps_per_checkpoint)]
-    worker_args += ["--sacred_id", args.sacred_id]
-    for flag in ("sacred_mongo_url", "compilation_cache"):
-        if value := getattr(args, flag):
-            worker_args += [f"--{flag}", value]
-    if args.skip_corrupt_records:
-        worker_args.append("--skip_corrupt_records")
-    options = PodOptions(
-        spec=spec,
-        worker_args=worker_args,
-        first_attempt_args=["--new", "--yes"] if args.new else [],
-        worker_setup=None if args.worker_setup == "none" else args.worker_setup,
-        heartbeat_timeout=args.heartbeat_timeout,
-        initial_heartbeat_timeout=args.initial_heartbeat_timeout,
-        poll_seconds=args.poll_seconds,
-        max_preemptions=args.max_preemptions,
-        max_failures=args.max_failures,
-        create_retry_seconds=args.create_retry_seconds,
-        delete_when_done=args.delete_when_done,
-        log_dir=args.launch_logs or Path("tpu_logs") / args.tpu,
-    )
-    print(
-        f"launcher: TPU {spec.name} in {spec.zone} (project {gcloud.project}, account "
-        f"{account}), {hosts} worker(s), model_path {cfg.model_path}",
-        flush=True,
-    )
-    return PodLauncher(options, shipped, gcloud).run()
+    launch_run = run_lock.node_path(gcloud.project, spec.zone, spec.name)
+    with sole_launcher(launch_run):  # held until the launcher ends
+        takeover = preflight.check_run_lock(
+            cfg.model_path, launch_run, gcloud, args.shared_filesystem
+        )
+        if args.new and not args.yes:
+            answer = input(f"--new: delete everything in {cfg.model_path} first? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise SystemExit("not deleted; nothing done")
+        shipped = bundle.build(cfg, ship=args.ship)
+        worker_args = ["--steps_per_checkpoint", str(args.steps_per_checkpoint)]
+        worker_args += ["--sacred_id", args.sacred_id]
+        for flag in ("sacred_mongo_url", "compilation_cache"):
+            if value := getattr(args, flag):
+                worker_args += [f"--{flag}", value]
+        if args.skip_corrupt_records:
+            worker_args.append("--skip_corrupt_records")
+        options = PodOptions(
+            spec=spec,
+            worker_args=worker_args,
+            launch_run=launch_run,
+            takeover=takeover[0] if takeover else None,
+            first_attempt_args=["--new", "--yes"] if args.new else [],
+            worker_setup=None if args.worker_setup == "none" else args.worker_setup,
+            heartbeat_timeout=args.heartbeat_timeout,
+            initial_heartbeat_timeout=args.initial_heartbeat_timeout,
+            poll_seconds=args.poll_seconds,
+            max_preemptions=args.max_preemptions,
+            max_failures=args.max_failures,
+            create_retry_seconds=args.create_retry_seconds,
+            delete_when_done=args.delete_when_done,
+            log_dir=args.launch_logs or Path("tpu_logs") / args.tpu,
+        )
+        print(
+            f"launcher: TPU {spec.name} in {spec.zone} (project {gcloud.project}, account "
+            f"{account}), {hosts} worker(s), model_path {cfg.model_path}",
+            flush=True,
+        )
+        if takeover:
+            print(
+                f"launcher: run lock of {cfg.model_path}: {takeover[1]}; the workers take it over"
+            )
+        if shipped.untracked:
+            listed = ", ".join(shipped.untracked[:5]) + (" ..." * (len(shipped.untracked) > 5))
+            print(
+                f"launcher: not shipped: {len(shipped.untracked)} file(s) git does not track "
+                f"({listed}); `git add` them or pass --ship PATH",
+                flush=True,
+            )
+        return PodLauncher(options, shipped, gcloud).run()

@@ -1,6 +1,10 @@
 """What the pod launcher ships to every worker: this checkout's code and the run's config, as one
 tarball named by the hash of its contents.
 
+The code is what git tracks (as it is in the working tree, uncommitted edits included), plus
+any `--ship` paths: a checkout collects outputs (a notebook's working folder, logs, datasets)
+that must not travel to every worker, so untracked files stay home and the launcher names them.
+
 The config is shipped resolved (every `--model` file merged, `--set` applied), and the dataset
 configs and local tokenizer files it names are shipped beside it, so a worker needs nothing
 from the workstation's disk. Data itself is not shipped: a multi-host run reads it from `gs://`
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from gpt_neo.config import REPO_ROOT, Config, to_dict
 from gpt_neo.dataset_config import load_dataset_config
+from gpt_neo.errors import ConfigError
 
 RUN_DIR = "run"  # inside the bundle: config.json, datasets/, tokenizers/
 BUILTIN_TOKENIZERS = ("byte", "gpt2")
@@ -33,39 +38,37 @@ class Bundle:
     digest: str  # of the contents: the workers' code directory is named after it
     setup_digest: str  # of what `pip install .` reads: setup reruns only when it changes
     config_path: str  # the run's config inside the bundle, for `main.py --model`
+    files: int = 0
+    untracked: tuple[str, ...] = ()  # files of the checkout left out (git does not track them)
 
     @property
     def name(self) -> str:
         return f"gpt-neo-{self.digest}.tgz"
 
 
-def build(cfg: Config, root: Path = REPO_ROOT) -> Bundle:
-    files = {path: (root / path).read_bytes() for path in code_files(root)}
+def build(cfg: Config, root: Path = REPO_ROOT, ship: list[str] = ()) -> Bundle:
+    """The bundle of `cfg`'s run: the checkout's tracked files, the `ship` paths (files or
+    folders inside the checkout) and the run's config files."""
+    code, untracked = code_files(root)
+    code = sorted(set(code) | set(shipped_files(root, ship)))
+    files = {path: (root / path).read_bytes() for path in code}
     files |= run_files(cfg)
     digest = _digest(files)
     setup = {k: v for k, v in files.items() if k in ("pyproject.toml", "setup.py")}
-    return Bundle(_tar(files), digest, _digest(setup), f"{RUN_DIR}/config.json")
+    left_out = tuple(p for p in untracked if p not in files)
+    return Bundle(
+        _tar(files), digest, _digest(setup), f"{RUN_DIR}/config.json", len(files), left_out
+    )
 
 
-def code_files(root: Path) -> list[str]:
-    """The checkout's files as git sees them (tracked, and new files not ignored: uncommitted
-    work ships too), else the package and the entry points."""
+def code_files(root: Path) -> tuple[list[str], list[str]]:
+    """(the checkout's tracked files, its untracked files that git does not ignore); without
+    git (an unpacked release), the package and the entry points, and nothing untracked."""
     try:
-        listed = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(root),
-                "ls-files",
-                "-z",
-                "--cached",
-                "--others",
-                "--exclude-standard",
-            ],
-            capture_output=True,
-            check=True,
-        ).stdout.decode()
-        return sorted(p for p in set(listed.split("\0")) if p and (root / p).is_file())
+        tracked, untracked = (
+            _git_files(root, "--cached"),
+            _git_files(root, "--others", "--exclude-standard"),
+        )
     except (OSError, subprocess.CalledProcessError):
         found = [name for name in FALLBACK_FILES if (root / name).is_file()]
         for folder in FALLBACK_DIRS:
@@ -74,7 +77,35 @@ def code_files(root: Path) -> list[str]:
                 for p in (root / folder).rglob("*")
                 if p.is_file() and "__pycache__" not in p.parts
             ]
-        return sorted(found)
+        return sorted(found), []
+    return tracked, untracked
+
+
+def _git_files(root: Path, *which: str) -> list[str]:
+    listed = subprocess.run(
+        ["git", "-C", str(root), "ls-files", "-z", *which],
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return sorted(p for p in set(listed.split("\0")) if p and (root / p).is_file())
+
+
+def shipped_files(root: Path, paths: list[str]) -> list[str]:
+    """The files of `--ship` paths, relative to the checkout; a path outside it or missing is
+    a `ConfigError`."""
+    found = []
+    for given in paths:
+        path = Path(given).resolve()
+        if not path.exists():
+            raise ConfigError(f"--ship {given}: no such file or folder")
+        if not path.is_relative_to(root.resolve()):
+            raise ConfigError(
+                f"--ship {given}: not inside the checkout {root}; workers run from a copy of "
+                "the checkout, so ship files that live in it"
+            )
+        members = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        found += [str(p.relative_to(root.resolve())) for p in members]
+    return found
 
 
 def run_files(cfg: Config) -> dict[str, bytes]:

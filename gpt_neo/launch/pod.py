@@ -6,14 +6,22 @@ keep it running through preemptions until it is done.
     SYNC     (after each create) ship the code tarball, unpack it, run the setup once per disk
     CLEAN    kill the previous attempt's run process by its recorded pid, drop libtpu's lock
     RUN      one `gcloud ... ssh --worker=i` per worker: main.py with an explicit coordinator
-             (worker 0's internal IP, a fresh port per attempt), process count and id
+             (worker 0's internal IP, a fresh port per attempt), process count and id, and the
+             launch run and attempt it belongs to (its run lock lets a later attempt take over)
     WATCH    stream worker 0 with a prefix (all workers to log files); describe the slice every
              `poll_seconds`; no new step logged for the heartbeat timeout -> hung
     DECIDE   exit codes and the slice's state decide (one log line each):
              all 0 -> done;  2 (bad input), 3 (diverged) -> stop, never retried;
-             slice lost -> recreate (preemption budget);  75 or ssh's 255 on a READY slice ->
-             relaunch (preemption budget);  hung -> relaunch, recreate after two in a row;
-             anything else -> relaunch (failure budget)
+             slice lost -> recreate (preemption budget);  75 (SIGTERM) or a lost connection
+             on a READY slice -> relaunch every worker (preemption budget);  hung -> relaunch,
+             recreate after two in a row;  killed by a signal, anything else -> relaunch
+             every worker (failure budget)
+
+A worker's command never `exec`s main.py: a shell waits for it and reports a death by signal N
+as exit 128+N. ssh's own 255 then means only "connection lost", which matters because `gcloud
+... ssh` runs a command again on that worker when ssh exits 255; the shell also refuses to start
+an attempt a second time on a worker, so gcloud's rerun cannot start a second copy of a run that
+lost its connection but still runs.
 
 The job resumes from its newest checkpoint, which is why a multi-host `model_path` must be on
 `gs://`. This is GPT-Neo's `run_experiment.py` + tpunicorn loop for multi-host TPU VMs, written
@@ -24,8 +32,11 @@ here rather than borrowed because no maintained tool does this loop without a cl
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import random
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -36,24 +47,32 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt_neo import run_lock
 from gpt_neo.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR
 from gpt_neo.launch import gcloud as g
 from gpt_neo.launch.bundle import Bundle
 
 EXIT_GAVE_UP = 1  # a retry budget ran out
 EXIT_INTERRUPTED = 130  # Ctrl-C (the workers were asked to save first)
-SSH_LOST = 255  # ssh(1): the connection dropped (or the remote end was killed)
+SSH_LOST = 255  # ssh(1): the connection dropped
+# The worker's shell found this attempt already started there: gcloud ran the command again
+# after ssh lost its connection, and the first copy may still run.
+RERUN_REFUSED = 254
+SIGNALLED = 128  # a shell's status for a child killed by signal N is 128+N
 # What the heartbeat counts as progress: worker 0's step line (gpt_neo.metrics) and the line of
 # a run that finds itself complete.
 PROGRESS = re.compile(r"^(step \d+/\d+ \||training is complete)")
 REMOTE_DIR = "$HOME/gpt-neo"  # on every worker: code versions, the venv, the run's pid
 PID_FILE = f"{REMOTE_DIR}/run.pid"
+ATTEMPTS_DIR = f"{REMOTE_DIR}/attempts"  # one folder per attempt started on this worker
 
 
 @dataclass
 class PodOptions:
     spec: g.SliceSpec
     worker_args: list[str]  # main.py flags for every attempt
+    launch_run: str  # the run lock's name for this launch run: the slice (run_lock.Launch)
+    takeover: str | None = None  # a run-lock holder the launcher found gone (its token)
     first_attempt_args: list[str] = field(default_factory=list)  # e.g. --new --yes
     worker_setup: str | None = None  # runs once per worker disk, in the code directory
     heartbeat_timeout: float = 1800
@@ -77,6 +96,33 @@ class Outcome:
     worker: int | None = None  # the worker whose last lines explain it
 
 
+@contextlib.contextmanager
+def sole_launcher(launch_run: str):
+    """Hold this machine's claim on the slice `launch_run` names: a second launcher for it is
+    refused. Two would stop each other's workers (each cleans the slice before an attempt), and
+    the run lock lets an attempt of a launch run take over from any earlier one only because
+    one launcher at a time drives a slice. (An flock: released by the kernel however this
+    process ends, so it never needs cleaning up.)"""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "gpt-neo" / "launchers"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{launch_run.replace('/', '.')}.lock", "a+") as claim:
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            claim.seek(0)
+            name = launch_run.rsplit("/", 1)[-1]
+            raise g.LaunchError(
+                f"another launcher ({claim.read().strip() or 'pid unknown'}) on this machine "
+                f"drives TPU {name}; stop it (Ctrl-C) or wait for it to end; two launchers on "
+                "one slice stop each other's workers"
+            ) from None
+        claim.truncate(0)
+        claim.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        claim.flush()
+        yield
+
+
 class Stop(Exception):
     """Ctrl-C or SIGTERM to the launcher."""
 
@@ -86,6 +132,12 @@ class PodLauncher:
         self.o, self.bundle, self.gcloud, self.console = options, bundle, gcloud, console
         self.preemptions = self.failures = self.hangs_in_row = self.attempt = 0
         self.workers: list[subprocess.Popen] = []
+        # names this invocation's attempts apart from those of an earlier launcher on the slice
+        self.invocation = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+    @property
+    def attempt_id(self) -> str:
+        return f"{self.invocation}-{self.attempt}"
 
     def log(self, seen: str, did: str) -> None:
         self.console(f"[launcher {time.strftime('%H:%M:%S')}] {seen}: {did}", flush=True)
@@ -151,10 +203,11 @@ class PodLauncher:
             return EXIT_GAVE_UP
         did = {
             "lost_slice": "recreate the slice and resume from the newest checkpoint",
-            "relaunch": "relaunch on the same slice; it resumes from the newest checkpoint",
+            "relaunch": "relaunch every worker on the same slice; it resumes from the newest "
+            "checkpoint",
             "hung": "kill it and relaunch"
             + (" on a recreated slice" if self.hangs_in_row >= 2 else ""),
-            "failed": "relaunch",
+            "failed": "relaunch every worker",
         }[outcome.kind]
         self.log(seen, f"{did} ({name} {used}/{budget})")
         return None
@@ -266,7 +319,7 @@ class PodLauncher:
             f'if [ -f "{PID_FILE}" ]; then p=$(cat "{PID_FILE}"); '
             'if kill -0 "$p" 2>/dev/null; then kill -KILL "$p"; '
             'echo "killed the previous run process $p"; fi; '
-            f'rm -f "{PID_FILE}"; fi; '
+            f'rm -f "{PID_FILE}"; fi; rm -rf "{ATTEMPTS_DIR}"; '
             "if [ -e /dev/accel0 ] || [ -d /dev/vfio ]; then "
             "sudo -n rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile; fi"
         )
@@ -290,8 +343,15 @@ class PodLauncher:
 
     # --- RUN and WATCH ---------------------------------------------------------------------
     def remote_command(self, worker: int, workers: int, coordinator: str) -> str:
+        """The shell script a worker runs for one attempt."""
         args = [*self.o.worker_args, *(self.o.first_attempt_args if self.attempt == 1 else [])]
-        env = {"PYTHONUNBUFFERED": "1"}
+        env = {
+            "PYTHONUNBUFFERED": "1",
+            run_lock.LAUNCH_RUN_ENV: self.o.launch_run,
+            run_lock.LAUNCH_ATTEMPT_ENV: self.attempt_id,
+        }
+        if self.o.takeover:
+            env[run_lock.TAKEOVER_ENV] = self.o.takeover
         if workers > 1:
             env |= {
                 "GPT_NEO_COORDINATOR_ADDRESS": coordinator,
@@ -299,13 +359,33 @@ class PodLauncher:
                 "GPT_NEO_PROCESS_ID": str(worker),
             }
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        started = f"{ATTEMPTS_DIR}/{self.attempt_id}"
+        refused = (
+            f"attempt {self.attempt} was started on this worker already (gcloud reran the command "
+            "after a lost connection); not starting it twice"
+        )
         # No --tpu: a TPU VM's JAX picks its chips by itself (and the tests' CPU workers stay on
-        # CPU); main.py prints the platform and device count it trains on.
-        return (
-            f'cd "{REMOTE_DIR}/{self.bundle.digest}" && echo $$ > "{PID_FILE}" && '
-            f'if [ -f "{REMOTE_DIR}/venv/bin/activate" ]; then . "{REMOTE_DIR}/venv/bin/activate"; '
-            f"fi && exec env {assignments} python3 main.py --model {self.bundle.config_path} "
-            + shlex.join(args)
+        # CPU); main.py prints the platform and device count it trains on. main.py runs in the
+        # background so that this shell outlives it: it records main.py's pid for the launcher
+        # (which signals and kills by it), passes a SIGTERM on, and exits with main.py's status,
+        # 128+N for a death by signal N, where an exec'd main.py would make ssh say 255.
+        return "\n".join(
+            [
+                f'cd "{REMOTE_DIR}/{self.bundle.digest}" || exit 1',
+                f'mkdir -p "{ATTEMPTS_DIR}" || exit 1',
+                f'if ! mkdir "{started}" 2>/dev/null; then echo {shlex.quote(refused)} >&2; '
+                f"exit {RERUN_REFUSED}; fi",
+                f'if [ -f "{REMOTE_DIR}/venv/bin/activate" ]; then '
+                f'. "{REMOTE_DIR}/venv/bin/activate"; fi',
+                f"env {assignments} python3 main.py --model {self.bundle.config_path} "
+                f"{shlex.join(args)} &",
+                "pid=$!",
+                f'echo "$pid" > "{PID_FILE}"',
+                "trap 'kill -TERM \"$pid\" 2>/dev/null' TERM INT HUP",
+                # a trapped signal interrupts `wait`: wait again until main.py has ended
+                'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
+                'exit "$code"',
+            ]
         )
 
     def run_attempt(self, node: dict) -> Outcome:
@@ -370,6 +450,8 @@ class PodLauncher:
             codes = [w.poll() for w in self.workers]
             if all(c is not None for c in codes):
                 return None
+            if any(c in (SSH_LOST, RERUN_REFUSED) for c in codes):
+                return None  # the other workers run on and will not exit: relaunch them all
             now = time.monotonic()
             if first_failure is None and any(c not in (None, 0) for c in codes):
                 first_failure = now
@@ -409,13 +491,15 @@ class PodLauncher:
             state = f"unknown ({err})"
         if state != g.READY:
             return Outcome("lost_slice", f"{seen}, TPU is {state or 'gone'}")
-        if failed := [i for i, c in enumerate(codes) if c not in (0, EXIT_PREEMPTED, SSH_LOST)]:
-            return Outcome("failed", seen, worker=failed[0])
-        why = (
-            "a worker was asked to stop (SIGTERM)"
-            if EXIT_PREEMPTED in codes
-            else ("a connection was lost")
-        )
+        relaunch = (0, EXIT_PREEMPTED, SSH_LOST, RERUN_REFUSED)
+        if failed := [i for i, c in enumerate(codes) if c not in relaunch]:
+            why = ", ".join(f"worker {i} {exit_meaning(codes[i])}" for i in failed)
+            return Outcome("failed", f"{seen} ({why})", worker=failed[0])
+        if EXIT_PREEMPTED in codes:
+            why = "a worker was asked to stop (SIGTERM)"
+        else:
+            lost = [i for i, c in enumerate(codes) if c in (SSH_LOST, RERUN_REFUSED)]
+            why = f"the connection to worker {', '.join(map(str, lost))} was lost"
         return Outcome("relaunch", f"{seen}, TPU is READY: {why}")
 
     def _end_ssh(self) -> None:
@@ -462,3 +546,16 @@ class PodLauncher:
         self._end_ssh()
         with contextlib.suppress(g.GcloudError, g.LaunchError, Stop):
             self._clean()
+
+
+def exit_meaning(code: int) -> str:
+    """What a worker's exit status says, for the launcher's log line."""
+    if SIGNALLED < code < SIGNALLED + 65:
+        number = code - SIGNALLED
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        hint = " (the out-of-memory killer, or kill -9)" if number == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited {code}"

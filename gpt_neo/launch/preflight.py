@@ -4,10 +4,20 @@ line (exit 2) naming the problem and the fix, so a typo never costs a slice."""
 from __future__ import annotations
 
 import re
+import time
 
+from gpt_neo import run_lock, storage
 from gpt_neo.config import Config
 from gpt_neo.dataset_config import load_dataset_config
-from gpt_neo.launch.gcloud import Gcloud, LaunchError, SliceSpec, active_account, default_project
+from gpt_neo.launch.gcloud import (
+    READY,
+    Gcloud,
+    GcloudError,
+    LaunchError,
+    SliceSpec,
+    active_account,
+    default_project,
+)
 
 
 def hosts_of(accelerator_type: str) -> int | None:
@@ -99,3 +109,47 @@ def check_bucket(model_path: str, project: str | None) -> None:
         ) from None
     except exceptions.GoogleAPIError as err:
         raise LaunchError(f"model_path {model_path}: cannot reach the bucket ({err})") from None
+
+
+def check_run_lock(
+    model_path: str, launch_run: str, gcloud: Gcloud, shared_filesystem: bool
+) -> tuple[str, str] | None:
+    """Refuse a `model_path` that another live run holds, before anything is created. Returns
+    (token, why) of a holder this launcher found gone, which its workers then take the lock
+    over from; None when there is nothing to take over (no lock, this launch run's own, or a
+    lock the launcher cannot see: a path on the workers' own disks, or a `--shared_filesystem`
+    path this machine does not mount)."""
+    if not (storage.is_remote(model_path) or shared_filesystem):
+        return None
+    try:
+        holder = run_lock.peek(model_path)
+    except Exception as err:
+        print(f"launcher: cannot read the run lock of {model_path} ({err}); the workers check it")
+        return None
+    if holder is None or (holder.launch and holder.launch.run == launch_run):
+        return None  # free, or this launch run's: the launcher ends its earlier attempt
+    if holder.is_gone(time.time()):
+        return holder.token, f"{holder.describe()} has ended"
+    if holder.launch is None:
+        raise LaunchError(
+            f"model_path {model_path} is in use by another run ({holder.describe()}): wait for "
+            "it to end or stop it, or choose another model_path; if that run is gone, its lock "
+            f"is free after {holder.free_at()} (ten minutes without a refresh)"
+        )
+    project, zone, name = holder.launch.slice
+    try:
+        node = Gcloud(zone, project, gcloud.executable).describe_node(name)
+    except GcloudError as err:
+        raise LaunchError(
+            f"model_path {model_path} is in use by {holder.describe()}, and describing TPU "
+            f"{name} failed ({err.reason}); rerun when gcloud can tell whether it still exists"
+        ) from None
+    state = node.get("state", "UNKNOWN") if node else None
+    if state != READY:
+        return holder.token, f"{holder.describe()} is over: TPU {name} is {state or 'gone'}"
+    raise LaunchError(
+        f"model_path {model_path} is in use by {holder.describe()}, and TPU {name} is READY: "
+        "stop that launcher (Ctrl-C) or delete that slice, or choose another model_path; if "
+        f"that run is gone, its lock is free after {holder.free_at()} (ten minutes without a "
+        "refresh)"
+    )
