@@ -78,7 +78,8 @@ fake gcloud (test double). Global flags, accepted anywhere: --zone Z, --project 
   compute tpus queued-resources describe|delete NAME --zone=Z [--force]
   compute tpus queued-resources list --zone=Z
   fake preempt NODE | fake stall NODE [--worker=W] | fake resume NODE [--worker=W]
-  fake disconnect NODE [--worker=W] | fake processes NODE | fake kill-all
+  fake disconnect NODE [--worker=W] | fake processes NODE
+  fake kill-all (teardown: every process of every node, and no ssh from then on)
 
 Env: FAKE_GCLOUD_STATE (required), FAKE_GCLOUD_PROJECT (fake-project), FAKE_GCLOUD_ZONES
 (us-central2-b,europe-west4-a), FAKE_GCLOUD_WORKERS (2), FAKE_GCLOUD_CREATE_FAILURES (0),
@@ -872,7 +873,7 @@ def _session(name: str, uid: str, worker: int, cmd: str, shared_stdin: bool, com
     relay = os.environ.get("FAKE_GCLOUD_SSH_RELAY") == "1"
     with _recording_session(), locked_state() as st:
         node = st["nodes"].get(name)
-        if node is None or node["uid"] != uid or node["state"] != "READY":
+        if node is None or node["uid"] != uid or node["state"] != "READY" or st.get("halted"):
             _stderr("ssh: connect to host 127.0.0.1 port 22: Connection refused")
             return SSH_FAILED
         home = _disk(name, worker)
@@ -1258,8 +1259,10 @@ def cmd_fake_processes(args: Args) -> int:
 
 
 def cmd_fake_kill_all(args: Args) -> int:
-    """SIGKILL every recorded process group of every node (test teardown); state unchanged."""
+    """SIGKILL every process of every node, and refuse ssh from now on (test teardown: an ssh
+    client still retrying must not boot a VM that outlives the test); nodes stay as they are."""
     with locked_state() as st:
+        st["halted"] = True
         for node in st["nodes"].values():
             _kill_node_processes(node)
     return 0

@@ -463,6 +463,13 @@ def test_every_vm_is_a_machine_of_its_own_and_a_recreated_one_another(gcloud):
     recreated = [line.split()[0] for line in sorted(gcloud.ssh("t1", probe).stdout.splitlines())]
     assert set(recreated).isdisjoint(hosts)
 
+    vms = json.loads((gcloud.state / "state.json").read_text())["nodes"]["t1"]["workers"]
+    inits = [worker["vm"]["pid"] for worker in vms]
+    assert all(_proc_state(pid) for pid in inits)
+    gcloud.ok("fake", "kill-all")  # a test's teardown: the VMs end, and no ssh boots another
+    _wait_for(lambda: not any(_proc_state(pid) for pid in inits), what="the VMs to halt")
+    assert gcloud.ssh("t1", "true").returncode == 255
+
 
 def test_an_ssh_that_ends_255_is_run_again_as_gcloud_does(gcloud):
     """A remote command that dies by a signal (ssh says 255) runs again on that worker only,

@@ -25,6 +25,7 @@ from tests.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
 from tests.helpers import REPO, SMALL_RUN, restore_params, write_config, write_text_dataset
 
 ZONE, TYPE = "us-central2-b", "v4-16"  # v4-16: 2 worker VMs, as the fake simulates
+LAUNCHED: list[subprocess.Popen] = []  # this test's launchers, killed at its end
 
 
 @pytest.fixture
@@ -43,6 +44,10 @@ def fake(tmp_path):
         "XDG_CACHE_HOME": str(tmp_path / "cache"),  # the launcher's claim on a slice
     }
     yield env, state
+    for launcher in LAUNCHED:  # a test that failed may leave its launcher running
+        launcher.kill()
+        launcher.wait()
+    LAUNCHED.clear()
     subprocess.run([bin_dir / "gcloud", "fake", "kill-all"], env=env, capture_output=True)
 
 
@@ -92,9 +97,11 @@ def launch(env, tmp_path, *flags, model=None, name="pod", shared_filesystem=True
     command = launch_command(tmp_path, *flags, model=model, name=name)
     if not shared_filesystem:
         command.remove("--shared_filesystem")
-    return subprocess.Popen(
+    launcher = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    LAUNCHED.append(launcher)
+    return launcher
 
 
 def launch_command(tmp_path, *flags, model=None, name="pod") -> list[str]:
