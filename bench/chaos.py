@@ -158,7 +158,7 @@ def params(run: Path, step: int):
 
 
 def corrupt_checkpoints(run: Path) -> list[str]:
-    from gpt_neo import checkpoint_manifest
+    from gpt_neo.training.checkpoint import manifest as checkpoint_manifest
 
     folder = run / "checkpoints"
     found = []

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from gpt_neo import tfrecords
 from gpt_neo.config import load_config
-from gpt_neo.corpus import list_input_files
-from gpt_neo.inputs import InputPipeline
-from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
+from gpt_neo.data import tfrecords
+from gpt_neo.data.corpus import list_input_files
+from gpt_neo.data.pipeline import InputPipeline
+from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords
 
 TOKENIZER = "datasets/demo/tokenizer/byte-level-bpe.tokenizer.json"
 
@@ -65,12 +65,12 @@ def pipeline_tokens_per_second(cfg, seconds: float = 10.0) -> float:
 
 
 def model_tokens_per_second(cfg, steps: int = 5) -> float:
-    """Forward+backward tokens/s of the training loss (gpt_neo.train.gradients), one device."""
+    """Forward+backward tokens/s of the training loss (gpt_neo.training.loop.gradients), one device."""
     import jax
     import jax.numpy as jnp
 
     import gpt_neo
-    from gpt_neo.train import gradients
+    from gpt_neo.training.loop import gradients
 
     cfg = cfg.replace(mesh_shape=None, layout=None)
     params = gpt_neo.init_params(cfg, 0)

@@ -1,4 +1,4 @@
-"""The memory planner (`gpt_neo.planner`) against the TPU compiler's memory_analysis, for the
+"""The memory planner (`gpt_neo.training.memory`) against the TPU compiler's memory_analysis, for the
 presets in configs/ under several layouts: the table behind "within 10%".
 
     python bench/memory_planner.py [--presets gpt_neo_125M gpt3_350M ...] [--topology v5e:2x2]
@@ -23,10 +23,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from gpt_neo import aot, axes
+from gpt_neo import axes
 from gpt_neo.config import load_config
 from gpt_neo.mesh import mesh_axes, pieces, rules
-from gpt_neo.planner import plan
+from gpt_neo.planning import aot
+from gpt_neo.training.memory import plan
 
 COMMON = {"train_batch_size": 32, "precision": "bfloat16", "recompute_grad": True}
 
@@ -94,7 +95,7 @@ def main() -> None:
         action="store_true",
         help="also compile each row under the scheduler's lowest memory limit (twice the "
         "compile time): the least memory the program needs, next to what the compiler spends "
-        "by default, when HBM is free (gpt_neo.aot.LEAST_MEMORY_OPTIONS)",
+        "by default, when HBM is free (gpt_neo.planning.aot.LEAST_MEMORY_OPTIONS)",
     )
     args = parser.parse_args()
     devices = aot.topology_devices(args.topology)

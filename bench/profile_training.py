@@ -26,8 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
 
-from gpt_neo import checkpoint, inputs, metrics, train
 from gpt_neo.cli.main import main
+from gpt_neo.data import pipeline as inputs
+from gpt_neo.training import loop as train
+from gpt_neo.training import metrics
+from gpt_neo.training.checkpoint import checkpointer as checkpoint
 
 SECONDS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)

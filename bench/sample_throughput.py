@@ -18,7 +18,7 @@ from shapes import DEMO_SIZE  # bench/shapes.py (this script's folder is on sys.
 
 import gpt_neo
 from gpt_neo.config import from_dict, load_config
-from gpt_neo.hf import export_hf
+from gpt_neo.interop.hf import export_hf
 
 REPO = Path(__file__).resolve().parent.parent
 

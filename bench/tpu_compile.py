@@ -2,7 +2,7 @@
 1.3B presets under data-parallel, FSDP and data x tensor layouts, next to the memory planner's
 estimate and (with --maxtext_python) MaxText's own compile of the same model on the same slice.
 
-No TPU is needed: libtpu compiles for the slice on this machine (see gpt_neo/aot.py).
+No TPU is needed: libtpu compiles for the slice on this machine (see gpt_neo/planning/aot.py).
 
     python bench/tpu_compile.py [--sizes 125M 1.3B] [--maxtext_python /path/to/venv/bin/python]
                                 [--all_global]
@@ -33,9 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from maxtext_side import MARKER, maxtext_compile, run_side  # bench/ is on sys.path
 
-from gpt_neo import aot
 from gpt_neo.config import load_config
-from gpt_neo.planner import plan
+from gpt_neo.planning import aot
+from gpt_neo.training.memory import plan
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"125M": "configs/gpt_neo_125M.json", "1.3B": "configs/gpt_neo_1.3B.json"}

@@ -37,8 +37,8 @@ def write_dataset(folder: Path, n_ctx: int) -> str:
     """FILES TFRecord files of random n_ctx + 1-token records, and their dataset config."""
     import numpy as np
 
+    from gpt_neo.data.tfrecords import serialize
     from gpt_neo.storage import tf
-    from gpt_neo.tfrecords import serialize
 
     rng = np.random.default_rng(n_ctx)
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def bare(model: str, devices: int) -> list[float]:
 import json, sys, time
 import numpy as np, jax
 import gpt_neo
-from gpt_neo.train import Trainer
+from gpt_neo.training.loop import Trainer
 cfg = gpt_neo.load_config({model!r})
 trainer = Trainer(cfg, gpt_neo.make_mesh(cfg))
 state = trainer.init_state(0)

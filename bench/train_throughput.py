@@ -17,9 +17,9 @@ from shapes import DEMO_SIZE  # bench/shapes.py (this script's folder is on sys.
 
 from gpt_neo.config import from_dict
 from gpt_neo.mesh import make_mesh
-from gpt_neo.metrics import measured_matmul_flops
 from gpt_neo.models.gpt import flops_per_token
-from gpt_neo.train import Trainer
+from gpt_neo.training.loop import Trainer
+from gpt_neo.training.metrics import measured_matmul_flops
 
 SIZES = {
     "tiny": dict(
@@ -51,7 +51,7 @@ def pytorch(cfg, tokens):
     import torch
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    from gpt_neo.hf import hf_config
+    from gpt_neo.interop.hf import hf_config
 
     torch.set_num_threads(os.cpu_count())
     model = GPTNeoForCausalLM(GPTNeoConfig(**hf_config(cfg))).train()

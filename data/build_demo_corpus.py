@@ -20,11 +20,11 @@ from pathlib import Path
 import zstandard
 
 from gpt_neo.cli import exit_code_of
-from gpt_neo.corpus import CorpusStats, list_input_files, read_documents
-from gpt_neo.dataset_config import DatasetConfig, write_dataset_config
-from gpt_neo.encoders import TRAINED_TOKENIZER_NAME, load_encoder, train_byte_level_bpe
+from gpt_neo.data.corpus import CorpusStats, list_input_files, read_documents
+from gpt_neo.data.dataset_config import DatasetConfig, write_dataset_config
+from gpt_neo.data.encoders import TRAINED_TOKENIZER_NAME, load_encoder, train_byte_level_bpe
+from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords
 from gpt_neo.errors import DataError
-from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 
 ROOT = Path("datasets/demo")
 EVAL_EVERY = 20

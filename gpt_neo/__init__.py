@@ -19,8 +19,8 @@ _LAZY = {
     "make_mesh": "gpt_neo.mesh",
     "init_params": "gpt_neo.models.gpt",
     "apply": "gpt_neo.models.gpt",
-    "generate": "gpt_neo.sample",
-    "choose_layout": "gpt_neo.auto_layout",
+    "generate": "gpt_neo.inference.sample",
+    "choose_layout": "gpt_neo.planning.auto_layout",
 }
 
 __all__ = [
@@ -51,7 +51,7 @@ def load_config(path_or_paths, overrides=None) -> Config:
 
 def __getattr__(name):
     if name == "hf":
-        return importlib.import_module("gpt_neo.hf")
+        return importlib.import_module("gpt_neo.interop.hf")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'gpt_neo' has no attribute {name!r}")

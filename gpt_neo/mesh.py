@@ -204,7 +204,7 @@ def check_layout(cfg: Config, source: str = "config", sizes: dict[str, int] | No
     """Refuse a layout that cannot work, before anything is compiled: unknown names or mesh
     axes, one tensor split twice over a mesh axis, a dimension its mesh axes do not divide.
     `sizes` are the mesh's axis sizes (default: from `mesh_shape`). "auto" keys pass: the search
-    (`gpt_neo.auto_layout`) checks each candidate. Raises `ConfigError`."""
+    (`gpt_neo.planning.auto_layout`) checks each candidate. Raises `ConfigError`."""
     if auto_keys(cfg):
         return
     tables = rules(cfg, source)

@@ -114,7 +114,7 @@ def perturbed_params(cfg, seed=0):
 
 def train_steps(cfg, mesh, batches, seed):
     """The train state after one step per batch on `mesh`, from the init of `seed`."""
-    from gpt_neo.train import Trainer
+    from gpt_neo.training.loop import Trainer
 
     trainer = Trainer(cfg, mesh)
     state = trainer.init_state(seed)
@@ -178,7 +178,7 @@ SAMPLE_TEXTS = [
 
 def train_tokenizer_file(folder, texts=SAMPLE_TEXTS, vocab_size=400):
     """A small byte-level BPE trained on the fly; returns its tokenizer.json path."""
-    from gpt_neo.encoders import TRAINED_TOKENIZER_NAME, train_byte_level_bpe
+    from gpt_neo.data.encoders import TRAINED_TOKENIZER_NAME, train_byte_level_bpe
 
     tokenizer = train_byte_level_bpe(texts * 20, vocab_size)
     path = Path(folder) / TRAINED_TOKENIZER_NAME
@@ -243,7 +243,7 @@ def _tf():
 
 
 def _serialize(tokens):
-    from gpt_neo.tfrecords import serialize
+    from gpt_neo.data.tfrecords import serialize
 
     return serialize(tokens)
 
@@ -253,8 +253,8 @@ def write_text_dataset(folder, *, docs=60, eval_docs=8, seed=0, files_per=100_00
     create_tfrecords; returns the dataset config path. n_vocab must be at least 258."""
     import random
 
-    from gpt_neo.corpus import list_input_files
-    from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
+    from gpt_neo.data.corpus import list_input_files
+    from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords
 
     rng = random.Random(seed)
     folder = Path(folder)

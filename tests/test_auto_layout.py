@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 import gpt_neo
-from gpt_neo import aot, auto_layout, axes
+from gpt_neo import axes
 from gpt_neo.cli.main import main
 from gpt_neo.config import auto_keys
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import mesh_axes, pieces, rules
-from gpt_neo.planner import num_microbatches
+from gpt_neo.planning import aot, auto_layout
+from gpt_neo.training.memory import num_microbatches
 from tests.helpers import (
     REPO,
     SMALL_RUN,

@@ -224,7 +224,7 @@ def test_damaged_checkpoints_are_set_aside_the_newest_intact_resumes_and_none_is
 
 HOLD_THE_LOCK = """
 import sys, time
-from gpt_neo.run_lock import RunLock
+from gpt_neo.training.checkpoint.run_lock import RunLock
 with RunLock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
@@ -260,9 +260,10 @@ def test_a_run_is_refused_while_another_holds_the_lock_and_takes_a_killed_holder
 
 @pytest.mark.parametrize("root", ["local", "ram://manifest-test"])
 def test_checksums_name_what_changed(tmp_path, root):
-    """gpt_neo.checkpoint_manifest on its own, local and through gfile (`ram://` stands in for
+    """gpt_neo.training.checkpoint.manifest on its own, local and through gfile (`ram://` stands in for
     `gs://`): each kind of change is named, an unchanged folder passes."""
-    from gpt_neo import checkpoint_manifest, storage
+    from gpt_neo import storage
+    from gpt_neo.training.checkpoint import manifest as checkpoint_manifest
 
     step = f"{tmp_path if root == 'local' else root}/checkpoints/7"
     storage.makedirs(f"{step}/state/d")

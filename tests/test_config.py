@@ -345,7 +345,7 @@ def test_every_config_field_has_a_reader_outside_config_py():
     import ast
 
     from gpt_neo.config import Config
-    from gpt_neo.moe_config import MoeParams
+    from gpt_neo.config.moe import MoeParams
 
     package = REPO / "gpt_neo"
     read = {

@@ -9,13 +9,13 @@ import tarfile
 
 import pytest
 
-from gpt_neo import tfrecords
 from gpt_neo.config import from_dict
-from gpt_neo.corpus import list_input_files, wikitext_detokenize
-from gpt_neo.encoders import load_encoder
+from gpt_neo.data import tfrecords
+from gpt_neo.data.corpus import list_input_files, wikitext_detokenize
+from gpt_neo.data.encoders import load_encoder
+from gpt_neo.data.pipeline import InputPipeline, iter_records
+from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords
 from gpt_neo.errors import EXIT_STORAGE_FULL, ConfigError, DataError
-from gpt_neo.inputs import InputPipeline, iter_records
-from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 from tests.helpers import REPO, SAMPLE_TEXTS, train_tokenizer_file
 
 DOCS = {

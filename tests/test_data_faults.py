@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from gpt_neo import inputs
-from gpt_neo.encoders import load_encoder
+from gpt_neo.data import pipeline as inputs
+from gpt_neo.data.encoders import load_encoder
+from gpt_neo.data.pipeline import CorruptRecordError
 from gpt_neo.errors import EXIT_USER_ERROR, DataError
-from gpt_neo.inputs import CorruptRecordError
 from tests.helpers import (
     SMALL_RUN,
     input_config,
@@ -242,7 +242,7 @@ def test_a_glob_that_matches_nothing_at_restore_and_a_replaced_tokenizer_are_one
 
 def test_the_run_tokenizer_is_checked_against_the_one_the_run_started_with(tmp_path, capsys):
     from gpt_neo.config import from_dict
-    from gpt_neo.dataset_config import check_run_tokenizer
+    from gpt_neo.data.dataset_config import check_run_tokenizer
 
     first = Path(train_tokenizer_file(tmp_path, vocab_size=300))
     dataset = tmp_path / "d.json"

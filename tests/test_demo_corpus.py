@@ -8,8 +8,8 @@ import pytest
 
 from data import build_demo_corpus
 from gpt_neo.config import from_dict
-from gpt_neo.dataset_config import load_dataset_config
-from gpt_neo.inputs import InputPipeline, iter_records, list_files
+from gpt_neo.data.dataset_config import load_dataset_config
+from gpt_neo.data.pipeline import InputPipeline, iter_records, list_files
 from main import main
 from tests.helpers import REPO
 
@@ -86,7 +86,7 @@ def test_make_demo_samples_from_a_python_prompt_that_suits_the_corpus(demo_dir, 
     """The demo model learns Python source: its prompt is Python, which the demo tokenizer
     (trained on that source) packs into fewer tokens per character than GPT-Neo's English
     unicorn prompt."""
-    from gpt_neo.predict import DEFAULT_PROMPT
+    from gpt_neo.inference.predict import DEFAULT_PROMPT
 
     predict = next(
         line for line in (REPO / "Makefile").read_text().splitlines() if "--predict" in line

@@ -5,8 +5,8 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from gpt_neo.dataset_config import load_dataset_config
-from gpt_neo.encoders import GPT2_DIR_ENV, ByteEncoder, check_vocab_fits, load_encoder
+from gpt_neo.data.dataset_config import load_dataset_config
+from gpt_neo.data.encoders import GPT2_DIR_ENV, ByteEncoder, check_vocab_fits, load_encoder
 from gpt_neo.errors import ConfigError, DataError
 from tests.helpers import SAMPLE_TEXTS, train_tokenizer_file
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import gpt_neo
+from gpt_neo.data.feed import DeviceFeed
+from gpt_neo.data.pipeline import InputPipeline
 from gpt_neo.errors import DataError
-from gpt_neo.feed import DeviceFeed
-from gpt_neo.inputs import InputPipeline
-from gpt_neo.train import Trainer
+from gpt_neo.training.loop import Trainer
 from tests.helpers import input_config, write_dataset
 
 

@@ -10,9 +10,9 @@ from jax.sharding import PartitionSpec as P
 
 import gpt_neo
 from gpt_neo import axes
-from gpt_neo.checkpoint import Checkpointer
 from gpt_neo.models.gpt import param_decl_leaves
-from gpt_neo.train import Trainer, gradients
+from gpt_neo.training.checkpoint.checkpointer import Checkpointer
+from gpt_neo.training.loop import Trainer, gradients
 from tests.helpers import random_tokens, tiny_config
 
 SEED = 3

@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 
 import gpt_neo
 from gpt_neo import config as config_module
-from gpt_neo import inputs, planner
 from gpt_neo.cli.main import main
-from gpt_neo.dataset_config import KEYS as DATASET_KEYS
-from gpt_neo.dataset_config import load_dataset_config
-from gpt_neo.encoders import load_encoder
+from gpt_neo.data import pipeline as inputs
+from gpt_neo.data.dataset_config import KEYS as DATASET_KEYS
+from gpt_neo.data.dataset_config import load_dataset_config
+from gpt_neo.data.encoders import load_encoder
 from gpt_neo.errors import EXIT_USER_ERROR, UserError
+from gpt_neo.training import memory as planner
 from tests.helpers import GPT_NEO_CONFIGS, SMALL_RUN, train_tokenizer_file, write_dataset
 
 SCALE = int(os.environ.get("GPT_NEO_FUZZ_SCALE", "0"))

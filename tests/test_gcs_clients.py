@@ -144,7 +144,7 @@ def test_tensorstore_reads_what_tf_wrote(gcs):  # noqa: F811
 
 
 def test_orbax_checkpoint_manager_on_gcs(gcs):  # noqa: F811
-    """As gpt_neo.checkpoint uses it: async saves of a sharded pytree plus JSON, max_to_keep."""
+    """As gpt_neo.training.checkpoint.checkpointer uses it: async saves of a sharded pytree plus JSON, max_to_keep."""
     import orbax.checkpoint as ocp
     from etils import epath
     from etils.epath import backend as epath_backend

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt_neo import inputs
+from gpt_neo.data import pipeline as inputs
+from gpt_neo.data.pipeline import CorruptRecordError, InputPipeline, check_datasets
 from gpt_neo.errors import ConfigError, DataError
-from gpt_neo.inputs import CorruptRecordError, InputPipeline, check_datasets
 from tests.helpers import input_config, write_dataset
 
 EOS = 0

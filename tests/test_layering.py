@@ -11,13 +11,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gpt_neo"
 
 MODEL = "gpt_neo.models"
 DATA = (
-    "gpt_neo.encoders",
-    "gpt_neo.corpus",
-    "gpt_neo.tfrecords",
-    "gpt_neo.inputs",
-    "gpt_neo.dataset_config",
+    "gpt_neo.data.encoders",
+    "gpt_neo.data.corpus",
+    "gpt_neo.data.tfrecords",
+    "gpt_neo.data.pipeline",
+    "gpt_neo.data.dataset_config",
 )
-TRAINING = ("gpt_neo.train", "gpt_neo.optim", "gpt_neo.checkpoint", "gpt_neo.metrics")
+TRAINING = (
+    "gpt_neo.training.loop",
+    "gpt_neo.training.optim",
+    "gpt_neo.training.checkpoint.checkpointer",
+    "gpt_neo.training.metrics",
+)
 CLI = "gpt_neo.cli"
 # (importer prefixes, forbidden imported prefixes, why)
 NEVER = [
@@ -102,7 +107,7 @@ def test_the_cycle_finder_finds_a_planted_cycle(graph):
 
 
 def within(module: str, packages) -> bool:
-    """Whether `module` is one of `packages` or inside one (gpt_neo.mesh_tf is not gpt_neo.mesh)."""
+    """Whether `module` is one of `packages` or inside one (gpt_neo.interop.mesh_tf is not gpt_neo.mesh)."""
     packages = (packages,) if isinstance(packages, str) else packages
     return any(module == p or module.startswith(p + ".") for p in packages)
 
@@ -126,8 +131,8 @@ def test_nothing_in_the_library_imports_the_cli(graph):
 
 
 def test_config_imports_only_the_errors_module(graph):
-    assert graph["gpt_neo.config"] == {"gpt_neo.errors", "gpt_neo.moe_config"}
-    assert graph["gpt_neo.moe_config"] == {"gpt_neo.errors"}
+    assert graph["gpt_neo.config.schema"] == {"gpt_neo.errors", "gpt_neo.config.moe"}
+    assert graph["gpt_neo.config.moe"] == {"gpt_neo.errors"}
     assert graph["gpt_neo.errors"] == set() and graph["gpt_neo.axes"] == set()
 
 

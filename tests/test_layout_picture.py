@@ -5,8 +5,8 @@ import xml.etree.ElementTree as ET
 import matplotlib.image
 import numpy as np
 
-from gpt_neo.layout_picture import draw
-from gpt_neo.planner import param_rows
+from gpt_neo.planning.layout_picture import draw
+from gpt_neo.training.memory import param_rows
 from main import main
 from tests.helpers import tiny_config, write_config
 

@@ -7,7 +7,7 @@ import lm_eval
 import pytest
 
 import gpt_neo
-from gpt_neo.evaluate import Scorer, lambada
+from gpt_neo.inference.tasks import Scorer, lambada
 from tests.test_modes import trained  # noqa: F401  (the trained-model fixture)
 
 PASSAGES = [
@@ -38,7 +38,7 @@ metric_list:
 
 @pytest.fixture
 def adapter(trained, monkeypatch):  # noqa: F811
-    from gpt_neo.lm_eval_adapter import GPTNeoJAX
+    from gpt_neo.interop.lm_eval import GPTNeoJAX
 
     _, model, cfg, params, encoder = trained
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -112,7 +112,7 @@ def test_the_command_line_wrapper_runs_the_harness(trained, tmp_path):  # noqa: 
     command = [
         sys.executable,
         "-m",
-        "gpt_neo.lm_eval_adapter",
+        "gpt_neo.interop.lm_eval",
         "run",
         "--model",
         "gpt-neo-jax",

@@ -14,9 +14,14 @@ import pytest
 import gpt_neo
 from gpt_neo.config import expand_attention_types
 from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.interop.mesh_tf import (
+    checkpoint_prefix,
+    checkpoint_step,
+    import_checkpoint,
+    neo_config,
+)
+from gpt_neo.interop.mesh_tf import main as mesh_tf_main
 from gpt_neo.mesh import make_mesh
-from gpt_neo.mesh_tf import checkpoint_prefix, checkpoint_step, import_checkpoint, neo_config
-from gpt_neo.mesh_tf import main as mesh_tf_main
 from gpt_neo.storage import tf
 from main import main
 from tests.helpers import GPT_NEO_CONFIGS, SHARED, restore_params

@@ -10,8 +10,8 @@ import pytest
 
 import gpt_neo
 from gpt_neo.errors import ConfigError
-from gpt_neo.objectives import masked_example
-from gpt_neo.train import gradients, loss_fn
+from gpt_neo.training.loop import gradients, loss_fn
+from gpt_neo.training.objectives import masked_example
 from main import main
 from tests.helpers import SMALL_RUN, perturbed_params, tiny_config, write_text_dataset
 

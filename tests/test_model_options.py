@@ -249,7 +249,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, keys):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gpt_neo.hf import export_hf, import_hf
+    from gpt_neo.interop.hf import export_hf, import_hf
 
     cfg = tiny_config(n_head=4, **keys)
     params = perturbed_params(cfg)
@@ -285,7 +285,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, keys):
 )
 def test_export_refuses_what_transformers_cannot_express_naming_the_key(tmp_path, keys):
     from gpt_neo.errors import ConfigError
-    from gpt_neo.hf import export_hf
+    from gpt_neo.interop.hf import export_hf
 
     cfg = tiny_config(attention_types=["global", "local"], n_layer=2, n_head=4, **keys)
     with pytest.raises(ConfigError) as error:

@@ -13,10 +13,10 @@ import pytest
 import gpt_neo
 from gpt_neo.cli.hf import main as hf_main
 from gpt_neo.config import load_config
-from gpt_neo.encoders import load_encoder, train_byte_level_bpe
-from gpt_neo.inputs import InputPipeline
-from gpt_neo.predict import DEFAULT_PROMPT
-from gpt_neo.train import loss_fn
+from gpt_neo.data.encoders import load_encoder, train_byte_level_bpe
+from gpt_neo.data.pipeline import InputPipeline
+from gpt_neo.inference.predict import DEFAULT_PROMPT
+from gpt_neo.training.loop import loss_fn
 from main import main
 from tests.helpers import SMALL_RUN, WORDS, restore_params, write_text_dataset
 

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from gpt_neo import run_lock, storage
+from gpt_neo import storage
+from gpt_neo.training.checkpoint import run_lock
 from tests.fake_gcloud import install
 from tests.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
 from tests.helpers import REPO, SMALL_RUN, restore_params, write_config, write_text_dataset
@@ -443,7 +444,7 @@ def locking_worker(tmp_path) -> str:
         "import os, sys\n"
         "sys.path.insert(0, os.getcwd())  # the shipped code\n"
         "from gpt_neo.errors import UserError\n"
-        "from gpt_neo.run_lock import RunLock\n"
+        "from gpt_neo.training.checkpoint.run_lock import RunLock\n"
         "if os.environ['GPT_NEO_PROCESS_ID'] == '0':\n"
         "    try:\n"
         "        RunLock(sys.argv[1]).acquire()\n"

@@ -4,7 +4,7 @@ import base64
 import json
 from pathlib import Path
 
-from gpt_neo.report import write_report
+from gpt_neo.training.report import write_report
 from tests.helpers import parse_report
 
 

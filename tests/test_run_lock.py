@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from gpt_neo import run_lock
 from gpt_neo.errors import RunLocked
+from gpt_neo.training.checkpoint import run_lock
 from tests.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import gpt_neo
 from gpt_neo.errors import ConfigError
-from gpt_neo.sample import Sampling, _prepare, choose
+from gpt_neo.inference.sample import Sampling, _prepare, choose
 from tests.helpers import HF_CONFIG, perturbed_params, random_hf_model, tiny_config
 
 # Lengths differ so that rows are left-padded differently; 11 + 12 new tokens pass the local
@@ -51,7 +51,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
     import torch
 
     model = random_hf_model(tmp_path, **{**HF_CONFIG, "window_size": 5})
-    cfg, params = gpt_neo.hf.import_hf(tmp_path)
+    cfg, params = gpt_neo.interop.hf.import_hf(tmp_path)
     prompts = [[11, 22, 33], [5, 6, 7, 8, 9, 10, 12, 14, 200], [1]]
     ours = gpt_neo.generate(cfg, params, prompts, max_new_tokens=16, temperature=0.0, eos_id=None)
     for prompt, new in zip(prompts, ours, strict=True):

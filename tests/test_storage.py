@@ -22,7 +22,7 @@ def test_write_read_and_delete_whole_trees(tmp_path, root):
 
 @pytest.mark.parametrize("root", ["local", "ram://storage-move"])
 def test_move_tree_moves_every_file_and_leaves_nothing_behind(tmp_path, root):
-    """How a damaged checkpoint is set aside (gpt_neo.checkpoint): a rename locally, object
+    """How a damaged checkpoint is set aside (gpt_neo.training.checkpoint.checkpointer): a rename locally, object
     by object through gfile elsewhere."""
     base = str(tmp_path) if root == "local" else root
     storage.makedirs(f"{base}/checkpoints/9/state/d")

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gpt_neo import aot
 from gpt_neo.mesh import make_mesh
-from gpt_neo.train import Trainer
+from gpt_neo.planning import aot
+from gpt_neo.training.loop import Trainer
 from tests.helpers import REPO, start_main, tiny_config, write_config
 
 pytestmark = pytest.mark.slow  # each compile is seconds of libtpu's compiler

@@ -13,8 +13,8 @@ import pytest
 
 import gpt_neo
 from gpt_neo.config import from_dict
-from gpt_neo.optim import learning_rate, make_optimizer
-from gpt_neo.train import Trainer, gradients, loss_fn
+from gpt_neo.training.loop import Trainer, gradients, loss_fn
+from gpt_neo.training.optim import learning_rate, make_optimizer
 from main import main
 from tests.helpers import (
     SMALL_MODEL,
@@ -138,7 +138,7 @@ def test_reported_loss_is_cross_entropy_with_z_loss_apart(tmp_path):
 
 @pytest.mark.parametrize("param_layout", ["", "embd:x"], ids=["replicated", "fsdp"])
 def test_microbatched_gradients_equal_the_unsplit_batch(param_layout):
-    # FSDP runs the microbatches through an optimization barrier (gpt_neo.train.gradients)
+    # FSDP runs the microbatches through an optimization barrier (gpt_neo.training.loop.gradients)
     layout = {"mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y", "param_layout": param_layout}
     cfg = from_dict({**ARCH, "train_batch_size": 8, **layout})
     trainer = Trainer(cfg.replace(tokens_per_mb_per_replica=32), gpt_neo.make_mesh(cfg))
@@ -409,8 +409,8 @@ def test_bad_run_settings_exit_2(tmp_path, dataset, capsys):
 def test_out_of_memory_is_explained_with_the_memory_estimate(
     tmp_path, dataset, monkeypatch, capsys
 ):
-    from gpt_neo import train as train_module
-    from gpt_neo.planner import memory_per_device
+    from gpt_neo.training import loop as train_module
+    from gpt_neo.training.memory import memory_per_device
 
     def exhausted(self, seed):
         raise jax.errors.JaxRuntimeError(
@@ -442,7 +442,7 @@ def test_new_deletes_model_path_after_confirmation(tmp_path, dataset, monkeypatc
 
 
 def test_evaluation_time_is_not_counted_as_training_time(tmp_path, dataset, monkeypatch):
-    from gpt_neo import train
+    from gpt_neo.training import loop as train
 
     def slow_evaluate(*args):
         time.sleep(2.0)  # far longer than two steps of this model

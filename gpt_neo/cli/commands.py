@@ -11,23 +11,24 @@ import jax
 import numpy as np
 
 import gpt_neo
-from gpt_neo import aot, auto_layout, compilation_cache, layout_picture
-from gpt_neo import evaluate as eval_tasks
-from gpt_neo import train as training
-from gpt_neo.checkpoint import Checkpointer, load_params
+from gpt_neo import compilation_cache
 from gpt_neo.config import Config, auto_keys, require_causal
-from gpt_neo.dataset_config import model_dataset, model_tokenizer
+from gpt_neo.data.dataset_config import model_dataset, model_tokenizer
+from gpt_neo.data.pipeline import InputPipeline, check_datasets
 from gpt_neo.errors import EXIT_DIVERGED, ConfigError, DataError
-from gpt_neo.hf import export_hf
-from gpt_neo.inputs import InputPipeline, check_datasets
+from gpt_neo.inference import tasks as eval_tasks
+from gpt_neo.inference.predict import DEFAULT_PROMPT, max_new_tokens, write_predictions
+from gpt_neo.inference.sample import Sampling, generate
+from gpt_neo.interop.hf import export_hf
 from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
-from gpt_neo.metrics import Metrics, with_run_record
-from gpt_neo.predict import DEFAULT_PROMPT, max_new_tokens, write_predictions
-from gpt_neo.report import write_report
-from gpt_neo.run_lock import LOCK_NAME, writer_lock
-from gpt_neo.sample import Sampling, generate
+from gpt_neo.planning import aot, auto_layout, layout_picture
+from gpt_neo.planning.summary import print_summary
 from gpt_neo.storage import delete_tree, exists, join, listdir, read_text
-from gpt_neo.summary import print_summary
+from gpt_neo.training import loop as training
+from gpt_neo.training.checkpoint.checkpointer import Checkpointer, load_params
+from gpt_neo.training.checkpoint.run_lock import LOCK_NAME, writer_lock
+from gpt_neo.training.metrics import Metrics, with_run_record
+from gpt_neo.training.report import write_report
 
 
 def load(args: argparse.Namespace) -> Config:

@@ -8,7 +8,7 @@ import sys
 
 from gpt_neo.cli import add_overrides_flag, exit_code_of
 from gpt_neo.config import load_config, parse_overrides, to_dict
-from gpt_neo.hf import import_to_checkpoint
+from gpt_neo.interop.hf import import_to_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,10 +12,10 @@ import argparse
 from pathlib import Path
 
 import gpt_neo
-from gpt_neo import run_lock
 from gpt_neo.launch import bundle, preflight
 from gpt_neo.launch.gcloud import Gcloud, GcloudError, LaunchError, SliceSpec, find_gcloud
 from gpt_neo.launch.pod import PodLauncher, PodOptions, sole_launcher
+from gpt_neo.training.checkpoint import run_lock
 
 DEFAULT_SETUP = (
     'python3 -m venv "$HOME/gpt-neo/venv" && "$HOME/gpt-neo/venv/bin/pip" install --quiet '

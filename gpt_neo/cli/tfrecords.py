@@ -17,11 +17,11 @@ import os
 import sys
 
 from gpt_neo.cli import exit_code_of
-from gpt_neo.corpus import list_input_files
-from gpt_neo.dataset_config import DatasetConfig, write_dataset_config
-from gpt_neo.encoders import load_encoder
+from gpt_neo.data.corpus import list_input_files
+from gpt_neo.data.dataset_config import DatasetConfig, write_dataset_config
+from gpt_neo.data.encoders import load_encoder
+from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords
 from gpt_neo.errors import ConfigError
-from gpt_neo.tfrecords import TFRecordJob, create_tfrecords
 
 
 def parse_args(argv=None):

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from gpt_neo.cli import exit_code_of
-from gpt_neo.corpus import SUFFIXES, CorpusStats, list_input_files, read_documents
-from gpt_neo.encoders import TRAINED_TOKENIZER_NAME, train_byte_level_bpe
+from gpt_neo.data.corpus import SUFFIXES, CorpusStats, list_input_files, read_documents
+from gpt_neo.data.encoders import TRAINED_TOKENIZER_NAME, train_byte_level_bpe
 from gpt_neo.errors import DataError
 
 

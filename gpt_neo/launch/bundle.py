@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt_neo.config import REPO_ROOT, Config, to_dict
-from gpt_neo.dataset_config import load_dataset_config
+from gpt_neo.data.dataset_config import load_dataset_config
 from gpt_neo.errors import ConfigError
 
 RUN_DIR = "run"  # inside the bundle: config.json, datasets/, tokenizers/

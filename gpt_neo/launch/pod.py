@@ -47,10 +47,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt_neo import run_lock
 from gpt_neo.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR
 from gpt_neo.launch import gcloud as g
 from gpt_neo.launch.bundle import Bundle
+from gpt_neo.training.checkpoint import run_lock
 
 EXIT_GAVE_UP = 1  # a retry budget ran out
 EXIT_INTERRUPTED = 130  # Ctrl-C (the workers were asked to save first)
@@ -59,7 +59,7 @@ SSH_LOST = 255  # ssh(1): the connection dropped
 # after ssh lost its connection, and the first copy may still run.
 RERUN_REFUSED = 254
 SIGNALLED = 128  # a shell's status for a child killed by signal N is 128+N
-# What the heartbeat counts as progress: worker 0's step line (gpt_neo.metrics) and the line of
+# What the heartbeat counts as progress: worker 0's step line (gpt_neo.training.metrics) and the line of
 # a run that finds itself complete.
 PROGRESS = re.compile(r"^(step \d+/\d+ \||training is complete)")
 REMOTE_DIR = "$HOME/gpt-neo"  # on every worker: code versions, the venv, the run's pid

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 import time
 
-from gpt_neo import run_lock, storage
+from gpt_neo import storage
 from gpt_neo.config import Config
-from gpt_neo.dataset_config import load_dataset_config
+from gpt_neo.data.dataset_config import load_dataset_config
 from gpt_neo.launch.gcloud import (
     READY,
     Gcloud,
@@ -18,6 +18,7 @@ from gpt_neo.launch.gcloud import (
     active_account,
     default_project,
 )
+from gpt_neo.training.checkpoint import run_lock
 
 
 def hosts_of(accelerator_type: str) -> int | None:

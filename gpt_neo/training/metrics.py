@@ -19,10 +19,11 @@ import time
 import jax
 import numpy as np
 
-from gpt_neo import compilation_cache, hardware, report, storage
+from gpt_neo import compilation_cache, hardware, storage
 from gpt_neo.config import Config, to_dict
 from gpt_neo.models.gpt import flops_per_token
 from gpt_neo.storage import join, tf
+from gpt_neo.training import report
 
 FLOP_CONVENTION = "6N+12LHQT"
 

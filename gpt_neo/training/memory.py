@@ -93,7 +93,7 @@ ADAFACTOR_MIN_DIM_TO_FACTOR = 128  # optax.scale_by_factored_rms's default
 
 def optimizer_state_elements(cfg: Config, shape: tuple[int, ...], device_shape) -> int:
     """Optimizer-state floats per device for one parameter of `shape` (`device_shape` on one
-    device). Moments shaped like the parameter are split like it (gpt_neo.optim.state_shardings);
+    device). Moments shaped like the parameter are split like it (gpt_neo.training.optim.state_shardings);
     Adafactor's factored statistics are replicated."""
     if cfg.opt_name.lower() == "adam":
         return 2 * math.prod(device_shape)  # first and second moments
@@ -233,7 +233,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     # with microbatches, one microbatch's gradients plus their running sum, which the loop
     # carries in and out (two buffers: 3 in all fits the compiler at 125M, batch 32 and 1024).
     # With FSDP the loop also holds a copy of the sum (the barrier that keeps microbatches
-    # in sequence, gpt_neo.train.gradients) and the local weights in the compute dtype, cast
+    # in sequence, gpt_neo.training.loop.gradients) and the local weights in the compute dtype, cast
     # once before the loop (125M and 1.3B on v5e:2x2: -9% and +6% with both, -20% and -12%
     # without).
     grads = stored["parameters"] * (1 if n_micro == 1 else 4 if fsdp else 3)
@@ -248,7 +248,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     fresh = stored["parameters"]  # one pass's gradients (a microbatch sum, if any, stays)
     overlap = saved + fresh - max(saved + head.local * 4, fresh)
     freed_early = overlap // 2 if fsdp else overlap
-    # sampling: prompts padded to the data-parallel size (gpt_neo.sample), then split like a
+    # sampling: prompts padded to the data-parallel size (gpt_neo.inference.sample), then split like a
     # batch; the loop carries the cache in and out (two copies), and the prefill of half the
     # context holds one layer's attention scores over the cache
     decode_rows = -(-cfg.predict_batch_size // data)

@@ -14,7 +14,7 @@ import math
 from gpt_neo import storage
 from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError
-from gpt_neo.planner import param_rows
+from gpt_neo.training.memory import param_rows
 
 FORMATS = ("png", "svg")
 MOST_CELLS = 64  # larger meshes are drawn as one labelled block

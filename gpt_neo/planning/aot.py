@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gpt_neo import axes, hardware
-from gpt_neo import sample as sample_lib
 from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError, first_line
+from gpt_neo.inference import sample as sample_lib
 from gpt_neo.mesh import (
     activation_sharding,
     data_parallel_size,
@@ -30,11 +30,11 @@ from gpt_neo.mesh import (
     mesh_axes,
     padded_vocab,
 )
-from gpt_neo.metrics import FLOP_CONVENTION
 from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token
 from gpt_neo.models.loss import logits_split, loss_chunks
-from gpt_neo.planner import plan
-from gpt_neo.train import Trainer
+from gpt_neo.training.loop import Trainer
+from gpt_neo.training.memory import plan
+from gpt_neo.training.metrics import FLOP_CONVENTION
 
 EXAMPLES = "v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x4, v6e:4x4"
 

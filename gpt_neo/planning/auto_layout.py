@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
-from gpt_neo import aot, axes, hardware
+from gpt_neo import axes, hardware
 from gpt_neo.config import Config, auto_keys
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import check_layout, mesh_axes, parse_mesh_shape, pieces, rules
-from gpt_neo.metrics import FLOP_CONVENTION
 from gpt_neo.models.gpt import COMPUTE_DTYPES, flops_per_token
-from gpt_neo.planner import MemoryPlan, memory_per_device, num_microbatches, plan, weights
+from gpt_neo.planning import aot
+from gpt_neo.training.memory import MemoryPlan, memory_per_device, num_microbatches, plan, weights
+from gpt_neo.training.metrics import FLOP_CONVENTION
 
 DATA_AXIS, TENSOR_AXIS = "data", "tensor"  # the axes of a mesh the search shapes
 TENSOR_DIMS = ("heads", "intermediate_expanded", "vocab")  # Megatron's splits, GPT-Neo names
@@ -384,7 +385,7 @@ def choose(
     limit: int | str | None = "device",
 ) -> Choice:
     """The best split of `cfg` over `devices`, confirmed by `compile_step(cfg, devices)` (a
-    `gpt_neo.aot.Compiled`; None: rank only). `limit`: bytes per device (default: what the
+    `gpt_neo.planning.aot.Compiled`; None: rank only). `limit`: bytes per device (default: what the
     devices have). Raises `ConfigError` when nothing fits."""
     keys = auto_keys(cfg)
     kind = devices[0].device_kind

@@ -2,7 +2,7 @@
 
 Everything scores through `Scorer`, which batches token rows to a fixed shape (so one compiled
 forward serves every request) and reads log-probabilities off the logits. The tasks and the
-lm-eval adapter (`gpt_neo.lm_eval_adapter`) are thin layers over it.
+lm-eval adapter (`gpt_neo.interop.lm_eval`) are thin layers over it.
 
 Tasks (files on local disk or gs://; nothing is downloaded):
 - `lambada`: jsonl of {"text": ...}. The context is the passage up to its last space and the

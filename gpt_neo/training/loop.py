@@ -24,21 +24,21 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gpt_neo import axes
-from gpt_neo.checkpoint import Checkpointer
 from gpt_neo.config import Config, to_dict
-from gpt_neo.dataset_config import check_run_tokenizer, model_tokenizer
+from gpt_neo.data.dataset_config import check_run_tokenizer, model_tokenizer
+from gpt_neo.data.feed import DeviceFeed
+from gpt_neo.data.pipeline import InputPipeline
 from gpt_neo.errors import EXIT_PREEMPTED, ConfigError, warn
-from gpt_neo.feed import DeviceFeed
-from gpt_neo.inputs import InputPipeline
+from gpt_neo.inference.predict import DEFAULT_PROMPT, write_predictions
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size, make_mesh
 from gpt_neo.models.gpt import abstract_params, head_inputs, init_params, trunk
 from gpt_neo.models.loss import head_loss
-from gpt_neo.objectives import MASKING_STREAM, Example, make_example
-from gpt_neo.optim import learning_rate, make_optimizer, state_shardings
-from gpt_neo.planner import gathers_weights, memory_per_device, num_microbatches
-from gpt_neo.predict import DEFAULT_PROMPT, write_predictions
-from gpt_neo.run_lock import writer_lock
 from gpt_neo.storage import write_text_atomic
+from gpt_neo.training.checkpoint.checkpointer import Checkpointer
+from gpt_neo.training.checkpoint.run_lock import writer_lock
+from gpt_neo.training.memory import gathers_weights, memory_per_device, num_microbatches
+from gpt_neo.training.objectives import MASKING_STREAM, Example, make_example
+from gpt_neo.training.optim import learning_rate, make_optimizer, state_shardings
 
 # The data position of a checkpoint made outside training (an imported model): read from the start.
 DATA_FROM_THE_START = {"position": "start"}
@@ -62,7 +62,7 @@ class TrainingDiverged(RuntimeError):
 
 def loss_fn(cfg: Config, params, batch, rng, target_count=None, *, train=True, share=1.0):
     """Cross-entropy of `batch` (records [batch, n_ctx + 1], or an `Example` made from them:
-    see `gpt_neo.objectives`) plus GPT-Neo's z-loss (z_loss * logsumexp(logits)^2), summed
+    see `gpt_neo.training.objectives`) plus GPT-Neo's z-loss (z_loss * logsumexp(logits)^2), summed
     over the counted targets and divided by `target_count` (default: how many targets the
     batch counts, which makes it the mean; a microbatch passes its whole batch's count, so
     that microbatch losses add up to the batch's).

@@ -5,7 +5,7 @@ sets `predict_steps`)."""
 from __future__ import annotations
 
 from gpt_neo.config import Config
-from gpt_neo.sample import generate
+from gpt_neo.inference.sample import generate
 from gpt_neo.storage import write_text_atomic
 
 # GPT-Neo's built-in prompt (its main.py used it when --prompt was absent).

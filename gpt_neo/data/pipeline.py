@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpt_neo.config import Config
-from gpt_neo.dataset_config import DatasetConfig, load_dataset_config
+from gpt_neo.data.dataset_config import DatasetConfig, load_dataset_config
 from gpt_neo.errors import ConfigError, DataError, first_line, warn
 from gpt_neo.storage import tf
 

@@ -1,6 +1,6 @@
 """LM Evaluation Harness adapter: our model as lm-eval's `gpt-neo-jax`.
 
-    python -m gpt_neo.lm_eval_adapter run --model gpt-neo-jax \\
+    python -m gpt_neo.interop.lm_eval run --model gpt-neo-jax \\
         --model_args config=configs/demo.json,checkpoint=runs/demo --tasks lambada_openai
 
 forwards every argument to lm-eval's own command line after registering the model (lm-eval
@@ -8,11 +8,11 @@ forwards every argument to lm-eval's own command line after registering the mode
 the `lm_eval.models` entry point that pyproject.toml declares, so `lm_eval --model gpt-neo-jax`
 works there directly). From Python:
 
-    from gpt_neo.lm_eval_adapter import GPTNeoJAX
+    from gpt_neo.interop.lm_eval import GPTNeoJAX
     lm_eval.simple_evaluate(model=GPTNeoJAX(config="cfg.json"), tasks=[...])
 
 `config` is our JSON model config, `checkpoint` its model_path (default: the config's); the
-tokenizer is the one the config's dataset names. Scoring goes through `gpt_neo.evaluate.Scorer`
+tokenizer is the one the config's dataset names. Scoring goes through `gpt_neo.inference.tasks.Scorer`
 and generation through `gpt_neo.generate`, so harness numbers equal ours.
 """
 
@@ -23,11 +23,11 @@ import sys
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from gpt_neo.checkpoint import load_params
 from gpt_neo.config import load_config
-from gpt_neo.dataset_config import model_tokenizer
-from gpt_neo.evaluate import DEFAULT_BATCH, Scorer
-from gpt_neo.sample import generate
+from gpt_neo.data.dataset_config import model_tokenizer
+from gpt_neo.inference.sample import generate
+from gpt_neo.inference.tasks import DEFAULT_BATCH, Scorer
+from gpt_neo.training.checkpoint.checkpointer import load_params
 
 
 @register_model("gpt-neo-jax")

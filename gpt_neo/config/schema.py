@@ -25,14 +25,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_neo.errors import ConfigError
-from gpt_neo.moe_config import (
+from gpt_neo.config.moe import (
     MOE_ACTIVATIONS,
     MoeParams,
     moe_params_to_dict,
     parse_moe_layers,
     parse_moe_params,
 )
+from gpt_neo.errors import ConfigError
 
 ATTENTION_TYPES = ("global", "local", "linear", "none")
 PRECISIONS = ("float32", "bfloat16")
@@ -146,7 +146,7 @@ class Config:
     """0-based indices of the layers whose MLP is a mixture of experts (GPT-Neo's meaning)."""
     moe_params: MoeParams | None = None
     """The MoE layers' hyper-parameters, by Mesh-TensorFlow 0.1.18's names
-    (`gpt_neo.moe_config.MoeParams`); `{}` means its defaults. Required with `moe_layers`."""
+    (`gpt_neo.config.moe.MoeParams`); `{}` means its defaults. Required with `moe_layers`."""
     moe_activation: str = "relu"
     """Activation inside each expert, by Mesh-TensorFlow name (`gelu` is the tanh form)."""
     rotary_emb: bool = False
@@ -250,7 +250,7 @@ class Config:
     mesh_shape: str | None = None
     """`"x:4,y:2"`: named mesh axes and their sizes; missing means all devices on one axis `x`.
     `"auto"`: chosen for the devices at hand, with `layout` and `param_layout` (see
-    `gpt_neo.auto_layout`)."""
+    `gpt_neo.planning.auto_layout`)."""
     layout: str | None = None
     """`"batch:x,heads:y"`: dimension -> mesh axis rules for activations, and for parameters
     unless `param_layout` says otherwise; missing means `batch` on the first mesh axis. A
@@ -411,7 +411,7 @@ def repeating_pattern(kinds: tuple[str, ...]) -> tuple[str, ...]:
     return kinds
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # gpt_neo/config/schema.py -> the checkout
 
 
 def find_named_config(name: str, folder: str) -> Path | None:
@@ -695,7 +695,7 @@ LAYOUT_KEYS = ("mesh_shape", "layout", "param_layout")  # each names what the ne
 
 
 def auto_keys(cfg: Config) -> tuple[str, ...]:
-    """The keys `gpt_neo.auto_layout` chooses: the layout keys set to "auto" and the unset
+    """The keys `gpt_neo.planning.auto_layout` chooses: the layout keys set to "auto" and the unset
     ones after them, and `tokens_per_mb_per_replica` when it is unset too."""
     chosen: list[str] = []
     for key in LAYOUT_KEYS:

@@ -10,7 +10,7 @@ optimizer state are read at the new size, cut or filled with zeros. Only the pad
 can differ, and they are zeros in every checkpoint (see `_check_config`).
 
 Once orbax has committed a checkpoint, its files' checksums are recorded
-(`gpt_neo.checkpoint_manifest`); restoring checks them and falls back, newest first, past
+(`gpt_neo.training.checkpoint.manifest`); restoring checks them and falls back, newest first, past
 damaged checkpoints, which are moved to `{model_path}/damaged_checkpoints/` (never deleted).
 A save that runs out of space stops the run with `StorageFull` (exit 4): orbax's unfinished
 temporary folder is removed and the previous checkpoint stays the newest.
@@ -30,11 +30,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gpt_neo import checkpoint_manifest, storage
+from gpt_neo import storage
 from gpt_neo.config import SHAPE_KEYS, Config, default_of, to_dict
 from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError, first_line, warn
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import abstract_params
+from gpt_neo.training.checkpoint import manifest as checkpoint_manifest
 
 # The parameters' and the optimizer state's shapes: a checkpoint fits only a config that
 # agrees on these.

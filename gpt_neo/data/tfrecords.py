@@ -27,8 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_neo.corpus import CorpusStats, fix_text, read_documents, wikitext_detokenize
-from gpt_neo.encoders import load_encoder
+from gpt_neo.data.corpus import CorpusStats, fix_text, read_documents, wikitext_detokenize
+from gpt_neo.data.encoders import load_encoder
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.storage import exists, read_text, tf, write_text_atomic
 

@@ -34,11 +34,11 @@ from safetensors.numpy import load_file, save_file
 
 from gpt_neo import storage
 from gpt_neo.config import SHAPE_KEYS, Config, from_dict, repeating_pattern
-from gpt_neo.encoders import HFEncoder, load_encoder
+from gpt_neo.data.encoders import HFEncoder, load_encoder
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.mesh import check_layout, padded_vocab
 from gpt_neo.models.gpt import param_shardings
-from gpt_neo.train import save_imported_model
+from gpt_neo.training.loop import save_imported_model
 
 # Our activation names -> HF's ACT2FN names for the same function.
 HF_ACTIVATIONS = {

@@ -14,7 +14,7 @@ from rich.table import Table
 from gpt_neo.config import Config
 from gpt_neo.mesh import mesh_axes, padded_vocab, rules
 from gpt_neo.models.gpt import FLOP_CONVENTIONS, flops_per_token, param_count
-from gpt_neo.planner import param_rows, plan
+from gpt_neo.training.memory import param_rows, plan
 
 
 def _human(n: float, unit: str = "") -> str:

@@ -1,7 +1,7 @@
 """Checkpoints of the original GPT-Neo (Mesh-TensorFlow) -> (Config, params), or a checkpoint
 of ours that `main.py` continues training:
 
-    python -m gpt_neo.mesh_tf import CKPT_DIR --model gpt_neo_config.json --model_path DIR \\
+    python -m gpt_neo.interop.mesh_tf import CKPT_DIR --model gpt_neo_config.json --model_path DIR \\
         [--override mesh_shape=x:8 layout=batch:x train_steps=... ...]
 
 reads the newest `model.ckpt-N` that CKPT_DIR's `checkpoint` file names (or the `model.ckpt-N`
@@ -79,7 +79,7 @@ from gpt_neo.mesh import check_layout
 from gpt_neo.models.activations import ACTIVATION_PARAMS
 from gpt_neo.models.gpt import param_decl_leaves, param_keys, param_shardings
 from gpt_neo.storage import tf
-from gpt_neo.train import save_imported_model
+from gpt_neo.training.loop import save_imported_model
 
 Overrides = Mapping[str, object] | Sequence[str] | None
 
@@ -434,11 +434,11 @@ def import_to_checkpoint(ckpt_dir, config_path, model_path: str, overrides: Over
 
 
 def main(argv=None) -> int:
-    # The one command line outside gpt_neo/cli: `python -m gpt_neo.mesh_tf`. It cannot use
+    # The one command line outside gpt_neo/cli: `python -m gpt_neo.interop.mesh_tf`. It cannot use
     # gpt_neo.cli's helpers (nothing in the library imports the cli package), hence its own
     # `error:` line below, as exit_code_of prints it.
     parser = argparse.ArgumentParser(
-        prog="python -m gpt_neo.mesh_tf",
+        prog="python -m gpt_neo.interop.mesh_tf",
         description="Turn a checkpoint of the original GPT-Neo (Mesh-TensorFlow) into one "
         "main.py continues training.",
     )

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gpt_neo.config import REPO_ROOT, find_named_config, read_json_object
-from gpt_neo.encoders import Encoder, check_vocab_fits, load_encoder
+from gpt_neo.data.encoders import Encoder, check_vocab_fits, load_encoder
 from gpt_neo.errors import ConfigError, DataError, UserError, warn
 
 KEYS = {
