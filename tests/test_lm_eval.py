@@ -112,7 +112,7 @@ def test_the_command_line_wrapper_runs_the_harness(trained, tmp_path):  # noqa: 
     command = [
         sys.executable,
         "-m",
-        "gpt_neo.interop.lm_eval",
+        "gpt_neo.cli.lm_eval",
         "run",
         "--model",
         "gpt-neo-jax",

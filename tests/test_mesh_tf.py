@@ -20,7 +20,7 @@ from gpt_neo.interop.mesh_tf import (
     import_checkpoint,
     neo_config,
 )
-from gpt_neo.interop.mesh_tf import main as mesh_tf_main
+from gpt_neo.cli.mesh_tf import main as mesh_tf_main
 from gpt_neo.mesh import make_mesh
 from gpt_neo.storage import tf
 from main import main

@@ -1,12 +1,12 @@
 """LM Evaluation Harness adapter: our model as lm-eval's `gpt-neo-jax`.
 
-    python -m gpt_neo.interop.lm_eval run --model gpt-neo-jax \\
+    python -m gpt_neo.cli.lm_eval run --model gpt-neo-jax \\
         --model_args config=configs/demo.json,checkpoint=runs/demo --tasks lambada_openai
 
-forwards every argument to lm-eval's own command line after registering the model (lm-eval
-0.4.13 discovers models only by import; later versions with plugin discovery find it through
-the `lm_eval.models` entry point that pyproject.toml declares, so `lm_eval --model gpt-neo-jax`
-works there directly). From Python:
+forwards every argument to lm-eval's own command line after importing this module, which
+registers the model (lm-eval 0.4.13 discovers models only by import; later versions with plugin
+discovery find it through the `lm_eval.models` entry point that pyproject.toml declares, so
+`lm_eval --model gpt-neo-jax` works there directly). From Python:
 
     from gpt_neo.interop.lm_eval import GPTNeoJAX
     lm_eval.simple_evaluate(model=GPTNeoJAX(config="cfg.json"), tasks=[...])
@@ -17,8 +17,6 @@ and generation through `gpt_neo.generate`, so harness numbers equal ours.
 """
 
 from __future__ import annotations
-
-import sys
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -92,20 +90,3 @@ class GPTNeoJAX(LM):
                     text = text[: text.index(stop)]
             results.append(text)
         return results
-
-
-def main(argv=None) -> int:
-    import multiprocessing
-
-    from lm_eval.__main__ import cli_evaluate
-
-    # lm-eval's stderr bootstrap runs a multiprocessing Pool; forking a process that has
-    # started JAX's threads can deadlock, so its workers start fresh instead.
-    multiprocessing.set_start_method("spawn", force=True)
-    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Checkpoints of the original GPT-Neo (Mesh-TensorFlow) -> (Config, params), or a checkpoint
 of ours that `main.py` continues training:
 
-    python -m gpt_neo.interop.mesh_tf import CKPT_DIR --model gpt_neo_config.json --model_path DIR \\
+    python -m gpt_neo.cli.mesh_tf import CKPT_DIR --model gpt_neo_config.json --model_path DIR \\
         [--override mesh_shape=x:8 layout=batch:x train_steps=... ...]
 
 reads the newest `model.ckpt-N` that CKPT_DIR's `checkpoint` file names (or the `model.ckpt-N`
@@ -56,10 +56,8 @@ their scalars `activation-<random hex>`, so nothing tells which layer or role ea
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -74,7 +72,7 @@ from gpt_neo.config import (
     read_json_object,
     resolve_config_path,
 )
-from gpt_neo.errors import ConfigError, DataError, UserError
+from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.mesh import check_layout
 from gpt_neo.models.activations import ACTIVATION_PARAMS
 from gpt_neo.models.gpt import param_decl_leaves, param_keys, param_shardings
@@ -431,63 +429,3 @@ def import_to_checkpoint(ckpt_dir, config_path, model_path: str, overrides: Over
     step = checkpoint_step(prefix)
     config_out = save_imported_model(cfg, read_params(prefix, cfg), step)
     return Imported(cfg, prefix, step, config_out, optimizer_slots(prefix))
-
-
-def main(argv=None) -> int:
-    # The one command line outside gpt_neo/cli: `python -m gpt_neo.interop.mesh_tf`. It cannot use
-    # gpt_neo.cli's helpers (nothing in the library imports the cli package), hence its own
-    # `error:` line below, as exit_code_of prints it.
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt_neo.interop.mesh_tf",
-        description="Turn a checkpoint of the original GPT-Neo (Mesh-TensorFlow) into one "
-        "main.py continues training.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("import", help="GPT-Neo checkpoint -> model_path checkpoint")
-    command.add_argument(
-        "ckpt_dir", help="GPT-Neo's model_path (its newest model.ckpt-N) or a model.ckpt-N prefix"
-    )
-    command.add_argument(
-        "--model", required=True, metavar="CONFIG", help="the GPT-Neo config it was trained with"
-    )
-    command.add_argument(
-        "--model_path", required=True, metavar="DIR", help="an empty directory for ours"
-    )
-    command.add_argument(
-        "--override",
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a key of our config last (value parsed as JSON, else a string); repeatable",
-    )
-    args = parser.parse_args(argv)
-    try:
-        done = import_to_checkpoint(args.ckpt_dir, args.model, args.model_path, args.overrides)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    _report(done)
-    return 0
-
-
-def _report(done: Imported) -> None:
-    slots = ", ".join(f"{n} {kind}" for kind, n in done.slots_left.items()) or "none"
-    print(
-        f"imported {done.checkpoint} (GPT-Neo step {done.step}) as step {done.step} in "
-        f"{done.cfg.model_path}.\n"
-        f"The optimizer state is fresh: GPT-Neo's optimizer slots ({slots}) are not carried "
-        "over, and the data is read from the start."
-    )
-    if done.cfg.train_steps is not None and done.cfg.train_steps <= done.step:
-        print(
-            f"train_steps is {done.cfg.train_steps}, so training would stop at once: raise it "
-            "(--override train_steps=N) to train on."
-        )
-    print(f"Continue training with\n    python main.py --model {done.config_path}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
