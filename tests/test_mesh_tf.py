@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import gpt_neo
+from gpt_neo.cli.mesh_tf import main as mesh_tf_main
 from gpt_neo.config import expand_attention_types
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.interop.mesh_tf import (
@@ -20,7 +21,6 @@ from gpt_neo.interop.mesh_tf import (
     import_checkpoint,
     neo_config,
 )
-from gpt_neo.cli.mesh_tf import main as mesh_tf_main
 from gpt_neo.mesh import make_mesh
 from gpt_neo.storage import tf
 from main import main
