@@ -65,12 +65,12 @@ def pipeline_tokens_per_second(cfg, seconds: float = 10.0) -> float:
 
 
 def model_tokens_per_second(cfg, steps: int = 5) -> float:
-    """Forward+backward tokens/s of the training loss (gpt_neo.training.loop.gradients), one device."""
+    """Forward+backward tokens/s of the training loss (gpt_neo.training.step.gradients), one device."""
     import jax
     import jax.numpy as jnp
 
     import gpt_neo
-    from gpt_neo.training.loop import gradients
+    from gpt_neo.training.step import gradients
 
     cfg = cfg.replace(mesh_shape=None, layout=None)
     params = gpt_neo.init_params(cfg, 0)

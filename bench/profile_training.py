@@ -28,8 +28,7 @@ import jax
 
 from gpt_neo.cli.main import main
 from gpt_neo.data import pipeline as inputs
-from gpt_neo.training import loop as train
-from gpt_neo.training import metrics
+from gpt_neo.training import loop, metrics, trainer
 from gpt_neo.training.checkpoint import checkpointer as checkpoint
 
 SECONDS: dict[str, float] = defaultdict(float)
@@ -83,10 +82,10 @@ def timed(owner, name: str, part: str) -> None:
 PARTS = [
     (inputs.InputPipeline, "next_batch", "input pipeline: next batch"),
     (inputs.RecordReader, "_open", "  of which: open a file group (epoch boundaries)"),
-    (train.Trainer, "place", "place the batch on the devices"),
+    (trainer.Trainer, "place", "place the batch on the devices"),
     (metrics.Metrics, "log_train", "log metrics (console, jsonl, TensorBoard)"),
     (metrics.Metrics, "log_eval", "log eval"),
-    (train, "evaluate", "evaluate"),
+    (loop, "evaluate", "evaluate"),
     (checkpoint.Checkpointer, "save", "checkpoint: save (host copy)"),
     (checkpoint.Checkpointer, "wait", "checkpoint: wait for writes"),
     (jax, "device_get", "wait for the devices (read metrics)"),
@@ -97,7 +96,7 @@ def main_with_timers(argv: list[str], trace: str | None) -> None:
     for owner, name, part in PARTS:
         if hasattr(owner, name):
             timed(owner, name, part)
-    step = train.Trainer.__init__
+    step = trainer.Trainer.__init__
 
     def init(self, *args, **kwargs):  # time the jitted step's dispatch, per Trainer
         step(self, *args, **kwargs)
@@ -111,7 +110,7 @@ def main_with_timers(argv: list[str], trace: str | None) -> None:
 
         self.step = timed_step
 
-    train.Trainer.__init__ = init
+    trainer.Trainer.__init__ = init
     time_garbage_collection()
     if trace:
         jax.profiler.start_trace(trace)

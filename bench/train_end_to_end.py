@@ -110,7 +110,7 @@ def bare(model: str, devices: int) -> list[float]:
 import json, sys, time
 import numpy as np, jax
 import gpt_neo
-from gpt_neo.training.loop import Trainer
+from gpt_neo.training.trainer import Trainer
 cfg = gpt_neo.load_config({model!r})
 trainer = Trainer(cfg, gpt_neo.make_mesh(cfg))
 state = trainer.init_state(0)

@@ -18,8 +18,8 @@ from shapes import DEMO_SIZE  # bench/shapes.py (this script's folder is on sys.
 from gpt_neo.config import from_dict
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import flops_per_token
-from gpt_neo.training.loop import Trainer
 from gpt_neo.training.metrics import measured_matmul_flops
+from gpt_neo.training.trainer import Trainer
 
 SIZES = {
     "tiny": dict(

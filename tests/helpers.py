@@ -114,7 +114,7 @@ def perturbed_params(cfg, seed=0):
 
 def train_steps(cfg, mesh, batches, seed):
     """The train state after one step per batch on `mesh`, from the init of `seed`."""
-    from gpt_neo.training.loop import Trainer
+    from gpt_neo.training.trainer import Trainer
 
     trainer = Trainer(cfg, mesh)
     state = trainer.init_state(seed)

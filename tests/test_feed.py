@@ -11,7 +11,7 @@ import gpt_neo
 from gpt_neo.data.feed import DeviceFeed
 from gpt_neo.data.pipeline import InputPipeline
 from gpt_neo.errors import DataError
-from gpt_neo.training.loop import Trainer
+from gpt_neo.training.trainer import Trainer
 from tests.helpers import input_config, write_dataset
 
 

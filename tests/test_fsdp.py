@@ -12,7 +12,8 @@ import gpt_neo
 from gpt_neo import axes
 from gpt_neo.models.gpt import param_decl_leaves
 from gpt_neo.training.checkpoint.checkpointer import Checkpointer
-from gpt_neo.training.loop import Trainer, gradients
+from gpt_neo.training.step import gradients
+from gpt_neo.training.trainer import Trainer
 from tests.helpers import random_tokens, tiny_config
 
 SEED = 3

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 import gpt_neo
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.interop.hf import compress_attention_types, export_hf, hf_state_dict, import_hf
-from gpt_neo.training.loop import loss_fn
+from gpt_neo.training.step import loss_fn
 from tests.helpers import HF_CONFIG, hf_logits, random_hf_model, random_tokens, tiny_config
 
 PARITY_ATOL = 1e-4

@@ -8,7 +8,7 @@ import pytest
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import forward, init_params
 from gpt_neo.models.loss import head_loss, loss_chunks
-from gpt_neo.training.loop import loss_fn
+from gpt_neo.training.step import loss_fn
 from tests.helpers import perturbed_params, random_tokens, tiny_config
 
 

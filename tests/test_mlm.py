@@ -10,8 +10,8 @@ import pytest
 
 import gpt_neo
 from gpt_neo.errors import ConfigError
-from gpt_neo.training.loop import gradients, loss_fn
 from gpt_neo.training.objectives import masked_example
+from gpt_neo.training.step import gradients, loss_fn
 from main import main
 from tests.helpers import SMALL_RUN, perturbed_params, tiny_config, write_text_dataset
 
@@ -83,7 +83,7 @@ def test_microbatches_share_the_whole_batch_mask():
     rng = jax.random.key(4)
     with jax.set_mesh(gpt_neo.make_mesh(cfg)):
         whole = jax.jit(lambda p, b: gradients(cfg, p, b, rng))(params, batch)
-        split = jax.jit(lambda p, b: gradients(cfg, p, b, rng, 2, 4, ("x", None)))(params, batch)
+        split = jax.jit(lambda p, b: gradients(cfg, p, b, rng, 2))(params, batch)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(split), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-6)
 

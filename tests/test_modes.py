@@ -16,7 +16,7 @@ from gpt_neo.config import load_config
 from gpt_neo.data.encoders import load_encoder, train_byte_level_bpe
 from gpt_neo.data.pipeline import InputPipeline
 from gpt_neo.inference.predict import DEFAULT_PROMPT
-from gpt_neo.training.loop import loss_fn
+from gpt_neo.training.step import loss_fn
 from main import main
 from tests.helpers import SMALL_RUN, WORDS, restore_params, write_text_dataset
 

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import gpt_neo
 from gpt_neo.config import from_dict
 from gpt_neo.models.gpt import forward
-from gpt_neo.training.loop import Trainer
+from gpt_neo.training.trainer import Trainer
 from tests.helpers import random_tokens
 
 # Groups are sequences (moe_group_size = n_ctx, batch 8), so routing is the same whatever the

@@ -8,8 +8,8 @@ import pytest
 from gpt_neo.config import load_config
 from gpt_neo.mesh import make_mesh
 from gpt_neo.planning import aot
-from gpt_neo.training.loop import Trainer
 from gpt_neo.training.memory import plan
+from gpt_neo.training.trainer import Trainer
 from tests.helpers import REPO, tiny_config
 
 TOLERANCE = 0.10
@@ -57,7 +57,7 @@ PRESET_125M = REPO / "configs" / "gpt_neo_125M.json"
 # Each row is minutes of TPU compiling on 2 cores, so the suite keeps one: plain data
 # parallelism over 4 of the preset's 12 layers. bench/memory_planner.py runs the others
 # against the same tolerance: all 12 layers, FSDP, data x tensor, 2 microbatches (which also
-# hold gpt_neo.training.loop.gradients to its barrier), no remat, and the larger presets;
+# hold gpt_neo.training.step.gradients to its barrier), no remat, and the larger presets;
 # tests/test_auto_layout.py compiles an FSDP choice for a slice.
 FOUR_LAYERS = dict(n_layer=4, attention_types=[[["global"], 4]])
 LAYOUTS_125M = {"data": dict(mesh_shape="x:4", layout="batch:x", **FOUR_LAYERS)}

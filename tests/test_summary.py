@@ -10,8 +10,8 @@ import pytest
 import gpt_neo
 from gpt_neo.interop.hf import hf_config
 from gpt_neo.models.gpt import flops_per_token, param_count
-from gpt_neo.training.loop import Trainer
 from gpt_neo.training.memory import memory_per_device, param_rows
+from gpt_neo.training.trainer import Trainer
 from main import main
 from tests.helpers import REPO, tiny_config
 

@@ -13,7 +13,7 @@ import pytest
 
 from gpt_neo.mesh import make_mesh
 from gpt_neo.planning import aot
-from gpt_neo.training.loop import Trainer
+from gpt_neo.training.trainer import Trainer
 from tests.helpers import REPO, start_main, tiny_config, write_config
 
 pytestmark = pytest.mark.slow  # each compile is seconds of libtpu's compiler

@@ -13,8 +13,9 @@ import pytest
 
 import gpt_neo
 from gpt_neo.config import from_dict
-from gpt_neo.training.loop import Trainer, gradients, loss_fn
 from gpt_neo.training.optim import learning_rate, make_optimizer
+from gpt_neo.training.step import context_data_parallel, gradients, loss_fn
+from gpt_neo.training.trainer import Trainer
 from main import main
 from tests.helpers import (
     SMALL_MODEL,
@@ -138,7 +139,7 @@ def test_reported_loss_is_cross_entropy_with_z_loss_apart(tmp_path):
 
 @pytest.mark.parametrize("param_layout", ["", "embd:x"], ids=["replicated", "fsdp"])
 def test_microbatched_gradients_equal_the_unsplit_batch(param_layout):
-    # FSDP runs the microbatches through an optimization barrier (gpt_neo.training.loop.gradients)
+    # FSDP runs the microbatches through an optimization barrier (gpt_neo.training.step.gradients)
     layout = {"mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y", "param_layout": param_layout}
     cfg = from_dict({**ARCH, "train_batch_size": 8, **layout})
     trainer = Trainer(cfg.replace(tokens_per_mb_per_replica=32), gpt_neo.make_mesh(cfg))
@@ -148,12 +149,18 @@ def test_microbatched_gradients_equal_the_unsplit_batch(param_layout):
     with jax.set_mesh(trainer.mesh):
         batch = trainer.place(_batch(cfg))
         whole = jax.jit(lambda p, b: gradients(cfg, p, b, rng))(state["params"], batch)
-        split = jax.jit(lambda p, b: gradients(cfg, p, b, rng, 2, 4, ("x", None)))(
-            state["params"], batch
-        )
+        split = jax.jit(lambda p, b: gradients(cfg, p, b, rng, 2))(state["params"], batch)
     assert float(split[1]["loss"]) == pytest.approx(float(whole[1]["loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(whole[0]), jax.tree.leaves(split[0]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # float32 reassociation
+
+
+def test_the_step_reads_the_data_parallel_split_from_the_mesh_it_is_traced_under():
+    cfg = from_dict({**ARCH, "mesh_shape": "x:4,y:2", "layout": "batch:x,heads:y"})
+    assert context_data_parallel(cfg) == 1  # no mesh: one piece
+    with jax.set_mesh(gpt_neo.make_mesh(cfg)):
+        assert context_data_parallel(cfg) == 4
+        assert context_data_parallel(cfg.replace(layout="batch:x+y")) == 8
 
 
 def numpy_cross_entropy(logits, targets, counted):
@@ -207,7 +214,7 @@ def test_microbatches_with_uneven_padding_equal_the_unsplit_batch():
     with jax.set_mesh(mesh):
         batch = trainer.place(padded_batch(cfg, 319))
         whole = jax.jit(lambda p, b: gradients(cfg, p, b, None))(params, batch)
-        split = jax.jit(lambda p, b: gradients(cfg, p, b, None, 2, 4, ("x", None)))(params, batch)
+        split = jax.jit(lambda p, b: gradients(cfg, p, b, None, 2))(params, batch)
     assert float(split[1]["loss"]) == pytest.approx(float(whole[1]["loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(whole[0]), jax.tree.leaves(split[0]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -409,7 +416,7 @@ def test_bad_run_settings_exit_2(tmp_path, dataset, capsys):
 def test_out_of_memory_is_explained_with_the_memory_estimate(
     tmp_path, dataset, monkeypatch, capsys
 ):
-    from gpt_neo.training import loop as train_module
+    from gpt_neo.training import trainer
     from gpt_neo.training.memory import memory_per_device
 
     def exhausted(self, seed):
@@ -417,7 +424,7 @@ def test_out_of_memory_is_explained_with_the_memory_estimate(
             "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 7.00GiB"
         )
 
-    monkeypatch.setattr(train_module.Trainer, "init_state", exhausted)
+    monkeypatch.setattr(trainer.Trainer, "init_state", exhausted)
     model = run_config(tmp_path, dataset)
     assert main(["--model", model]) == 2
     err = capsys.readouterr().err
@@ -442,13 +449,13 @@ def test_new_deletes_model_path_after_confirmation(tmp_path, dataset, monkeypatc
 
 
 def test_evaluation_time_is_not_counted_as_training_time(tmp_path, dataset, monkeypatch):
-    from gpt_neo.training import loop as train
+    from gpt_neo.training import loop
 
     def slow_evaluate(*args):
         time.sleep(2.0)  # far longer than two steps of this model
         return {"eval_loss": 1.0, "eval_perplexity": math.e}
 
-    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
     model = run_config(tmp_path, dataset, train_steps=4, eval_steps=1)
     assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
     records = [

@@ -14,7 +14,8 @@ import gpt_neo
 from gpt_neo.interop.hf import export_hf
 from gpt_neo.mesh import padded_vocab
 from gpt_neo.training.checkpoint.checkpointer import Checkpointer, load_params
-from gpt_neo.training.loop import Trainer, gradients
+from gpt_neo.training.step import gradients
+from gpt_neo.training.trainer import Trainer
 from tests.helpers import hf_logits, random_tokens, tiny_config, train_steps
 
 SEED = 5

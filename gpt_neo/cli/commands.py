@@ -4,6 +4,7 @@ function here reads `args`, calls the library with plain values, and prints."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -16,19 +17,25 @@ from gpt_neo.config import Config, auto_keys, require_causal
 from gpt_neo.data.dataset_config import model_dataset, model_tokenizer
 from gpt_neo.data.pipeline import InputPipeline, check_datasets
 from gpt_neo.errors import EXIT_DIVERGED, ConfigError, DataError
-from gpt_neo.inference import tasks as eval_tasks
-from gpt_neo.inference.predict import DEFAULT_PROMPT, max_new_tokens, write_predictions
+from gpt_neo.inference import tasks
+from gpt_neo.inference.predict import (
+    DEFAULT_PROMPT,
+    max_new_tokens,
+    sample_at_checkpoint,
+    write_predictions,
+)
 from gpt_neo.inference.sample import Sampling, generate
 from gpt_neo.interop.hf import export_hf
 from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
 from gpt_neo.planning import aot, auto_layout, layout_picture
 from gpt_neo.planning.summary import print_summary
 from gpt_neo.storage import delete_tree, exists, join, listdir, read_text
-from gpt_neo.training import loop as training
+from gpt_neo.training import loop
 from gpt_neo.training.checkpoint.checkpointer import Checkpointer, load_params
 from gpt_neo.training.checkpoint.run_lock import LOCK_NAME, writer_lock
 from gpt_neo.training.metrics import Metrics, with_run_record
 from gpt_neo.training.report import write_report
+from gpt_neo.training.validation import validation
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -132,21 +139,27 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     pipeline = InputPipeline(cfg, skip_corrupt=args.skip_corrupt_records)
     checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
 
+    hooks = []
+    if cfg.predict_steps:  # GPT-Neo's predict_steps: sample after each checkpoint
+        sample = functools.partial(sample_at_checkpoint, cfg)
+        hooks.append(loop.CheckpointHook(sample, needs_tokenizer=True))
+
     def body(run):
-        return training.train(
+        return loop.train(
             cfg,
             mesh,
             steps_per_checkpoint=args.steps_per_checkpoint,
             checkpointer=checkpointer,
             metrics=Metrics(cfg, cfg.model_path, run=run),
             pipeline=pipeline,
+            hooks=hooks,
         )
 
     try:
         return with_run_record(
             cfg, cfg.model_path, body, sacred_id=args.sacred_id, mongo_url=args.sacred_mongo_url
         )
-    except training.TrainingDiverged as err:
+    except loop.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     finally:
@@ -245,18 +258,18 @@ class TextStream:
 
 
 def evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    tasks = list(args.eval_tasks or cfg.eval_tasks)
+    chosen = list(args.eval_tasks or cfg.eval_tasks)
     for task, path in (("lambada", args.lambada_path), ("wikitext", args.wikitext_path)):
-        if path and task not in tasks:
-            tasks.append(task)
-    for task in tasks:
+        if path and task not in chosen:
+            chosen.append(task)
+    for task in chosen:
         if task not in ("lambada", "wikitext"):
             raise ConfigError(f"unknown eval task {task!r}; known: lambada, wikitext")
         if not getattr(args, f"{task}_path"):
             raise ConfigError(f"eval task {task} needs --{task}_path FILE (local or gs://)")
-    if tasks:
-        require_causal(cfg, f"--eval's {' and '.join(tasks)}")
-    if not tasks and not cfg.eval_steps:
+    if chosen:
+        require_causal(cfg, f"--eval's {' and '.join(chosen)}")
+    if not chosen and not cfg.eval_steps:
         raise ConfigError(
             "nothing to evaluate: set eval_steps > 0 (eval loss on eval_path) or name a task "
             "(--lambada_path FILE, --wikitext_path FILE)"
@@ -264,22 +277,20 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
     params, step = load_params(cfg)
     results = {}
     if cfg.eval_steps:
-        results["validation"] = training.validation(cfg, params)
-    if tasks:
+        results["validation"] = validation(cfg, params)
+    if chosen:
         encoder, eos_id = model_tokenizer(cfg)
-        scorer = eval_tasks.Scorer(
-            cfg, params, batch_size=cfg.eval_batch_size or eval_tasks.DEFAULT_BATCH
-        )
-        if "lambada" in tasks:
-            results["lambada"] = eval_tasks.lambada(
+        scorer = tasks.Scorer(cfg, params, batch_size=cfg.eval_batch_size or tasks.DEFAULT_BATCH)
+        if "lambada" in chosen:
+            results["lambada"] = tasks.lambada(
                 scorer, encoder, args.lambada_path, last_token=args.lambada_last_token
             )
-        if "wikitext" in tasks:
-            results["wikitext"] = eval_tasks.wikitext(
+        if "wikitext" in chosen:
+            results["wikitext"] = tasks.wikitext(
                 scorer, encoder, args.wikitext_path, prefix_token=eos_id
             )
-    eval_tasks.print_table(results, step)
-    print(f"wrote {eval_tasks.write_results(results, cfg.model_path, step)}", file=sys.stderr)
+    tasks.print_table(results, step)
+    print(f"wrote {tasks.write_results(results, cfg.model_path, step)}", file=sys.stderr)
     print(f"wrote {write_report(cfg.model_path)}", file=sys.stderr)
     return 0
 

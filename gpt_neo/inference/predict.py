@@ -4,7 +4,10 @@ sets `predict_steps`)."""
 
 from __future__ import annotations
 
+import jax
+
 from gpt_neo.config import Config
+from gpt_neo.data.dataset_config import model_tokenizer
 from gpt_neo.inference.sample import generate
 from gpt_neo.storage import write_text_atomic
 
@@ -43,3 +46,13 @@ def write_predictions(
     path = f"{cfg.model_path.rstrip('/')}/predictions_{step}.txt"
     write_text_atomic(path, report)
     return report, path
+
+
+def sample_at_checkpoint(cfg: Config, step: int, params) -> str:
+    """GPT-Neo's `predict_steps > 0`: sample from the default prompt after a checkpoint.
+    Returns the line to log."""
+    if jax.process_count() > 1:  # decoded text would need every host's rows gathered first
+        return "predict_steps: sampling during multi-process training is skipped; use --predict"
+    encoder, eos_id = model_tokenizer(cfg)
+    path = write_predictions(cfg, params, step, DEFAULT_PROMPT, encoder, eos_id, seed=step)[1]
+    return f"samples at step {step}: {path}"

@@ -38,7 +38,7 @@ from gpt_neo.data.encoders import HFEncoder, load_encoder
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.mesh import check_layout, padded_vocab
 from gpt_neo.models.gpt import param_shardings
-from gpt_neo.training.loop import save_imported_model
+from gpt_neo.training.checkpoint.imported import save_imported_model
 
 # Our activation names -> HF's ACT2FN names for the same function.
 HF_ACTIVATIONS = {

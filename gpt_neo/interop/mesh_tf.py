@@ -77,7 +77,7 @@ from gpt_neo.mesh import check_layout
 from gpt_neo.models.activations import ACTIVATION_PARAMS
 from gpt_neo.models.gpt import param_decl_leaves, param_keys, param_shardings
 from gpt_neo.storage import tf
-from gpt_neo.training.loop import save_imported_model
+from gpt_neo.training.checkpoint.imported import save_imported_model
 
 Overrides = Mapping[str, object] | Sequence[str] | None
 

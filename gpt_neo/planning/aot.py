@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gpt_neo import axes, hardware
 from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError, first_line
-from gpt_neo.inference import sample as sample_lib
+from gpt_neo.inference import sample
 from gpt_neo.mesh import (
     activation_sharding,
     data_parallel_size,
@@ -32,9 +32,9 @@ from gpt_neo.mesh import (
 )
 from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token
 from gpt_neo.models.loss import logits_split, loss_chunks
-from gpt_neo.training.loop import Trainer
 from gpt_neo.training.memory import plan
 from gpt_neo.training.metrics import FLOP_CONVENTION
+from gpt_neo.training.trainer import Trainer
 
 EXAMPLES = "v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x4, v6e:4x4"
 
@@ -181,7 +181,7 @@ def compile_decode(cfg: Config, devices: list) -> Compiled:
         cfg, mesh
     )
     prompt = cfg.n_ctx // 2
-    decoder = sample_lib.Decoder(cfg, sample_lib.Sampling(), cfg.n_ctx - prompt, cfg.eos_id)
+    decoder = sample.Decoder(cfg, sample.Sampling(), cfg.n_ctx - prompt, cfg.eos_id)
     dtype = COMPUTE_DTYPES[cfg.precision]
     params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding),

@@ -233,7 +233,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     # with microbatches, one microbatch's gradients plus their running sum, which the loop
     # carries in and out (two buffers: 3 in all fits the compiler at 125M, batch 32 and 1024).
     # With FSDP the loop also holds a copy of the sum (the barrier that keeps microbatches
-    # in sequence, gpt_neo.training.loop.gradients) and the local weights in the compute dtype, cast
+    # in sequence, gpt_neo.training.step.gradients) and the local weights in the compute dtype, cast
     # once before the loop (125M and 1.3B on v5e:2x2: -9% and +6% with both, -20% and -12%
     # without).
     grads = stored["parameters"] * (1 if n_micro == 1 else 4 if fsdp else 3)

@@ -35,11 +35,15 @@ from gpt_neo.config import SHAPE_KEYS, Config, default_of, to_dict
 from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError, first_line, warn
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import abstract_params
-from gpt_neo.training.checkpoint import manifest as checkpoint_manifest
+from gpt_neo.training.checkpoint import manifest
 
 # The parameters' and the optimizer state's shapes: a checkpoint fits only a config that
 # agrees on these.
 ARCHITECTURE_KEYS = (*SHAPE_KEYS, "opt_name")
+
+
+# The data position of a checkpoint made outside training (an imported model): read from the start.
+DATA_FROM_THE_START = {"position": "start"}
 
 
 class _SpaceErrorsReportedElsewhere(logging.Filter):
@@ -134,7 +138,7 @@ class Checkpointer:
         with self._out_of_space(self._unsealed):
             self.manager.wait_until_finished()
             if self._unsealed is not None and jax.process_index() == 0:
-                checkpoint_manifest.write(self.step_dir(self._unsealed))
+                manifest.write(self.step_dir(self._unsealed))
         self._unsealed = None
 
     @contextlib.contextmanager
@@ -203,7 +207,7 @@ class Checkpointer:
                 except UserError:
                     raise
                 except Exception as err:  # orbax and tensorstore raise bare errors on bad bytes
-                    if checkpoint_manifest.recorded(step_dir):
+                    if manifest.recorded(step_dir):
                         raise  # its bytes are as written: not damage, a bug to see whole
                     problem = f"orbax cannot read it: {first_line(err)}"
             damaged.append(self._set_aside(step, problem))
@@ -215,9 +219,9 @@ class Checkpointer:
         return None
 
     def _damage(self, step_dir: str) -> str | None:
-        """`checkpoint_manifest.damage`, read by process 0 only (on a pod, every host reading
+        """`manifest.damage`, read by process 0 only (on a pod, every host reading
         every file of a `gs://` checkpoint would multiply the traffic) and shared."""
-        problem = checkpoint_manifest.damage(step_dir) if jax.process_index() == 0 else None
+        problem = manifest.damage(step_dir) if jax.process_index() == 0 else None
         if jax.process_count() > 1:
             damaged = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
             if damaged and problem is None:
