@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax
 
 from gpt_neo.cli.main import main
-from gpt_neo.data import pipeline as inputs
+from gpt_neo.data import pipeline, records
 from gpt_neo.training import loop, metrics, trainer
 from gpt_neo.training.checkpoint import checkpointer as checkpoint
 
@@ -80,8 +80,8 @@ def timed(owner, name: str, part: str) -> None:
 
 
 PARTS = [
-    (inputs.InputPipeline, "next_batch", "input pipeline: next batch"),
-    (inputs.RecordReader, "_open", "  of which: open a file group (epoch boundaries)"),
+    (pipeline.InputPipeline, "next_batch", "input pipeline: next batch"),
+    (records.RecordReader, "_open", "  of which: open a file group (epoch boundaries)"),
     (trainer.Trainer, "place", "place the batch on the devices"),
     (metrics.Metrics, "log_train", "log metrics (console, jsonl, TensorBoard)"),
     (metrics.Metrics, "log_eval", "log eval"),

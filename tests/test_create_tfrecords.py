@@ -13,7 +13,8 @@ from gpt_neo.config import from_dict
 from gpt_neo.data import tfrecords
 from gpt_neo.data.corpus import list_input_files, wikitext_detokenize
 from gpt_neo.data.encoders import load_encoder
-from gpt_neo.data.pipeline import InputPipeline, iter_records
+from gpt_neo.data.pipeline import InputPipeline
+from gpt_neo.data.records import iter_records
 from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords
 from gpt_neo.errors import EXIT_STORAGE_FULL, ConfigError, DataError
 from tests.helpers import REPO, SAMPLE_TEXTS, train_tokenizer_file

@@ -11,9 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from gpt_neo.data import pipeline as inputs
+from gpt_neo.data import pipeline as data_pipeline
+from gpt_neo.data import records
 from gpt_neo.data.encoders import load_encoder
-from gpt_neo.data.pipeline import CorruptRecordError
+from gpt_neo.data.pipeline import InputPipeline
+from gpt_neo.data.records import CorruptRecordError
 from gpt_neo.errors import EXIT_USER_ERROR, DataError
 from tests.helpers import (
     SMALL_RUN,
@@ -29,13 +31,13 @@ from tests.helpers import (
 
 @pytest.fixture
 def small_groups(monkeypatch):
-    monkeypatch.setattr(inputs, "GROUP_FILES", 2)
-    monkeypatch.setattr(inputs, "SHUFFLE_BUFFER", 7)
+    monkeypatch.setattr(records, "GROUP_FILES", 2)
+    monkeypatch.setattr(records, "SHUFFLE_BUFFER", 7)
 
 
 def reader(folder, **kw):
-    files = inputs.list_files(str(folder / "c_*.tfrecords"), what="c")
-    return inputs.RecordReader(files, seed=3, name="c", shuffle_files=False, **kw)
+    files = records.list_files(str(folder / "c_*.tfrecords"), what="c")
+    return records.RecordReader(files, seed=3, name="c", shuffle_files=False, **kw)
 
 
 def read(reader, n):
@@ -138,12 +140,12 @@ def test_the_position_of_every_host_gathers_with_its_damaged_files(tmp_path, mon
         {"streams": {"0": [{"group": 1, "offset": 2, "files": "abc1234", "damaged": {"f": 3}}]}},
         {"streams": {"1": [{"group": 0, "offset": 7, "files": "def5678", "damaged": {}}]}},
     ]
-    monkeypatch.setattr(inputs, "_allgather_json", lambda value: [h["streams"] for h in hosts])
-    path, _ = write_dataset(tmp_path, "d", [4, 4])
-    pipeline = inputs.InputPipeline(
-        input_config([path]), process_index=0, process_count=2, out=None
+    monkeypatch.setattr(
+        data_pipeline, "_allgather_json", lambda value: [h["streams"] for h in hosts]
     )
-    merged = pipeline.global_state({"batch": 5, "streams": hosts[0]["streams"]})
+    path, _ = write_dataset(tmp_path, "d", [4, 4])
+    inputs = InputPipeline(input_config([path]), process_index=0, process_count=2, out=None)
+    merged = inputs.global_state({"batch": 5, "streams": hosts[0]["streams"]})
     assert merged["batch"] == 5
     assert merged["streams"] == {**hosts[0]["streams"], **hosts[1]["streams"]}
 

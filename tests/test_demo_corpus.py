@@ -9,7 +9,8 @@ import pytest
 from data import build_demo_corpus
 from gpt_neo.config import from_dict
 from gpt_neo.data.dataset_config import load_dataset_config
-from gpt_neo.data.pipeline import InputPipeline, iter_records, list_files
+from gpt_neo.data.pipeline import InputPipeline
+from gpt_neo.data.records import iter_records, list_files
 from main import main
 from tests.helpers import REPO
 

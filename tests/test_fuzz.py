@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 import gpt_neo
 from gpt_neo import config as config_module
 from gpt_neo.cli.main import main
-from gpt_neo.data import pipeline as inputs
 from gpt_neo.data.dataset_config import KEYS as DATASET_KEYS
 from gpt_neo.data.dataset_config import load_dataset_config
 from gpt_neo.data.encoders import load_encoder
+from gpt_neo.data.pipeline import InputPipeline
+from gpt_neo.data.records import RecordReader, iter_records
 from gpt_neo.errors import EXIT_USER_ERROR, UserError
 from gpt_neo.training import memory as planner
 from tests.helpers import GPT_NEO_CONFIGS, SMALL_RUN, train_tokenizer_file, write_dataset
@@ -190,7 +191,7 @@ def test_any_dataset_config_reads_batches_or_is_one_user_error(records, data):
                     "datasets": [[str(path), *entry]],
                 }
             )
-            pipeline = inputs.InputPipeline(cfg, process_index=0, process_count=1, out=None)
+            pipeline = InputPipeline(cfg, process_index=0, process_count=1, out=None)
             batch = pipeline.next_batch()
             assert batch.shape == (2, 17) and batch.dtype == np.int32
         except UserError:
@@ -305,7 +306,7 @@ def test_a_damaged_tfrecord_reads_whole_or_is_named(intact_records, edits):
     data, _ = intact_records
     with damaged_file(data, edits, "c_0_8.tfrecords") as path:
         try:
-            read = list(inputs.iter_records([str(path)]))
+            read = list(iter_records([str(path)]))
             assert len(read) == 8  # only damage that changed nothing reads whole
         except UserError as err:
             assert "c_0_8.tfrecords" in str(err)
@@ -316,7 +317,7 @@ def test_a_damaged_tfrecord_reads_whole_or_is_named(intact_records, edits):
 def test_skipping_damage_never_passes_damaged_bytes_on_as_tokens(intact_records, edits):
     data, originals = intact_records
     with damaged_file(data, edits, "c_0_8.tfrecords") as path:
-        skipping = inputs.RecordReader([str(path)], seed=0, name="c", skip_corrupt=True)
+        skipping = RecordReader([str(path)], seed=0, name="c", skip_corrupt=True)
         got = []
         with contextlib.suppress(UserError):  # nothing readable at all: an error, named
             got = [tuple(skipping.next_record()[0]) for _ in range(4)]

@@ -2,13 +2,17 @@
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gpt_neo.data import pipeline as inputs
-from gpt_neo.data.pipeline import CorruptRecordError, InputPipeline, check_datasets
+from gpt_neo.data import records
+from gpt_neo.data.dataset_config import load_dataset_config
+from gpt_neo.data.diagnostics import check_datasets
+from gpt_neo.data.pipeline import InputPipeline, default_sampling_mode, input_threads
+from gpt_neo.data.records import CorruptRecordError
 from gpt_neo.errors import ConfigError, DataError
 from tests.helpers import input_config, write_dataset
 
@@ -34,8 +38,8 @@ def batches(p, n):
 
 @pytest.fixture
 def small_groups(monkeypatch):
-    monkeypatch.setattr(inputs, "GROUP_FILES", 2)
-    monkeypatch.setattr(inputs, "SHUFFLE_BUFFER", 7)
+    monkeypatch.setattr(records, "GROUP_FILES", 2)
+    monkeypatch.setattr(records, "SHUFFLE_BUFFER", 7)
 
 
 def test_documents_random_examples_are_windows_of_eos_joined_documents(tmp_path):
@@ -109,10 +113,7 @@ def test_input_fn_decides_how_a_dataset_without_a_recorded_mode_is_read(tmp_path
     rows = batches(pipeline(model_config([path], input_fn="generic_text")), 2)
     for row in np.concatenate(rows):
         assert all(b == a + 1 or EOS in (a, b) for a, b in itertools.pairwise(row))
-    assert (
-        inputs.default_sampling_mode(model_config([path]), inputs.load_dataset_config(path))
-        == "chunks"
-    )
+    assert default_sampling_mode(model_config([path]), load_dataset_config(path)) == "chunks"
 
 
 def test_mixture_weights_are_respected(tmp_path):
@@ -337,19 +338,19 @@ def test_check_dataset_says_what_training_takes_from_each_record(tmp_path):
 
 def test_tf_data_threads_are_bounded_and_not_autotuned(tmp_path, monkeypatch):
     path, _ = write_dataset(tmp_path, "d", [4])
-    stream = inputs.record_stream(inputs.list_files(str(tmp_path / "d_*"), what="d"), [-1], 3)
+    stream = records.record_stream(records.list_files(str(tmp_path / "d_*"), what="d"), [-1], 3)
     assert stream.options().threading.private_threadpool_size == 3
     assert stream.options().autotune.enabled is False
-    assert inputs.input_threads(model_config([path])) == 1  # the model runs on this CPU
-    assert inputs.input_threads(model_config([path], input_threads=4)) == 4
-    monkeypatch.setattr(inputs.os, "cpu_count", lambda: 96)
+    assert input_threads(model_config([path])) == 1  # the model runs on this CPU
+    assert input_threads(model_config([path], input_threads=4)) == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
     monkeypatch.setattr("jax.default_backend", lambda: "tpu")
-    assert inputs.input_threads(model_config([path])) == 24  # a TPU host's cores are free
+    assert input_threads(model_config([path])) == 24  # a TPU host's cores are free
 
 
 def chunk_reader(folder, **kw):
-    files = inputs.list_files(str(folder / "c_*.tfrecords"), what="c")
-    return inputs.RecordReader(files, seed=3, name="c", **kw)
+    files = records.list_files(str(folder / "c_*.tfrecords"), what="c")
+    return records.RecordReader(files, seed=3, name="c", **kw)
 
 
 def test_next_group_is_opened_ahead_and_reads_the_same_records(tmp_path, small_groups, monkeypatch):
@@ -359,20 +360,20 @@ def test_next_group_is_opened_ahead_and_reads_the_same_records(tmp_path, small_g
     def read_all(reader):
         return [(path, index) for _, path, index in (reader.next_record() for _ in range(reads))]
 
-    opened_at, record_stream = [], inputs.record_stream  # (group drawn, records left to draw)
+    opened_at, record_stream = [], records.record_stream  # (group drawn, records left to draw)
 
     def counted(*args):
         opened_at.append((reader.group, len(getattr(reader, "_buffer", []))))
         return record_stream(*args)
 
-    monkeypatch.setattr(inputs, "record_stream", counted)
+    monkeypatch.setattr(records, "record_stream", counted)
     reader = chunk_reader(tmp_path)
     ahead = read_all(reader)
     assert len(opened_at) == 8  # each group's stream built once: groups 0-7
     assert all(left > 0 for _, left in opened_at[1:])  # while the group before still had records
     assert [group for group, _ in opened_at[1:]] == list(range(7))
 
-    monkeypatch.setattr(inputs.RecordReader, "_open_upcoming", lambda self: None)
+    monkeypatch.setattr(records.RecordReader, "_open_upcoming", lambda self: None)
     reader = chunk_reader(tmp_path)
     assert read_all(reader) == ahead  # the second path: each group opened at its boundary
     assert all(left == 0 for _, left in opened_at[8:])
@@ -417,4 +418,13 @@ def test_a_dataset_config_value_of_the_wrong_kind_is_named(tmp_path, key, value,
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"n_vocab": 50, "path": "d_*.tfrecords", key: value}))
     with pytest.raises(ConfigError, match=rf"bad\.json: '{key}' = .* {problem}"):
-        inputs.load_dataset_config(str(config))
+        load_dataset_config(str(config))
+
+
+@pytest.mark.parametrize("key", ["n_vocab", "path"])
+def test_a_required_dataset_config_key_set_to_null_is_named(tmp_path, key):
+    """Found by the fuzzer: `"n_vocab": null` passed the check and crashed the constructor."""
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"n_vocab": 50, "path": "d_*.tfrecords", key: None}))
+    with pytest.raises(ConfigError, match=rf"bad\.json: '{key}' is null; it is required"):
+        load_dataset_config(str(config))

@@ -15,7 +15,8 @@ import gpt_neo
 from gpt_neo import compilation_cache
 from gpt_neo.config import Config, auto_keys, require_causal
 from gpt_neo.data.dataset_config import model_dataset, model_tokenizer
-from gpt_neo.data.pipeline import InputPipeline, check_datasets
+from gpt_neo.data.diagnostics import check_datasets
+from gpt_neo.data.pipeline import InputPipeline
 from gpt_neo.errors import EXIT_DIVERGED, ConfigError, DataError
 from gpt_neo.inference import tasks
 from gpt_neo.inference.predict import (

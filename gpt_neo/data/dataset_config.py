@@ -78,6 +78,8 @@ def load_dataset_config(dataset_id: str) -> DatasetConfig:
     for key in ("n_vocab", "path"):
         if key not in raw:
             raise ConfigError(f"{path}: required key '{key}' is missing")
+        if raw[key] is None:
+            raise ConfigError(f"{path}: '{key}' is null; it is required")
     for key, value in raw.items():
         if value is not None and (problem := _type_problem(key, value, raw["n_vocab"])):
             raise ConfigError(f"{path}: '{key}' = {json.dumps(value)} {problem}")
