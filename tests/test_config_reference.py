@@ -20,7 +20,8 @@ def test_every_key_is_documented_with_its_docstring_type_and_default():
     assert docs["n_embd"].default == "required" and docs["lr"].default == "`0.0006`"
     assert docs["rotary_emb"].type == "true or false"
     assert "GPT-Neo switched it on with any value" in docs["rotary_emb"].text
-    assert docs["model_path"].section == "run, data and evaluation"
+    assert docs["model_path"].section == "Run" and docs["padding_id"].section == "Data"
+    assert docs["precision"].type == "one of `float32`, `bfloat16`"  # a Literal's values
 
 
 def test_a_stale_page_is_reported(tmp_path):

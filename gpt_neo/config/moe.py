@@ -16,16 +16,19 @@ import difflib
 import json
 import typing
 from dataclasses import dataclass
+from typing import Literal
 
+from gpt_neo.config import values
 from gpt_neo.errors import ConfigError
 
 # `top_2` and `rand_1` are Mesh-TensorFlow 0.1.18's routers; `dropless_top_k` is ours.
-GATINGS = ("top_2", "rand_1", "dropless_top_k")
-SECOND_POLICIES = ("all", "none", "threshold", "random")
-RAND_1_POLICIES = ("argmax", "input_jitter", "input_dropout", "sample")
+Gating = Literal["top_2", "rand_1", "dropless_top_k"]
+SecondPolicy = Literal["all", "none", "threshold", "random"]
+Rand1Policy = Literal["argmax", "input_jitter", "input_dropout", "sample"]
 # Mesh-TensorFlow functions `moe_activation` may name (resolved with getattr(mtf, name) in
 # GPT-Neo, so not GPT-Neo's own activation registry): `gelu` is the tanh approximation.
-MOE_ACTIVATIONS = ("relu", "gelu", "sigmoid", "tanh", "selu", "elu", "softplus", "abs")
+MoeActivation = Literal["relu", "gelu", "sigmoid", "tanh", "selu", "elu", "softplus", "abs"]
+MOE_ACTIVATIONS = typing.get_args(MoeActivation)
 
 REFUSED_GATINGS = {
     "switch": "in Mesh-TensorFlow 0.1.18, which GPT-Neo pins, 'switch' is the no-token-left-"
@@ -59,7 +62,7 @@ class MoeParams:
 
     moe_num_experts: int = 16
     """Experts per MoE layer."""
-    moe_gating: str = "top_2"
+    moe_gating: Gating = "top_2"
     """Router: `top_2` (GShard top-2 with capacity, 0.1.18's default), `rand_1` (Switch
     Transformer top-1 with capacity), or `dropless_top_k` (every token to its `moe_top_k`
     experts, no capacity, renormalised gates; not a GPT-Neo value)."""
@@ -78,10 +81,10 @@ class MoeParams:
     """Weight of the load-balancing loss in the objective."""
     moe_use_second_place_loss: bool = False
     """`top_2`: add the load-balancing loss of the second choices (weight 0.5)."""
-    moe_second_policy_train: str = "random"
+    moe_second_policy_train: SecondPolicy = "random"
     """`top_2`: which second choices are used in training: `all`, `none`, `threshold` (gate
     above the threshold) or `random` (with probability gate / threshold)."""
-    moe_second_policy_eval: str = "random"
+    moe_second_policy_eval: SecondPolicy = "random"
     """The same outside training."""
     moe_second_threshold_train: float = 0.2
     """Threshold of the `threshold` and `random` second policies in training."""
@@ -89,10 +92,10 @@ class MoeParams:
     """The same outside training."""
     moe_dropout_rate: float = 0.0
     """Dropout on each expert's hidden layer, training only (GPT-Neo crashed without it)."""
-    moe_rand_1_policy_train: str = "input_jitter"
+    moe_rand_1_policy_train: Rand1Policy = "input_jitter"
     """`rand_1` in training: `argmax`, `input_jitter` (router input times U[1-j, 1+j]),
     `input_dropout` (dropout on the router input) or `sample` (expert drawn from the router)."""
-    moe_rand_1_policy_eval: str = "argmax"
+    moe_rand_1_policy_eval: Rand1Policy = "argmax"
     """The same outside training."""
     moe_rand_1_jitter: float = 1e-2
     """`rand_1`'s `input_jitter` amount j."""
@@ -145,38 +148,25 @@ def parse_moe_params(raw, source: str) -> MoeParams:
 
 
 def _coerce(key: str, value, tp, source: str):
-    if tp is bool and (isinstance(value, bool) or value in (0, 1)):
-        return bool(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is str and isinstance(value, str):
-        return value
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
-    raise ConfigError(f"{source}: moe_params '{key}' must be {kind}, got {json.dumps(value)}")
-
-
-def _one_of(source: str, key: str, value: str, allowed) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(value, list(allowed), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+    """`value` as the type `key` declares (the coercion model config keys go through)."""
+    if key == "moe_gating" and value in REFUSED_GATINGS:
         raise ConfigError(
-            f"{source}: unknown moe_params {key} '{value}'.{hint} Choose one of: "
-            f"{', '.join(allowed)}."
+            f"{source}: moe_gating '{value}' is not supported: {REFUSED_GATINGS[value]}."
         )
+    ok, value = values.convert(value, tp)
+    if not ok:
+        raise ConfigError(
+            f"{source}: moe_params '{key}' must be {values.type_name(tp)}, got {json.dumps(value)}"
+        )
+    if (choices := values.allowed(tp)) is not None and value not in choices:
+        raise ConfigError(
+            f"{source}: unknown moe_params {key} '{value}'.{values.closest(value, choices)} "
+            f"Choose one of: {', '.join(choices)}."
+        )
+    return value
 
 
 def _validate(p: MoeParams, source: str) -> None:
-    if p.moe_gating in REFUSED_GATINGS:
-        raise ConfigError(
-            f"{source}: moe_gating '{p.moe_gating}' is not supported: {REFUSED_GATINGS[p.moe_gating]}."
-        )
-    _one_of(source, "moe_gating", p.moe_gating, GATINGS)
-    for key in ("moe_second_policy_train", "moe_second_policy_eval"):
-        _one_of(source, key, getattr(p, key), SECOND_POLICIES)
-    for key in ("moe_rand_1_policy_train", "moe_rand_1_policy_eval"):
-        _one_of(source, key, getattr(p, key), RAND_1_POLICIES)
     for key in ("moe_num_experts", "moe_hidden_size", "moe_group_size", "moe_min_expert_capacity"):
         if getattr(p, key) < 1:
             raise ConfigError(

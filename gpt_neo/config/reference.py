@@ -1,11 +1,11 @@
-"""docs/config.md, generated from `gpt_neo.config`: every key of a model config with its type,
-its default and what it means (the field's docstring, which says where GPT-Neo meant something
-else), then GPT-Neo's aliases and the keys refused or not needed.
+"""docs/config.md, generated from `gpt_neo.config.schema`: every key of a model config, group by
+group, with its type, its default and what it means (the field's docstring, which says where
+GPT-Neo meant something else), then GPT-Neo's aliases and the keys refused or not needed.
 
     python -m gpt_neo.cli.config_reference            # rewrite docs/config.md
     python -m gpt_neo.cli.config_reference --check    # exit 1 if docs/config.md is out of date
 
-The docstrings are read from config.py's source (Python keeps no attribute docstrings at run
+The docstrings are read from the schema's source (Python keeps no attribute docstrings at run
 time), so the page cannot drift from the code: tests/test_config_reference.py runs --check.
 """
 
@@ -15,18 +15,18 @@ import ast
 import dataclasses
 import inspect
 import json
-import re
 import typing
 
-from gpt_neo.config import schema as config
+from gpt_neo.config import schema, values
+from gpt_neo.config.load import REPO_ROOT
+from gpt_neo.config.moe import MoeParams
 
-OUTPUT = config.REPO_ROOT / "docs" / "config.md"
-SECTION = re.compile(r"^\s*# --- (.+?) -+\s*$")
+OUTPUT = REPO_ROOT / "docs" / "config.md"
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyDoc:
-    section: str
+    section: str  # the group's name
     name: str
     type: str
     default: str
@@ -34,40 +34,39 @@ class KeyDoc:
 
 
 def key_docs() -> list[KeyDoc]:
-    """Every `Config` field in declaration order, with its section comment and docstring."""
-    lines, _ = inspect.getsourcelines(config.Config)
+    """Every key, group by group in declaration order, with its docstring."""
+    return [doc for group in schema.GROUPS for doc in _group_docs(group)]
+
+
+def _group_docs(group: type) -> list[KeyDoc]:
+    lines, _ = inspect.getsourcelines(group)
     body = ast.parse("".join(lines)).body[0].body
-    fields = {f.name: f for f in dataclasses.fields(config.Config)}
-    hints = typing.get_type_hints(config.Config)
-    docs, section = [], ""
+    fields = {f.name: f for f in dataclasses.fields(group)}
+    hints = typing.get_type_hints(group)
+    docs = []
     for node, after in zip(body, [*body[1:], None], strict=True):
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         name = node.target.id
-        for line in lines[_previous_end(body, node) : node.lineno - 1]:
-            if match := SECTION.match(line):
-                section = match.group(1)
         text = ""
         if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
             text = " ".join(after.value.value.split())  # one line: a table cell
-        docs.append(KeyDoc(section, name, _type(hints[name]), _default(fields[name]), text))
+        docs.append(KeyDoc(group.__name__, name, _type(hints[name]), _default(fields[name]), text))
     return docs
 
 
-def _previous_end(body: list, node) -> int:
-    index = body.index(node)
-    return body[index - 1].end_lineno if index else 0
-
-
 def _type(tp) -> str:
-    if config.MoeParams in typing.get_args(tp):
+    if MoeParams in typing.get_args(tp):
         return "object or null"
-    text = config._type_name(tp)  # the words the config errors use
+    inner, nullable = values.unwrap_optional(tp)
+    if (choices := values.allowed(inner)) is not None:
+        return "one of " + ", ".join(f"`{c}`" for c in choices) + (" or null" * nullable)
+    text = values.type_name(tp)  # the words the config errors use
     return text.removeprefix("an ").removeprefix("a ")
 
 
 def _default(field: dataclasses.Field) -> str:
-    if field.name in config.REQUIRED:
+    if field.name in schema.REQUIRED:
         return "required"
     value = field.default
     if value is dataclasses.MISSING or value is None:
@@ -88,21 +87,23 @@ def render() -> str:
         "applies last). Keys are GPT-Neo's; unknown keys are errors that suggest the closest "
         "known one. Where GPT-Neo meant something else, or a key is ours, the text says so.",
     ]
+    groups = {group.__name__: group for group in schema.GROUPS}
     section = None
     for doc in key_docs():
         if doc.section != section:
             section = doc.section
-            out += ["", f"## {section.capitalize()}", "", "| key | type | default | meaning |"]
+            about = " ".join(groups[section].__doc__.split())
+            out += ["", f"## {section}", "", about, "", "| key | type | default | meaning |"]
             out.append("| --- | --- | --- | --- |")
         text = doc.text.replace("|", "\\|")
         out.append(f"| `{doc.name}` | {doc.type} | {doc.default} | {text} |")
     out += ["", "## GPT-Neo's other spellings and keys", "", "| key | here |", "| --- | --- |"]
-    for alias, key in sorted(config.ALIASES.items()):
+    for alias, key in sorted(schema.ALIASES.items()):
         out.append(f"| `{alias}` | the same as `{key}` |")
-    for key, (value, why) in sorted(config.SINGLE_VALUE.items()):
+    for key, (value, why) in sorted(schema.SINGLE_VALUE.items()):
         out.append(f"| `{key}` | only `{json.dumps(value)}`: {why} |")
-    for key, why in sorted({**config.REFUSED, **config.NOT_NEEDED}.items()):
+    for key, why in sorted({**schema.REFUSED, **schema.NOT_NEEDED}.items()):
         out.append(f"| `{key}` | accepted switched off, else refused: {why} |")
-    off = ", ".join(f"`{key}`" for key in sorted(config.NULL_MEANS_OFF))
+    off = ", ".join(f"`{key}`" for key in sorted(schema.NULL_MEANS_OFF))
     out += ["", f"`null` means off (as in GPT-Neo's configs) for {off}.", ""]
     return "\n".join(out)
