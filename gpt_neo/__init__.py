@@ -18,7 +18,7 @@ from gpt_neo.errors import ConfigError, DataError, UserError
 _LAZY = {
     "make_mesh": "gpt_neo.mesh",
     "init_params": "gpt_neo.models.gpt",
-    "apply": "gpt_neo.models.gpt",
+    "apply": "gpt_neo.inference.apply",
     "generate": "gpt_neo.inference.sample",
     "choose_layout": "gpt_neo.planning.auto_layout",
 }

@@ -84,7 +84,7 @@ def test_loss_fn_equals_the_cross_entropy_of_the_models_logits_with_gradients():
     tokens = jnp.asarray(random_tokens(cfg, batch=4, length=cfg.n_ctx + 1))
 
     def plain(params):
-        logits = forward(cfg, params, tokens[:, :-1])[..., : cfg.n_vocab]
+        logits = forward(cfg, params, tokens[:, :-1]).logits[..., : cfg.n_vocab]
         logp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 

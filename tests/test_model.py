@@ -119,12 +119,12 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits():
     bf16 = gpt_neo.apply(bf16_cfg, params, tokens)
     assert bf16.dtype == jnp.float32 and params["wte"].dtype == jnp.float32
     assert 0 < float(jnp.abs(bf16 - f32).max()) < 0.1  # rounded, but the same function
-    jaxpr = str(jax.make_jaxpr(lambda p, t: forward(bf16_cfg, p, t))(params, tokens))
+    jaxpr = str(jax.make_jaxpr(lambda p, t: forward(bf16_cfg, p, t).logits)(params, tokens))
     assert "bf16[2,32,64]" in jaxpr  # hidden activations really are bfloat16
 
 
 def loss_fn(cfg, params, tokens, rng=None):
-    logits = forward(cfg, params, tokens, rng)
+    logits = forward(cfg, params, tokens, rng=rng).logits
     logp = jax.nn.log_softmax(logits[:, :-1])
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 

@@ -36,7 +36,7 @@ SEED = 7
 
 
 def loss(cfg, params, tokens):
-    logits = forward(cfg, params, tokens)
+    logits = forward(cfg, params, tokens).logits
     logp = jax.nn.log_softmax(logits[:, :-1])
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 

@@ -27,16 +27,9 @@ import numpy as np
 from gpt_neo import axes
 from gpt_neo.config import Config, require_causal
 from gpt_neo.errors import ConfigError
+from gpt_neo.inference.apply import mesh_of
 from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size
-from gpt_neo.models.gpt import (
-    COMPUTE_DTYPES,
-    DecodeCache,
-    cast_params,
-    head,
-    mesh_of,
-    transformer,
-    trunk,
-)
+from gpt_neo.models.gpt import COMPUTE_DTYPES, DecodeCache, cast_params, forward, head, trunk
 
 
 @dataclass(frozen=True)
@@ -131,7 +124,7 @@ class Decoder:
         out = out.at[:, i].set(token)
         slot = (prompts.shape[1] + i)[None]
         cache = DecodeCache(cache, slot, self.key_valid(prompts, lengths))
-        logits, cache = transformer(
+        logits, cache, _ = forward(
             self.cfg, params, token[:, None], positions=(lengths + i)[:, None], cache=cache
         )
         return i + 1, cache.layers, logits[:, -1], out, done

@@ -31,7 +31,7 @@ from rich.table import Table
 from gpt_neo import storage
 from gpt_neo.config import Config, require_causal
 from gpt_neo.errors import ConfigError, DataError
-from gpt_neo.models.gpt import apply
+from gpt_neo.inference.apply import apply
 from gpt_neo.storage import write_text_atomic
 
 DEFAULT_BATCH = 8

@@ -34,12 +34,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from gpt_neo import axes
 from gpt_neo.config import Config
-from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import (
-    activation_sharding,
-    batch_axes,
     constrain,
-    data_parallel_size,
     padded_vocab,
     param_sharding,
 )
@@ -222,23 +218,22 @@ class DecodeCache(NamedTuple):
         return attn_lib.KVCache(*self.layers[index], self.slots, self.valid)
 
 
-def transformer(
-    cfg: Config, params: dict, tokens: jax.Array, **options
-) -> tuple[jax.Array, DecodeCache | None]:
-    """The whole model, for training, scoring and decoding alike: (logits, cache).
-    `transformer_with_stats` without the MoE layers' reports; it documents `options`."""
-    logits, cache, _ = transformer_with_stats(cfg, params, tokens, **options)
-    return logits, cache
+class Output(NamedTuple):
+    """What `forward` returns: logits [batch, seq, padded vocab] float32 (rows past n_vocab, if
+    the vocabulary is padded, hold a huge negative number: never predicted or sampled), the
+    cache it extended (None without one), and {MoE layer index: MoeStats}."""
+
+    logits: jax.Array
+    cache: DecodeCache | None
+    moe_stats: dict[int, moe_lib.MoeStats]
 
 
-def transformer_with_stats(
-    cfg: Config, params: dict, tokens: jax.Array, **options
-) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
-    """The whole model: (logits, cache, {MoE layer index: MoeStats}); `trunk` documents
-    `options`. Logits are [batch, seq, padded vocab] float32 (rows past n_vocab, if the
-    vocabulary is padded, hold a huge negative number: never predicted or sampled)."""
+def forward(cfg: Config, params: dict, tokens: jax.Array, **options) -> Output:
+    """The whole model, for training, scoring and decoding alike; `trunk` documents `options`
+    (positions, rng, cache, train). Training's loss fuses the head (`trunk` + `head_inputs`
+    + `loss.head_loss`) so that it never holds [batch, seq, vocab] logits."""
     x, cache, moe_stats = trunk(cfg, params, tokens, **options)
-    return head(cfg, params, x), cache, moe_stats
+    return Output(head(cfg, params, x), cache, moe_stats)
 
 
 def trunk(
@@ -284,17 +279,6 @@ def trunk(
         if stats is not None:
             moe_stats[index] = stats
     return x, None if cache is None else cache._replace(layers=tuple(layers)), moe_stats
-
-
-def forward(
-    cfg: Config,
-    params: dict,
-    tokens: jax.Array,
-    rng: jax.Array | None = None,
-    train: bool | None = None,
-):
-    """`transformer` without a cache: logits [batch, seq, padded vocab] float32."""
-    return transformer(cfg, params, tokens, rng=rng, train=train)[0]
 
 
 def embed(cfg: Config, params: dict, tokens: jax.Array, position_rows) -> jax.Array:
@@ -424,58 +408,12 @@ def flops_per_token(cfg: Config, convention: str = "6N+12LHQT") -> float:
     )
 
 
-def logits_of(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None = None):
-    """`forward` cut to the real vocabulary: [batch, seq, n_vocab] float32."""
-    return forward(cfg, params, tokens, rng)[..., : cfg.n_vocab]
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled_logits(cfg: Config, with_rng: bool):
-    if with_rng:
-        return jax.jit(functools.partial(logits_of, cfg))
-    return jax.jit(lambda params, tokens: logits_of(cfg, params, tokens))
-
-
-def mesh_of(params) -> Mesh | None:
-    """The mesh the parameters live on, or None for single-device / unsharded parameters."""
-    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-        return sharding.mesh
-    return None
-
-
-def apply(cfg: Config, params: dict, tokens, *, train: bool = False, rng=None) -> jax.Array:
-    """Logits [batch, seq, n_vocab] float32 for tokens [batch, seq] (int).
-
-    Runs on the mesh the parameters were initialised on (`init_params(..., mesh=...)`).
-    `train=True` applies dropout, drawn from `rng` (required then).
-    """
-    if train and rng is None:
-        raise ValueError("apply(train=True) needs rng for dropout")
-    if isinstance(tokens, jax.core.Tracer):  # inside the caller's jit
-        return logits_of(cfg, params, tokens, rng if train else None)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    extra = (rng,) if train else ()
-    mesh = mesh_of(params)
-    if mesh is None:
-        return _compiled_logits(cfg, train)(params, tokens, *extra)
-    data_parallel = data_parallel_size(cfg, mesh)
-    if tokens.shape[0] % data_parallel:
-        raise ConfigError(
-            f"batch size {tokens.shape[0]} is not divisible by the {data_parallel} pieces that "
-            f"the layout splits 'batch' into (mesh axes {'+'.join(batch_axes(cfg))})"
-        )
-    with jax.set_mesh(mesh):
-        tokens = jax.device_put(tokens, activation_sharding(mesh, cfg, axes.TOKENS))
-        return _compiled_logits(cfg, train)(params, tokens, *extra)
-
-
 __all__ = [
-    "apply",
+    "Output",
     "flops_per_token",
     "forward",
     "init_params",
     "param_count",
     "param_decls",
-    "transformer",
+    "trunk",
 ]

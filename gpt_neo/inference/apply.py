@@ -1,0 +1,63 @@
+"""`gpt_neo.apply`: logits for a batch of tokens, on the mesh the parameters live on, compiled
+once per config (the model itself, `gpt_neo.models.gpt.forward`, is pure: no jit, no device
+placement)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from gpt_neo import axes
+from gpt_neo.config import Config
+from gpt_neo.errors import ConfigError
+from gpt_neo.mesh import activation_sharding, batch_axes, data_parallel_size
+from gpt_neo.models.gpt import forward
+
+
+def real_logits(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None = None):
+    """`forward`'s logits cut to the real vocabulary: [batch, seq, n_vocab] float32."""
+    return forward(cfg, params, tokens, rng=rng).logits[..., : cfg.n_vocab]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_logits(cfg: Config, with_rng: bool):
+    if with_rng:
+        return jax.jit(functools.partial(real_logits, cfg))
+    return jax.jit(lambda params, tokens: real_logits(cfg, params, tokens))
+
+
+def mesh_of(params) -> Mesh | None:
+    """The mesh the parameters live on, or None for single-device / unsharded parameters."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
+def apply(cfg: Config, params: dict, tokens, *, train: bool = False, rng=None) -> jax.Array:
+    """Logits [batch, seq, n_vocab] float32 for tokens [batch, seq] (int).
+
+    Runs on the mesh the parameters were initialised on (`init_params(..., mesh=...)`).
+    `train=True` applies dropout, drawn from `rng` (required then).
+    """
+    if train and rng is None:
+        raise ValueError("apply(train=True) needs rng for dropout")
+    if isinstance(tokens, jax.core.Tracer):  # inside the caller's jit
+        return real_logits(cfg, params, tokens, rng if train else None)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    extra = (rng,) if train else ()
+    mesh = mesh_of(params)
+    if mesh is None:
+        return _compiled_logits(cfg, train)(params, tokens, *extra)
+    data_parallel = data_parallel_size(cfg, mesh)
+    if tokens.shape[0] % data_parallel:
+        raise ConfigError(
+            f"batch size {tokens.shape[0]} is not divisible by the {data_parallel} pieces that "
+            f"the layout splits 'batch' into (mesh axes {'+'.join(batch_axes(cfg))})"
+        )
+    with jax.set_mesh(mesh):
+        tokens = jax.device_put(tokens, activation_sharding(mesh, cfg, axes.TOKENS))
+        return _compiled_logits(cfg, train)(params, tokens, *extra)
