@@ -17,11 +17,8 @@ keep it running through preemptions until it is done.
              recreate after two in a row;  killed by a signal, anything else -> relaunch
              every worker (failure budget)
 
-A worker's command never `exec`s main.py: a shell waits for it and reports a death by signal N
-as exit 128+N. ssh's own 255 then means only "connection lost", which matters because `gcloud
-... ssh` runs a command again on that worker when ssh exits 255; the shell also refuses to start
-an attempt a second time on a worker, so gcloud's rerun cannot start a second copy of a run that
-lost its connection but still runs.
+What runs on the workers (unpacking, cleaning, each attempt's script) is `gpt_neo.launch.remote`;
+its scripts make ssh's 255 mean only "connection lost".
 
 The job resumes from its newest checkpoint, which is why a multi-host `model_path` must be on
 `gs://`. This is GPT-Neo's `run_experiment.py` + tpunicorn loop for multi-host TPU VMs, written
@@ -37,7 +34,6 @@ import os
 import random
 import re
 import secrets
-import shlex
 import signal
 import subprocess
 import tempfile
@@ -49,22 +45,16 @@ from pathlib import Path
 
 from gpt_neo.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR
 from gpt_neo.launch import gcloud as g
+from gpt_neo.launch import remote
 from gpt_neo.launch.bundle import Bundle
 from gpt_neo.training.checkpoint import run_lock
 
 EXIT_GAVE_UP = 1  # a retry budget ran out
 EXIT_INTERRUPTED = 130  # Ctrl-C (the workers were asked to save first)
 SSH_LOST = 255  # ssh(1): the connection dropped
-# The worker's shell found this attempt already started there: gcloud ran the command again
-# after ssh lost its connection, and the first copy may still run.
-RERUN_REFUSED = 254
-SIGNALLED = 128  # a shell's status for a child killed by signal N is 128+N
 # What the heartbeat counts as progress: worker 0's step line (gpt_neo.training.metrics) and the line of
 # a run that finds itself complete.
 PROGRESS = re.compile(r"^(step \d+/\d+ \||training is complete)")
-REMOTE_DIR = "$HOME/gpt-neo"  # on every worker: code versions, the venv, the run's pid
-PID_FILE = f"{REMOTE_DIR}/run.pid"
-ATTEMPTS_DIR = f"{REMOTE_DIR}/attempts"  # one folder per attempt started on this worker
 
 
 @dataclass
@@ -287,18 +277,7 @@ class PodLauncher:
         """Ship the code to every worker and run the setup where it has not run. False when
         the slice was lost meanwhile."""
         b, name = self.bundle, self.o.spec.name
-        code_dir = f"{REMOTE_DIR}/{b.digest}"
-        marker = f"{REMOTE_DIR}/setup-{b.setup_digest}.done"
-        setup = ""
-        if self.o.worker_setup:
-            setup = (
-                f'if [ ! -e "{marker}" ]; then echo {shlex.quote("setup: " + self.o.worker_setup)}; '
-                f'({self.o.worker_setup}) && touch "{marker}"; fi'
-            )
-        unpack = (
-            f'set -e; mkdir -p "{code_dir}"; tar xzf "$HOME/{b.name}" -C "{code_dir}"; '
-            f'rm -f "$HOME/{b.name}"; cd "{code_dir}"; {setup}'
-        )
+        unpack = remote.unpack_script(b, self.o.worker_setup)
         with tempfile.TemporaryDirectory() as tmp:
             tarball = Path(tmp) / b.name
             tarball.write_bytes(b.data)
@@ -315,16 +294,8 @@ class PodLauncher:
         """Kill the previous attempt's run process on every worker (by the pid it recorded,
         never by name) and remove libtpu's lock file, which a killed process leaves behind and
         which makes the next one fail with "TPU in use"."""
-        command = (
-            f'if [ -f "{PID_FILE}" ]; then p=$(cat "{PID_FILE}"); '
-            'if kill -0 "$p" 2>/dev/null; then kill -KILL "$p"; '
-            'echo "killed the previous run process $p"; fi; '
-            f'rm -f "{PID_FILE}"; fi; rm -rf "{ATTEMPTS_DIR}"; '
-            "if [ -e /dev/accel0 ] || [ -d /dev/vfio ]; then "
-            "sudo -n rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile; fi"
-        )
         try:
-            out = self.gcloud.ssh(self.o.spec.name, "all", command)
+            out = self.gcloud.ssh(self.o.spec.name, "all", remote.CLEAN_SCRIPT)
         except g.GcloudError as err:
             return self._slice_trouble(f"cleaning the workers failed ({err})")
         for line in out.splitlines():
@@ -342,11 +313,10 @@ class PodLauncher:
         return False
 
     # --- RUN and WATCH ---------------------------------------------------------------------
-    def remote_command(self, worker: int, workers: int, coordinator: str) -> str:
-        """The shell script a worker runs for one attempt."""
+    def worker_script(self, worker: int, workers: int, coordinator: str) -> str:
+        """What worker `worker` runs for this attempt."""
         args = [*self.o.worker_args, *(self.o.first_attempt_args if self.attempt == 1 else [])]
         env = {
-            "PYTHONUNBUFFERED": "1",
             run_lock.LAUNCH_RUN_ENV: self.o.launch_run,
             run_lock.LAUNCH_ATTEMPT_ENV: self.attempt_id,
         }
@@ -358,35 +328,7 @@ class PodLauncher:
                 "GPT_NEO_NUM_PROCESSES": str(workers),
                 "GPT_NEO_PROCESS_ID": str(worker),
             }
-        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        started = f"{ATTEMPTS_DIR}/{self.attempt_id}"
-        refused = (
-            f"attempt {self.attempt} was started on this worker already (gcloud reran the command "
-            "after a lost connection); not starting it twice"
-        )
-        # No --tpu: a TPU VM's JAX picks its chips by itself (and the tests' CPU workers stay on
-        # CPU); main.py prints the platform and device count it trains on. main.py runs in the
-        # background so that this shell outlives it: it records main.py's pid for the launcher
-        # (which signals and kills by it), passes a SIGTERM on, and exits with main.py's status,
-        # 128+N for a death by signal N, where an exec'd main.py would make ssh say 255.
-        return "\n".join(
-            [
-                f'cd "{REMOTE_DIR}/{self.bundle.digest}" || exit 1',
-                f'mkdir -p "{ATTEMPTS_DIR}" || exit 1',
-                f'if ! mkdir "{started}" 2>/dev/null; then echo {shlex.quote(refused)} >&2; '
-                f"exit {RERUN_REFUSED}; fi",
-                f'if [ -f "{REMOTE_DIR}/venv/bin/activate" ]; then '
-                f'. "{REMOTE_DIR}/venv/bin/activate"; fi',
-                f"env {assignments} python3 main.py --model {self.bundle.config_path} "
-                f"{shlex.join(args)} &",
-                "pid=$!",
-                f'echo "$pid" > "{PID_FILE}"',
-                "trap 'kill -TERM \"$pid\" 2>/dev/null' TERM INT HUP",
-                # a trapped signal interrupts `wait`: wait again until main.py has ended
-                'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
-                'exit "$code"',
-            ]
-        )
+        return remote.run_script(self.bundle, args, env, self.attempt_id, self.attempt)
 
     def run_attempt(self, node: dict) -> Outcome:
         self.attempt += 1
@@ -403,7 +345,7 @@ class PodLauncher:
         self.workers, readers = [], []
         for i in range(len(endpoints)):
             command = self.gcloud.ssh_command(
-                self.o.spec.name, i, self.remote_command(i, len(endpoints), coordinator)
+                self.o.spec.name, i, self.worker_script(i, len(endpoints), coordinator)
             )
             worker = subprocess.Popen(
                 command,
@@ -450,7 +392,7 @@ class PodLauncher:
             codes = [w.poll() for w in self.workers]
             if all(c is not None for c in codes):
                 return None
-            if any(c in (SSH_LOST, RERUN_REFUSED) for c in codes):
+            if any(c in (SSH_LOST, remote.RERUN_REFUSED) for c in codes):
                 return None  # the other workers run on and will not exit: relaunch them all
             now = time.monotonic()
             if first_failure is None and any(c not in (None, 0) for c in codes):
@@ -491,14 +433,14 @@ class PodLauncher:
             state = f"unknown ({err})"
         if state != g.READY:
             return Outcome("lost_slice", f"{seen}, TPU is {state or 'gone'}")
-        relaunch = (0, EXIT_PREEMPTED, SSH_LOST, RERUN_REFUSED)
+        relaunch = (0, EXIT_PREEMPTED, SSH_LOST, remote.RERUN_REFUSED)
         if failed := [i for i, c in enumerate(codes) if c not in relaunch]:
-            why = ", ".join(f"worker {i} {exit_meaning(codes[i])}" for i in failed)
+            why = ", ".join(f"worker {i} {remote.exit_meaning(codes[i])}" for i in failed)
             return Outcome("failed", f"{seen} ({why})", worker=failed[0])
         if EXIT_PREEMPTED in codes:
             why = "a worker was asked to stop (SIGTERM)"
         else:
-            lost = [i for i, c in enumerate(codes) if c in (SSH_LOST, RERUN_REFUSED)]
+            lost = [i for i, c in enumerate(codes) if c in (SSH_LOST, remote.RERUN_REFUSED)]
             why = f"the connection to worker {', '.join(map(str, lost))} was lost"
         return Outcome("relaunch", f"{seen}, TPU is READY: {why}")
 
@@ -535,7 +477,7 @@ class PodLauncher:
                 self.gcloud.ssh(
                     self.o.spec.name,
                     "all",
-                    f'[ -f "{PID_FILE}" ] && kill -TERM "$(cat "{PID_FILE}")" 2>/dev/null; true',
+                    remote.STOP_SCRIPT,
                     timeout=120,
                 )
             deadline = time.monotonic() + self.o.stop_grace
@@ -546,16 +488,3 @@ class PodLauncher:
         self._end_ssh()
         with contextlib.suppress(g.GcloudError, g.LaunchError, Stop):
             self._clean()
-
-
-def exit_meaning(code: int) -> str:
-    """What a worker's exit status says, for the launcher's log line."""
-    if SIGNALLED < code < SIGNALLED + 65:
-        number = code - SIGNALLED
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        hint = " (the out-of-memory killer, or kill -9)" if number == signal.SIGKILL else ""
-        return f"was killed by {name}{hint}"
-    return f"exited {code}"
