@@ -35,6 +35,7 @@ test: setup-test
 lint: setup-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright --pythonpath $(PY)
 
 format: setup-test
 	$(VENV)/bin/ruff format .

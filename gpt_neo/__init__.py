@@ -6,6 +6,7 @@ command line can choose the platform (`--tpu`, `--gpu_ids`) before JAX starts.
 
 import importlib
 import os
+import typing
 
 os.environ.setdefault(
     "TF_CPP_MIN_LOG_LEVEL", "2"
@@ -13,6 +14,14 @@ os.environ.setdefault(
 
 from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError, DataError, UserError
+
+if typing.TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors
+    from gpt_neo.inference.apply import apply
+    from gpt_neo.inference.sample import generate
+    from gpt_neo.interop import hf
+    from gpt_neo.mesh import make_mesh
+    from gpt_neo.models.gpt import init_params
+    from gpt_neo.planning.auto_layout import choose_layout
 
 # name -> module that defines it, imported when the name is first used
 _LAZY = {

@@ -24,9 +24,13 @@ def enable(model_path: str | None, directory: str | None) -> str | None:
     """Point JAX's cache at `directory` (default `model_path/compilation_cache`; "off": none).
     Call before the first compilation. Returns the directory used."""
     global _directory, _listening
-    if directory == "off" or (directory is None and not model_path):
+    if directory == "off":
         return None
-    _directory = directory or f"{model_path.rstrip('/')}/compilation_cache"
+    if directory is None:
+        if not model_path:
+            return None
+        directory = f"{model_path.rstrip('/')}/compilation_cache"
+    _directory = directory
     jax.config.update("jax_compilation_cache_dir", _directory)
     if not _listening:  # JAX keeps listeners for the process's life: register them once
         monitoring.register_event_listener(_count)
@@ -42,9 +46,9 @@ def _count(event: str, **_) -> None:
         _EVENTS["misses"] += 1
 
 
-def _time(event: str, seconds: float, **_) -> None:
+def _time(event: str, duration_secs: float, **_) -> None:
     if event == _SAVED:
-        _EVENTS["saved_seconds"] += max(seconds, 0.0)
+        _EVENTS["saved_seconds"] += max(duration_secs, 0.0)
 
 
 def report() -> str | None:

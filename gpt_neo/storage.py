@@ -23,7 +23,7 @@ def tf():
     """TensorFlow, for data and files only: it never sees an accelerator (JAX owns those).
     Imported on first use: it is heavy, and model code never needs it."""
     if "tensorflow" not in sys.modules and "keras" not in sys.modules:
-        sys.modules[_KERAS_EAGER_IMPORT] = None
+        sys.modules[_KERAS_EAGER_IMPORT] = None  # pyright: ignore[reportArgumentType] (see above)
         try:
             import tensorflow
         finally:

@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from gpt_neo import storage
 from gpt_neo.errors import EXIT_STORAGE_FULL, StorageFull, UserError, first_line
@@ -45,7 +46,7 @@ def exit_code_of(run: Callable[..., int], *args) -> int:
         _exit_now(f"error: out of space ({problem}): {first_line(err)}", EXIT_STORAGE_FULL)
 
 
-def _exit_now(line: str, code: int):
+def _exit_now(line: str, code: int) -> NoReturn:
     """Print `line` and leave at once: after a failed write, orbax's and TensorFlow's writer
     threads are mid-failure, and the interpreter's teardown would print their tracebacks."""
     print(line, file=sys.stderr)

@@ -7,9 +7,11 @@ import argparse
 import functools
 import sys
 import time
+import typing
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 import gpt_neo
 from gpt_neo import compilation_cache
@@ -19,6 +21,7 @@ from gpt_neo.data.diagnostics import check_datasets
 from gpt_neo.data.pipeline import InputPipeline
 from gpt_neo.errors import EXIT_DIVERGED, ConfigError, DataError
 from gpt_neo.inference import tasks
+from gpt_neo.inference.apply import apply
 from gpt_neo.inference.predict import (
     DEFAULT_PROMPT,
     max_new_tokens,
@@ -28,6 +31,7 @@ from gpt_neo.inference.predict import (
 from gpt_neo.inference.sample import Sampling, generate
 from gpt_neo.interop.hf import export_hf
 from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
+from gpt_neo.models.gpt import init_params
 from gpt_neo.planning import aot, auto_layout, layout_picture
 from gpt_neo.planning.summary import print_summary
 from gpt_neo.storage import delete_tree, exists, join, listdir, read_text
@@ -106,15 +110,15 @@ def forward_check(cfg: Config) -> None:
     batch = data_parallel_size(cfg, mesh)
     tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, (batch, cfg.n_ctx))
     start = time.perf_counter()
-    params = gpt_neo.init_params(cfg, seed=cfg.seed, mesh=mesh)
-    logits = gpt_neo.apply(cfg, params, tokens)
+    params = init_params(cfg, seed=cfg.seed, mesh=mesh)
+    logits = apply(cfg, params, tokens)
     logits.block_until_ready()
     seconds = time.perf_counter() - start
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     loss = -float(np.mean(np.take_along_axis(np.asarray(logp), tokens[:, 1:, None], axis=-1)))
     print(
         f"forward pass on {mesh.size} {jax.default_backend()} devices {dict(mesh.shape)}: "
-        f"logits {tuple(logits.shape)} {logits.dtype}, sharded {logits.sharding.spec}; "
+        f"logits {tuple(logits.shape)} {logits.dtype}, sharded {typing.cast(NamedSharding, logits.sharding).spec}; "
         f"loss at init {loss:.3f} (ln n_vocab = {np.log(cfg.n_vocab):.3f}); "
         f"init+compile+run {seconds:.1f}s"
     )
@@ -125,20 +129,19 @@ def forward_check(cfg: Config) -> None:
 
 
 def train(cfg: Config, args: argparse.Namespace) -> int:
-    if not cfg.model_path:
-        raise ConfigError("set model_path in the config (where checkpoints and logs go)")
+    model_path = cfg.require_model_path("where checkpoints and logs go")
     if args.steps_per_checkpoint < 1:
         raise ConfigError("--steps_per_checkpoint must be at least 1")
-    with writer_lock(cfg.model_path):  # before --new deletes anything: a live run is refused
+    with writer_lock(model_path):  # before --new deletes anything: a live run is refused
         if args.new:
-            _delete_model_path(cfg.model_path, args.yes)
-        return _train(cfg, args)
+            _delete_model_path(model_path, args.yes)
+        return _train(cfg, args, model_path)
 
 
-def _train(cfg: Config, args: argparse.Namespace) -> int:
+def _train(cfg: Config, args: argparse.Namespace, model_path: str) -> int:
     mesh = make_mesh(cfg)
     pipeline = InputPipeline(cfg, skip_corrupt=args.skip_corrupt_records)
-    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+    checkpointer = Checkpointer(model_path, cfg.keep_checkpoints)
 
     hooks = []
     if cfg.predict_steps:  # GPT-Neo's predict_steps: sample after each checkpoint
@@ -151,14 +154,14 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
             mesh,
             steps_per_checkpoint=args.steps_per_checkpoint,
             checkpointer=checkpointer,
-            metrics=Metrics(cfg, cfg.model_path, run=run),
+            metrics=Metrics(cfg, model_path, run=run),
             pipeline=pipeline,
             hooks=hooks,
         )
 
     try:
         return with_run_record(
-            cfg, cfg.model_path, body, sacred_id=args.sacred_id, mongo_url=args.sacred_mongo_url
+            cfg, model_path, body, sacred_id=args.sacred_id, mongo_url=args.sacred_mongo_url
         )
     except loop.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
@@ -276,6 +279,7 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
             "(--lambada_path FILE, --wikitext_path FILE)"
         )
     params, step = load_params(cfg)
+    model_path = cfg.require_model_path("where the checkpoints are")
     results = {}
     if cfg.eval_steps:
         results["validation"] = validation(cfg, params)
@@ -287,12 +291,17 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
                 scorer, encoder, args.lambada_path, last_token=args.lambada_last_token
             )
         if "wikitext" in chosen:
+            if eos_id is None:
+                raise ConfigError(
+                    "wikitext scores each document after an end-of-text token, and the "
+                    "tokenizer has none: set eos_id in the dataset config"
+                )
             results["wikitext"] = tasks.wikitext(
                 scorer, encoder, args.wikitext_path, prefix_token=eos_id
             )
     tasks.print_table(results, step)
-    print(f"wrote {tasks.write_results(results, cfg.model_path, step)}", file=sys.stderr)
-    print(f"wrote {write_report(cfg.model_path)}", file=sys.stderr)
+    print(f"wrote {tasks.write_results(results, model_path, step)}", file=sys.stderr)
+    print(f"wrote {write_report(model_path)}", file=sys.stderr)
     return 0
 
 

@@ -165,6 +165,7 @@ def launch_pod(args: argparse.Namespace) -> int:
     hosts = hosts or preflight.hosts_of(accelerator) or 2  # unknown naming: assume several
     preflight.check_storage(cfg, hosts, args.shared_filesystem)
     preflight.check_bucket(cfg.model_path, gcloud.project)
+    assert gcloud.project is not None  # check_account found it
     launch_run = run_lock.node_path(gcloud.project, spec.zone, spec.name)
     with sole_launcher(launch_run):  # held until the launcher ends
         takeover = preflight.check_run_lock(

@@ -25,7 +25,7 @@ from gpt_neo.errors import ConfigError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument(
         "--input_dir", required=True, help="folder of input files (searched recursively)"
     )
@@ -85,8 +85,11 @@ def _create(args: argparse.Namespace) -> int:
     if args.chunk_size < 1 or args.files_per < 1 or args.minimum_size < 0:
         raise ConfigError("--chunk_size and --files_per must be positive, --minimum_size >= 0")
     encoder = load_encoder(encoder_spec)
-    separator = tuple(args.separator) if args.separator else (encoder.eos_id,)
-    if None in separator:
+    if args.separator:
+        separator = tuple(args.separator)
+    elif encoder.eos_id is not None:
+        separator = (encoder.eos_id,)
+    else:
         raise ConfigError(
             f"tokenizer '{encoder.name}' has no end-of-text token; pass --separator ID"
         )

@@ -20,7 +20,7 @@ from gpt_neo.errors import DataError
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--base_dir", required=True, help="folder of input files (searched recursively)"
     )

@@ -18,6 +18,7 @@ import json
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from gpt_neo.config import rules, values
 from gpt_neo.config.moe import moe_params_to_dict, parse_moe_layers, parse_moe_params
@@ -85,7 +86,9 @@ def from_dict(raw: Mapping[str, object], *, source: str = "<dict>") -> Config:
     for key in REQUIRED:
         if given.get(key) is None:
             raise ConfigError(f"{source}: required key '{key}' is missing")
-    kwargs = {key: _coerce(key, value, _HINTS[key], source) for key, value in given.items()}
+    kwargs: dict[str, Any] = {
+        key: _coerce(key, value, _HINTS[key], source) for key, value in given.items()
+    }
     if "attention_types" in given:
         kwargs["attention_types"] = expand_attention_types(given["attention_types"], source)
     else:
@@ -163,7 +166,7 @@ def _coerce(key: str, value, tp, source: str):
             f"({type(value).__name__})"
         )
     if (choices := values.allowed(tp)) is not None:
-        rules.one_of(source, key, value, choices)
+        rules.one_of(source, key, str(value), choices)
     return value
 
 

@@ -160,7 +160,7 @@ def _coerce(key: str, value, tp, source: str):
         )
     if (choices := values.allowed(tp)) is not None and value not in choices:
         raise ConfigError(
-            f"{source}: unknown moe_params {key} '{value}'.{values.closest(value, choices)} "
+            f"{source}: unknown moe_params {key} '{value}'.{values.closest(str(value), choices)} "
             f"Choose one of: {', '.join(choices)}."
         )
     return value

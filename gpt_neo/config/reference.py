@@ -40,7 +40,9 @@ def key_docs() -> list[KeyDoc]:
 
 def _group_docs(group: type) -> list[KeyDoc]:
     lines, _ = inspect.getsourcelines(group)
-    body = ast.parse("".join(lines)).body[0].body
+    declaration = ast.parse("".join(lines)).body[0]
+    assert isinstance(declaration, ast.ClassDef)
+    body = declaration.body
     fields = {f.name: f for f in dataclasses.fields(group)}
     hints = typing.get_type_hints(group)
     docs = []
@@ -50,7 +52,7 @@ def _group_docs(group: type) -> list[KeyDoc]:
         name = node.target.id
         text = ""
         if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            text = " ".join(after.value.value.split())  # one line: a table cell
+            text = " ".join(str(after.value.value).split())  # one line: a table cell
         docs.append(KeyDoc(group.__name__, name, _type(hints[name]), _default(fields[name]), text))
     return docs
 
@@ -92,7 +94,7 @@ def render() -> str:
     for doc in key_docs():
         if doc.section != section:
             section = doc.section
-            about = " ".join(groups[section].__doc__.split())
+            about = " ".join((groups[section].__doc__ or "").split())
             out += ["", f"## {section}", "", about, "", "| key | type | default | meaning |"]
             out.append("| --- | --- | --- | --- |")
         text = doc.text.replace("|", "\\|")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gpt_neo.config.moe import MoeActivation, MoeParams
+from gpt_neo.errors import ConfigError
 
 AttentionType = Literal["global", "local", "linear", "none"]
 Precision = Literal["float32", "bfloat16"]
@@ -278,6 +279,13 @@ class Run:
     """Steps per host loop between logging/syncs."""
     seed: int = 1
     """Seed for parameter init and data order."""
+
+    def require_model_path(self, purpose: str) -> str:
+        """`model_path`, for a use that needs it (`purpose` says what goes there); a
+        `ConfigError` when it is unset."""
+        if not self.model_path:
+            raise ConfigError(f"set model_path in the config ({purpose})")
+        return self.model_path
 
 
 @dataclass(frozen=True, kw_only=True)

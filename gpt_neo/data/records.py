@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -164,6 +165,7 @@ class RecordReader:
         size = self.shuffle_buffer if self.shuffle else 1
         while not self._exhausted and len(self._buffer) < size:
             try:
+                assert self._iterator is not None  # opened with the group
                 file_index, record_index, tokens = next(self._iterator)
             except StopIteration:
                 self._exhausted = True
@@ -279,10 +281,10 @@ def record_stream(files: list[str], limits: list[int], threads: int):
     round-robin, at most `limits[i]` records of file i (-1: all), parsed by `threads` threads.
     Records travel in batches because each crossing into Python costs as much as parsing one."""
     t = tf()
-    paths, limits = t.constant(files), t.constant(limits, t.int64)
+    paths, counts = t.constant(files), t.constant(limits, t.int64)
 
     def one_file(index):
-        records = t.data.TFRecordDataset(paths[index]).take(limits[index])
+        records = t.data.TFRecordDataset(paths[index]).take(counts[index])
         return records.enumerate().map(lambda i, r: (index, i, r))
 
     stream = t.data.Dataset.range(len(files)).interleave(
@@ -312,7 +314,8 @@ def _parse(file_index, record_index, records):
     int32 values and the row splits of a ragged [records, None] tensor)."""
     t = tf()
     parsed = t.io.parse_example(records, {"text": t.io.VarLenFeature(t.int64)})
-    tokens = t.RaggedTensor.from_sparse(parsed["text"])
+    sparse = typing.cast(typing.Any, parsed["text"])  # a VarLenFeature's: a SparseTensor
+    tokens = t.RaggedTensor.from_sparse(sparse)
     return file_index, record_index, t.cast(tokens.flat_values, t.int32), tokens.row_splits
 
 

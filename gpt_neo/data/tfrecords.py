@@ -94,18 +94,19 @@ class _RotatingWriter:
 
     def write(self, record: bytes) -> None:
         if self._writer is None or self.files[-1][1] == self.job.files_per:
-            self._open()
+            self._writer = self._open()
         self._writer.write(record)
         path, count = self.files[-1]
         self.files[-1] = (path, count + 1)
 
-    def _open(self) -> None:
+    def _open(self):
+        """The writer of the next file (the previous one closed)."""
         self.close()
         path = (
             f"{self.job.output_dir}/.{self.job.name}.unit{self.unit:06d}.{len(self.files):04d}.tmp"
         )
-        self._writer = tf().io.TFRecordWriter(path)
         self.files.append((path, 0))
+        return tf().io.TFRecordWriter(path)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -8,16 +8,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 from jax.sharding import Mesh, NamedSharding
 
 from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_sharding, batch_axes, data_parallel_size
-from gpt_neo.models.gpt import forward
+from gpt_neo.models.gpt import Logits, Params, Tokens, forward
 
 
-def real_logits(cfg: Config, params: dict, tokens: jax.Array, rng: jax.Array | None = None):
+def real_logits(
+    cfg: Config, params: Params, tokens: Tokens, rng: jax.Array | None = None
+) -> Logits:
     """`forward`'s logits cut to the real vocabulary: [batch, seq, n_vocab] float32."""
     return forward(cfg, params, tokens, rng=rng).logits[..., : cfg.n_vocab]
 
@@ -32,12 +35,12 @@ def _compiled_logits(cfg: Config, with_rng: bool):
 def mesh_of(params) -> Mesh | None:
     """The mesh the parameters live on, or None for single-device / unsharded parameters."""
     sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-        return sharding.mesh
+    if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
+        return sharding.mesh if sharding.mesh.size > 1 else None
     return None
 
 
-def apply(cfg: Config, params: dict, tokens, *, train: bool = False, rng=None) -> jax.Array:
+def apply(cfg: Config, params: Params, tokens, *, train: bool = False, rng=None) -> Logits:
     """Logits [batch, seq, n_vocab] float32 for tokens [batch, seq] (int).
 
     Runs on the mesh the parameters were initialised on (`init_params(..., mesh=...)`).
@@ -45,7 +48,7 @@ def apply(cfg: Config, params: dict, tokens, *, train: bool = False, rng=None) -
     """
     if train and rng is None:
         raise ValueError("apply(train=True) needs rng for dropout")
-    if isinstance(tokens, jax.core.Tracer):  # inside the caller's jit
+    if isinstance(tokens, Tracer):  # inside the caller's jit
         return real_logits(cfg, params, tokens, rng if train else None)
     tokens = jnp.asarray(tokens, jnp.int32)
     extra = (rng,) if train else ()

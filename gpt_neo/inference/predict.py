@@ -43,7 +43,8 @@ def write_predictions(
         body = encoder.decode(new) if cfg.remove_partial_sequences else text + encoder.decode(new)
         samples.append(f"======================================== SAMPLE {i}\n{body}\n")
     report = "".join(samples)
-    path = f"{cfg.model_path.rstrip('/')}/predictions_{step}.txt"
+    model_path = cfg.require_model_path("where predictions go")
+    path = f"{model_path.rstrip('/')}/predictions_{step}.txt"
     write_text_atomic(path, report)
     return report, path
 

@@ -111,6 +111,7 @@ class Decoder:
         layers = _empty_cache(self.cfg, batch, prompt_len + self.max_new)
         cache = DecodeCache(layers, slots, self.key_valid(prompts, lengths))
         x, cache, _ = trunk(self.cfg, params, prompts, positions=positions, cache=cache)
+        assert cache is not None  # trunk extends the cache it was given
         logits = head(self.cfg, params, x[:, -1:])[:, 0]  # only the last position's: no [b, t, v]
         out = jnp.zeros((batch, self.max_new), jnp.int32)
         return jnp.int32(0), cache.layers, logits, out, jnp.zeros(batch, bool)
@@ -127,6 +128,7 @@ class Decoder:
         logits, cache, _ = forward(
             self.cfg, params, token[:, None], positions=(lengths + i)[:, None], cache=cache
         )
+        assert cache is not None
         return i + 1, cache.layers, logits[:, -1], out, done
 
     def running(self, carry):

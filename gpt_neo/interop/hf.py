@@ -292,7 +292,7 @@ def export_hf(
         raise ConfigError(
             f"Hugging Face {name} cannot express this config: " + "; ".join(problems) + "."
         )
-    if storage.is_remote(out_dir):  # written locally, then copied: safetensors wants a file
+    if storage.is_remote(str(out_dir)):  # written locally, then copied: safetensors wants a file
         if storage.listdir(str(out_dir)) and not force:
             raise FileExistsError(f"{out_dir} exists and is not empty; choose another or force")
         with tempfile.TemporaryDirectory() as local:

@@ -23,6 +23,7 @@ from lm_eval.api.registry import register_model
 
 from gpt_neo.config import load_config
 from gpt_neo.data.dataset_config import model_tokenizer
+from gpt_neo.errors import ConfigError
 from gpt_neo.inference.sample import generate
 from gpt_neo.inference.tasks import DEFAULT_BATCH, Scorer
 from gpt_neo.training.checkpoint.checkpointer import load_params
@@ -41,7 +42,13 @@ class GPTNeoJAX(LM):
         super().__init__()
         overrides = {"model_path": checkpoint} if checkpoint else None
         self.cfg = load_config(config, overrides=overrides)
-        self.encoder, self.eos_id = model_tokenizer(self.cfg)
+        self.encoder, eos_id = model_tokenizer(self.cfg)
+        if eos_id is None:
+            raise ConfigError(
+                "the harness scores after an end-of-text token, and the tokenizer has none: set "
+                "eos_id in the dataset config"
+            )
+        self.eos_id: int = eos_id
         self.params, self.step = load_params(self.cfg)
         batch = DEFAULT_BATCH if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(self.cfg, self.params, batch_size=batch)

@@ -18,6 +18,7 @@ import io
 import json
 import subprocess
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class Bundle:
         return f"gpt-neo-{self.digest}.tgz"
 
 
-def build(cfg: Config, root: Path = REPO_ROOT, ship: list[str] = ()) -> Bundle:
+def build(cfg: Config, root: Path = REPO_ROOT, ship: Sequence[str] = ()) -> Bundle:
     """The bundle of `cfg`'s run: the checkout's tracked files, the `ship` paths (files or
     folders inside the checkout) and the run's config files."""
     code, untracked = code_files(root)
@@ -90,7 +91,7 @@ def _git_files(root: Path, *which: str) -> list[str]:
     return sorted(p for p in set(listed.split("\0")) if p and (root / p).is_file())
 
 
-def shipped_files(root: Path, paths: list[str]) -> list[str]:
+def shipped_files(root: Path, paths: Sequence[str]) -> list[str]:
     """The files of `--ship` paths, relative to the checkout; a path outside it or missing is
     a `ConfigError`."""
     found = []

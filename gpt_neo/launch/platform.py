@@ -35,7 +35,7 @@ def select_platform(tpu: str | None, gpu_ids: list[str] | None) -> None:
     platform = _platform(tpu, gpu_ids)
     if platform is None:
         return
-    if platform == "cuda":
+    if platform == "cuda" and gpu_ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(g.rsplit(":", 1)[-1] for g in gpu_ids)
     os.environ["JAX_PLATFORMS"] = platform
     if "jax" in sys.modules:  # imported already: it read the environment, so set the flag too
@@ -53,7 +53,7 @@ def require_platform(tpu: str | None, gpu_ids: list[str] | None) -> None:
         return
     import jax  # here, not at the top: the platform must be chosen before JAX starts
 
-    asked = f"--tpu {tpu}" if tpu else f"--gpu_ids {' '.join(gpu_ids)}"
+    asked = f"--tpu {tpu}" if tpu else f"--gpu_ids {' '.join(gpu_ids or [])}"
     fix = {
         "tpu": "run on the TPU VM itself (with `pip install .[tpu]`), or leave out --tpu",
         "cuda": "install JAX for CUDA (`pip install jax[cuda12]`), check nvidia-smi, or leave "
@@ -105,16 +105,18 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     # before anything initialises a backend
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     heartbeat = os.environ.get(ENV["heartbeat_timeout"])
-    timeouts = {"heartbeat_timeout_seconds": int(heartbeat)} if heartbeat else {}
+    heartbeat_timeout_seconds = int(heartbeat) if heartbeat else 100  # JAX's default
     if explicit:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
-            num_processes=int(num_processes),
-            process_id=int(process_id),
-            **timeouts,
+            num_processes=int(num_processes or 0),
+            process_id=int(process_id or 0),
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
         )
     else:  # a TPU pod slice or SLURM: everything comes from the environment
-        jax.distributed.initialize(local_device_ids=_slurm_node_gpus(), **timeouts)
+        jax.distributed.initialize(
+            local_device_ids=_slurm_node_gpus(), heartbeat_timeout_seconds=heartbeat_timeout_seconds
+        )
 
 
 def _slurm_node_gpus() -> list[int] | None:

@@ -231,6 +231,7 @@ class PodLauncher:
                 time.sleep(self.o.poll_seconds)
                 continue
             if state == g.READY:
+                assert node is not None  # a READY slice was described
                 return node, created
             if state is None:
                 if spec.accelerator_type is None:
@@ -373,6 +374,7 @@ class PodLauncher:
 
     def _read(self, worker: int, process: subprocess.Popen, logs: Path) -> None:
         with open(logs / f"worker-{worker}.log", "w") as log:
+            assert process.stdout is not None  # started with stdout=PIPE
             for line in process.stdout:
                 log.write(line)
                 log.flush()

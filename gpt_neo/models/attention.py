@@ -24,6 +24,7 @@ masked-LM training never worked.)
 from __future__ import annotations
 
 import math
+import typing
 from typing import NamedTuple
 
 import jax
@@ -393,7 +394,8 @@ def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None):
 
     def run(q, k, v):  # [b, t, h, d] -> kernel's [h, t, d] per example
         def per_example(q, k, v):
-            return kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1)).swapaxes(0, 1)
+            out = kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1))
+            return typing.cast(jax.Array, out).swapaxes(0, 1)
 
         return jax.vmap(per_example)(q, k, v)
 

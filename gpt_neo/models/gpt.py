@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,11 @@ from gpt_neo.models.positions import position_decls, position_embedding
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# What the model's signatures pass around.
+Params = dict[str, Any]  # the parameter tree described above
+Tokens = jax.Array  # int32 [batch, seq]
+Logits = jax.Array  # float32 [batch, seq, vocab]
+
 
 def param_decls(cfg: Config) -> dict:
     """The parameter tree, undeclared values: shapes, logical axes and initializers."""
@@ -68,7 +73,10 @@ def param_decls(cfg: Config) -> dict:
             block_decls(cfg, (kind,), moe=index in cfg.moe_layers)
             for index, kind in enumerate(cfg.attention_types)
         ]
-    decls = {"wte": vocab_decl(cfg, (cfg.n_embd,), normal(0.02)), **position_decls(cfg)}
+    decls: dict[str, Any] = {
+        "wte": vocab_decl(cfg, (cfg.n_embd,), normal(0.02)),
+        **position_decls(cfg),
+    }
     decls["blocks"] = blocks
     if not cfg.gpt_neo_untied_head:
         decls["ln_f"] = norm_decls(cfg)
@@ -118,7 +126,7 @@ def block_decls(cfg: Config, kinds: tuple[str, ...], *, moe: bool) -> dict:
     return block
 
 
-def layer_params(cfg: Config, params: dict, index: int) -> dict:
+def layer_params(cfg: Config, params: Params, index: int) -> Params:
     """Layer `index`'s block parameters (the one shared block with `share_parameters`)."""
     return params["blocks"][0 if cfg.share_parameters else index]
 
@@ -159,7 +167,7 @@ def abstract_params(cfg: Config, mesh: Mesh):
     )
 
 
-def init_params(cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> dict:
+def init_params(cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> Params:
     """Initialise parameters (float32), directly sharded over `mesh` per the layout.
 
     Each parameter's key is the seed's key folded with a hash of its path, so values do not
@@ -215,7 +223,8 @@ class DecodeCache(NamedTuple):
     def layer(self, index: int) -> attn_lib.KVCache | None:
         if self.layers[index] is None:
             return None
-        return attn_lib.KVCache(*self.layers[index], self.slots, self.valid)
+        keys, values = self.layers[index]
+        return attn_lib.KVCache(keys, values, self.slots, self.valid)
 
 
 class Output(NamedTuple):
@@ -223,12 +232,12 @@ class Output(NamedTuple):
     the vocabulary is padded, hold a huge negative number: never predicted or sampled), the
     cache it extended (None without one), and {MoE layer index: MoeStats}."""
 
-    logits: jax.Array
+    logits: Logits
     cache: DecodeCache | None
     moe_stats: dict[int, moe_lib.MoeStats]
 
 
-def forward(cfg: Config, params: dict, tokens: jax.Array, **options) -> Output:
+def forward(cfg: Config, params: Params, tokens: Tokens, **options) -> Output:
     """The whole model, for training, scoring and decoding alike; `trunk` documents `options`
     (positions, rng, cache, train). Training's loss fuses the head (`trunk` + `head_inputs`
     + `loss.head_loss`) so that it never holds [batch, seq, vocab] logits."""
@@ -238,8 +247,8 @@ def forward(cfg: Config, params: dict, tokens: jax.Array, **options) -> Output:
 
 def trunk(
     cfg: Config,
-    params: dict,
-    tokens: jax.Array,
+    params: Params,
+    tokens: Tokens,
     *,
     positions: jax.Array | None = None,
     rng: jax.Array | None = None,
@@ -281,7 +290,7 @@ def trunk(
     return x, None if cache is None else cache._replace(layers=tuple(layers)), moe_stats
 
 
-def embed(cfg: Config, params: dict, tokens: jax.Array, position_rows) -> jax.Array:
+def embed(cfg: Config, params: Params, tokens: Tokens, position_rows) -> jax.Array:
     """Token rows plus position rows, in the compute dtype (only the rows used are cast)."""
     dtype = COMPUTE_DTYPES[cfg.precision]
     tokens = constrain(tokens, cfg, axes.TOKENS)
@@ -289,7 +298,7 @@ def embed(cfg: Config, params: dict, tokens: jax.Array, position_rows) -> jax.Ar
     return rows + jnp.asarray(position_rows).astype(dtype)
 
 
-def head_inputs(cfg: Config, params: dict, x: jax.Array):
+def head_inputs(cfg: Config, params: Params, x: jax.Array):
     """What the output head multiplies: (ln_f(x), weights [vocab, embd], bias or None), in
     the compute dtype. Tied to wte unless `no_weight_tie`; GPT-Neo's own untied head had no
     ln_f and a bias."""
@@ -301,7 +310,7 @@ def head_inputs(cfg: Config, params: dict, x: jax.Array):
     return x, weights.astype(dtype), bias
 
 
-def head(cfg: Config, params: dict, x: jax.Array) -> jax.Array:
+def head(cfg: Config, params: Params, x: jax.Array) -> Logits:
     """The output head: float32 logits [batch, seq, padded vocab], padding rows masked."""
     logits = loss_lib.logits(*head_inputs(cfg, params, x), cfg.n_vocab)
     return constrain(logits, cfg, axes.LOGITS)

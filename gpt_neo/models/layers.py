@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,7 @@ def pre_norm_decls(cfg: Config) -> dict[str, ParamDecl] | None:
 def pre_norm(cfg: Config, p: dict | None, x: jax.Array) -> jax.Array:
     if cfg.rezero:
         return x
+    assert p is not None  # every norm but rezero's has parameters
     if cfg.scalenorm:  # GPT-Neo's scale_norm(): its norm() times a scalar, no bias
         return layer_norm(x, {"scale": p["scale"], "bias": jnp.zeros((), p["scale"].dtype)})
     return layer_norm(x, p)
@@ -141,7 +143,7 @@ def mlp_decls(cfg: Config) -> dict:
     if cfg.scale_by_in:
         fc_std /= d**0.5
         proj_std /= m**0.5
-    decls = {
+    decls: dict[str, Any] = {
         "fc_kernel": ParamDecl((d, m), axes.MLP_IN, normal(fc_std)),
         "fc_bias": ParamDecl((m,), axes.MLP_IN_BIAS, zeros),
         "proj_kernel": ParamDecl((m, d), axes.MLP_OUT, normal(proj_std)),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 from typing import NamedTuple
 
 import jax
@@ -71,7 +72,8 @@ def head_loss(
     chunks = chunks or loss_chunks(cfg, x.shape[0], x.shape[1], weights.shape[0])
     static = _Static(cfg.n_vocab, float(cfg.z_loss), chunks)
     scale = 1.0 / jnp.asarray(target_count, jnp.float32)
-    return LossTerms(*_fused(static, x, weights, bias, targets, target_weights, scale))
+    terms = _fused(static, x, weights, bias, targets, target_weights, scale)
+    return LossTerms(*typing.cast(tuple, terms))
 
 
 def loss_chunks(cfg, batch: int, seq: int, vocab: int) -> int:
@@ -142,6 +144,7 @@ def _scan_chunks(static: _Static, x, weights, bias, targets, target_weights, sca
         sums = jax.tree.map(jnp.add, sums, chunk_sums)
         if not grads:
             return (sums, None), None
+        assert chunk_grads is not None and grads_so_far is not None
         dx, dw, db = chunk_grads
         dw_sum, db_sum = grads_so_far
         db_sum = None if db is None else db_sum + db
@@ -159,6 +162,7 @@ def _scan_chunks(static: _Static, x, weights, bias, targets, target_weights, sca
     (sums, summed_grads), dx = jax.lax.scan(step, ((zero, zero, zero), init_grads), xs)
     if not grads:
         return sums, None
+    assert summed_grads is not None and dx is not None
     return sums, (_unchunked(dx), *summed_grads)
 
 
@@ -175,11 +179,11 @@ def _fused(static: _Static, x, weights, bias, targets, target_weights, scale):
 
 
 def _fused_forward(static: _Static, x, weights, bias, targets, target_weights, scale):
-    sums, (dx, dw, db) = _scan_chunks(
-        static, x, weights, bias, targets, target_weights, scale, grads=True
-    )
+    sums, grads = _scan_chunks(static, x, weights, bias, targets, target_weights, scale, grads=True)
+    assert grads is not None
+    dx, dw, db = grads
     # kept in the parameters' dtype, as plain autodiff's cotangents would be
-    db = None if db is None else db.astype(bias.dtype)
+    db = None if db is None or bias is None else db.astype(bias.dtype)
     return _terms(static, sums, scale), (dx, dw.astype(weights.dtype), db)
 
 

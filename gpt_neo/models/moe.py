@@ -32,6 +32,7 @@ from a fixed key, so evaluation is repeatable.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -69,7 +70,7 @@ class Routing(NamedTuple):
 def param_decls(cfg: Config) -> dict[str, ParamDecl]:
     """Router [embd, experts], wi [experts, embd, hidden], wo [experts, hidden, embd], no
     biases, initialised as Mesh-TensorFlow does: truncated normal, std 1/sqrt(fan_in)."""
-    m, e, h = cfg.n_embd, cfg.moe_params.moe_num_experts, cfg.moe_params.moe_hidden_size
+    m, e, h = cfg.n_embd, cfg.moe.moe_num_experts, cfg.moe.moe_hidden_size
     return {
         "router": ParamDecl((m, e), axes.ROUTER, truncated_normal(m**-0.5)),
         "wi": ParamDecl((e, m, h), axes.EXPERT_IN, truncated_normal(m**-0.5)),
@@ -127,7 +128,7 @@ def _balance_loss(gates, first_choice_mask):
 
 def _load(kept_masks):
     """Each expert's share of the kept (token, expert) pairs."""
-    counts = sum(m.sum(axis=(0, 1)) for m in kept_masks)
+    counts = functools.reduce(jnp.add, (m.sum(axis=(0, 1)) for m in kept_masks))
     return counts / jnp.maximum(counts.sum(), 1.0)
 
 
@@ -236,7 +237,7 @@ def moe_mlp(
     `decoding` (KV-cache steps) gives every expert room for the whole group, so nothing is
     dropped whatever the batch routes together.
     """
-    hp = cfg.moe_params
+    hp = cfg.moe
     b, t, m = x.shape
     groups, size = split_into_groups(b * t, hp.moe_group_size, batch_split(cfg))
     grouped = constrain(x.reshape(groups, size, m), cfg, axes.GROUPS)
@@ -291,7 +292,7 @@ def moe_mlp(
 
 def _expert_ffn(cfg: Config, h: jax.Array, rng) -> jax.Array:
     h = ACTIVATIONS[cfg.moe_activation](h, {})
-    return dropout(h, cfg.moe_params.moe_dropout_rate, rng)
+    return dropout(h, cfg.moe.moe_dropout_rate, rng)
 
 
 def _expert_major(cfg: Config, x: jax.Array, last: str) -> jax.Array:

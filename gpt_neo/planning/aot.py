@@ -219,7 +219,7 @@ def report(
         return "?" if hbm is None else ("fits" if total <= hbm else "DOES NOT FIT")
 
     hbm_text = f"HBM {hbm / gib:.2f} GiB" if hbm else f"HBM unknown for {kind}"
-    tokens = cfg.train_batch_size * cfg.n_ctx
+    tokens = (cfg.train_batch_size or 0) * cfg.n_ctx
     model_flops = flops_per_token(cfg, FLOP_CONVENTION) * tokens / len(devices)
     peak = known.peak_flops if (known := hardware.chip(kind)) else None
     lines = [

@@ -106,7 +106,7 @@ class Estimate:
 
     def why(self) -> str:
         overlapped = {"compute": self.compute, "HBM": self.memory, "gradient traffic": self.data}
-        bound = max(overlapped, key=overlapped.get)
+        bound = max(overlapped, key=lambda name: overlapped[name])
         hidden = [f"{name} {_ms(t)}" for name, t in overlapped.items() if name != bound and t]
         text = f"{bound} {_ms(overlapped[bound])}"
         if hidden:
@@ -268,12 +268,20 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+def required_batch(cfg: Config) -> int:
+    """`train_batch_size`, which the search needs (`choose_layout` checks it is set)."""
+    if not cfg.train_batch_size:
+        raise ConfigError("auto layout needs train_batch_size in the config")
+    return cfg.train_batch_size
+
+
 def _microbatch_options(cfg: Config, data_size: int) -> list[int]:
     """Microbatch counts to try: powers of two dividing each replica's batch, or the one that
     `tokens_per_mb_per_replica` gives when the config sets it."""
-    per_replica = cfg.train_batch_size // data_size
+    batch = required_batch(cfg)
+    per_replica = batch // data_size
     if "tokens_per_mb_per_replica" not in auto_keys(cfg) or per_replica < 1:
-        return [num_microbatches(cfg, cfg.train_batch_size, data_size)]
+        return [num_microbatches(cfg, batch, data_size)]
     options, m = [], 1
     while m <= min(per_replica, MAX_MICROBATCHES) and per_replica % m == 0:
         options.append(m)
@@ -298,7 +306,7 @@ def split_config(cfg: Config, split: Split) -> Config:
     if "param_layout" in keys:
         changes["param_layout"] = f"embd:{data}" if split.fsdp else None
     if "tokens_per_mb_per_replica" in keys and split.microbatches > 1:
-        per_replica = cfg.train_batch_size // split.data_size
+        per_replica = required_batch(cfg) // split.data_size
         changes["tokens_per_mb_per_replica"] = per_replica // split.microbatches * cfg.n_ctx
     return cfg.replace(**changes)
 
@@ -309,14 +317,15 @@ def split_config(cfg: Config, split: Split) -> Config:
 
 def estimate(cfg: Config, chip: hardware.Chip) -> Estimate:
     """The roofline estimate of one train step of `cfg` (a concrete mesh and layout)."""
-    sizes = mesh_axes(cfg)
+    sizes, batch = mesh_axes(cfg), required_batch(cfg)
+    assert sizes is not None  # a concrete mesh: `split_config`'s
     n = math.prod(sizes.values())
     acts = rules(cfg).activations
     data, tensor = pieces(sizes, acts, axes.BATCH), pieces(sizes, acts, axes.MLP)
-    micro = num_microbatches(cfg, cfg.train_batch_size, data)
+    micro = num_microbatches(cfg, batch, data)
     act = jnp.dtype(COMPUTE_DTYPES[cfg.precision]).itemsize
     passes = 3 if cfg.recompute_grad else 2  # forward, (recomputed forward,) backward
-    tokens = cfg.train_batch_size * cfg.n_ctx
+    tokens = batch * cfg.n_ctx
     # 6N+12LHQT counts a forward and a backward pass; a recomputed forward adds a third of it
     flops = (
         flops_per_token(cfg, FLOP_CONVENTION) * tokens / n * (4 / 3 if cfg.recompute_grad else 1)
@@ -391,6 +400,7 @@ def choose(
     kind = devices[0].device_kind
     if limit == "device":
         limit = hardware.memory_limit(devices[0])
+    assert not isinstance(limit, str)
     ranked = rank(cfg, len(devices), hardware.chip(kind) or hardware.UNKNOWN, limit)
     where = f"{len(devices)} x {kind}"
     if not ranked:
@@ -403,7 +413,7 @@ def choose(
         best = min(c.memory.train_total for c in ranked)
         raise ConfigError(
             f"auto layout: nothing fits on {where}: the smallest of {len(ranked)} candidates "
-            f"needs {_size(best)} per device, the chips have {_size(limit)}. Use more "
+            f"needs {_size(best)} per device, the chips have {_size(limit or 0)}. Use more "
             'chips, a smaller train_batch_size, or "recompute_grad": true'
         )
     choice = Choice(ranked[0], ranked, where, keys)

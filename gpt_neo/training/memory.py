@@ -168,7 +168,7 @@ def local_dims(cfg: Config, sizes: dict[str, int], microbatches: int = 1) -> dic
     """Each logical dimension's size on one device under the activation layout."""
     table = rules(cfg).activations
     dims = logical_dim_sizes(cfg)
-    dims[axes.BATCH] = cfg.train_batch_size // microbatches
+    dims[axes.BATCH] = (cfg.train_batch_size or 1) // microbatches  # plan() sets it
     return {
         name: -(-size // pieces(sizes, table, name))
         for name, size in dims.items()
@@ -196,9 +196,11 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     act = jnp.dtype(COMPUTE_DTYPES[cfg.precision]).itemsize
     stored = memory_per_device(cfg)
     data = pieces(sizes, rules(cfg).activations, axes.BATCH)  # data-parallel replicas
-    if not cfg.train_batch_size:  # a model-only config: one sequence per replica
-        cfg = cfg.replace(train_batch_size=data)
-    n_micro = num_microbatches(cfg, cfg.train_batch_size, data)
+    batch = cfg.train_batch_size
+    if not batch:  # a model-only config: one sequence per replica
+        batch = data
+        cfg = cfg.replace(train_batch_size=batch)
+    n_micro = num_microbatches(cfg, batch, data)
     d = local_dims(cfg, sizes, n_micro)
     tokens = d[axes.BATCH] * d[axes.SEQ]
     qkv = tokens * d[axes.HEADS] * d[axes.KV]
@@ -258,7 +260,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     return MemoryPlan(
         parameters=stored["parameters"],
         optimizer_state=stored["optimizer state"],
-        batch=cfg.train_batch_size // data * (cfg.n_ctx + 1) * 4,
+        batch=batch // data * (cfg.n_ctx + 1) * 4,
         gradients=grads,
         saved_activations=saved,
         block_working_set=block,

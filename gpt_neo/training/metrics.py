@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+import typing
 
 import jax
 import numpy as np
@@ -68,9 +69,10 @@ def with_run_record(
     from sacred import SETTINGS, Experiment
     from sacred.observers import FileStorageObserver
 
-    SETTINGS.CAPTURE_MODE = "no"  # the progress line stays on the console, unbuffered
-    SETTINGS.DISCOVER_SOURCES = "none"
-    SETTINGS.DISCOVER_DEPENDENCIES = "none"
+    settings: typing.Any = SETTINGS  # sacred's settings object: attributes set by name
+    settings.CAPTURE_MODE = "no"  # the progress line stays on the console, unbuffered
+    settings.DISCOVER_SOURCES = "none"
+    settings.DISCOVER_DEPENDENCIES = "none"
     experiment = Experiment("gpt-neo", interactive=True, save_git_info=False)
     if mongo_url:
         from sacred.observers import MongoObserver
@@ -112,9 +114,10 @@ def _mirrored_observer(remote: str):
             self._mirror("cout.txt")
 
         def _mirror(self, filename):
-            run = os.path.basename(self.dir)
+            local = str(self.dir)  # set by FileStorageObserver when the run starts
+            run = os.path.basename(local)
             storage.makedirs(join(remote, run))
-            storage.copy(os.path.join(self.dir, filename), join(remote, run, filename))
+            storage.copy(os.path.join(local, filename), join(remote, run, filename))
 
     return MirroredObserver(tempfile.mkdtemp(prefix="gpt-neo-sacred-"))
 
@@ -141,10 +144,11 @@ class Metrics:
             for name, value in scalars.items():
                 self.run.log_scalar(name, float(value), step)
         t = tf()
-        with self._writer().as_default(step=step):
+        writer = self._writer()
+        with writer.as_default(step=step):
             for name, value in scalars.items():
                 t.summary.scalar(name, value)
-        self._tb.flush()
+        writer.flush()
 
     def _writer(self):
         if self._tb is None:
@@ -158,9 +162,10 @@ class Metrics:
         if not self.enabled:
             return
         config = json.dumps(to_dict(self.cfg), indent=2)
-        with self._writer().as_default(step=step):
+        writer = self._writer()
+        with writer.as_default(step=step):
             tf().summary.text("config", f"```json\n{config}\n```")
-        self._tb.flush()
+        writer.flush()
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -189,7 +194,7 @@ class Metrics:
         last = history[-1]
         tokens_per_s = len(history) * self.tokens_per_step / max(seconds, 1e-9)
         mfu = tokens_per_s * self.flops_per_token / (self.devices * self.peak)
-        remaining = (self.cfg.train_steps - step) * seconds / len(history)
+        remaining = ((self.cfg.train_steps or step) - step) * seconds / len(history)
         loss = float(np.mean([float(m["loss"]) for m in history]))
         self.history.append((step, loss))
         record = {

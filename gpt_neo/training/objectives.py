@@ -69,6 +69,7 @@ def masked_example(cfg: Config, tokens: jax.Array, rng: jax.Array) -> Example:
     kind = jax.random.uniform(kind_rng, sequence.shape)
     masked_share = 1.0 - cfg.mlm_same_token_prob - cfg.mlm_random_token_prob
     random_tokens = jax.random.randint(token_rng, sequence.shape, 0, cfg.n_vocab, sequence.dtype)
+    assert cfg.mlm_mask_id is not None  # the config requires it with mlm_training
     inputs = jnp.where(selected & (kind < masked_share), cfg.mlm_mask_id, sequence)
     to_random = selected & (kind >= masked_share) & (kind < 1.0 - cfg.mlm_same_token_prob)
     inputs = jnp.where(to_random, random_tokens, inputs)

@@ -102,7 +102,10 @@ def gradients(cfg: Config, params, batch, step_rng, n_micro: int = 1):
     target_count = jnp.maximum(example.weights.sum(), 1.0)
 
     def grads_of(params, example, index):
-        rng = jax.random.fold_in(step_rng, index) if uses_randomness(cfg) else None
+        rng = None
+        if uses_randomness(cfg):
+            assert step_rng is not None  # a training step: train_step passes one
+            rng = jax.random.fold_in(step_rng, index)
         (_, metrics), grads = grad_fn(params, example, rng, target_count, share=1.0 / n_micro)
         return grads, metrics
 

@@ -30,9 +30,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: Mesh, *, batch_size: int | None = None):
         self.cfg, self.mesh = cfg, mesh
-        self.batch_size = batch_size or cfg.train_batch_size
-        if not self.batch_size:
+        batch_size = batch_size or cfg.train_batch_size
+        if not batch_size:
             raise ConfigError("set train_batch_size in the config")
+        self.batch_size: int = batch_size
         batch_spec = activation_spec(cfg, (axes.BATCH, None))
         self.data_parallel = data_parallel_size(cfg, mesh)
         if self.batch_size % self.data_parallel:

@@ -328,9 +328,8 @@ def _restore(target, **options) -> ocp.args.PyTreeRestore:
 def load_params(cfg: Config):
     """(params, step) of the newest checkpoint under `model_path`, sharded per the layout; the
     optimizer state is not read. What sampling, evaluation and export start from."""
-    if not cfg.model_path:
-        raise ConfigError("set model_path in the config (where the checkpoints are)")
-    checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+    model_path = cfg.require_model_path("where the checkpoints are")
+    checkpointer = Checkpointer(model_path, cfg.keep_checkpoints)
     try:
         restored = checkpointer.restore_latest_params(cfg, abstract_params(cfg, make_mesh(cfg)))
     finally:

@@ -34,16 +34,17 @@ def save_imported_model(cfg: Config, params, step: int = 0) -> str:
     """An imported model (a Hugging Face folder, a GPT-Neo checkpoint) -> a checkpoint at
     `step` under `cfg.model_path`, which must hold none yet, and `model_path/config.json`, which
     `python main.py --model` continues training from. Returns the config's path."""
-    with writer_lock(cfg.model_path):
-        checkpointer = Checkpointer(cfg.model_path, cfg.keep_checkpoints)
+    model_path = cfg.require_model_path("where the imported model goes")
+    with writer_lock(model_path):
+        checkpointer = Checkpointer(model_path, cfg.keep_checkpoints)
         try:
             if checkpointer.latest_step() is not None:
                 raise ConfigError(
-                    f"{cfg.model_path} already holds checkpoints; import into an empty model_path"
+                    f"{model_path} already holds checkpoints; import into an empty model_path"
                 )
             save_initial_checkpoint(cfg, make_mesh(cfg), params, checkpointer, step)
         finally:
             checkpointer.close()
-    config_path = f"{cfg.model_path.rstrip('/')}/config.json"
+    config_path = f"{model_path.rstrip('/')}/config.json"
     write_text_atomic(config_path, json.dumps(to_dict(cfg), indent=2) + "\n")
     return config_path

@@ -119,8 +119,8 @@ def takeover_reason(holder: Holder | None, me: Holder, now: float) -> str | None
         return "its lock file was half-written (a killed run)"
     if holder.token == os.environ.get(TAKEOVER_ENV):
         return "the pod launcher found that run gone before starting this one"
-    same_run = me.launch and holder.launch and holder.launch.run == me.launch.run
-    if same_run and holder.launch.attempt != me.launch.attempt:
+    mine, theirs = me.launch, holder.launch
+    if mine and theirs and theirs.run == mine.run and theirs.attempt != mine.attempt:
         return "an earlier attempt of this launch run, which the launcher ended first"
     if now - holder.refreshed > STALE_SECONDS:
         return f"not refreshed for {(now - holder.refreshed) / 60:.0f} minutes"
@@ -172,6 +172,7 @@ class RunLock:
             holder, version = self._store.read()
             reason = takeover_reason(holder, me, time.time())
             if reason is None:
+                assert holder is not None  # a missing or half-written lock is taken over
                 raise RunLocked(
                     f"model_path {self.model_path} is in use by another run ({holder.describe()}; "
                     f"lock {self.path}). Wait for it to end or stop it, or choose another "
@@ -192,8 +193,8 @@ class RunLock:
         self._thread.start()
 
     def _refresh(self) -> None:
-        while not self._stop.wait(REFRESH_SECONDS):
-            self._mine = dataclasses.replace(self._mine, refreshed=time.time())
+        while not self._stop.wait(REFRESH_SECONDS) and (mine := self._mine) is not None:
+            self._mine = dataclasses.replace(mine, refreshed=time.time())
             self._store.refresh(self._mine)
 
     def release(self) -> None:
