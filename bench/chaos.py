@@ -10,7 +10,7 @@ Prints `kills survived K/N, bit-identical yes/no, corrupt checkpoints C`; exits 
 all kills were survived, the SIGTERM storm saved and stopped (exit 75), the NaN stopped the
 run (exit 3) before its step was saved, the parameters are bit-identical and nothing is
 corrupt.
-`make test` runs 2 kills (tests/test_checkpoint_faults.py); every third kill, from the second
+`make test` runs 2 kills (tests/training/test_checkpoint_faults.py); every third kill, from the second
 on, is aimed at a checkpoint write.
 """
 

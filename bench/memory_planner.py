@@ -10,7 +10,7 @@ x:8 by tensor y:2 (6.7B and 13B need 16 chips).
 Each row compiles the real train step for the slice on this machine (libtpu; no TPU needed):
 global batch 32 x n_ctx, bfloat16 activations, full remat unless the layout says otherwise.
 Large presets take minutes per compile on a small machine. The test suite runs the 125M rows
-(tests/test_planner.py).
+(tests/training/test_memory.py).
 
 The planner's measured terms (the MLP's five buffers, how far saved activations and gradients
 overlap, the microbatch loop's gradient buffers) were fitted to the first four layouts' rows, to

@@ -2,7 +2,7 @@
 
 import os
 
-from tests.gcs_emulator import TF_IMPORT_TIME_ENV
+from tests.support.gcs_emulator import TF_IMPORT_TIME_ENV
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -18,7 +18,7 @@ import pytest
 
 
 def pytest_sessionstart(session):
-    from tests.helpers import SHARED
+    from tests.support.helpers import SHARED
 
     if not (SHARED / "fixtures").is_dir():
         raise pytest.UsageError(

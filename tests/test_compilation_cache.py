@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.helpers import SMALL_RUN, start_main, write_config, write_text_dataset
+from tests.support.helpers import SMALL_RUN, start_main, write_config, write_text_dataset
 
 REPORT = re.compile(r"compilation cache (\S+): (\d+) hit\(s\), (\d+) miss\(es\), ([\d.]+)s")
 

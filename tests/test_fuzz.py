@@ -28,7 +28,7 @@ from gpt_neo.data.pipeline import InputPipeline
 from gpt_neo.data.records import RecordReader, iter_records
 from gpt_neo.errors import EXIT_USER_ERROR, UserError
 from gpt_neo.training import memory as planner
-from tests.helpers import GPT_NEO_CONFIGS, SMALL_RUN, train_tokenizer_file, write_dataset
+from tests.support.helpers import GPT_NEO_CONFIGS, SMALL_RUN, train_tokenizer_file, write_dataset
 
 SCALE = int(os.environ.get("GPT_NEO_FUZZ_SCALE", "0"))
 
@@ -217,7 +217,7 @@ FLAGS = {
     "--seed": st.integers(-1, 3).map(str) | st.text(max_size=3),
     "--bogus_flag": st.text(max_size=3),
 }
-# --summary and --topology compile (seconds to minutes each): tests/test_summary.py has them
+# --summary and --topology compile (seconds to minutes each): tests/planning/test_summary.py has them
 MODES = [["--check_dataset"], ["--predict"], ["--eval"], ["--export", "/nonexistent/export"]]
 
 

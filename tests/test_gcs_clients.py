@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.gcs_emulator import (  # noqa: F401
+from tests.support.gcs_emulator import (  # noqa: F401
     TEST_BUCKET,
     GcsEmulator,
     gcs,

@@ -1,4 +1,4 @@
-"""A whole run on `gs://`, against a local GCS emulator (tests/gcs_emulator.py): TFRecords made
+"""A whole run on `gs://`, against a local GCS emulator (tests/support/gcs_emulator.py): TFRecords made
 by data/create_tfrecords.py in a bucket, training that reads them, checkpoints in the bucket
 that survive kill -9, and every file the run writes (metrics, plot, TensorBoard, the sacred
 record, predictions, eval results, an export) landing in the bucket, not in a local folder
@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
-from tests.helpers import PANGRAM, REPO, SMALL_RUN, restore_params, write_config
+from tests.support.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
+from tests.support.helpers import PANGRAM, REPO, SMALL_RUN, restore_params, write_config
 
 BUCKET = "gs://test-bucket"
 STEPS, EVERY = 12, 4

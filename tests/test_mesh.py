@@ -9,7 +9,7 @@ import gpt_neo
 from gpt_neo import axes
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_spec, padded_vocab, param_spec, rules
-from tests.helpers import tiny_config
+from tests.support.helpers import tiny_config
 
 
 def test_mesh_shape_builds_named_mesh_over_all_devices():

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.helpers import REPO
+from tests.support.helpers import REPO
 
 NOTEBOOK = REPO / "notebooks" / "gpt_neo_example.ipynb"
 

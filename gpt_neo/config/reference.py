@@ -6,7 +6,7 @@ GPT-Neo meant something else), then GPT-Neo's aliases and the keys refused or no
     python -m gpt_neo.cli.config_reference --check    # exit 1 if docs/config.md is out of date
 
 The docstrings are read from the schema's source (Python keeps no attribute docstrings at run
-time), so the page cannot drift from the code: tests/test_config_reference.py runs --check.
+time), so the page cannot drift from the code: tests/config/test_config_reference.py runs --check.
 """
 
 from __future__ import annotations

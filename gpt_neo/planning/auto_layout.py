@@ -49,7 +49,7 @@ from gpt_neo.training.metrics import FLOP_CONVENTION
 
 DATA_AXIS, TENSOR_AXIS = "data", "tensor"  # the axes of a mesh the search shapes
 TENSOR_DIMS = ("heads", "intermediate_expanded", "vocab")  # Megatron's splits, GPT-Neo names
-PLANNER_MARGIN = 0.10  # the planner against the compiler (tests/test_planner.py)
+PLANNER_MARGIN = 0.10  # the planner against the compiler (tests/training/test_memory.py)
 CONFIRM_TRIES = 3
 MAX_MICROBATCHES = 64
 SHOWN = 5

@@ -1,6 +1,6 @@
 """Per-device memory of a config, from the config alone: what `--summary` estimates and what
 `layout: "auto"` ranks candidates by, held to the TPU compiler's `memory_analysis`
-(tests/test_planner.py, bench/memory_planner.py).
+(tests/training/test_memory.py, bench/memory_planner.py).
 
 What a train step holds on one device:
 - arguments: float32 parameters, optimizer state (both split per `layout` + `param_layout`)

@@ -1,0 +1,147 @@
+"""Compiling for a TPU slice on this CPU machine (libtpu's compiler, `jax.experimental
+.topologies`): the programs a TPU would run, TPU kernels included, so a kernel that only fails
+at Mosaic lowering fails here; and `--summary --topology`."""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gpt_neo.mesh import make_mesh
+from gpt_neo.planning import aot
+from gpt_neo.training.trainer import Trainer
+from tests.support.helpers import REPO, start_main, tiny_config, write_config
+
+pytestmark = pytest.mark.slow  # each compile is seconds of libtpu's compiler
+
+# bfloat16, n_ctx a multiple of 128 (splash), global and local layers, heads split over y
+SPLASH = dict(
+    n_embd=256,
+    n_head=4,
+    n_layer=2,
+    n_ctx=256,
+    n_vocab=1024,
+    attention_types=["global", "local"],
+    local_attention_radius=128,
+    train_batch_size=8,
+    precision="bfloat16",
+    mesh_shape="x:2,y:2",
+    layout="batch:x,heads:y",
+    train_steps=10,
+)
+
+
+@pytest.fixture(scope="module")
+def v5e():
+    return aot.topology_devices("v5e:2x2")
+
+
+def lowered_train_step(cfg, devices):
+    mesh = make_mesh(cfg, devices)
+    trainer = Trainer(cfg, mesh)
+    tokens = jax.ShapeDtypeStruct(
+        (trainer.batch_size, cfg.n_ctx + 1), jnp.int32, sharding=trainer.batch_sharding
+    )
+    with jax.set_mesh(mesh):
+        return trainer.step.lower(trainer.abstract_state(), tokens)
+
+
+def test_splash_attention_compiles_for_tpu_with_sharded_heads(v5e):
+    lowered = lowered_train_step(tiny_config(**SPLASH), v5e)
+    # splash's Pallas kernels, forward and backward, global and local layers
+    assert lowered.as_text().count("tpu_custom_call") >= 4
+    compiled = lowered.compile()  # Mosaic lowers each kernel here
+    assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def test_the_kernel_follows_the_mesh_platform_not_the_default_backend(v5e):
+    """This process's backend is CPU either way: a CPU mesh gets XLA attention, a TPU mesh
+    splash (before, both got the CPU variant)."""
+    cfg = tiny_config(**SPLASH)
+    assert jax.default_backend() == "cpu"
+    assert "tpu_custom_call" not in lowered_train_step(cfg, jax.devices()[:4]).as_text()
+    assert "tpu_custom_call" in lowered_train_step(cfg, v5e).as_text()
+
+
+def test_moe_dispatch_compiles_for_tpu(v5e):
+    cfg = tiny_config(
+        **{**SPLASH, "layout": "batch:x,experts:y"},
+        moe_layers=[1],
+        moe_params={"moe_num_experts": 4, "moe_hidden_size": 256, "moe_gating": "dropless_top_k"},
+    )
+    text = lowered_train_step(cfg, v5e).as_text()
+    assert "ragged_dot" in text  # TPU's grouped matmul, not the CPU's tiled stand-in
+    lowered_train_step(cfg, v5e).compile()
+
+
+def test_summary_topology_prints_the_compilers_memory_and_flops(tmp_path):
+    model = write_config(tmp_path / "m.json", {**SPLASH, "model_path": str(tmp_path / "run")})
+    process = start_main("--model", model, "--summary", "--topology", "v5e:2x2")
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    memory = next(line for line in out.splitlines() if line.startswith("per-device memory:"))
+    assert "compiled" in memory and "HBM 15.75 GiB: fits" in memory
+    estimated, compiled = (
+        float(v) for v in re.findall(r"(?:estimated|compiled) ([\d.]+) GiB", memory)
+    )
+    assert estimated > 0 and compiled > 0
+    assert "compiled the train step for v5e:2x2 (4 x TPU v5 lite)" in out
+    assert "roofline ESTIMATE" in out
+    sampling = next(line for line in out.splitlines() if line.startswith("compiled sampling"))
+    assert "(1 prompt(s) of 128 tokens, 128 new, KV cache)" in sampling
+    assert "HBM 15.75 GiB: fits" in sampling
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--topology", "v9:9x9"], "--topology v9:9x9: the TPU runtime does not know it"),
+        (["--topology", "v5e:2x2", "--set", "mesh_shape=x:4,y:2"], "needs 8 devices, the topology"),
+        (  # 4 layers of n_embd 8192 replicated: 100 GB of weights and Adam moments per chip
+            ["--topology", "v5e:2x2", "--set", "n_embd=8192", "--set", "n_head=64"],
+            "--topology v5e:2x2: the train step does not fit in the chips' memory: XLA needs",
+        ),
+    ],
+)
+def test_bad_topologies_are_one_line(tmp_path, flags, message):
+    model = write_config(tmp_path / "m.json", {**SPLASH, "model_path": str(tmp_path / "run")})
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "main.py"),
+            "--model",
+            model,
+            "--summary",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+TOPOLOGY = ("--topology", "v5e:2x2")
+
+
+def test_without_libtpu_the_flag_says_how_to_get_it(tmp_path):
+    model = write_config(tmp_path / "m.json", {**SPLASH, "model_path": str(tmp_path / "run")})
+    blocker = tmp_path / "blocked"
+    blocker.mkdir()
+    (blocker / "libtpu.py").write_text("raise ImportError('libtpu is not installed')\n")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--model", model, "--summary", *TOPOLOGY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(blocker)},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pip install '.[tpu]'" in errors[0]
