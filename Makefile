@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Simulated CPU devices, so that every sharding path runs on a laptop.
 CPU_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: demo test lint format setup setup-test clean
+.PHONY: demo test test-fast lint format setup setup-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: setup
 
 test: setup-test
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
+
+# The quick loop: unit tests only, no processes, emulators, TPU compiles or slow compiles
+# (tests/conftest.py guards the first two).
+test-fast: setup-test
+	GPT_NEO_TEST_FAST=1 $(PY) -m pytest -n 2 --dist worksteal --durations=15 \
+		-m "not (process or emulator or tpu or slow)" tests
 
 lint: setup-test
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,10 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and shared helpers."""
+"""Test setup: 8 simulated CPU devices (set before jax is imported), and the fast lane.
+
+`make test-fast` runs the unit tests only: not those marked `process` (they start processes:
+main.py, pods, notebooks, builds), `emulator` (the GCS emulator or the fake gcloud; added here
+to every test that uses one) or `tpu` (compiles for a TPU slice with libtpu). With
+GPT_NEO_TEST_FAST=1, a test that starts a process or a TPU compile anyway fails, naming the
+marker it lacks, so the lane stays what it says."""
 
 import os
 
@@ -13,8 +19,45 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow reads its GCS retry settings at import: gs:// tests fail fast instead of retrying
 os.environ.update({k: v for k, v in TF_IMPORT_TIME_ENV.items() if k not in os.environ})
 
+import subprocess
+
 import jax
 import pytest
+
+FAST = os.environ.get("GPT_NEO_TEST_FAST") == "1"
+EMULATOR_FIXTURES = {"gcs", "fake", "gcloud"}  # tests/support's GCS emulator and fake gcloud
+PROCESS_FIXTURES = {"trained", "trained_mlm"}  # models trained through main.py (sacred probes)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if EMULATOR_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.emulator)
+        if PROCESS_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.process)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_lane_guard():
+    """In the fast lane, starting a process or compiling for a TPU fails the test (session
+    wide, so that module fixtures are guarded too)."""
+    if not FAST:
+        yield
+        return
+
+    def refuse(marker: str, what: str):
+        def refused(*args, **kwargs):
+            pytest.fail(f"this test {what}: mark it @pytest.mark.{marker}")
+
+        return refused
+
+    from jax.experimental import topologies
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", refuse("process", "starts a process"))
+        patch.setattr(topologies, "get_topology_desc", refuse("tpu", "compiles for a TPU slice"))
+        yield
 
 
 def pytest_sessionstart(session):

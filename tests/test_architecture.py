@@ -205,6 +205,7 @@ def test_function_level_imports_of_the_package_are_only_the_deliberate_ones():
     assert found == deliberate
 
 
+@pytest.mark.process
 def test_import_gpt_neo_and_its_command_line_start_without_jax_or_tensorflow():
     code = (
         "import sys, gpt_neo, gpt_neo.cli.main, gpt_neo.config, gpt_neo.launch.platform;"

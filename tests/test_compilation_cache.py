@@ -30,6 +30,7 @@ def train(model, *flags):
     return "".join(lines), first_step
 
 
+@pytest.mark.process
 def test_a_restarted_run_loads_its_train_step_from_the_cache(tmp_path, dataset):
     keys = {
         **SMALL_RUN,
@@ -52,6 +53,7 @@ def test_a_restarted_run_loads_its_train_step_from_the_cache(tmp_path, dataset):
     print(f"first step after {cold:.1f}s cold, {warm:.1f}s from the cache ({saved}s saved)")
 
 
+@pytest.mark.process
 def test_the_cache_can_live_elsewhere_or_be_off(tmp_path, dataset):
     keys = {
         **SMALL_RUN,

@@ -312,6 +312,7 @@ def test_a_damaged_tfrecord_reads_whole_or_is_named(intact_records, edits):
             assert "c_0_8.tfrecords" in str(err)
 
 
+@pytest.mark.slow
 @fuzz(25)  # each example builds tf.data pipelines: about 2 s
 @given(edits=damages)
 def test_skipping_damage_never_passes_damaged_bytes_on_as_tokens(intact_records, edits):

@@ -20,6 +20,7 @@ def test_the_committed_notebook_has_no_outputs():
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_every_cell_runs_on_a_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")  # the kernel inherits this: one device, as on Colab

@@ -6,6 +6,7 @@ import pytest
 from tests.support.helpers import start_main
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -24,6 +25,7 @@ def test_a_platform_that_is_not_here_is_one_line_and_exit_2(flags, message):
     assert "leave out --" in lines[0] and "forward pass" not in output
 
 
+@pytest.mark.process
 def test_bad_config_is_one_line_and_exit_2():
     process = start_main("--model", "configs/demo.json", "--set", "n_head=7", "--summary")
     output, _ = process.communicate(timeout=300)

@@ -41,6 +41,7 @@ def installed(tmp_path_factory):
     return venv / "bin", wheel
 
 
+@pytest.mark.process
 def test_the_wheel_is_what_runs_and_carries_the_commands_and_configs(installed, tmp_path):
     bin_dir, wheel = installed
     where = run(bin_dir / "python", "-c", "import gpt_neo; print(gpt_neo.__file__)", cwd=tmp_path)
@@ -49,6 +50,7 @@ def test_the_wheel_is_what_runs_and_carries_the_commands_and_configs(installed, 
     assert wheel.stat().st_size < 2_000_000  # code and configs, no data
 
 
+@pytest.mark.process
 def test_gpt_neo_is_main_py_and_finds_the_bundled_configs_from_any_directory(installed, tmp_path):
     bin_dir, _ = installed
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -61,6 +63,7 @@ def test_gpt_neo_is_main_py_and_finds_the_bundled_configs_from_any_directory(ins
     assert "parameters: 125," in summary and "n_ctx 2048, n_vocab 50257" in summary
 
 
+@pytest.mark.process
 def test_the_data_commands_make_a_tokenizer_and_tfrecords_from_any_directory(installed, tmp_path):
     bin_dir, _ = installed
     texts = tmp_path / "texts"

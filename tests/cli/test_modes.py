@@ -185,6 +185,7 @@ def test_lambada_can_score_the_last_token_only(trained, tmp_path):
     assert results["lambada"]["scored"] == "last token"
 
 
+@pytest.mark.process
 def test_export_loads_in_transformers_then_import_continues_training(trained, tmp_path, capsys):
     import torch
     from transformers import AutoTokenizer, GPTNeoForCausalLM

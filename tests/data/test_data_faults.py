@@ -191,6 +191,7 @@ def copy_dataset(dataset: str, folder: Path) -> str:
     return str(path)
 
 
+@pytest.mark.process
 def test_a_damaged_record_is_skipped_reported_and_a_resume_is_bit_identical(tmp_path, dataset):
     data = copy_dataset(dataset, tmp_path)
     files = sorted((tmp_path / "tfrecords").glob("train_*.tfrecords"))
@@ -213,6 +214,7 @@ def test_a_damaged_record_is_skipped_reported_and_a_resume_is_bit_identical(tmp_
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.process
 def test_a_glob_that_matches_nothing_at_restore_and_a_replaced_tokenizer_are_one_line_each(
     tmp_path, dataset
 ):

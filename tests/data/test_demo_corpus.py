@@ -103,6 +103,7 @@ def test_make_demo_samples_from_a_python_prompt_that_suits_the_corpus(demo_dir, 
     assert chars_per_token[prompt] > chars_per_token[DEFAULT_PROMPT]
 
 
+@pytest.mark.process
 def test_the_moe_demo_config_trains_on_the_demo_corpus(demo_dir, monkeypatch, capsys):
     """configs/demo_moe.json as `make demo` runs demo.json, at a size a test affords."""
     monkeypatch.chdir(demo_dir)

@@ -136,6 +136,7 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
     assert not all(np.array_equal(x, y) for x, y in zip(one, other, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [1, 7, 30])
 def test_restoring_the_state_continues_exactly_like_an_uninterrupted_run(
     tmp_path, small_groups, stop_after

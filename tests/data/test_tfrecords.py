@@ -304,6 +304,7 @@ def test_cli_bad_input_exits_2_with_one_message(tmp_path, capsys):
     assert "not a Hugging Face tokenizer.json" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_running_out_of_space_is_one_line_and_exit_4(tmp_path):
     """A file-size limit (ulimit -f) stands in for a full disk: the writer's error becomes one
     line naming the file, exit 4 (EXIT_STORAGE_FULL), no traceback."""

@@ -27,6 +27,7 @@ def assert_greedy(cfg, params, prompts, outputs, tolerance=1e-4):
             assert row[token] >= row.max() - tolerance, (prompt, k, token, int(row.argmax()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kinds",
     [["global", "local", "linear", "none"], ["local"] * 2, ["linear", "global"]],
@@ -79,6 +80,7 @@ def test_sharded_decoding_equals_single_device():
     assert sharded == single  # 3 prompts on a batch axis of 2: padded, then dropped
 
 
+@pytest.mark.slow
 def test_prompts_are_left_padded_with_padding_id_which_never_shows():
     cfg = tiny_config()
     rows, _, _ = _prepare(cfg.replace(padding_id=99), PROMPTS, 4)

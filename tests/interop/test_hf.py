@@ -22,6 +22,7 @@ def hf_folder(tmp_path_factory):
     return folder, model
 
 
+@pytest.mark.slow
 def test_imported_logits_match_transformers(hf_folder):
     folder, model = hf_folder
     cfg, params = import_hf(folder)

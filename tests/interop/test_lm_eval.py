@@ -54,6 +54,7 @@ def local_task(folder):
     return folder / "tasks", data
 
 
+@pytest.mark.process
 def test_harness_scores_a_local_task_like_our_lambada(adapter, tmp_path):
     from lm_eval.tasks import TaskManager
 
@@ -96,6 +97,7 @@ def test_rolling_and_generation_requests_equal_our_scorer_and_decoder(adapter):
     assert (ll, greedy_match) == pytest.approx(direct[0])
 
 
+@pytest.mark.process
 def test_the_command_line_wrapper_runs_the_harness(trained, tmp_path):  # noqa: F811
     import os
     import subprocess

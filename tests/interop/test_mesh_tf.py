@@ -228,6 +228,7 @@ def test_the_step_is_global_step_and_every_path_form_finds_the_checkpoint():
         assert checkpoint_step(path) == 20
 
 
+@pytest.mark.process
 def test_command_line_import_continues_training_at_gpt_neo_step(tmp_path, capsys):
     dataset = tmp_path / "neo_fixture_A.json"
     dataset.write_text(

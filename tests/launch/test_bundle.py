@@ -47,6 +47,7 @@ def config():
     return from_dict({**SMALL_RUN, "model_path": "gs://bucket/run"})
 
 
+@pytest.mark.process
 def test_only_tracked_files_ship_and_the_untracked_are_named(checkout):
     shipped = bundle.build(config(), root=checkout)
     files = members(shipped)
@@ -57,6 +58,7 @@ def test_only_tracked_files_ship_and_the_untracked_are_named(checkout):
     assert shipped.files == 4
 
 
+@pytest.mark.process
 def test_ship_adds_files_and_folders_of_the_checkout(checkout, monkeypatch):
     monkeypatch.chdir(checkout)
     shipped = bundle.build(config(), root=checkout, ship=["gpt_neo/new_module.py", "outputs"])
@@ -68,6 +70,7 @@ def test_ship_adds_files_and_folders_of_the_checkout(checkout, monkeypatch):
         bundle.build(config(), root=checkout, ship=[str(checkout.parent)])
 
 
+@pytest.mark.process
 def test_this_checkout_ignores_what_the_notebook_and_the_launcher_write():
     """The notebook's working folder (wherever it is run from) and the launcher's logs."""
     notebook = json.loads((REPO / "notebooks" / "gpt_neo_example.ipynb").read_text())

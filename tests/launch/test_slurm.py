@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.helpers import REPO, SMALL_RUN, write_config, write_text_dataset
 
 SCRIPT = REPO / "scripts" / "slurm" / "train.sbatch"
@@ -50,6 +52,7 @@ def slurm_env(tmp_path, tasks: int, python: str) -> dict:
     }
 
 
+@pytest.mark.process
 def test_two_nodes_form_one_run_from_slurm_variables(tmp_path):
     dataset = write_text_dataset(tmp_path / "text", docs=20, eval_docs=2, files_per=5)
     model = write_config(
@@ -75,6 +78,7 @@ def test_two_nodes_form_one_run_from_slurm_variables(tmp_path):
     assert not (tmp_path / "scontrol.log").exists()
 
 
+@pytest.mark.process
 def test_a_preempted_job_is_requeued(tmp_path):
     stand_in = tmp_path / "python"
     stand_in.write_text("#!/bin/bash\necho saved a checkpoint; exit 75\n")

@@ -77,6 +77,7 @@ def test_fused_loss_and_gradients_equal_autodiff_through_full_logits(
     assert float(jnp.abs(grads[1][cfg.n_vocab :].astype(jnp.float32)).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_loss_fn_equals_the_cross_entropy_of_the_models_logits_with_gradients():
     """Whole model: `loss_fn` (fused head) against log-softmax of `forward`'s logits."""
     cfg = tiny_config(z_loss=0.0)
@@ -112,6 +113,7 @@ def test_chunks_bound_the_per_device_logits():
     assert loss_chunks(cfg, 1, 64, 512) == 1
 
 
+@pytest.mark.slow
 def test_sharded_training_loss_matches_one_device_with_several_chunks(monkeypatch):
     """Vocabulary split over a mesh axis, batch over another, the sequence in 4 chunks."""
     import gpt_neo.models.loss as loss_module

@@ -129,6 +129,7 @@ def loss_fn(cfg, params, tokens, rng=None):
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 
 
+@pytest.mark.slow
 def test_recompute_grad_gives_the_same_gradients():
     cfg = tiny_config()
     params = perturbed_params(cfg)

@@ -155,6 +155,7 @@ def _neox_model(cfg, params):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "keys", [dict(), dict(rotary_pct=0.25, rotary_emb_base=500.0)], ids=["full", "partial"]
 )
@@ -230,6 +231,7 @@ def test_sharded_options_equal_single_device():
 # --- export to transformers --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "keys",
     [

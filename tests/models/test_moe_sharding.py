@@ -83,6 +83,7 @@ def single_device(request):
     return request.param, params, tokens, logits, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mesh_shape", "layout", "param_layout", "wi_spec"), LAYOUTS, ids=IDS)
 def test_moe_layout_equals_single_device(single_device, mesh_shape, layout, param_layout, wi_spec):
     routing, ref_params, tokens, ref_logits, ref_grads = single_device
@@ -114,6 +115,7 @@ def test_experts_on_the_data_axis_move_tokens_with_an_all_to_all():
     assert "all-to-all" in hlo
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", [TOP_2, DROPLESS], ids=["top_2", "dropless"])
 def test_training_steps_on_8_devices_equal_one_device(routing):
     routing = {**routing, "moe_second_policy_train": "random", "moe_router_z_loss": 1e-3}

@@ -55,6 +55,7 @@ def single_device():
     return params, tokens, logits, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mesh_shape", "layout", "q_spec", "wte_spec"), LAYOUTS)
 def test_sharded_model_equals_single_device(single_device, mesh_shape, layout, q_spec, wte_spec):
     ref_params, tokens, ref_logits, ref_grads = single_device

@@ -39,6 +39,7 @@ def single_device_mesh():
     return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keys, rows", [(GPT_NEO | GPT_NEO_SPLIT, 50304), (ODD, 1024)])
 def test_padded_model_equals_the_unpadded_one(keys, rows):
     cfg = tiny_config(**keys, **RUN)
@@ -88,6 +89,7 @@ def test_training_a_padded_model_equals_training_the_unpadded_one(trained):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_padded_rows_are_never_sampled_even_when_their_logits_would_win():
     cfg = tiny_config(**ODD)
     params = gpt_neo.init_params(cfg, SEED, gpt_neo.make_mesh(cfg))

@@ -16,7 +16,7 @@ from gpt_neo.planning import aot
 from gpt_neo.training.trainer import Trainer
 from tests.support.helpers import REPO, start_main, tiny_config, write_config
 
-pytestmark = pytest.mark.slow  # each compile is seconds of libtpu's compiler
+pytestmark = [pytest.mark.slow, pytest.mark.tpu]  # each compile: seconds of libtpu's compiler
 
 # bfloat16, n_ctx a multiple of 128 (splash), global and local layers, heads split over y
 SPLASH = dict(
@@ -78,6 +78,7 @@ def test_moe_dispatch_compiles_for_tpu(v5e):
     lowered_train_step(cfg, v5e).compile()
 
 
+@pytest.mark.tpu
 def test_summary_topology_prints_the_compilers_memory_and_flops(tmp_path):
     model = write_config(tmp_path / "m.json", {**SPLASH, "model_path": str(tmp_path / "run")})
     process = start_main("--model", model, "--summary", "--topology", "v5e:2x2")
@@ -96,6 +97,7 @@ def test_summary_topology_prints_the_compilers_memory_and_flops(tmp_path):
     assert "HBM 15.75 GiB: fits" in sampling
 
 
+@pytest.mark.tpu
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -130,6 +132,7 @@ def test_bad_topologies_are_one_line(tmp_path, flags, message):
 TOPOLOGY = ("--topology", "v5e:2x2")
 
 
+@pytest.mark.tpu
 def test_without_libtpu_the_flag_says_how_to_get_it(tmp_path):
     model = write_config(tmp_path / "m.json", {**SPLASH, "model_path": str(tmp_path / "run")})
     blocker = tmp_path / "blocked"

@@ -114,6 +114,7 @@ def batches():
     return [random_tokens(cfg, batch=8, length=cfg.n_ctx + 1, seed=s) for s in range(STEPS)]
 
 
+@pytest.mark.slow
 def test_a_memory_limit_moves_the_choice_the_compiler_confirms_it_and_it_trains_like_one_device(
     batches,
 ):
@@ -150,6 +151,7 @@ def test_nothing_fits_is_one_clear_error():
         auto_layout.choose(cfg, jax.devices(), compile_step=None, limit=10_000)
 
 
+@pytest.mark.tpu
 def test_training_from_the_command_line_chooses_records_and_samples(tmp_path, capsys):
     dataset = write_text_dataset(tmp_path / "text")
     keys = {
@@ -180,6 +182,7 @@ def test_training_from_the_command_line_chooses_records_and_samples(tmp_path, ca
 PRESETS = REPO / "configs"
 
 
+@pytest.mark.tpu
 def test_2_7b_on_v5e_2x2_gets_a_layout_that_fits_where_data_parallel_does_not():
     devices = aot.topology_devices("v5e:2x2")
     cfg = gpt_neo.load_config(
@@ -194,6 +197,7 @@ def test_2_7b_on_v5e_2x2_gets_a_layout_that_fits_where_data_parallel_does_not():
     assert jobs(choice.cfg)[3]  # it splits the weights (FSDP)
 
 
+@pytest.mark.tpu
 @pytest.mark.slow
 def test_summary_on_a_topology_compiles_the_choice_where_data_parallel_does_not_fit(tmp_path):
     """125M's shape with 2 of its layers (a full preset compiles for minutes) at batch 1024 x

@@ -172,6 +172,7 @@ def test_cli_bad_config_is_one_error_line_and_exit_code_2(tmp_path, capsys, case
     assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.process
 def test_cli_process_exits_2_without_traceback(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('{"n_embd": 64}')
@@ -185,6 +186,7 @@ def test_cli_process_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr and "required key 'n_head'" in result.stderr
 
 
+@pytest.mark.process
 def test_cli_help_documents_each_flag():
     result = subprocess.run(
         [sys.executable, str(REPO / "main.py"), "--help"],

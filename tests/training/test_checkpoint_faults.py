@@ -127,6 +127,7 @@ def tree_bytes(path):
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+@pytest.mark.process
 def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_resumes(
     tmp_path, dataset, uninterrupted
 ):
@@ -185,6 +186,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.process
 def test_damaged_checkpoints_are_set_aside_the_newest_intact_resumes_and_none_is_exit_2(
     tmp_path, dataset
 ):
@@ -231,6 +233,7 @@ with RunLock(sys.argv[1]):
 """
 
 
+@pytest.mark.process
 def test_a_run_is_refused_while_another_holds_the_lock_and_takes_a_killed_holders_lock(
     tmp_path, dataset, uninterrupted
 ):
@@ -288,6 +291,7 @@ def test_checksums_name_what_changed(tmp_path, root):
     assert "unreadable" in checkpoint_manifest.damage(step)
 
 
+@pytest.mark.process
 def test_chaos_two_kills_one_aimed_at_a_checkpoint_write_a_sigterm_storm_and_a_nan(tmp_path):
     """bench/chaos.py at 2 kills (the closing note of issue 14 reports 20): the run ends
     bit-identical to an uninterrupted one, no checkpoint on disk fails its checksums, and the

@@ -60,6 +60,7 @@ def single_device(batches):
     return logits, grads, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout, wte_spec", [(FSDP, P(None, "x")), (FSDP_TP, P("y", "x"))], ids=["fsdp", "fsdp+tp"]
 )
@@ -95,6 +96,7 @@ def shard_bytes(leaf) -> int:
     return next(s.data.nbytes for s in leaf.addressable_shards if s.device == jax.devices()[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [FSDP, FSDP_TP], ids=["fsdp x:8", "fsdp+tp x:4,y:2"])
 def test_fsdp_divides_parameter_and_optimizer_bytes_by_the_mesh(layout):
     plain = tiny_config(**RUN, mesh_shape=layout["mesh_shape"], layout=layout["layout"])
@@ -118,6 +120,7 @@ def test_fsdp_divides_parameter_and_optimizer_bytes_by_the_mesh(layout):
     assert x * 0.9 < total_before / total_after <= x
 
 
+@pytest.mark.slow
 def test_a_checkpoint_restores_under_another_param_layout(tmp_path, batches):
     plain = tiny_config(**RUN, mesh_shape="x:4,y:2", layout="batch:x,heads:y")
     fsdp = plain.replace(param_layout="embd:x")

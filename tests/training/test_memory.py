@@ -63,6 +63,7 @@ FOUR_LAYERS = dict(n_layer=4, attention_types=[[["global"], 4]])
 LAYOUTS_125M = {"data": dict(mesh_shape="x:4", layout="batch:x", **FOUR_LAYERS)}
 
 
+@pytest.mark.tpu
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAYOUTS_125M))
 def test_planner_is_within_ten_percent_of_the_tpu_compiler_for_125m(name):
@@ -74,6 +75,7 @@ def test_planner_is_within_ten_percent_of_the_tpu_compiler_for_125m(name):
     assert estimate.train_total == pytest.approx(compiled.total, rel=TOLERANCE)
 
 
+@pytest.mark.tpu
 def test_the_least_memory_compile_is_accepted_and_trades_no_work_for_memory():
     """`least_memory=True` compiles under the TPU scheduler's lowest memory limit (libtpu
     rejects a compile option it does not know, so this fails if the option goes away). On a

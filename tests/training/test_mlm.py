@@ -59,6 +59,7 @@ def test_cls_token_starts_every_example_and_is_never_selected():
     assert (weights[:, 1:] == 1).all()  # mask_prob 1: every other position
 
 
+@pytest.mark.slow
 def test_loss_and_accuracy_count_the_masked_positions_only():
     """Against a NumPy cross-entropy over the logits of the masked inputs."""
     cfg = tiny_config(**MLM, z_loss=0.0)
@@ -76,6 +77,7 @@ def test_loss_and_accuracy_count_the_masked_positions_only():
     assert float(metrics["accuracy"]) == pytest.approx(hits.sum() / weights.sum(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_microbatches_share_the_whole_batch_mask():
     cfg = tiny_config(**MLM, mesh_shape="x:4,y:2", layout="batch:x,heads:y")
     params = perturbed_params(cfg.replace(mesh_shape=None, layout=None))

@@ -43,6 +43,7 @@ def records(folder):
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
+@pytest.mark.process
 def test_moe_training_logs_balance_loss_per_layer_and_resumes_on_another_layout(
     tmp_path, dataset, capsys
 ):
@@ -94,6 +95,7 @@ def perturbed(params):
     return jax.tree.map(lambda a: a + 0.05 * noise.normal(size=a.shape).astype(np.float32), params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gating", ["top_2", "rand_1", "dropless_top_k"])
 def test_greedy_decoding_with_moe_equals_argmax_of_a_full_forward(gating):
     cfg = decoding_config(gating)

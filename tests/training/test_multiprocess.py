@@ -62,6 +62,7 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
+@pytest.mark.process
 def test_two_processes_train_like_one_and_resume(tmp_path, dataset):
     run(config(tmp_path, dataset, "one", 8), processes=1, devices_each=8)
     pair = config(tmp_path, dataset, "pair", 4)

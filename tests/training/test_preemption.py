@@ -94,6 +94,7 @@ def assert_same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.process
 def test_sigterm_saves_and_a_restart_finishes_like_an_uninterrupted_run(
     tmp_path, dataset, uninterrupted
 ):
@@ -111,6 +112,7 @@ def test_sigterm_saves_and_a_restart_finishes_like_an_uninterrupted_run(
     assert_same(params_at(run, STEPS), uninterrupted)
 
 
+@pytest.mark.process
 def test_kill_9_at_a_random_point_then_restart_finishes_like_an_uninterrupted_run(
     tmp_path, dataset, uninterrupted
 ):

@@ -137,6 +137,7 @@ def test_reported_loss_is_cross_entropy_with_z_loss_apart(tmp_path):
     assert float(metrics["z_loss"]) == pytest.approx(0.01 * np.mean(lse**2), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("param_layout", ["", "embd:x"], ids=["replicated", "fsdp"])
 def test_microbatched_gradients_equal_the_unsplit_batch(param_layout):
     # FSDP runs the microbatches through an optimization barrier (gpt_neo.training.step.gradients)
@@ -195,6 +196,7 @@ def test_padding_targets_are_left_out_of_the_loss():
     assert float(all_targets) == pytest.approx(everything, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_microbatches_with_uneven_padding_equal_the_unsplit_batch():
     # each microbatch has its own number of real targets: the loss is normalised by the
     # whole batch's count, not averaged per microbatch
@@ -220,6 +222,7 @@ def test_microbatches_with_uneven_padding_equal_the_unsplit_batch():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_log_grads_reports_each_layers_gradient_norm():
     cfg = from_dict({**ARCH, "train_batch_size": 8, "mesh_shape": "x:8", "log_grads": True})
     trainer = Trainer(cfg, gpt_neo.make_mesh(cfg))
@@ -259,6 +262,7 @@ def test_loss_fn_without_rng_is_deterministic_and_finite():
 # ---- the loop ------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_training_runs_logs_and_saves_then_reports_complete(tmp_path, dataset, capsys):
     model = run_config(
         tmp_path, dataset, train_steps=20, lr_decay_end=20, eval_steps=2, eval_batch_size=8
@@ -302,6 +306,7 @@ def test_training_runs_logs_and_saves_then_reports_complete(tmp_path, dataset, c
     assert "training is complete: step 20 of 20" in capsys.readouterr().out
 
 
+@pytest.mark.process
 def test_log_grads_goes_to_metrics_jsonl_and_tensorboard(tmp_path, dataset):
     from gpt_neo.storage import tf
 
@@ -334,6 +339,7 @@ def test_log_grads_goes_to_metrics_jsonl_and_tensorboard(tmp_path, dataset):
     assert {key: logged[key] for key in written} == written and logged["log_grads"] is True
 
 
+@pytest.mark.process
 def test_resuming_continues_exactly_and_on_another_mesh(tmp_path, dataset):
     full = run_config(tmp_path / "full", dataset, res_dropout=0.1)
     assert main(["--model", full, "--steps_per_checkpoint", "4"]) == 0
@@ -362,6 +368,7 @@ def test_resuming_continues_exactly_and_on_another_mesh(tmp_path, dataset):
         np.testing.assert_allclose(a, b, atol=2e-5)  # same math, other reduction order
 
 
+@pytest.mark.process
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, dataset, capsys):
     model = run_config(tmp_path, dataset, train_steps=2)
     assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
@@ -371,6 +378,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, dataset, capsys):
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
 
 
+@pytest.mark.process
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path, dataset, capsys
 ):
@@ -413,6 +421,7 @@ def test_bad_run_settings_exit_2(tmp_path, dataset, capsys):
     assert "set model_path" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_out_of_memory_is_explained_with_the_memory_estimate(
     tmp_path, dataset, monkeypatch, capsys
 ):
@@ -437,6 +446,7 @@ def test_out_of_memory_is_explained_with_the_memory_estimate(
     assert not (tmp_path / "run" / "checkpoints" / "0").exists()
 
 
+@pytest.mark.process
 def test_new_deletes_model_path_after_confirmation(tmp_path, dataset, monkeypatch, capsys):
     model = run_config(tmp_path, dataset, train_steps=2)
     assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
@@ -448,6 +458,7 @@ def test_new_deletes_model_path_after_confirmation(tmp_path, dataset, monkeypatc
     assert "training from step 0" in capsys.readouterr().out
 
 
+@pytest.mark.process
 def test_evaluation_time_is_not_counted_as_training_time(tmp_path, dataset, monkeypatch):
     from gpt_neo.training import loop
 
