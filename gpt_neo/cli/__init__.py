@@ -14,9 +14,13 @@ from gpt_neo import storage
 from gpt_neo.errors import EXIT_STORAGE_FULL, StorageFull, UserError, first_line
 
 
-def add_overrides_flag(parser: argparse.ArgumentParser, what: str = "a config key") -> None:
-    """`--set KEY=VALUE ...`, collected into `args.overrides` (values parsed as JSON)."""
+def add_overrides_flag(
+    parser: argparse.ArgumentParser, what: str = "a config key", *aliases: str
+) -> None:
+    """`--set KEY=VALUE ...` (and any `aliases`), collected into `args.overrides` (values
+    parsed as JSON)."""
     parser.add_argument(
+        *aliases,
         "--set",
         dest="overrides",
         action="extend",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt_neo.cli import exit_code_of
+from gpt_neo.cli import add_overrides_flag, exit_code_of
 from gpt_neo.interop.mesh_tf import Imported, import_to_checkpoint
 
 
@@ -28,16 +28,7 @@ def main(argv=None) -> int:
     command.add_argument(
         "--model_path", required=True, metavar="DIR", help="an empty directory for ours"
     )
-    command.add_argument(
-        "--override",
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a key of our config last (value parsed as JSON, else a string); repeatable",
-    )
+    add_overrides_flag(command, "a key of our config, last", "--override")
     args = parser.parse_args(argv)
     return exit_code_of(_import, args)
 
