@@ -33,8 +33,9 @@ BATCH, VOCAB, LOG_EVERY, CHECKPOINT_EVERY = 8, 4096, 10, 50
 FILES, RECORDS_PER_FILE = 8, 64
 
 
-def write_dataset(folder: Path, n_ctx: int) -> str:
-    """FILES TFRecord files of random n_ctx + 1-token records, and their dataset config."""
+def write_dataset(folder: Path, n_ctx: int, record_tokens: int | None = None) -> str:
+    """FILES TFRecord files of random records of `record_tokens` tokens (default n_ctx + 1; a
+    longer record's first n_ctx + 1 are used), and their dataset config."""
     import numpy as np
 
     from gpt_neo.data.tfrecords import serialize
@@ -46,7 +47,8 @@ def write_dataset(folder: Path, n_ctx: int) -> str:
         path = folder / f"bench_{index}_{RECORDS_PER_FILE}.tfrecords"
         with tf().io.TFRecordWriter(str(path)) as writer:
             for _ in range(RECORDS_PER_FILE):
-                writer.write(serialize(rng.integers(0, VOCAB, n_ctx + 1).tolist()))
+                tokens = rng.integers(0, VOCAB, record_tokens or n_ctx + 1)
+                writer.write(serialize(tokens.tolist()))
     config = {
         "n_vocab": VOCAB,
         "path": str(folder / "bench_*.tfrecords"),

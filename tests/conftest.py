@@ -4,16 +4,20 @@
 main.py, pods, notebooks, builds), `emulator` (the GCS emulator or the fake gcloud; added here
 to every test that uses one) or `tpu` (compiles for a TPU slice with libtpu). With
 GPT_NEO_TEST_FAST=1, a test that starts a process or a TPU compile anyway fails, naming the
-marker it lacks, so the lane stays what it says."""
+marker it lacks, so the lane stays what it says.
+
+Tests marked `gpu` are skipped here; with GPT_NEO_TEST_GPU=1 (bench/gpu_check.sh, on a machine
+with a GPU) JAX keeps its GPU and only those run, without the simulated CPU devices."""
 
 import os
 
+from tests.support.devices import GPU
 from tests.support.gcs_emulator import TF_IMPORT_TIME_ENV
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + ("" if GPU else " --xla_force_host_platform_device_count=8")
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_PLATFORMS", "" if GPU else "cpu")  # "": every platform JAX finds
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # TensorFlow reads its GCS retry settings at import: gs:// tests fail fast instead of retrying
@@ -30,7 +34,10 @@ PROCESS_FIXTURES = {"trained", "trained_mlm"}  # models trained through main.py 
 
 
 def pytest_collection_modifyitems(config, items):
+    not_here = pytest.mark.skip(reason="needs a GPU: bench/gpu_check.sh runs it on one")
     for item in items:
+        if ("gpu" in item.keywords) != GPU:
+            item.add_marker(not_here if not GPU else pytest.mark.skip(reason="CPU test"))
         fixtures = set(getattr(item, "fixturenames", ()))
         if EMULATOR_FIXTURES & fixtures:
             item.add_marker(pytest.mark.emulator)
@@ -63,7 +70,7 @@ def _fast_lane_guard():
 def pytest_sessionstart(session):
     from tests.support.helpers import SHARED
 
-    if not (SHARED / "fixtures").is_dir():
+    if not GPU and not (SHARED / "fixtures").is_dir():
         raise pytest.UsageError(
             f"the shared test data is not at {SHARED}: clone the repo beside the project's "
             "shared/ folder, or set GPT_NEO_SHARED to it"
@@ -72,4 +79,7 @@ def pytest_sessionstart(session):
 
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
+    if GPU:
+        assert jax.default_backend() == "gpu", "GPT_NEO_TEST_GPU=1 but JAX sees no GPU"
+        return
     assert jax.device_count() == 8, "tests need 8 simulated CPU devices; jax was imported too early"

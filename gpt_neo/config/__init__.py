@@ -18,11 +18,18 @@ from gpt_neo.config.load import (
     load_config,
     parse_overrides,
     read_json_object,
-    repeating_pattern,
     resolve_config_path,
     source_of,
 )
-from gpt_neo.config.rules import AUTO, LAYOUT_KEYS, auto_keys, require_causal, rotary_dims
+from gpt_neo.config.rules import (
+    AUTO,
+    LAYOUT_KEYS,
+    auto_keys,
+    repeating_pattern,
+    require_causal,
+    rotary_dims,
+    scan_period,
+)
 from gpt_neo.config.schema import (
     ACTIVATION_FUNCTIONS,
     ALIASES,
@@ -59,6 +66,7 @@ __all__ = [
     "require_causal",
     "resolve_config_path",
     "rotary_dims",
+    "scan_period",
     "source_of",
     "to_dict",
 ]

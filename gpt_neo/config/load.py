@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpt_neo.config.check import Config, expand_attention_types, from_dict
+from gpt_neo.config.rules import repeating_pattern
 from gpt_neo.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # gpt_neo/config/load.py -> the checkout
@@ -124,12 +125,3 @@ def parse_overrides(overrides: Mapping[str, object] | Sequence[str] | None) -> d
         except json.JSONDecodeError:
             parsed[key.strip()] = raw
     return parsed
-
-
-def repeating_pattern(kinds: tuple[str, ...]) -> tuple[str, ...]:
-    """The shortest pattern that `kinds` repeats: ("global","local")*12 -> ("global","local")."""
-    n = len(kinds)
-    for period in range(1, n + 1):
-        if n % period == 0 and kinds == kinds[:period] * (n // period):
-            return kinds[:period]
-    return kinds

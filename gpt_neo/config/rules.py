@@ -88,6 +88,7 @@ def validate(cfg: Config, source: str) -> None:
         )
     _validate_positions(cfg, source)
     _validate_block_options(cfg, source)
+    _validate_scan(cfg, source)
     _validate_mlm(cfg, source)
     for key in ("embed_dropout", "attn_dropout", "res_dropout"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
@@ -197,6 +198,52 @@ def _validate_block_options(cfg: Config, source: str) -> None:
             f"{source}: share_parameters with moe_layers is not supported (a shared block "
             "would have to hold both the MLP and the experts). Use one of them."
         )
+
+
+def repeating_pattern(items: tuple) -> tuple:
+    """The shortest run that `items` repeats: ("global","local")*12 -> ("global","local")."""
+    n = len(items)
+    for period in range(1, n + 1):
+        if n % period == 0 and items == items[:period] * (n // period):
+            return items[:period]
+    return items
+
+
+def layer_period(cfg: Config) -> int | None:
+    """The length of the shortest run of layers (attention kind, MoE or not) that repeats to
+    make up all `n_layer`, when it repeats at least twice; None when no such run exists."""
+    layers = tuple((kind, i in cfg.moe_layers) for i, kind in enumerate(cfg.attention_types))
+    period = len(repeating_pattern(layers))
+    return period if period < len(layers) else None
+
+
+def scan_period(cfg: Config) -> int | None:
+    """The pattern length the model scans over (`scan_layers`), or None: a Python loop."""
+    if cfg.scan_layers is False or cfg.share_parameters:
+        return None
+    return layer_period(cfg)
+
+
+def _validate_scan(cfg: Config, source: str) -> None:
+    if not cfg.scan_layers:
+        return
+    if cfg.share_parameters:
+        why = "share_parameters runs one block for every layer, which has nothing to stack"
+    elif layer_period(cfg) is not None:
+        return
+    elif cfg.n_layer == 1:
+        why = "a single layer does not repeat"
+    elif len(pattern := repeating_pattern(cfg.attention_types)) < cfg.n_layer:
+        why = (
+            f"moe_layers {list(cfg.moe_layers)} do not repeat with the attention pattern "
+            f"{list(pattern)}"
+        )
+    else:
+        why = f"attention_types {list(cfg.attention_types)} do not repeat a pattern"
+    raise ConfigError(
+        f"{source}: scan_layers is true but {why}. Set scan_layers to false (or remove it) to "
+        "run the layers in a loop."
+    )
 
 
 MLM_KEYS = (

@@ -121,6 +121,12 @@ class Architecture:
     """`float32`, or `bfloat16` compute with float32 master parameters."""
     recompute_grad: bool = False
     """Rematerialise each block's activations in the backward pass (`jax.checkpoint`)."""
+    scan_layers: bool | None = None
+    """Run the layers as one `lax.scan` over parameters stored stacked (a leading layers axis;
+    one stack per position of the pattern that `attention_types` and `moe_layers` repeat), so
+    compile time stays flat in depth. Unset: on wherever the layers repeat a pattern at least
+    twice (not with `share_parameters`, which has one block); `false` unrolls them in a Python
+    loop. Checkpoints restore across either setting. Not a GPT-Neo key."""
     attention_kernel: AttentionKernel = "auto"
     """Softmax-attention kernel: `auto` (cuDNN flash on GPU, splash on TPU where it applies,
     else XLA), or force one of `xla`, `cudnn`, `splash`. Not a GPT-Neo key."""

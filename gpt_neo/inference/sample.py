@@ -30,6 +30,7 @@ from gpt_neo.errors import ConfigError
 from gpt_neo.inference.apply import mesh_of
 from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size
 from gpt_neo.models.gpt import COMPUTE_DTYPES, DecodeCache, cast_params, forward, head, trunk
+from gpt_neo.models.stack import layer_stacks
 
 
 @dataclass(frozen=True)
@@ -73,19 +74,24 @@ def choose(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
 
 def _empty_cache(cfg: Config, batch: int, length: int) -> tuple:
     """Per layer (keys [batch, heads, head_dim, length], values [batch, heads, length,
-    head_dim]), see `attention.KVCache`; None for `none` layers."""
+    head_dim]), see `attention.KVCache`; None for `none` layers. Stacked like the parameters
+    where the layers are scanned: per stack, with a leading layers axis."""
     dtype = COMPUTE_DTYPES[cfg.precision]
-    k_shape = (batch, cfg.n_head, cfg.head_dim, length)
-    v_shape = (batch, cfg.n_head, length, cfg.head_dim)
+    stacks = layer_stacks(cfg)
+    kinds = cfg.attention_types if stacks is None else cfg.attention_types[: stacks.period]
+    layers = () if stacks is None else (stacks.repeats,)
 
     def zeros(shape, dims):  # sharded per the layout when traced under a mesh
-        return constrain(jnp.zeros(shape, dtype), cfg, dims)
+        dims = (None,) * len(layers) + dims
+        return constrain(jnp.zeros(layers + shape, dtype), cfg, dims)
 
+    k_shape = (batch, cfg.n_head, cfg.head_dim, length)
+    v_shape = (batch, cfg.n_head, length, cfg.head_dim)
     return tuple(
         None
         if kind == "none"
         else (zeros(k_shape, axes.CACHED_KEYS), zeros(v_shape, axes.CACHED_VALUES))
-        for kind in cfg.attention_types
+        for kind in kinds
     )
 
 

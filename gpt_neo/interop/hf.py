@@ -38,6 +38,7 @@ from gpt_neo.data.encoders import HFEncoder, load_encoder
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.mesh import check_layout, padded_vocab
 from gpt_neo.models.gpt import param_shardings
+from gpt_neo.models.stack import per_layer, stacked
 from gpt_neo.training.checkpoint.imported import save_imported_model
 
 # Our activation names -> HF's ACT2FN names for the same function.
@@ -263,7 +264,7 @@ def _neox_config(cfg: Config, eos: int | None) -> dict:
 def hf_state_dict(cfg: Config, params: dict) -> dict[str, np.ndarray]:
     """Our parameter tree (or anything shaped like it: gradients too) as float32 arrays under
     Hugging Face GPT-Neo's names and layouts (GPT-NeoX's for a rotary model)."""
-    host = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
+    host = jax.tree.map(lambda a: np.asarray(a, np.float32), per_layer(cfg, jax.device_get(params)))
     if cfg.rotary_emb:
         tensors = _neox_state_dict(cfg, host)
     else:
@@ -413,6 +414,7 @@ def import_hf(hf_dir: str | os.PathLike, *, overrides: dict | None = None, mesh=
         if name not in weights:
             raise DataError(f"{folder}: weight {name} is missing; the folder is incomplete")
         _set(params, path, np.asarray(from_hf(np.asarray(weights[name], np.float32)), np.float32))
+    params = stacked(cfg, params)
     if mesh is not None:
         return cfg, jax.device_put(params, param_shardings(cfg, mesh))
     return cfg, jax.tree.map(jax.numpy.asarray, params)

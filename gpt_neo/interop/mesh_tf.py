@@ -76,6 +76,7 @@ from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.mesh import check_layout
 from gpt_neo.models.activations import ACTIVATION_PARAMS
 from gpt_neo.models.gpt import param_decl_leaves, param_keys, param_shardings
+from gpt_neo.models.stack import stacked
 from gpt_neo.storage import tf
 from gpt_neo.training.checkpoint.imported import save_imported_model
 
@@ -368,7 +369,7 @@ def read_params(prefix: str, cfg: Config) -> dict:
     """Our parameter tree (float32 numpy, vocabulary rows padded as declared) from the GPT-Neo
     checkpoint at `prefix`, for `cfg`. Raises `ConfigError` where they disagree."""
     variables = _variables(prefix)
-    leaves, treedef = param_decl_leaves(cfg)
+    leaves, treedef = param_decl_leaves(cfg, per_layer=True)
     sources = [(_source(cfg, param_keys(path), d.shape, variables), d) for path, d in leaves]
     _check_names(prefix, cfg, {s.name for s, _ in sources}, _model_weights(prefix, variables))
     reader = _reader(prefix)
@@ -385,7 +386,7 @@ def read_params(prefix: str, cfg: Config) -> dict:
         value = source.convert(np.asarray(reader.get_tensor(stored), np.float32))
         pad = [(0, s - d) for d, s in zip(decl.shape, decl.stored_shape, strict=True)]
         values.append(np.pad(value, pad) if any(p for _, p in pad) else value)
-    return jax.tree.unflatten(treedef, values)
+    return stacked(cfg, jax.tree.unflatten(treedef, values))
 
 
 def _place(cfg: Config, params: dict, mesh):

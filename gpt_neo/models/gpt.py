@@ -14,7 +14,9 @@ GPT-Neo's options change that tree (each documented on its `Config` field):
 - `mlp_glu`: mlp {gate_kernel, gate_bias} too; `macaron`: an mlp_macaron per block;
 - `num_mem_kv`: attn {mem_k, mem_v [slots, heads, kv]} in global layers;
 - `share_parameters`: `blocks` holds one block that every layer uses;
-- MoE layers hold `moe` instead of `mlp`.
+- MoE layers hold `moe` instead of `mlp`;
+- layers that repeat a pattern are stored as `stacks` instead of `blocks`, one per position
+  of the pattern with a leading layers axis, and run by `lax.scan` (`gpt_neo.models.stack`).
 
 A `none` layer (GPT-Neo's PAR configs) has no ln_1/attn: it is feed-forward only (and with
 `gpt_neo_none_layers` it first doubles the residual stream, as GPT-Neo did).
@@ -42,6 +44,7 @@ from gpt_neo.mesh import (
 from gpt_neo.models import attention as attn_lib
 from gpt_neo.models import loss as loss_lib
 from gpt_neo.models import moe as moe_lib
+from gpt_neo.models import stack as stack_lib
 from gpt_neo.models.layers import (
     ParamDecl,
     layer_norm,
@@ -65,7 +68,13 @@ Logits = jax.Array  # float32 [batch, seq, vocab]
 
 
 def param_decls(cfg: Config) -> dict:
-    """The parameter tree, undeclared values: shapes, logical axes and initializers."""
+    """The parameter tree as stored (stacked where the layers are scanned), undeclared values:
+    shapes, logical axes and initializers."""
+    return stack_lib.stacked(cfg, layer_decls(cfg))
+
+
+def layer_decls(cfg: Config) -> dict:
+    """`param_decls` with one block per layer, whatever the stored layout."""
     if cfg.share_parameters:  # one block for all layers (config refuses MoE with it)
         blocks = [block_decls(cfg, cfg.attention_types, moe=False)]
     else:
@@ -127,13 +136,16 @@ def block_decls(cfg: Config, kinds: tuple[str, ...], *, moe: bool) -> dict:
 
 
 def layer_params(cfg: Config, params: Params, index: int) -> Params:
-    """Layer `index`'s block parameters (the one shared block with `share_parameters`)."""
+    """Layer `index`'s block parameters in the loop layout (the one shared block with
+    `share_parameters`)."""
     return params["blocks"][0 if cfg.share_parameters else index]
 
 
-def param_decl_leaves(cfg: Config):
+def param_decl_leaves(cfg: Config, *, per_layer: bool = False):
+    """(path, ParamDecl) of every parameter as stored, or with one block per layer."""
     return jax.tree_util.tree_flatten_with_path(
-        param_decls(cfg), is_leaf=lambda x: isinstance(x, ParamDecl)
+        layer_decls(cfg) if per_layer else param_decls(cfg),
+        is_leaf=lambda x: isinstance(x, ParamDecl),
     )
 
 
@@ -170,38 +182,61 @@ def abstract_params(cfg: Config, mesh: Mesh):
 def init_params(cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> Params:
     """Initialise parameters (float32), directly sharded over `mesh` per the layout.
 
-    Each parameter's key is the seed's key folded with a hash of its path, so values do not
-    depend on the mesh, the layout, the vocabulary padding, or which other parameters exist.
-    Nothing is materialised whole on one device: each parameter is produced by a jitted
-    initializer with output sharding, compiled once per distinct (shape, sharding) and shared
-    by every layer.
+    Each parameter's key is the seed's key folded with a hash of its path in the per-layer
+    layout, so values do not depend on the mesh, the layout, the vocabulary padding, whether
+    the layers are stacked, or which other parameters exist. Nothing is materialised whole on
+    one device: each parameter (or stack) is produced by a jitted initializer with output
+    sharding, compiled once per distinct (shape, sharding) and shared by every layer.
     """
     leaves, treedef = param_decl_leaves(cfg)
+    stacks = stack_lib.layer_stacks(cfg)
     root = jax.random.key(seed)
     values = []
     for path, decl in leaves:
+        keys = param_keys(path)
+        names = [keys]
+        if keys[0] == stack_lib.STACKS:
+            assert stacks is not None  # a stored stack implies the scanned layout
+            names = [(stack_lib.BLOCKS, layer, *keys[2:]) for layer in stacks.layers(keys[1])]
         sharding = None if mesh is None else param_sharding(mesh, cfg, decl.axes)
-        make = _initializer(decl.init.kind, decl.shape, decl.stored_shape, sharding)
-        salt = np.uint32(zlib.crc32(param_path(path).encode()))
-        values.append(make(root, salt, np.float32(decl.init.scale)))
+        make = _initializer(
+            decl.init.kind, decl.shape, decl.stored_shape, sharding, stacked=len(names) > 1
+        )
+        salts = np.array([zlib.crc32(param_path(name).encode()) for name in names], np.uint32)
+        values.append(
+            make(root, salts if len(names) > 1 else salts[0], np.float32(decl.init.scale))
+        )
     return jax.tree.unflatten(treedef, values)
 
 
 @functools.lru_cache(maxsize=256)
-def _initializer(kind: str, shape: tuple, stored_shape: tuple, sharding: NamedSharding | None):
-    def make(root, salt, scale):
-        key = jax.random.fold_in(root, salt)
-        if kind == "constant":
-            value = jnp.full(shape, scale, jnp.float32)
-        elif kind == "truncated_normal":
-            value = scale * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
-        else:
-            value = scale * jax.random.normal(key, shape, jnp.float32)
-        if stored_shape == shape:
-            return value
-        return jnp.pad(value, [(0, s - d) for d, s in zip(shape, stored_shape, strict=True)])
-
+def _initializer(
+    kind: str,
+    shape: tuple,
+    stored_shape: tuple,
+    sharding: NamedSharding | None,
+    stacked: bool = False,
+):
+    """A jitted initializer of one parameter, or of a stack given one salt per layer (each
+    layer's values those of its own initializer)."""
+    make = functools.partial(_initial_value, kind, shape, stored_shape)
+    if stacked:
+        make = functools.partial(_initial_value, kind, shape[1:], stored_shape[1:])
+        make = jax.vmap(make, (None, 0, None))
     return jax.jit(make, out_shardings=sharding)
+
+
+def _initial_value(kind: str, shape: tuple, stored_shape: tuple, root, salt, scale):
+    key = jax.random.fold_in(root, salt)
+    if kind == "constant":
+        value = jnp.full(shape, scale, jnp.float32)
+    elif kind == "truncated_normal":
+        value = scale * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+    else:
+        value = scale * jax.random.normal(key, shape, jnp.float32)
+    if stored_shape == shape:
+        return value
+    return jnp.pad(value, [(0, s - d) for d, s in zip(shape, stored_shape, strict=True)])
 
 
 def cast_params(cfg: Config, params):
@@ -214,7 +249,9 @@ def cast_params(cfg: Config, params):
 
 class DecodeCache(NamedTuple):
     """Every layer's keys and values (None for `none` layers), and where a call's tokens go:
-    see `attention.KVCache` for the layout of each field."""
+    see `attention.KVCache` for the layout of each field. `layers` follows the parameters:
+    one (keys, values) per layer, or, where the layers are stacked, one per stack with a
+    leading layers axis."""
 
     layers: tuple
     slots: jax.Array  # [new]
@@ -268,26 +305,100 @@ def trunk(
     if positions is None and t > cfg.n_ctx:
         raise ValueError(f"sequence length {t} exceeds n_ctx {cfg.n_ctx}")
     train = rng is not None if train is None else train
-    rngs = [None] * (cfg.n_layer + 1)
-    if rng is not None:
-        rngs = list(jax.random.split(rng, cfg.n_layer + 1))
+    keys = None if rng is None else jax.random.split(rng, cfg.n_layer + 1)
     x = embed(cfg, params, tokens, position_embedding(cfg, params, positions, t))
     if positions is None:
         positions = jnp.arange(t)[None, :]
-    x = constrain(dropout_fn(x, cfg.embed_dropout, rngs[-1]), cfg, axes.HIDDEN)
-    layers, moe_stats = [], {}
+    x = constrain(
+        dropout_fn(x, cfg.embed_dropout, None if keys is None else keys[-1]), cfg, axes.HIDDEN
+    )
+    layer_keys = None if keys is None else keys[:-1]
+    return run_blocks(cfg, params, x, layer_keys, cache, positions, train)
+
+
+def run_blocks(
+    cfg: Config,
+    params: Params,
+    x: jax.Array,
+    keys: jax.Array | None,
+    cache: DecodeCache | None,
+    positions: jax.Array,
+    train: bool,
+) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
+    """Every block in turn over x: one `lax.scan` over the stacks where the parameters are
+    stacked (`gpt_neo.models.stack`), else a Python loop; the results are the same either way.
+    `keys` [n_layer]: each layer's dropout key (None: no dropout)."""
+    stacks = stack_lib.layer_stacks(cfg)
+    if stacks is None:
+        return _looped_layers(cfg, params, x, keys, cache, positions, train)
+    return _scanned_layers(cfg, stacks, params, x, keys, cache, positions, train)
+
+
+def _layer(cfg: Config, kind: str, index, train: bool, decoding: bool):
+    """Layer `index`'s block as a function of (weights, x, key, cache, positions); with
+    `recompute_grad`, its activations are recomputed in the backward pass."""
+    fn = functools.partial(block, cfg, kind, layer=index, train=train)
+    return jax.checkpoint(fn) if cfg.recompute_grad and not decoding else fn
+
+
+def _looped_layers(cfg, params, x, keys, cache, positions, train):
+    caches, moe_stats = [], {}
     for index, kind in enumerate(cfg.attention_types):
-        block_fn = functools.partial(block, cfg, kind, layer=index, train=train)
-        if cfg.recompute_grad and cache is None:
-            block_fn = jax.checkpoint(block_fn)
         layer_cache = None if cache is None else cache.layer(index)
-        x, layer_cache, stats = block_fn(
-            layer_params(cfg, params, index), x, rngs[index], layer_cache, positions
+        x, layer_cache, stats = _layer(cfg, kind, index, train, cache is not None)(
+            layer_params(cfg, params, index),
+            x,
+            None if keys is None else keys[index],
+            layer_cache,
+            positions,
         )
-        layers.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
+        caches.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
         if stats is not None:
             moe_stats[index] = stats
-    return x, None if cache is None else cache._replace(layers=tuple(layers)), moe_stats
+    return x, None if cache is None else cache._replace(layers=tuple(caches)), moe_stats
+
+
+def _scanned_layers(cfg, stacks: stack_lib.Stacks, params, x, keys, cache, positions, train):
+    """One scan step runs one repeat of the pattern: a block per stack, each reading its
+    layer's slice of the stack (and of the cache's, when decoding)."""
+    kinds = cfg.attention_types[: stacks.period]
+
+    def repeat(x, xs):
+        weights, index, layer_keys, layer_caches = xs
+        caches, stats = [], []
+        for position, kind in enumerate(kinds):
+            layer_cache = None
+            if cache is not None and layer_caches[position] is not None:
+                layer_cache = attn_lib.KVCache(*layer_caches[position], cache.slots, cache.valid)
+            x, layer_cache, layer_stats = _layer(
+                cfg, kind, index * stacks.period + position, train, cache is not None
+            )(
+                weights[position],
+                x,
+                None if layer_keys is None else layer_keys[position],
+                layer_cache,
+                positions,
+            )
+            caches.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
+            stats.append(layer_stats)
+        return x, (tuple(caches), tuple(stats))
+
+    by_repeat = None if keys is None else keys.reshape(stacks.repeats, stacks.period)
+    xs = (
+        params[stack_lib.STACKS],
+        jnp.arange(stacks.repeats),
+        by_repeat,
+        None if cache is None else cache.layers,
+    )
+    x, (caches, stats) = jax.lax.scan(repeat, x, xs)
+    moe_stats = {
+        layer: jax.tree.map(lambda a, r=r: a[r], stats[position])
+        for position in range(stacks.period)
+        if stats[position] is not None
+        for r, layer in enumerate(stacks.layers(position))
+    }
+    moe_stats = dict(sorted(moe_stats.items()))
+    return x, None if cache is None else cache._replace(layers=caches), moe_stats
 
 
 def embed(cfg: Config, params: Params, tokens: Tokens, position_rows) -> jax.Array:
@@ -387,7 +498,7 @@ def param_count(
 
 def block_param_count(cfg: Config) -> int:
     """Parameters of one block (the shared one with `share_parameters`)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(param_decls(cfg)["blocks"][0]))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(layer_decls(cfg)["blocks"][0]))
 
 
 # FLOP conventions per token for training (forward + backward), as MFU reports name them.

@@ -32,6 +32,7 @@ from gpt_neo.mesh import (
 )
 from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token
 from gpt_neo.models.loss import logits_split, loss_chunks
+from gpt_neo.models.stack import layer_stacks
 from gpt_neo.training.memory import plan
 from gpt_neo.training.metrics import FLOP_CONVENTION
 from gpt_neo.training.trainer import Trainer
@@ -143,12 +144,17 @@ def compile_train_step(cfg: Config, devices: list, *, least_memory: bool = False
         micro_batch = trainer.batch_size // trainer.n_micro
         chunks = loss_chunks(cfg, micro_batch, cfg.n_ctx, padded_vocab(cfg))
     chunk_flops = head_flops(cfg, micro_batch, mesh) / chunks
+    stacks = layer_stacks(cfg)
 
     def trip_counts(flops: float, program_text: str) -> float:
         # XLA's cost analysis counts a loop's body once. The loss's chunk loop runs `chunks`
         # times, inside the microbatch loop, which runs n_micro times (the optimizer update
         # outside it costs a few FLOPs per parameter: not worth a term). The compiler unrolls
-        # some loops: then no loop carries the stacked slices, and nothing is scaled.
+        # some loops: then no loop carries the stacked slices, and nothing is scaled. The
+        # scanned layers' loops (forward and backward) run once per repeat of the pattern; the
+        # repeats the count leaves out are the model's FLOPs for them (see `repeat_flops`).
+        if stacks and _has_loop_over(program_text, stacks.repeats):
+            flops += (stacks.repeats - 1) * repeat_flops(cfg, micro_batch, len(devices))
         if chunks > 1 and _has_loop_over(program_text, chunks):
             flops += (chunks - 1) * chunk_flops
         if trainer.n_micro > 1 and _has_loop_over(program_text, trainer.n_micro):
@@ -170,6 +176,18 @@ def head_flops(cfg: Config, batch: int, mesh) -> float:
     respect to the hidden states and to the weights) for `batch` sequences."""
     work = 3 * 2 * batch * cfg.n_ctx * padded_vocab(cfg) * cfg.n_embd
     return work / logits_split(cfg, dict(mesh.shape))
+
+
+def repeat_flops(cfg: Config, batch: int, devices: int) -> float:
+    """Per-device training FLOPs of one repeat of the scanned layers' pattern for `batch`
+    sequences: the model's FLOPs per token (FLOP_CONVENTION) less the output head's, shared
+    among the repeats, and a third more where `recompute_grad` runs each forward pass twice."""
+    stacks = layer_stacks(cfg)
+    assert stacks is not None
+    head_params = padded_vocab(cfg) * cfg.n_embd
+    layers = flops_per_token(cfg, FLOP_CONVENTION) - 6 * head_params
+    recompute = 4 / 3 if cfg.recompute_grad else 1.0
+    return layers / stacks.repeats * batch * cfg.n_ctx * recompute / devices
 
 
 def compile_decode(cfg: Config, devices: list) -> Compiled:

@@ -62,7 +62,7 @@ def _device_shape(cfg: Config, shape, dims) -> tuple[int, ...]:
 
 def param_rows(cfg: Config) -> list[ParamRow]:
     grouped: dict[str, list] = defaultdict(list)
-    for path, decl in param_decl_leaves(cfg)[0]:
+    for path, decl in param_decl_leaves(cfg, per_layer=True)[0]:  # stacks count by layer
         grouped[re.sub(r"^blocks/\d+/", "blocks/*/", param_path(path))].append(decl)
     rows = []
     for name, decls in grouped.items():

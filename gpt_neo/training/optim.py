@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt_neo.config import Config
+from gpt_neo.models.stack import STACKS
 
 DECAY_FLOOR = 0.1  # GPT-Neo decays to 10% of lr (tf cosine_decay alpha / polynomial end_lr)
 
@@ -41,8 +42,15 @@ def learning_rate(cfg: Config, step) -> jax.Array:
 
 
 def decay_mask(params):
-    """Weight decay on matrices (kernels, embeddings), not on biases, norms or scalars."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices (kernels, embeddings), not on biases, norms or scalars. A
+    stacked layer's leading layers axis (`gpt_neo.models.stack`) does not make a bias a
+    matrix."""
+
+    def matrix(path, p) -> bool:
+        layers_axis = getattr(path[0], "key", None) == STACKS
+        return p.ndim - layers_axis >= 2
+
+    return jax.tree_util.tree_map_with_path(matrix, params)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:

@@ -17,6 +17,7 @@ from gpt_neo.config import Config
 from gpt_neo.mesh import activation_spec, batch_axes, split_size
 from gpt_neo.models.gpt import head_inputs, trunk
 from gpt_neo.models.loss import head_loss
+from gpt_neo.models.stack import BLOCKS, STACKS, per_layer_blocks
 from gpt_neo.training.memory import gathers_weights
 from gpt_neo.training.objectives import MASKING_STREAM, Example, make_example
 from gpt_neo.training.optim import learning_rate
@@ -141,11 +142,12 @@ def gradients(cfg: Config, params, batch, step_rng, n_micro: int = 1):
     return total  # every microbatch's terms were already divided by the whole batch's size
 
 
-def gradient_norms(grads) -> dict[str, jax.Array]:
+def gradient_norms(cfg: Config, grads) -> dict[str, jax.Array]:
     """`log_grads`: the norm of each layer's gradient and of the embeddings' and ln_f's, as
-    `grad_norm/blocks/3`, `grad_norm/wte`, ...; their squares add up to the global norm's."""
-    parts = {name: g for name, g in grads.items() if name != "blocks"}
-    parts |= {f"blocks/{i}": g for i, g in enumerate(grads["blocks"])}
+    `grad_norm/blocks/3`, `grad_norm/wte`, ...; their squares add up to the global norm's.
+    Stacked layers are named by layer too (slices of a stack, read in place)."""
+    parts = {name: g for name, g in grads.items() if name not in (BLOCKS, STACKS)}
+    parts |= {f"blocks/{i}": g for i, g in enumerate(per_layer_blocks(cfg, grads))}
     return {f"grad_norm/{name}": optax.tree.norm(g) for name, g in parts.items()}
 
 
@@ -168,5 +170,5 @@ def train_step(cfg: Config, optimizer, n_micro: int, state, batch):
         "lr": learning_rate(cfg, state["step"]),
     }
     if cfg.log_grads:
-        metrics |= gradient_norms(grads)
+        metrics |= gradient_norms(cfg, grads)
     return new_state, metrics

@@ -110,7 +110,8 @@ def test_import_places_params_sharded_on_a_mesh(hf_folder):
     overrides = {"mesh_shape": "x:2,y:4", "layout": "batch:x,heads:y"}
     mesh = gpt_neo.make_mesh(import_hf(folder, overrides=overrides)[0])
     cfg, params = import_hf(folder, overrides=overrides, mesh=mesh)
-    assert params["blocks"][0]["attn"]["q"].sharding.spec == P(None, "y", None)
+    # stacked (two stacks of two layers): the layers axis unsplit, each layer's q by heads
+    assert params["stacks"][0]["attn"]["q"].sharding.spec == P(None, None, "y", None)
     tokens = random_tokens(cfg, batch=4, length=64)
     diff = np.abs(np.asarray(gpt_neo.apply(cfg, params, tokens)) - hf_logits(model, tokens))
     assert diff.max() < PARITY_ATOL

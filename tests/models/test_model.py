@@ -77,7 +77,7 @@ def test_init_follows_gpt_neo_scales(by_depth, by_in):
     )
     p = gpt_neo.init_params(cfg, seed=3)
     d, hd, m, layers = 256, 64, 1024, 4
-    block = p["blocks"][1]
+    block = reference.layer_weights(cfg, p, 1)  # stacked: all four layers repeat
     expected = {
         "wte": (p["wte"], 0.02),
         "wpe": (p["wpe"], 0.01),

@@ -213,6 +213,15 @@ def attend(cfg, kind, h, a):
     return np.einsum("thd,hde->te", out, a["o"]) + a["o_bias"]
 
 
+def layer_weights(cfg, p, index):
+    """Layer `index`'s weights, stored per layer or stacked: layer i is row i // n of stack
+    i % n, for n stacks (the layout gpt_neo.models.stack documents)."""
+    if "stacks" in p:
+        stacks = p["stacks"]
+        return _row(stacks[index % len(stacks)], index // len(stacks))
+    return p["blocks"][0 if cfg.share_parameters else index]
+
+
 def forward(cfg, params, tokens):
     """float64 logits [batch, seq, vocab], following GPT-Neo's `block()` line by line."""
     p = _to_float64(params)
@@ -220,7 +229,7 @@ def forward(cfg, params, tokens):
     for row in np.asarray(tokens):
         x = p["wte"][row] + positions_of(cfg, p, len(row))
         for index, kind in enumerate(cfg.attention_types):
-            b = p["blocks"][0 if cfg.share_parameters else index]
+            b = layer_weights(cfg, p, index)
             gate = b.get("rezero", {"attn": 1.0, "mlp": 1.0})
             mult = 0.5 if cfg.macaron else 1.0
             if cfg.macaron:
@@ -239,6 +248,12 @@ def forward(cfg, params, tokens):
             logits = layer_norm(x, p["ln_f"]) @ p["wte"].T
         batch_logits.append(logits)
     return np.stack(batch_logits)
+
+
+def _row(tree, row):
+    if isinstance(tree, dict):
+        return {k: _row(v, row) for k, v in tree.items()}
+    return tree[row]
 
 
 def _to_float64(tree):

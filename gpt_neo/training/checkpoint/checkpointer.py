@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -35,6 +36,7 @@ from gpt_neo.config import SHAPE_KEYS, Config, default_of, to_dict
 from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError, first_line, warn
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import abstract_params
+from gpt_neo.models.stack import BLOCKS, STACKS, Stacks, stack_tree, unstack_tree
 from gpt_neo.training.checkpoint import manifest
 
 # The parameters' and the optimizer state's shapes: a checkpoint fits only a config that
@@ -247,13 +249,12 @@ class Checkpointer:
         shardings; None when there is none. A checkpoint of another model is a ConfigError."""
 
         def read(step):
+            stored, convert = self._as_stored(step, abstract_state)
             restored = self.manager.restore(
                 step,
-                args=ocp.args.Composite(
-                    state=_restore(abstract_state), data=ocp.args.JsonRestore()
-                ),
+                args=ocp.args.Composite(state=_restore(stored), data=ocp.args.JsonRestore()),
             )
-            return restored["state"], restored["data"]
+            return convert(restored["state"]), restored["data"]
 
         return self._newest_intact(cfg, read)
 
@@ -262,15 +263,35 @@ class Checkpointer:
         (a third of the memory for sampling, evaluation and export); None when there is none."""
 
         def read(step):
+            stored, convert = self._as_stored(step, {"params": target_params})
             restored = self.manager.restore(
                 step,
-                args=ocp.args.Composite(
-                    state=_restore({"params": target_params}, partial_restore=True)
-                ),
+                args=ocp.args.Composite(state=_restore(stored, partial_restore=True)),
             )
-            return restored["state"]["params"], step
+            return convert(restored["state"])["params"], step
 
         return self._newest_intact(cfg, read)
+
+    def _as_stored(self, step: int, target):
+        """(what to restore checkpoint `step` into, a function taking that to `target`). The
+        identity, unless the checkpoint stores the layers the other way (stacked or one block
+        per layer, `gpt_neo.models.stack`: `scan_layers` changed, or a checkpoint written
+        before stacking existed): then it is read in its own layout and converted, every
+        array placed per `target`'s shardings (the whole state twice, once, while it is)."""
+        metadata = self.manager.item_metadata(step)["state"]
+        stored = getattr(metadata, "tree", metadata)["params"]
+        wanted = target["params"]
+        if (STACKS in stored) == (STACKS in wanted):
+            return target, lambda tree: tree
+        stacked_layers, per_layer = (wanted, stored) if STACKS in wanted else (stored, wanted)
+        period = len(stacked_layers[STACKS])
+        stacks = Stacks(period, len(per_layer[BLOCKS]) // period)
+        if STACKS in wanted:
+            source, convert = unstack_tree(stacks, target), functools.partial(stack_tree, stacks)
+        else:
+            source, convert = stack_tree(stacks, target), functools.partial(unstack_tree, stacks)
+        shardings = jax.tree.map(lambda a: a.sharding, target)
+        return source, jax.jit(convert, out_shardings=shardings)
 
     def close(self) -> None:
         if self._failed:  # the error was reported; orbax's state after it is not worth a second
