@@ -43,6 +43,9 @@ def layouts(n: int) -> dict[str, tuple[str, dict]]:
         "fsdp": (f"FSDP x:{n}", fsdp),
         "tensor": (f"data x tensor x:{n // 2},y:2", tensor_mesh),
         "no-remat": (f"data x:{n}, no remat", {**data, "recompute_grad": False}),
+        # the layers unrolled instead of scanned (scan_layers; gpt_neo.models.stack)
+        "unrolled": (f"data x:{n}, layers unrolled", {**data, "scan_layers": False}),
+        "fsdp-unrolled": (f"FSDP x:{n}, layers unrolled", {**fsdp, "scan_layers": False}),
         # microbatches: 125M's row set the planner's gradient buffers for the loop; the rest check
         "fsdp-micro": (f"FSDP x:{n}, 2 microbatches", {**fsdp, "microbatches": 2}),
         "data-micro": (f"data x:{n}, 2 microbatches", {**data, "microbatches": 2}),

@@ -59,7 +59,8 @@ def minimal(state, batch):
 with jax.set_mesh(trainer.mesh):
     batch = trainer.place(tokens.astype(np.int32))
     project = trainer.init_state(0)
-    bare = (project["params"], optimizer.init(project["params"]))
+    params = jax.tree.map(jnp.copy, project["params"])  # the project's step donates its own
+    bare = (params, optimizer.init(params))
     sides = {"step": [project, trainer.step], "minimal": [bare, minimal]}
     best = {}
     for _ in range(rounds):
@@ -100,11 +101,12 @@ def jitted_steps(model: str, devices: int, rounds: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-c", STEPS_SIDE_BY_SIDE, model, str(rounds), str(TO_STEP - FROM_STEP)],
         env=environment(devices),
-        check=True,
         capture_output=True,
         text=True,
         cwd=REPO,
     )
+    if out.returncode:
+        raise SystemExit(f"the jitted steps failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -29,7 +29,8 @@ from gpt_neo.config import Config, require_causal
 from gpt_neo.errors import ConfigError
 from gpt_neo.inference.apply import mesh_of
 from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size
-from gpt_neo.models.gpt import COMPUTE_DTYPES, DecodeCache, cast_params, forward, head, trunk
+from gpt_neo.models.blocks import COMPUTE_DTYPES, DecodeCache, cast_params
+from gpt_neo.models.gpt import forward, head, trunk
 from gpt_neo.models.stack import layer_stacks
 
 

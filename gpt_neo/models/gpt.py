@@ -45,24 +45,20 @@ from gpt_neo.models import attention as attn_lib
 from gpt_neo.models import loss as loss_lib
 from gpt_neo.models import moe as moe_lib
 from gpt_neo.models import stack as stack_lib
+from gpt_neo.models.blocks import COMPUTE_DTYPES, DecodeCache, Params, run_blocks
 from gpt_neo.models.layers import (
     ParamDecl,
     layer_norm,
-    mlp,
     mlp_decls,
     norm_decls,
     normal,
-    pre_norm,
     pre_norm_decls,
     zeros,
 )
 from gpt_neo.models.layers import dropout as dropout_fn
 from gpt_neo.models.positions import position_decls, position_embedding
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# What the model's signatures pass around.
-Params = dict[str, Any]  # the parameter tree described above
+# What the model's signatures pass around (Params: the parameter tree described above).
 Tokens = jax.Array  # int32 [batch, seq]
 Logits = jax.Array  # float32 [batch, seq, vocab]
 
@@ -133,12 +129,6 @@ def block_decls(cfg: Config, kinds: tuple[str, ...], *, moe: bool) -> dict:
     else:
         block["mlp"] = mlp_decls(cfg)
     return block
-
-
-def layer_params(cfg: Config, params: Params, index: int) -> Params:
-    """Layer `index`'s block parameters in the loop layout (the one shared block with
-    `share_parameters`)."""
-    return params["blocks"][0 if cfg.share_parameters else index]
 
 
 def param_decl_leaves(cfg: Config, *, per_layer: bool = False):
@@ -239,31 +229,6 @@ def _initial_value(kind: str, shape: tuple, stored_shape: tuple, root, salt, sca
     return jnp.pad(value, [(0, s - d) for d, s in zip(shape, stored_shape, strict=True)])
 
 
-def cast_params(cfg: Config, params):
-    """float32 master parameters -> the compute dtype (`precision`); a no-op on cast ones.
-    Each block casts its own weights (`block`); decoding casts the whole tree once per call so
-    that its loop reads cast weights."""
-    dtype = COMPUTE_DTYPES[cfg.precision]
-    return jax.tree.map(lambda a: a.astype(dtype), params)
-
-
-class DecodeCache(NamedTuple):
-    """Every layer's keys and values (None for `none` layers), and where a call's tokens go:
-    see `attention.KVCache` for the layout of each field. `layers` follows the parameters:
-    one (keys, values) per layer, or, where the layers are stacked, one per stack with a
-    leading layers axis."""
-
-    layers: tuple
-    slots: jax.Array  # [new]
-    valid: jax.Array  # [batch, length]
-
-    def layer(self, index: int) -> attn_lib.KVCache | None:
-        if self.layers[index] is None:
-            return None
-        keys, values = self.layers[index]
-        return attn_lib.KVCache(keys, values, self.slots, self.valid)
-
-
 class Output(NamedTuple):
     """What `forward` returns: logits [batch, seq, padded vocab] float32 (rows past n_vocab, if
     the vocabulary is padded, hold a huge negative number: never predicted or sampled), the
@@ -300,7 +265,9 @@ def trunk(
     routing policies. With `cache`, attention reads and extends it (decoding); the updated
     cache is returned. Pure; trace under `jax.set_mesh(mesh)` for sharded activations.
     Each block casts its own weights to the compute dtype (inside its remat scope, when
-    `recompute_grad`), so no compute-dtype copy of the whole model is ever live at once."""
+    `recompute_grad`), so unrolled, no compute-dtype copy of the whole model is ever live at
+    once. (Scanned, the TPU compiler hoists the casts of the stacks out of its loops:
+    `gpt_neo.training.memory.SCAN_BYTES_PER_PARAMETER`.)"""
     t = tokens.shape[1]
     if positions is None and t > cfg.n_ctx:
         raise ValueError(f"sequence length {t} exceeds n_ctx {cfg.n_ctx}")
@@ -314,91 +281,6 @@ def trunk(
     )
     layer_keys = None if keys is None else keys[:-1]
     return run_blocks(cfg, params, x, layer_keys, cache, positions, train)
-
-
-def run_blocks(
-    cfg: Config,
-    params: Params,
-    x: jax.Array,
-    keys: jax.Array | None,
-    cache: DecodeCache | None,
-    positions: jax.Array,
-    train: bool,
-) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
-    """Every block in turn over x: one `lax.scan` over the stacks where the parameters are
-    stacked (`gpt_neo.models.stack`), else a Python loop; the results are the same either way.
-    `keys` [n_layer]: each layer's dropout key (None: no dropout)."""
-    stacks = stack_lib.layer_stacks(cfg)
-    if stacks is None:
-        return _looped_layers(cfg, params, x, keys, cache, positions, train)
-    return _scanned_layers(cfg, stacks, params, x, keys, cache, positions, train)
-
-
-def _layer(cfg: Config, kind: str, index, train: bool, decoding: bool):
-    """Layer `index`'s block as a function of (weights, x, key, cache, positions); with
-    `recompute_grad`, its activations are recomputed in the backward pass."""
-    fn = functools.partial(block, cfg, kind, layer=index, train=train)
-    return jax.checkpoint(fn) if cfg.recompute_grad and not decoding else fn
-
-
-def _looped_layers(cfg, params, x, keys, cache, positions, train):
-    caches, moe_stats = [], {}
-    for index, kind in enumerate(cfg.attention_types):
-        layer_cache = None if cache is None else cache.layer(index)
-        x, layer_cache, stats = _layer(cfg, kind, index, train, cache is not None)(
-            layer_params(cfg, params, index),
-            x,
-            None if keys is None else keys[index],
-            layer_cache,
-            positions,
-        )
-        caches.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
-        if stats is not None:
-            moe_stats[index] = stats
-    return x, None if cache is None else cache._replace(layers=tuple(caches)), moe_stats
-
-
-def _scanned_layers(cfg, stacks: stack_lib.Stacks, params, x, keys, cache, positions, train):
-    """One scan step runs one repeat of the pattern: a block per stack, each reading its
-    layer's slice of the stack (and of the cache's, when decoding)."""
-    kinds = cfg.attention_types[: stacks.period]
-
-    def repeat(x, xs):
-        weights, index, layer_keys, layer_caches = xs
-        caches, stats = [], []
-        for position, kind in enumerate(kinds):
-            layer_cache = None
-            if cache is not None and layer_caches[position] is not None:
-                layer_cache = attn_lib.KVCache(*layer_caches[position], cache.slots, cache.valid)
-            x, layer_cache, layer_stats = _layer(
-                cfg, kind, index * stacks.period + position, train, cache is not None
-            )(
-                weights[position],
-                x,
-                None if layer_keys is None else layer_keys[position],
-                layer_cache,
-                positions,
-            )
-            caches.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
-            stats.append(layer_stats)
-        return x, (tuple(caches), tuple(stats))
-
-    by_repeat = None if keys is None else keys.reshape(stacks.repeats, stacks.period)
-    xs = (
-        params[stack_lib.STACKS],
-        jnp.arange(stacks.repeats),
-        by_repeat,
-        None if cache is None else cache.layers,
-    )
-    x, (caches, stats) = jax.lax.scan(repeat, x, xs)
-    moe_stats = {
-        layer: jax.tree.map(lambda a, r=r: a[r], stats[position])
-        for position in range(stacks.period)
-        if stats[position] is not None
-        for r, layer in enumerate(stacks.layers(position))
-    }
-    moe_stats = dict(sorted(moe_stats.items()))
-    return x, None if cache is None else cache._replace(layers=caches), moe_stats
 
 
 def embed(cfg: Config, params: Params, tokens: Tokens, position_rows) -> jax.Array:
@@ -425,56 +307,6 @@ def head(cfg: Config, params: Params, x: jax.Array) -> Logits:
     """The output head: float32 logits [batch, seq, padded vocab], padding rows masked."""
     logits = loss_lib.logits(*head_inputs(cfg, params, x), cfg.n_vocab)
     return constrain(logits, cfg, axes.LOGITS)
-
-
-def block(
-    cfg: Config,
-    kind: str,
-    p: dict,
-    x: jax.Array,
-    rng: jax.Array | None = None,
-    cache: attn_lib.KVCache | None = None,
-    positions: jax.Array | None = None,
-    *,
-    layer: int = 0,
-    train: bool = False,
-) -> tuple[jax.Array, attn_lib.KVCache | None, moe_lib.MoeStats | None]:
-    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); each branch followed by residual dropout.
-    A `none` layer (GPT-Neo's PAR configs) has the MLP half only; in an MoE layer the MLP is
-    a mixture of experts, which also reports its `MoeStats`. GPT-Neo's block options, in its
-    order: `macaron` first adds half an MLP of x (no norm) and halves the main MLP branch;
-    `rezero` scales each branch by a learned scalar instead of normalising its input;
-    `scalenorm` swaps the norm (see `pre_norm`). `p` is cast to the compute dtype here."""
-    p = cast_params(cfg, p)
-    attn_rng = res_rng = mlp_rng = moe_rng = macaron_rng = None
-    if rng is not None:
-        attn_rng, res_rng, mlp_rng = jax.random.split(rng, 3)
-        moe_rng, macaron_rng = jax.random.fold_in(rng, 3), jax.random.fold_in(rng, 4)
-
-    def add(x, branch, rezero_gate=None, rng=None):
-        if cfg.rezero and rezero_gate is not None:
-            branch = branch * p["rezero"][rezero_gate]
-        return constrain(x + dropout_fn(branch, cfg.res_dropout, rng), cfg, axes.HIDDEN)
-
-    half = 0.5 if cfg.macaron else 1.0
-    if cfg.macaron:
-        x = add(x, 0.5 * mlp(cfg, p["mlp_macaron"], x), rng=macaron_rng)
-    if kind != "none":
-        h, cache = attn_lib.attention(
-            cfg, kind, p["attn"], pre_norm(cfg, p.get("ln_1"), x), attn_rng, cache, positions
-        )
-        x = add(x, h, "attn", res_rng)
-    elif cfg.gpt_neo_none_layers:
-        x = add(x, x, "attn")  # GPT-Neo's `a = x`
-    stats = None
-    normed = pre_norm(cfg, p.get("ln_2"), x)
-    if "moe" in p:
-        h, stats = moe_lib.moe_mlp(
-            cfg, p["moe"], normed, train=train, rng=moe_rng, layer=layer, decoding=cache is not None
-        )
-    else:
-        h = mlp(cfg, p["mlp"], normed)
-    return add(x, half * h, "mlp", mlp_rng), cache, stats
 
 
 def param_count(

@@ -1,4 +1,5 @@
-"""The output head and its cross-entropy, fused, in chunks: no [batch, seq, vocab] float32 logits.
+"""The output head and its cross-entropy, fused, in chunks: no [batch, seq, vocab] float32 logits
+(except where they are small: `AUTODIFF_BYTES`).
 
 A whole batch's float32 logits are the largest tensor of a training step (3 GiB per device for
 the 125M preset at batch 32 x 2048 on 4 chips: more than the model and its optimizer state).
@@ -32,6 +33,9 @@ from gpt_neo.models.attention import MASK_VALUE  # also the logit of padding row
 # Per-device bytes of one chunk's float32 logits: a few of these are live at once (logits,
 # probabilities, their gradient), so the head's peak stays well under a GiB at any vocabulary.
 CHUNK_BYTES = 256 * 2**20
+# Per-device bytes of float32 logits up to which the loss keeps them whole for plain autodiff
+# (a few copies live into the backward pass: a small share of any accelerator's memory).
+AUTODIFF_BYTES = 32 * 2**20
 
 
 class LossTerms(NamedTuple):
@@ -68,10 +72,20 @@ def head_loss(
     `weights` [padded vocab, embd] (+ `bias`), against `targets` [batch, seq] weighted by
     `target_weights` (0 where a position does not count). Equal to the cross-entropy of
     `logits(...)` plus `cfg.z_loss` * logsumexp^2, summed and divided by `target_count`.
-    `chunks` (default: `loss_chunks`) splits the sequence."""
+    `chunks` (default: `loss_chunks`) splits the sequence. Logits of at most
+    `AUTODIFF_BYTES` per device are kept instead, and differentiated by plain autodiff: the
+    faster program where they are that small (bench/step_cost.py: the fused head's own
+    gradients cost a small CPU model's step 14% more)."""
+    batch, seq = x.shape[:2]
+    small = chunks is None and local_logit_bytes(cfg, batch, seq, weights.shape[0]) <= (
+        AUTODIFF_BYTES
+    )
     chunks = chunks or loss_chunks(cfg, x.shape[0], x.shape[1], weights.shape[0])
-    static = _Static(cfg.n_vocab, float(cfg.z_loss), chunks)
+    static = _Static(cfg.n_vocab, float(cfg.z_loss), chunks, bool(cfg.mlm_training))
     scale = 1.0 / jnp.asarray(target_count, jnp.float32)
+    if small:
+        sums, _ = _chunk_terms(static, x, weights, bias, targets, target_weights, scale, False)
+        return LossTerms(*_terms(static, sums, scale))
     terms = _fused(static, x, weights, bias, targets, target_weights, scale)
     return LossTerms(*typing.cast(tuple, terms))
 
@@ -79,11 +93,15 @@ def head_loss(
 def loss_chunks(cfg, batch: int, seq: int, vocab: int) -> int:
     """How many pieces to cut the sequence into so that one piece's float32 logits take at
     most `CHUNK_BYTES` per device (the fewest such pieces that divide the sequence)."""
+    wanted = max(1, math.ceil(local_logit_bytes(cfg, batch, seq, vocab) / CHUNK_BYTES))
+    return next(n for n in range(wanted, seq + 1) if seq % n == 0)
+
+
+def local_logit_bytes(cfg, batch: int, seq: int, vocab: int) -> float:
+    """Bytes of float32 logits per device, under the mesh being traced against."""
     mesh = jax.sharding.get_abstract_mesh()
     split = 1 if mesh.empty else logits_split(cfg, dict(mesh.shape))
-    local_bytes = batch * seq * vocab * 4 / split
-    wanted = max(1, math.ceil(local_bytes / CHUNK_BYTES))
-    return next(n for n in range(wanted, seq + 1) if seq % n == 0)
+    return batch * seq * vocab * 4 / split
 
 
 def logits_split(cfg, sizes: dict[str, int]) -> int:
@@ -96,6 +114,7 @@ class _Static(NamedTuple):
     n_vocab: int
     z_loss: float
     chunks: int
+    accuracy: bool  # count argmax == target (a masked LM reports it); else `correct` is 0
 
 
 def _chunked(a: jax.Array, chunks: int) -> jax.Array:
@@ -112,17 +131,27 @@ def _unchunked(a: jax.Array) -> jax.Array:
 def _chunk_terms(static: _Static, x, weights, bias, targets, target_weights, scale, grads: bool):
     """One chunk: the loss sums and, with `grads`, d total / d (x, weights, bias)."""
     z = logits(x, weights, bias, static.n_vocab)
-    log_z = jax.nn.logsumexp(z, axis=-1)
+    # log-sum-exp by hand, so that the softmax below reuses its exponentials: one pass of exp
+    # over the logits instead of two
+    top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))  # any shift is exact
+    exps = jnp.exp(z - top)
+    total = jnp.sum(exps, axis=-1, keepdims=True)
+    log_z = (top + jnp.log(total))[..., 0]
     target_logit = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    # Each term below is a pass over [batch, chunk, vocab] logits, the step's largest tensor:
+    # the z-loss and accuracy terms are computed only where they count.
+    zero = jnp.zeros((), jnp.float32)
     sums = (
         jnp.sum((log_z - target_logit) * target_weights),
-        jnp.sum(jnp.square(log_z) * target_weights),
-        jnp.sum((jnp.argmax(z, axis=-1) == targets) * target_weights),
+        jnp.sum(jnp.square(log_z) * target_weights) if static.z_loss else zero,
+        jnp.sum((jnp.argmax(z, axis=-1) == targets) * target_weights) if static.accuracy else zero,
     )
     if not grads:
         return sums, None
     # d/dz [(lse - z_t) + c * lse^2] = softmax * (1 + 2c * lse) - onehot(t), per counted target
-    probs = jnp.exp(z - log_z[..., None]) * (1.0 + 2.0 * static.z_loss * log_z)[..., None]
+    probs = exps * (1.0 / total)
+    if static.z_loss:
+        probs = probs * (1.0 + 2.0 * static.z_loss * log_z)[..., None]
     onehot = jnp.arange(z.shape[-1]) == targets[..., None]
     dz = ((probs - onehot) * (target_weights * scale)[..., None]).astype(x.dtype)
     dx = jnp.einsum("btv,ve->bte", dz, weights, preferred_element_type=jnp.float32)

@@ -30,7 +30,8 @@ from gpt_neo.mesh import (
     mesh_axes,
     padded_vocab,
 )
-from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token
+from gpt_neo.models.attention import resolve_kernel
+from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token, layer_decls
 from gpt_neo.models.loss import logits_split, loss_chunks
 from gpt_neo.models.stack import layer_stacks
 from gpt_neo.training.memory import plan
@@ -143,6 +144,9 @@ def compile_train_step(cfg: Config, devices: list, *, least_memory: bool = False
         lowered = trainer.step.lower(state, tokens)
         micro_batch = trainer.batch_size // trainer.n_micro
         chunks = loss_chunks(cfg, micro_batch, cfg.n_ctx, padded_vocab(cfg))
+        dtype = COMPUTE_DTYPES[cfg.precision]
+        # XLA counts no FLOPs inside a fused kernel (splash, cuDNN): neither does `repeat_flops`
+        xla_attention = resolve_kernel(cfg, dtype, cfg.n_ctx, cfg.attn_dropout > 0) == "xla"
     chunk_flops = head_flops(cfg, micro_batch, mesh) / chunks
     stacks = layer_stacks(cfg)
 
@@ -154,7 +158,8 @@ def compile_train_step(cfg: Config, devices: list, *, least_memory: bool = False
         # scanned layers' loops (forward and backward) run once per repeat of the pattern; the
         # repeats the count leaves out are the model's FLOPs for them (see `repeat_flops`).
         if stacks and _has_loop_over(program_text, stacks.repeats):
-            flops += (stacks.repeats - 1) * repeat_flops(cfg, micro_batch, len(devices))
+            per_repeat = repeat_flops(cfg, micro_batch, len(devices), attention=xla_attention)
+            flops += (stacks.repeats - 1) * per_repeat
         if chunks > 1 and _has_loop_over(program_text, chunks):
             flops += (chunks - 1) * chunk_flops
         if trainer.n_micro > 1 and _has_loop_over(program_text, trainer.n_micro):
@@ -178,16 +183,29 @@ def head_flops(cfg: Config, batch: int, mesh) -> float:
     return work / logits_split(cfg, dict(mesh.shape))
 
 
-def repeat_flops(cfg: Config, batch: int, devices: int) -> float:
+def repeat_flops(cfg: Config, batch: int, devices: int, *, attention: bool = True) -> float:
     """Per-device training FLOPs of one repeat of the scanned layers' pattern for `batch`
-    sequences: the model's FLOPs per token (FLOP_CONVENTION) less the output head's, shared
-    among the repeats, and a third more where `recompute_grad` runs each forward pass twice."""
+    sequences, counted as XLA counts a block: per token and layer, two per matrix weight (the
+    active ones in an MoE layer) and, with `attention` (XLA's attention, not a fused kernel's),
+    four per key a query reads per head dimension (all n_ctx in a global layer, the two
+    windows of the blocked local attention); three passes (forward, and the backward's two
+    products), four with `recompute_grad`."""
     stacks = layer_stacks(cfg)
     assert stacks is not None
-    head_params = padded_vocab(cfg) * cfg.n_embd
-    layers = flops_per_token(cfg, FLOP_CONVENTION) - 6 * head_params
-    recompute = 4 / 3 if cfg.recompute_grad else 1.0
-    return layers / stacks.repeats * batch * cfg.n_ctx * recompute / devices
+    per_token = 0.0
+    pattern = layer_decls(cfg)["blocks"][: stacks.period]
+    for kind, block in zip(cfg.attention_types, pattern, strict=False):
+        matrices = sum(math.prod(d.shape) for d in jax.tree.leaves(block) if len(d.shape) >= 2)
+        if "moe" in block:
+            hp = cfg.moe
+            idle = hp.moe_num_experts - hp.experts_per_token
+            matrices -= idle * 2 * cfg.n_embd * hp.moe_hidden_size
+        keys = {"global": cfg.n_ctx, "local": min(cfg.n_ctx, 2 * cfg.local_attention_radius)}
+        per_token += 2 * matrices
+        if attention:
+            per_token += 4 * keys.get(kind, 0) * cfg.n_head * cfg.head_dim
+    passes = 4 if cfg.recompute_grad else 3
+    return passes * per_token * batch * cfg.n_ctx / devices
 
 
 def compile_decode(cfg: Config, devices: list) -> Compiled:

@@ -14,6 +14,7 @@ from rich.table import Table
 from gpt_neo.config import Config
 from gpt_neo.mesh import mesh_axes, padded_vocab, rules
 from gpt_neo.models.gpt import FLOP_CONVENTIONS, flops_per_token, param_count
+from gpt_neo.models.stack import layer_stacks
 from gpt_neo.training.memory import param_rows, plan
 
 
@@ -31,6 +32,14 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _loop_reason(cfg: Config) -> str:
+    if cfg.scan_layers is False:
+        return "scan_layers is false"
+    if cfg.share_parameters:
+        return "share_parameters: one block"
+    return "the layers repeat no pattern"
+
+
 def print_summary(cfg: Config, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 120), soft_wrap=True)
     total = param_count(cfg)
@@ -45,6 +54,13 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
     console.print(
         f"parameters: {total:,} ({_human(total)}); without position embedding "
         f"{param_count(cfg, include_position_embedding=False):,}"
+    )
+    stacks = layer_stacks(cfg)
+    console.print(
+        f"layers run as a Python loop ({_loop_reason(cfg)})"
+        if stacks is None
+        else f"layers run as one lax.scan: {stacks.period} stack(s) of {stacks.repeats} "
+        "(scan_layers)"
     )
     if cfg.moe_layers:
         hp = cfg.moe

@@ -38,7 +38,7 @@ def inputs(dtype, *, vocab=96, n_vocab=90, bias=False, seed=0):
     return x, weights, bias_value, targets, target_weights
 
 
-@pytest.mark.parametrize("chunks", [1, 4, 16])
+@pytest.mark.parametrize("chunks", [None, 1, 4, 16])  # None: small logits, plain autodiff
 @pytest.mark.parametrize(
     "dtype,bias,tolerance",
     [(jnp.float32, False, 2e-6), (jnp.float32, True, 2e-6), (jnp.bfloat16, False, 2e-2)],
@@ -46,7 +46,8 @@ def inputs(dtype, *, vocab=96, n_vocab=90, bias=False, seed=0):
 def test_fused_loss_and_gradients_equal_autodiff_through_full_logits(
     chunks, dtype, bias, tolerance
 ):
-    cfg = tiny_config(n_vocab=90, z_loss=1e-3)
+    # a masked LM's config: the only objective whose accuracy (argmax == target) is counted
+    cfg = tiny_config(n_vocab=90, z_loss=1e-3, mlm_training=True, mlm_mask_id=1)
     x, weights, bias_value, targets, target_weights = inputs(dtype, bias=bias)
     count = target_weights.sum()
     diff = (0, 1, 2) if bias else (0, 1)

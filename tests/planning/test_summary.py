@@ -69,10 +69,20 @@ def test_per_device_memory_equals_the_bytes_of_real_sharded_train_state(opt_name
     assert memory["optimizer state"] == float_bytes_on(device, state["opt_state"])
 
 
-def test_summary_rows_cover_every_parameter():
-    cfg = tiny_config()
+@pytest.mark.parametrize("kinds", [["global", "local", "linear", "none"], ["global", "local"] * 2])
+def test_summary_rows_cover_every_parameter_of_every_layer(kinds):
+    cfg = tiny_config(attention_types=kinds)  # looped, then stacked
     rows = param_rows(cfg)
-    assert sum(r.layers for r in rows) == len(jax.tree.leaves(gpt_neo.init_params(cfg, 0)))
+    params = gpt_neo.init_params(cfg, 0)
+    per_layer = len(jax.tree.leaves(params.get("blocks"))) + sum(
+        len(jax.tree.leaves(stack)) * cfg.n_layer // len(params["stacks"])
+        for stack in params.get("stacks", [])
+    )
+    others = len(
+        jax.tree.leaves({k: v for k, v in params.items() if k not in ("blocks", "stacks")})
+    )
+    assert sum(r.layers for r in rows) == per_layer + others
+    assert all(not r.name.startswith("stacks") for r in rows)  # rows name layers, stored either way
 
 
 def test_cli_summary_prints_counts_shardings_and_runs_a_forward_pass(capsys):
@@ -81,6 +91,7 @@ def test_cli_summary_prints_counts_shardings_and_runs_a_forward_pass(capsys):
     out = capsys.readouterr().out
     cfg = gpt_neo.load_config(REPO / "configs" / "demo.json", overrides=mesh)
     assert f"parameters: {param_count(cfg):,}" in out
+    assert "layers run as one lax.scan: 2 stack(s) of 2 (scan_layers)" in out  # [global, local] x 2
     assert "6N+12LHQT" in out and "6N+6LHQT (causal)" in out
     assert "per-device memory (adam), estimated: parameters" in out
     wte_row = next(line for line in out.splitlines() if line.strip().startswith("wte "))
