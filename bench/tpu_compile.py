@@ -10,7 +10,9 @@ No TPU is needed: libtpu compiles for the slice on this machine (see gpt_neo/pla
 Every run: global batch 32 x 2048, bfloat16 activations, float32 weights, full remat
 (`recompute_grad`), Adam with decoupled weight decay (AdamW). MaxText runs its `gpt3` decoder
 unscanned (its scanned layers cost more temporaries and hide FLOPs in the loop body) in a side
-environment: bench/maxtext_side.py says how to make one.
+environment: bench/maxtext_side.py says how to make one; a second MaxText column compiles
+its scanned decoder. Ours scans its layers by default (`scan_layers`; docs/scanned-layers.md),
+and `--unrolled` adds a column of ours with them unrolled.
 
 Why ours is compiled twice with --maxtext_python: the temporaries depend on the compiler as
 much as on the program. MaxText needs Python >= 3.12 and so a newer jax and libtpu than a
@@ -61,9 +63,12 @@ def config(size: str, layout: str, all_global: bool):
     return cfg
 
 
-def ours(size: str, layout: str, all_global: bool) -> dict:
-    """Our compile with this environment's jax and libtpu, as bytes and FLOPs per device."""
+def ours(size: str, layout: str, all_global: bool, unrolled: bool = False) -> dict:
+    """Our compile with this environment's jax and libtpu, as bytes and FLOPs per device;
+    the layers scanned (the default) or `unrolled`."""
     cfg = config(size, layout, all_global)
+    if unrolled:
+        cfg = cfg.replace(scan_layers=False)
     result = {"estimate": plan(cfg).train_total, "jax": version("jax"), "libtpu": version("libtpu")}
     try:
         c = aot.compile_train_step(cfg, aot.topology_devices("v5e:2x2"))
@@ -95,9 +100,9 @@ def ours_in(python: str, size: str, layout: str, all_global: bool) -> dict:
         return failed("ours (side environment)", size, layout, err)
 
 
-def theirs(python: str, size: str, layout: str) -> dict:
+def theirs(python: str, size: str, layout: str, scan: bool = False) -> dict:
     try:
-        return maxtext_compile(python, size, layout, scan=False)
+        return maxtext_compile(python, size, layout, scan=scan)
     except RuntimeError as err:
         return failed("MaxText", size, layout, err)
 
@@ -134,6 +139,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
     parser.add_argument("--maxtext_python", help="the side venv's python (bench/maxtext_side.py)")
     parser.add_argument("--all_global", action="store_true", help="every layer global attention")
+    parser.add_argument(
+        "--unrolled", action="store_true", help="also compile ours with the layers unrolled"
+    )
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # one compile of ours, for `ours_in`
@@ -143,9 +151,12 @@ def main() -> None:
     hbm = aot.hbm_bytes(aot.topology_devices("v5e:2x2")) / GIB
     print(f"TPU v5e:2x2 (HBM {hbm:.2f} GiB per chip), batch 32 x 2048, bfloat16, full remat, AdamW")
     header = ["model", "layout", "planner", "ours: args + temp", "ours: FLOPs", "ours: compile"]
+    if args.unrolled:
+        header += ["ours unrolled: args + temp", "FLOPs", "compile"]
     if side:
         header += ["ours, MaxText's compiler: args + temp", "FLOPs", "compile"]
         header += ["MaxText: args + temp", "MaxText: FLOPs", "MaxText: compile"]
+        header += ["MaxText scanned: args + temp", "FLOPs", "compile"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     compilers = {}
@@ -154,11 +165,15 @@ def main() -> None:
             mine = ours(size, name, args.all_global)
             compilers["ours"] = compiler(mine)
             row = [size, name, f"{mine['estimate'] / GIB:.2f} GiB", *cells(mine)]
+            if args.unrolled:
+                row += cells(ours(size, name, args.all_global, unrolled=True))
             if side:
                 mine_there = ours_in(side, size, name, args.all_global)
                 row += cells(mine_there)
                 other = theirs(side, size, maxtext_layout) if maxtext_layout else None
                 row += cells(other)
+                scanned = theirs(side, size, maxtext_layout, scan=True) if maxtext_layout else None
+                row += cells(scanned)
                 for who, r in (("ours, side", mine_there), ("MaxText", other)):
                     if r and "jax" in r:
                         compilers[who] = compiler(r)

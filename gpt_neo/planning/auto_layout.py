@@ -40,9 +40,11 @@ import jax.numpy as jnp
 
 from gpt_neo import axes, hardware
 from gpt_neo.config import Config, auto_keys
+from gpt_neo.config.rules import layer_period
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import check_layout, mesh_axes, parse_mesh_shape, pieces, rules
 from gpt_neo.models.gpt import COMPUTE_DTYPES, flops_per_token
+from gpt_neo.models.stack import layer_stacks
 from gpt_neo.planning import aot
 from gpt_neo.training.memory import MemoryPlan, memory_per_device, num_microbatches, plan, weights
 from gpt_neo.training.metrics import FLOP_CONVENTION
@@ -134,10 +136,16 @@ class Candidate:
             return 0
         return 1 if self.memory.train_total <= (1 + PLANNER_MARGIN) * self.limit else 2
 
+    @property
+    def unrolled(self) -> bool:
+        """Whether layers that repeat run unrolled (`scan_layers: false`, `_layer_layouts`)."""
+        return self.cfg.scan_layers is False and layer_period(self.cfg) is not None
+
     def rank_key(self):
         return (
             self.tier,
             self.cost.seconds,
+            self.unrolled,  # the same split scanned compiles faster
             self.split.microbatches,
             self.cost.bytes_sent,
             self.memory.train_total,
@@ -179,7 +187,10 @@ class Choice:
         if naive is not None and naive not in shown:
             shown.append(naive)
         labels = {
-            i: self.ranked[i].split.describe() + (" (naive)" if i == naive else "") for i in shown
+            i: self.ranked[i].split.describe()
+            + (", layers unrolled" if self.ranked[i].unrolled else "")
+            + (" (naive)" if i == naive else "")
+            for i in shown
         }
         width = max(map(len, labels.values()))
         lines = [
@@ -194,7 +205,8 @@ class Choice:
                 f"  {i + 1:>2}  {labels[i]:<{width}} {_size(c.memory.train_total):>10} "
                 f"{_ms(c.cost.seconds):>9}  {why}"
             )
-        pinned = ", ".join(f'"{key}": {_json(getattr(self.cfg, key))}' for key in self.keys)
+        keys = (*self.keys, "scan_layers") if self.chosen.unrolled else self.keys
+        pinned = ", ".join(f'"{key}": {_json(getattr(self.cfg, key))}' for key in keys)
         lines.append(
             f"chosen #{self.ranked.index(self.chosen) + 1}: {pinned} (set these in the config "
             "to skip the search)"
@@ -203,7 +215,9 @@ class Choice:
 
 
 def _json(value) -> str:
-    return "null" if value is None else str(value) if isinstance(value, int) else f'"{value}"'
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value) if isinstance(value, int) else f'"{value}"'
 
 
 def _ms(seconds: float) -> str:
@@ -374,12 +388,20 @@ def rank(cfg: Config, n_devices: int, chip: hardware.Chip, limit: int | None) ->
             check_layout(candidate_cfg)
         except ConfigError:
             continue
-        candidates.append(
-            Candidate(
-                split, candidate_cfg, plan(candidate_cfg), estimate(candidate_cfg, chip), limit
+        for layers_cfg in _layer_layouts(candidate_cfg):
+            candidates.append(
+                Candidate(split, layers_cfg, plan(layers_cfg), estimate(layers_cfg, chip), limit)
             )
-        )
     return sorted(candidates, key=Candidate.rank_key)
+
+
+def _layer_layouts(cfg: Config) -> list[Config]:
+    """`cfg`, and where `scan_layers` is unset and the layers would be scanned, the same with
+    them unrolled: scanning compiles faster but needs more memory (gpt_neo.training.memory),
+    so where only the unrolled program fits, it is the one chosen."""
+    if cfg.scan_layers is None and layer_stacks(cfg) is not None:
+        return [cfg, cfg.replace(scan_layers=False)]
+    return [cfg]
 
 
 # --------------------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def _neox_model(cfg, params):
     p = jax.tree.map(np.asarray, params)
     state = {"gpt_neox.embed_in.weight": p["wte"], "embed_out.weight": p["wte"]}
     state["lm_head.weight"] = p["wte"]
-    for i, b in enumerate(p["blocks"]):
+    for i in range(cfg.n_layer):  # stacked (all layers global): the oracle's own indexing
+        b = reference.layer_weights(cfg, p, i)
         pre = f"gpt_neox.layers.{i}"
         q, k, v = (b["attn"][n].reshape(d, h, hd).transpose(1, 2, 0) for n in "qkv")
         fused = np.concatenate([q * hd**0.5, k, v], axis=1).reshape(3 * d, d)  # per head

@@ -195,6 +195,26 @@ def test_2_7b_on_v5e_2x2_gets_a_layout_that_fits_where_data_parallel_does_not():
     assert naive.memory.train_total > 2 * hbm  # 43 GiB: the float32 weights and Adam alone
     assert choice.chosen.memory.train_total < hbm
     assert jobs(choice.cfg)[3]  # it splits the weights (FSDP)
+    # scanned, the same split needs the stacks' extra copies and no longer fits: the search
+    # unrolls the layers, and says so
+    scanned = next(
+        c for c in choice.ranked if c.split == choice.chosen.split and c.cfg.scan_layers is None
+    )
+    assert scanned.memory.train_total > hbm > choice.chosen.memory.train_total
+    assert choice.cfg.scan_layers is False
+    lines = "\n".join(choice.lines())
+    assert ", layers unrolled" in lines and '"scan_layers": false' in lines
+
+
+def test_the_search_keeps_the_layers_scanned_where_they_fit():
+    devices = aot.topology_devices("v5e:2x2")
+    cfg = gpt_neo.load_config(
+        str(PRESETS / "gpt_neo_125M.json"),
+        overrides={"mesh_shape": "auto", "layout": "auto", "train_batch_size": 32},
+    )
+    choice = auto_layout.choose(cfg, devices, compile_step=None)
+    assert choice.chosen.tier == 0 and choice.cfg.scan_layers is None  # the faster compile
+    assert any(c.unrolled for c in choice.ranked)  # both were ranked
 
 
 @pytest.mark.tpu

@@ -18,17 +18,17 @@ BATCHES = 3
 
 
 def model(tmp_path, **keys):
-    return tiny_config(
-        attention_types=[[["global", "local"], 2]],
-        mesh_shape="x:4,y:2",
-        layout="batch:x,heads:y",
-        param_layout="embd:y",
-        train_batch_size=8,
-        lr=1e-2,
-        weight_decay=0.1,
-        model_path=str(tmp_path / "run"),
-        **keys,
-    )
+    base = {
+        "attention_types": [[["global", "local"], 2]],
+        "mesh_shape": "x:4,y:2",
+        "layout": "batch:x,heads:y",
+        "param_layout": "embd:x",
+        "train_batch_size": 8,
+        "lr": 1e-2,
+        "weight_decay": 0.1,
+        "model_path": str(tmp_path / "run"),
+    }
+    return tiny_config(**{**base, **keys})
 
 
 def steps(cfg, trainer, state, batches):
@@ -61,7 +61,8 @@ def test_a_checkpoint_restores_into_the_other_layout_and_trains_on(tmp_path, wri
     checkpointer = Checkpointer(writer.model_path, 3)
     checkpointer.save(2, state, {"position": "start"}, writer)
     checkpointer.close()
-    _, expected_losses = steps(writer, trainer, state, batches[2:])
+    wrote = host(writer, state)
+    _, expected_losses = steps(writer, trainer, state, batches[2:])  # donates `state`
 
     reader = model(tmp_path, scan_layers=read)
     trainer = Trainer(reader, make_mesh(reader))
@@ -78,7 +79,7 @@ def test_a_checkpoint_restores_into_the_other_layout_and_trains_on(tmp_path, wri
         leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
         for leaf, sharding in zip(jax.tree.leaves(restored), shardings, strict=True)
     )
-    wrote, got = host(writer, state), host(reader, restored)
+    got = host(reader, restored)
     assert sorted(wrote) == sorted(got)
     for name, value in wrote.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
