@@ -21,7 +21,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train_end_to_end import BATCH, LOG_EVERY, REPO, end_to_end, environment, write_dataset
+from train_end_to_end import (
+    BATCH,
+    LOG_EVERY,
+    REPO,
+    end_to_end,
+    environment,
+    model_config,
+    write_dataset,
+)
 
 SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_ctx": 128, "n_vocab": 4096}
 RECORD_TOKENS = 257
@@ -78,24 +86,6 @@ print(json.dumps(best))
 """
 
 
-def model_config(folder: Path, devices: int, steps: int, dataset: str) -> str:
-    keys = {
-        **SHAPE,
-        "train_batch_size": BATCH,
-        "train_steps": steps,
-        "iterations": LOG_EVERY,
-        "lr": 1e-4,
-        "weight_decay": 0.1,
-        "mesh_shape": f"x:{devices}",
-        "layout": "batch:x",
-        "datasets": [[dataset, None, "chunks", None]],
-        "model_path": str(folder / f"run_{devices}"),
-    }
-    path = folder / f"model_{devices}.json"
-    path.write_text(json.dumps(keys))
-    return str(path)
-
-
 def jitted_steps(model: str, devices: int, rounds: int) -> dict[str, float]:
     """Seconds of TO_STEP - FROM_STEP steps of each jitted step, best of `rounds`."""
     out = subprocess.run(
@@ -120,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         dataset = write_dataset(folder / "data", SHAPE["n_ctx"], RECORD_TOKENS)
-        model = model_config(folder, args.devices, args.steps, dataset)
+        model = model_config(folder, SHAPE, args.devices, args.steps, dataset, weight_decay=0.1)
         e2e = None
         for _ in range(args.rounds):
             intervals = end_to_end(model, args.devices)

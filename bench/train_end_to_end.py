@@ -59,7 +59,8 @@ def write_dataset(folder: Path, n_ctx: int, record_tokens: int | None = None) ->
     return str(folder / "dataset.json")
 
 
-def model_config(folder: Path, shape: dict, devices: int, steps: int, dataset: str) -> str:
+def model_config(folder: Path, shape: dict, devices: int, steps: int, dataset: str, **extra) -> str:
+    """The run's config file: `shape` and `extra` over this bench's training keys."""
     keys = {
         **shape,
         "n_vocab": VOCAB,
@@ -72,6 +73,7 @@ def model_config(folder: Path, shape: dict, devices: int, steps: int, dataset: s
         "layout": "batch:x",
         "datasets": [[dataset, None, "chunks", None]],
         "model_path": str(folder / f"run_{devices}"),
+        **extra,
     }
     path = folder / f"model_{devices}.json"
     path.write_text(json.dumps(keys))

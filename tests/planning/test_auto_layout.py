@@ -182,15 +182,19 @@ def test_training_from_the_command_line_chooses_records_and_samples(tmp_path, ca
 PRESETS = REPO / "configs"
 
 
-@pytest.mark.tpu
-def test_2_7b_on_v5e_2x2_gets_a_layout_that_fits_where_data_parallel_does_not():
+def ranked_on_v5e_2x2(preset: str):
+    """(the search's ranking of `preset` at batch 32 for v5e:2x2, nothing compiled; its HBM)."""
     devices = aot.topology_devices("v5e:2x2")
     cfg = gpt_neo.load_config(
-        str(PRESETS / "gpt_neo_2.7B.json"),
+        str(PRESETS / f"{preset}.json"),
         overrides={"mesh_shape": "auto", "layout": "auto", "train_batch_size": 32},
     )
-    choice = auto_layout.choose(cfg, devices, compile_step=None)
-    hbm = aot.hbm_bytes(devices)
+    return auto_layout.choose(cfg, devices, compile_step=None), aot.hbm_bytes(devices)
+
+
+@pytest.mark.tpu
+def test_2_7b_on_v5e_2x2_gets_a_layout_that_fits_where_data_parallel_does_not():
+    choice, hbm = ranked_on_v5e_2x2("gpt_neo_2.7B")
     naive = next(c for c in choice.ranked if auto_layout._is_naive(c.split))
     assert naive.memory.train_total > 2 * hbm  # 43 GiB: the float32 weights and Adam alone
     assert choice.chosen.memory.train_total < hbm
@@ -206,13 +210,9 @@ def test_2_7b_on_v5e_2x2_gets_a_layout_that_fits_where_data_parallel_does_not():
     assert ", layers unrolled" in lines and '"scan_layers": false' in lines
 
 
+@pytest.mark.tpu
 def test_the_search_keeps_the_layers_scanned_where_they_fit():
-    devices = aot.topology_devices("v5e:2x2")
-    cfg = gpt_neo.load_config(
-        str(PRESETS / "gpt_neo_125M.json"),
-        overrides={"mesh_shape": "auto", "layout": "auto", "train_batch_size": 32},
-    )
-    choice = auto_layout.choose(cfg, devices, compile_step=None)
+    choice, _ = ranked_on_v5e_2x2("gpt_neo_125M")
     assert choice.chosen.tier == 0 and choice.cfg.scan_layers is None  # the faster compile
     assert any(c.unrolled for c in choice.ranked)  # both were ranked
 
