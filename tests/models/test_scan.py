@@ -68,6 +68,7 @@ def loss(cfg, params, tokens, rng):
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * targets, -1))
 
 
+@pytest.mark.slow  # 8-30 s each on 2 cores
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_scan_and_loop_give_the_same_logits_and_gradients(case):
     looped, scanned = both(CASES[case]())
@@ -104,6 +105,7 @@ def test_stacks_hold_the_layers_as_documented_and_match_the_numpy_oracle():
     np.testing.assert_allclose(np.asarray(got), expected, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_fsdp_on_x2_y4_steps_and_differentiates_the_same_scanned_or_looped():
     cfg = tiny_config(
         attention_types=[[["global", "local"], 2]],

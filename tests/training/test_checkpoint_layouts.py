@@ -48,6 +48,7 @@ def host(cfg, tree) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("written", "read"),
     [(False, None), (None, False)],
