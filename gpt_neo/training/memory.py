@@ -168,7 +168,7 @@ class MemoryPlan:
             ("saved activations", self.saved_activations),
             ("freed as gradients arrive", -self.freed_early),
             ("working set", self.block_working_set),
-            ("scanned layers' copies", self.scan_copies),
+            *([("scanned layers' copies", self.scan_copies)] if self.scan_copies else []),
             ("batch", self.batch),
         ]
 
