@@ -39,12 +39,10 @@ import jax
 import jax.numpy as jnp
 
 from gpt_neo import axes, hardware
-from gpt_neo.config import Config, auto_keys
-from gpt_neo.config.rules import layer_period
+from gpt_neo.config import Config, auto_keys, layer_period
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import check_layout, mesh_axes, parse_mesh_shape, pieces, rules
 from gpt_neo.models.gpt import COMPUTE_DTYPES, flops_per_token
-from gpt_neo.models.stack import layer_stacks
 from gpt_neo.planning import aot
 from gpt_neo.training.memory import MemoryPlan, memory_per_device, num_microbatches, plan, weights
 from gpt_neo.training.metrics import FLOP_CONVENTION
@@ -139,7 +137,7 @@ class Candidate:
     @property
     def unrolled(self) -> bool:
         """Whether layers that repeat run unrolled (`scan_layers: false`, `_layer_layouts`)."""
-        return self.cfg.scan_layers is False and layer_period(self.cfg) is not None
+        return self.cfg.scan_layers is False and _repeats(self.cfg)
 
     def rank_key(self):
         return (
@@ -399,9 +397,14 @@ def _layer_layouts(cfg: Config) -> list[Config]:
     """`cfg`, and where `scan_layers` is unset and the layers would be scanned, the same with
     them unrolled: scanning compiles faster but needs more memory (gpt_neo.training.memory),
     so where only the unrolled program fits, it is the one chosen."""
-    if cfg.scan_layers is None and layer_stacks(cfg) is not None:
+    if cfg.scan_layers is None and _repeats(cfg):
         return [cfg, cfg.replace(scan_layers=False)]
     return [cfg]
+
+
+def _repeats(cfg: Config) -> bool:
+    """Whether the layers repeat a pattern, which `scan_layers` unset would scan."""
+    return layer_period(cfg) is not None and not cfg.share_parameters
 
 
 # --------------------------------------------------------------------------------------------
