@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Simulated CPU devices, so that every sharding path runs on a laptop.
 CPU_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: demo test test-fast lint format setup setup-test clean
+.PHONY: demo test test-fast lint docs format setup setup-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,15 @@ $(VENV)/.test-installed: pyproject.toml setup.py | $(VENV)/bin/python
 setup: $(VENV)/.core-installed
 setup-test: $(VENV)/.test-installed
 
+GPT_NEO := $(VENV)/bin/gpt-neo
+
 demo: setup
-	$(PY) data/build_demo_corpus.py
-	$(PY) main.py --model configs/demo.json --check_dataset --check_records 0
-	$(CPU_DEVICES) $(PY) main.py --model configs/demo.json --summary \
+	$(GPT_NEO) data demo
+	$(GPT_NEO) check-data --model configs/demo.json --check_records 0
+	$(CPU_DEVICES) $(GPT_NEO) summary --model configs/demo.json \
 		--set mesh_shape=x:4,y:2 layout=batch:x,heads:y,vocab:y,intermediate_expanded:y
-	$(PY) main.py --model configs/demo.json --steps_per_checkpoint 50
-	$(PY) main.py --model configs/demo.json --predict --prompt data/demo_prompt.txt --max_new_tokens 64
+	$(GPT_NEO) train --model configs/demo.json --steps_per_checkpoint 50
+	$(GPT_NEO) sample --model configs/demo.json --prompt data/demo_prompt.txt --max_new_tokens 64
 
 test: setup-test
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
@@ -37,6 +39,11 @@ test: setup-test
 test-fast: setup-test
 	GPT_NEO_TEST_FAST=1 $(PY) -m pytest -n 2 --dist worksteal --durations=15 \
 		-m "not (process or emulator or tpu or slow)" tests
+
+# The documentation site, into site/; --strict (mkdocs.yml): a broken link or a page missing
+# from the nav fails the build
+docs: setup-test
+	$(PY) -m mkdocs build --strict
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
@@ -48,4 +55,4 @@ format: setup-test
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site

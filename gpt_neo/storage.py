@@ -23,6 +23,9 @@ def tf():
     """TensorFlow, for data and files only: it never sees an accelerator (JAX owns those).
     Imported on first use: it is heavy, and model code never needs it."""
     if "tensorflow" not in sys.modules and "keras" not in sys.modules:
+        # oneDNN's custom kernels speed up TensorFlow's CPU math, which nothing here runs (files
+        # and parsing only); switched on, TensorFlow announces them on every start
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         sys.modules[_KERAS_EAGER_IMPORT] = None  # pyright: ignore[reportArgumentType] (see above)
         try:
             import tensorflow

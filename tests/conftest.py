@@ -67,16 +67,6 @@ def _fast_lane_guard():
         yield
 
 
-def pytest_sessionstart(session):
-    from tests.support.helpers import SHARED
-
-    if not GPU and not (SHARED / "fixtures").is_dir():
-        raise pytest.UsageError(
-            f"the shared test data is not at {SHARED}: clone the repo beside the project's "
-            "shared/ folder, or set GPT_NEO_SHARED to it"
-        )
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     if GPU:

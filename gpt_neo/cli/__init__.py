@@ -1,10 +1,9 @@
-"""The command lines: `main.py` and the `data/` scripts call these, and argparse namespaces
-stop here; the library below takes plain arguments. Nothing in the library imports this
-package."""
+"""The command lines: `gpt-neo VERB` (verbs.py), GPT-Neo's `main.py` (main.py) and the `data/`
+scripts call these, and argparse namespaces stop here; the library below takes plain
+arguments. Nothing in the library imports this package."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -14,21 +13,15 @@ from gpt_neo import storage
 from gpt_neo.errors import EXIT_STORAGE_FULL, StorageFull, UserError, first_line
 
 
-def add_overrides_flag(
-    parser: argparse.ArgumentParser, what: str = "a config key", *aliases: str
-) -> None:
-    """`--set KEY=VALUE ...` (and any `aliases`), collected into `args.overrides` (values
-    parsed as JSON)."""
-    parser.add_argument(
-        *aliases,
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override {what} (value parsed as JSON, else a string); repeatable",
-    )
+def version_line() -> str:
+    """What `--version` prints: the installed distribution's version, and Python's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("gpt-neo")
+    except PackageNotFoundError:  # a checkout on sys.path, never installed
+        ours = "(not installed)"
+    return f"gpt-neo {ours} (Python {sys.version.split()[0]})"
 
 
 def exit_code_of(run: Callable[..., int], *args) -> int:

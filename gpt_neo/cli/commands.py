@@ -1,10 +1,12 @@
-"""What each `main.py` mode does with its flags: the last stop of argparse namespaces. Every
-function here reads `args`, calls the library with plain values, and prints."""
+"""What each mode (`gpt-neo train`, `summary`, ... and `main.py`'s flags) does with its flags:
+the last stop of argparse namespaces. Every function here reads `args`, calls the library with
+plain values, and prints."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 import typing
@@ -42,14 +44,21 @@ from gpt_neo.training.metrics import Metrics, with_run_record
 from gpt_neo.training.report import write_report
 from gpt_neo.training.validation import validation
 
+# Overrides from the environment, applied after --set: for schedulers and CI, and for the
+# docs' tests, which run the documented commands word for word at a tiny size
+OVERRIDES_ENV = "GPT_NEO_SET"
+
 
 def load(args: argparse.Namespace) -> Config:
-    return gpt_neo.load_config(args.model, overrides=args.overrides)
+    overrides = list(args.overrides)
+    if extra := os.environ.get(OVERRIDES_ENV, "").split():
+        print(f"{OVERRIDES_ENV}: {' '.join(extra)} (after --set)", file=sys.stderr)
+        overrides += extra
+    return gpt_neo.load_config(args.model, overrides=overrides)
 
 
-def enable_compilation_cache(cfg: Config, args: argparse.Namespace) -> None:
-    if not (args.check_dataset or args.summary):  # modes that compile nothing worth keeping
-        compilation_cache.enable(cfg.model_path, args.compilation_cache)
+def enable_compilation_cache(cfg: Config, directory: str | None) -> None:
+    compilation_cache.enable(cfg.model_path, directory)
 
 
 def check_dataset(cfg: Config, args: argparse.Namespace) -> int:
@@ -59,14 +68,12 @@ def check_dataset(cfg: Config, args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# --summary
+# summary
 
 
-def choose_layout(cfg: Config, args: argparse.Namespace, *, confirm: bool) -> Config:
-    """`cfg` with its "auto" layout keys chosen for the devices present (`--summary
-    --topology` chooses for the slice instead, in `summary`). `confirm`: compile the winner."""
-    if args.check_dataset or (args.summary and args.topology):
-        return cfg
+def choose_layout(cfg: Config, *, confirm: bool) -> Config:
+    """`cfg` with its "auto" layout keys chosen for the devices present (`summary --topology`
+    chooses for the slice instead, in `summary`). `confirm`: compile the winner."""
     return auto_layout.choose_layout(cfg, confirm=confirm)
 
 

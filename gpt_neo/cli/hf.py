@@ -1,51 +1,74 @@
-"""`python -m gpt_neo.cli.hf import HF_DIR --model_path DIR [--model run.json]`: a local
-Hugging Face GPT-Neo folder -> a step-0 checkpoint that `python main.py` continues training."""
+"""`gpt-neo import hf HF_DIR --model_path DIR [--model run.json]` (old spelling: `python -m
+gpt_neo.cli.hf import ...`): a local Hugging Face GPT-Neo folder -> a step-0 checkpoint that
+`gpt-neo train` continues, and the folder's tokenizer, kept so `gpt-neo sample` works at once."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gpt_neo.cli import add_overrides_flag, exit_code_of
-from gpt_neo.config import load_config, parse_overrides, to_dict
-from gpt_neo.interop.hf import import_to_checkpoint
+from gpt_neo.cli import exit_code_of, flags
+
+DESCRIPTION = (
+    "Turn a local Hugging Face GPT-Neo folder into a checkpoint (step 0) and a model config that "
+    "gpt-neo train, sample, eval and export read. Nothing is downloaded."
+)
+EPILOG = """\
+examples:
+  gpt-neo import hf ./gpt-neo-125M --model_path runs/neo125M
+  gpt-neo sample --model runs/neo125M/config.json --prompt prompt.txt
+  gpt-neo import hf ./gpt-neo-125M --model_path runs/ft --model finetune.json  # + run keys
+  gpt-neo train --model runs/ft/config.json"""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt_neo.cli.hf",
-        description="Turn a local Hugging Face GPT-Neo folder into a checkpoint main.py trains on.",
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hf_dir", help="a local GPTNeoForCausalLM folder (nothing is downloaded)")
+    parser.add_argument(
+        "--model_path", required=True, metavar="DIR", help="an empty directory: where it goes"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("import", help="HF folder -> model_path checkpoint + config")
-    command.add_argument("hf_dir", help="a local GPTNeoForCausalLM folder (nothing is downloaded)")
-    command.add_argument("--model_path", required=True, help="where the checkpoint goes")
-    command.add_argument(
+    parser.add_argument(
         "--model",
         nargs="+",
         metavar="CONFIG",
         help="config file(s) for the run keys (datasets, batch size, optimizer, ...); the "
-        "architecture always comes from the HF folder",
+        "architecture always comes from the HF folder. Without datasets, the folder's "
+        "tokenizer becomes the model's",
     )
-    add_overrides_flag(command, "a run key")
-    return parser.parse_args(argv)
+    flags.overrides(parser, "a run key")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt_neo.config import load_config, parse_overrides, to_dict  # imports JAX: not for --help
+    from gpt_neo.interop.hf import import_to_checkpoint
+
+    if args.model:
+        keys = to_dict(load_config(args.model, overrides=args.overrides))
+    else:
+        keys = parse_overrides(args.overrides)
+    done = import_to_checkpoint(args.hf_dir, args.model_path, keys)
+    print(f"imported {args.hf_dir} as step 0 in {args.model_path}")
+    if done.tokenizer:
+        print(f"kept its tokenizer: {done.tokenizer}")
+    print(
+        f"next:\n    gpt-neo sample --model {done.config}\n    gpt-neo train --model {done.config}"
+    )
+    return 0
 
 
 def main(argv=None) -> int:
-    return exit_code_of(_import, parse_args(argv))
-
-
-def _import(args: argparse.Namespace) -> int:
-    if args.model:
-        run = to_dict(load_config(args.model, overrides=args.overrides))
-    else:
-        run = parse_overrides(args.overrides)
-    path = import_to_checkpoint(args.hf_dir, args.model_path, run)
-    print(
-        f"imported {args.hf_dir} as step 0 in {args.model_path}; continue training with\n"
-        f"    python main.py --model {path}"
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt_neo.cli.hf",
+        description=DESCRIPTION,
+        formatter_class=flags.HelpFormatter,
     )
-    return 0
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_arguments(
+        commands.add_parser(
+            "import", help="HF folder -> checkpoint + config", description=DESCRIPTION,
+            epilog=EPILOG, formatter_class=flags.HelpFormatter,
+        )
+    )  # fmt: skip
+    return exit_code_of(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

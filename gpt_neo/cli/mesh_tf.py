@@ -1,44 +1,42 @@
-"""`python -m gpt_neo.cli.mesh_tf import CKPT_DIR --model gpt_neo_config.json --model_path DIR`:
-a checkpoint of the original GPT-Neo (Mesh-TensorFlow) -> one `main.py` continues training
-(`gpt_neo.interop.mesh_tf` does the work)."""
+"""`gpt-neo import mesh-tf CKPT_DIR --model gpt_neo_config.json --model_path DIR` (old spelling:
+`python -m gpt_neo.cli.mesh_tf import ...`): a checkpoint of the original GPT-Neo
+(Mesh-TensorFlow) -> one `gpt-neo train` continues (`gpt_neo.interop.mesh_tf` does the work)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gpt_neo.cli import add_overrides_flag, exit_code_of
-from gpt_neo.interop.mesh_tf import Imported, import_to_checkpoint
+from gpt_neo.cli import exit_code_of, flags
+
+DESCRIPTION = (
+    "Turn a checkpoint of the original GPT-Neo (Mesh-TensorFlow) into one gpt-neo train "
+    "continues, at the same step. TensorFlow reads it; Mesh-TensorFlow is not needed."
+)
+EPILOG = """\
+example:
+  gpt-neo import mesh-tf old_run/ --model old_config.json --model_path runs/continued \\
+      --set mesh_shape=x:8 layout=batch:x train_steps=40000
+  gpt-neo train --model runs/continued/config.json"""
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt_neo.cli.mesh_tf",
-        description="Turn a checkpoint of the original GPT-Neo (Mesh-TensorFlow) into one "
-        "main.py continues training.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("import", help="GPT-Neo checkpoint -> model_path checkpoint")
-    command.add_argument(
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "ckpt_dir", help="GPT-Neo's model_path (its newest model.ckpt-N) or a model.ckpt-N prefix"
     )
-    command.add_argument(
+    parser.add_argument(
         "--model", required=True, metavar="CONFIG", help="the GPT-Neo config it was trained with"
     )
-    command.add_argument(
+    parser.add_argument(
         "--model_path", required=True, metavar="DIR", help="an empty directory for ours"
     )
-    add_overrides_flag(command, "a key of our config, last", "--override")
-    args = parser.parse_args(argv)
-    return exit_code_of(_import, args)
+    flags.overrides(parser, "a key of our config, last")
 
 
-def _import(args: argparse.Namespace) -> int:
-    _report(import_to_checkpoint(args.ckpt_dir, args.model, args.model_path, args.overrides))
-    return 0
+def run(args: argparse.Namespace) -> int:
+    from gpt_neo.interop.mesh_tf import import_to_checkpoint  # imports JAX: not for --help
 
-
-def _report(done: Imported) -> None:
+    done = import_to_checkpoint(args.ckpt_dir, args.model, args.model_path, args.overrides)
     slots = ", ".join(f"{n} {kind}" for kind, n in done.slots_left.items()) or "none"
     print(
         f"imported {done.checkpoint} (GPT-Neo step {done.step}) as step {done.step} in "
@@ -49,9 +47,25 @@ def _report(done: Imported) -> None:
     if done.cfg.train_steps is not None and done.cfg.train_steps <= done.step:
         print(
             f"train_steps is {done.cfg.train_steps}, so training would stop at once: raise it "
-            "(--override train_steps=N) to train on."
+            "(--set train_steps=N) to train on."
         )
-    print(f"Continue training with\n    python main.py --model {done.config_path}")
+    print(f"Continue training with\n    gpt-neo train --model {done.config_path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt_neo.cli.mesh_tf", description=DESCRIPTION,
+        formatter_class=flags.HelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_arguments(
+        commands.add_parser(
+            "import", help="GPT-Neo checkpoint -> model_path checkpoint", description=DESCRIPTION,
+            epilog=EPILOG, formatter_class=flags.HelpFormatter,
+        )
+    )  # fmt: skip
+    return exit_code_of(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

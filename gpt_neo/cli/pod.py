@@ -1,8 +1,7 @@
-"""`python main.py --model cfg.json --tpu NAME --zone Z --accelerator_type T ...`: the flags of
-the pod launcher (`gpt_neo.launch.pod`), and turning them into its options.
-
-Launch mode is `--tpu` with any of --zone, --accelerator_type, --project, --queued; `--tpu NAME`
-alone still means "this TPU VM's own chips". Nothing here imports JAX: the launcher runs on a
+"""`gpt-neo launch --model cfg.json --tpu NAME --zone Z --accelerator_type T ...` (in main.py:
+`--tpu` with any of --zone, --accelerator_type, --project, --queued; `--tpu NAME` alone means
+"this TPU VM's own chips" there): the flags of the pod launcher (`gpt_neo.launch.pod`), and
+turning them into its options. Nothing here imports JAX: the launcher runs on a
 workstation that may not have an accelerator at all.
 """
 
@@ -26,7 +25,7 @@ LAUNCH_FLAGS = ("zone", "accelerator_type", "project", "queued")
 
 def add_pod_flags(parser: argparse.ArgumentParser) -> None:
     pod = parser.add_argument_group(
-        "TPU pod launcher (from a workstation with gcloud; see README 'Training on a TPU pod')"
+        "TPU pod launcher (from a workstation with gcloud; docs: TPU pods and preemption)"
     )
     pod.add_argument("--zone", help="the slice's zone, e.g. us-central2-b")
     pod.add_argument("--project", help="Google Cloud project (default: gcloud's)")
@@ -131,12 +130,6 @@ def runtime_version(accelerator_type: str | None) -> str:
 
 
 def launch_pod(args: argparse.Namespace) -> int:
-    other = [f"--{m}" for m in ("check_dataset", "summary", "predict", "interactive", "eval")]
-    if chosen := [m for m in other if getattr(args, m[2:])] + (["--export"] * bool(args.export)):
-        raise LaunchError(
-            f"the pod launcher runs training; {' '.join(chosen)} runs on one machine: drop "
-            "--zone/--accelerator_type and run it on a worker (gcloud compute tpus tpu-vm ssh)"
-        )
     if not args.zone:
         raise LaunchError(f"--tpu {args.tpu} with launcher flags needs --zone")
     cfg = gpt_neo.load_config(args.model, overrides=args.overrides)  # bad configs stop here

@@ -1,7 +1,10 @@
-"""`data/create_tfrecords.py`: tokenize raw text into GPT-Neo TFRecords (GPT-Neo's flags; boolean flags mean what they say).
+"""`gpt-neo data tfrecords` (= `data/create_tfrecords.py`, GPT-Neo's script and flags): tokenize
+raw text into GPT-Neo TFRecords. Boolean flags mean what they say: `--ftfy` and
+`--wikitext_detokenize` switch the repair on (GPT-Neo's flags of those names switched it off).
 
-    python data/create_tfrecords.py --input_dir corpus/ --name mydata --output_dir tfrecords/ \
-        --encoder_path tokenizers/byte-level-bpe.tokenizer.json --write_dataset_config
+    gpt-neo data tfrecords --input_dir corpus/ --name mydata --output_dir datasets/mydata \
+        --encoder_path tokenizers/byte-level-bpe.tokenizer.json --eval_fraction 0.05 \
+        --write_dataset_config
 
 Reads .txt (one document per file), .jsonl, .jsonl.zst / lm_dataformat archives, .xz and
 .tar.gz. `--mode documents` (default) writes one record per document, for the
@@ -16,16 +19,22 @@ import argparse
 import os
 import sys
 
-from gpt_neo.cli import exit_code_of
-from gpt_neo.data.corpus import list_input_files
-from gpt_neo.data.dataset_config import DatasetConfig, write_dataset_config
-from gpt_neo.data.encoders import load_encoder
-from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords
+from gpt_neo.cli import exit_code_of, flags
 from gpt_neo.errors import ConfigError
 
+DESCRIPTION = "Tokenize raw text into GPT-Neo TFRecords (and, with --write_dataset_config, the dataset config that names them)."
+EPILOG = """\
+example:
+  gpt-neo data tfrecords --input_dir corpus/ --name mydata --output_dir datasets/mydata \\
+      --encoder_path tokenizers/byte-level-bpe.tokenizer.json --eval_fraction 0.05 \\
+      --write_dataset_config
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+Re-running the same command resumes; a finished run is reported, not redone.
+GPT-Neo's --ftfy and --wikitext-detokenize switched those repairs OFF (they were on unless
+given); here they are off unless given, and the flag switches them ON."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input_dir", required=True, help="folder of input files (searched recursively)"
     )
@@ -65,25 +74,58 @@ def parse_args(argv=None):
         metavar="PATH",
         help="write a dataset config (default PATH: configs/dataset_configs/NAME.json)",
     )
-    p.add_argument("--eval_path", default="", help="eval glob to put in the written dataset config")
-    p.add_argument("--processes", type=int, default=1, help="tokenizer processes (0: one per core)")
-    p.add_argument("--ftfy", action="store_true", help="repair mojibake with ftfy (NFKC) first")
     p.add_argument(
-        "--wikitext-detokenize", action="store_true", help="undo WikiText tokenisation first"
+        "--eval_fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="hold out this share of the documents (by a hash of file name and position) as "
+        "OUTPUT_DIR/eval/NAME_*.tfrecords; the written dataset config names them as eval_path",
+    )
+    p.add_argument(
+        "--eval_path", default="", help="eval glob to put in the written dataset config instead"
+    )
+    p.add_argument("--processes", type=int, default=1, help="tokenizer processes (0: one per core)")
+    p.add_argument(
+        "--ftfy",
+        action="store_true",
+        help="repair mojibake with ftfy (NFKC) first (GPT-Neo's flag of this name turned it off)",
+    )
+    p.add_argument(
+        "--wikitext_detokenize",
+        "--wikitext-detokenize",
+        action="store_true",
+        help="undo WikiText tokenisation first (GPT-Neo's flag of this name turned it off)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=flags.HelpFormatter
+    )
+    add_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    return exit_code_of(_create, parse_args(argv))
+    return exit_code_of(run, parse_args(argv))
 
 
-def _create(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from gpt_neo.data.corpus import list_input_files  # TensorFlow and tokenizers: not for --help
+    from gpt_neo.data.dataset_config import DatasetConfig, write_dataset_config
+    from gpt_neo.data.encoders import load_encoder
+    from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords, eval_glob
+
     processes = args.processes or os.cpu_count() or 1
     encoder_spec = "gpt2" if args.use_gpt2_tokenizer else args.encoder_path
     if args.chunk_size < 1 or args.files_per < 1 or args.minimum_size < 0:
         raise ConfigError("--chunk_size and --files_per must be positive, --minimum_size >= 0")
+    if not 0 <= args.eval_fraction < 1:
+        raise ConfigError(f"--eval_fraction must be in [0, 1), e.g. 0.05; got {args.eval_fraction}")
+    if args.eval_fraction and args.eval_path:
+        raise ConfigError("--eval_fraction writes the eval split itself: drop --eval_path")
     encoder = load_encoder(encoder_spec)
     if args.separator:
         separator = tuple(args.separator)
@@ -108,6 +150,7 @@ def _create(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         ftfy=args.ftfy,
         wikitext_detokenize=args.wikitext_detokenize,
+        eval_fraction=args.eval_fraction,
     )
     result = create_tfrecords(
         job, list_input_files(args.input_dir), processes=processes, show_progress=not args.quiet
@@ -117,7 +160,7 @@ def _create(args: argparse.Namespace) -> int:
             name=args.name,
             n_vocab=encoder.vocab_size,
             path=f"{job.output_dir}/{args.name}_*.tfrecords",
-            eval_path=args.eval_path,
+            eval_path=eval_glob(job) if result.eval_files else args.eval_path,
             tokenizer_path=encoder_spec,
             tokenizer_is_pretrained=args.use_gpt2_tokenizer,
             eos_id=separator[-1],
@@ -139,6 +182,12 @@ def _create(args: argparse.Namespace) -> int:
         f"dropped {s.empty} empty and {s.too_short} shorter than --minimum_size {args.minimum_size}; "
         f"{s.utf8_repaired} repaired non-UTF-8, {s.bad_lines} bad jsonl lines"
         + (f"; {s.tail_tokens_dropped} tail tokens left over" if args.mode == "chunks" else "")
+        + (
+            f"; held out for evaluation: {s.eval_documents} documents, {s.eval_records} records "
+            f"in {len(result.eval_files)} files ({eval_glob(job)})"
+            if args.eval_fraction
+            else ""
+        )
         + (f"; {s.tokens / result.seconds:,.0f} tokens/s" if result.seconds else "")
     )
     return 0

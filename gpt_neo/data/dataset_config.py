@@ -3,7 +3,8 @@
     {"n_vocab": 50257, "path": "gs://bucket/pile_*.tfrecords", "eval_path": "...",
      "tokenizer_is_pretrained": true, "tokenizer_path": "gpt2", "eos_id": 50256, "padding_id": 50257}
 
-A model config's `datasets` entries name them by id (the file stem) or by path. Relative data
+A model config's `datasets` entries name them by id (the file stem) or by path. Only `n_vocab`
+is required: a config without `path` names a tokenizer for sampling and evaluation alone. Relative data
 paths are relative to the working directory, as in GPT-Neo. `mode` (not a GPT-Neo key) records
 how `data/create_tfrecords.py` wrote the records: `documents` or `chunks`.
 """
@@ -37,7 +38,7 @@ KEYS = {
 class DatasetConfig:
     name: str
     n_vocab: int
-    path: str
+    path: str = ""  # empty: a config that only names a tokenizer (`gpt-neo import hf` writes one)
     eval_path: str = ""
     tokenizer_path: str | None = None
     tokenizer_is_pretrained: bool = False
@@ -52,7 +53,8 @@ class DatasetConfig:
         return load_encoder(self.tokenizer_path)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "name" and v is not None}
+        unset = (None, "")  # an empty path or eval_path: none (a tokenizer-only config)
+        return {k: v for k, v in asdict(self).items() if k != "name" and v not in unset}
 
 
 def resolve_dataset_config_path(dataset_id: str) -> Path:
@@ -65,8 +67,9 @@ def resolve_dataset_config_path(dataset_id: str) -> Path:
         return path
     raise ConfigError(
         f"dataset '{dataset_id}': no configs/dataset_configs/{dataset_id}.json here or in "
-        f"{REPO_ROOT}; write one (see data/create_tfrecords.py --write_dataset_config) or name "
-        "a .json path in 'datasets'"
+        f"{REPO_ROOT}; make it from a folder of text with `gpt-neo init --dataset {dataset_id} "
+        "--data DIR` (or `gpt-neo data tfrecords ... --write_dataset_config`), or name a .json "
+        "path in 'datasets'"
     )
 
 
@@ -75,11 +78,10 @@ def load_dataset_config(dataset_id: str) -> DatasetConfig:
     raw = read_json_object(path)
     if unknown := sorted(set(raw) - KEYS):
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(KEYS)}")
-    for key in ("n_vocab", "path"):
-        if key not in raw:
-            raise ConfigError(f"{path}: required key '{key}' is missing")
-        if raw[key] is None:
-            raise ConfigError(f"{path}: '{key}' is null; it is required")
+    if "n_vocab" not in raw:
+        raise ConfigError(f"{path}: required key 'n_vocab' is missing")
+    if raw["n_vocab"] is None:
+        raise ConfigError(f"{path}: 'n_vocab' is null; it is required")
     for key, value in raw.items():
         if value is not None and (problem := _type_problem(key, value, raw["n_vocab"])):
             raise ConfigError(f"{path}: '{key}' = {json.dumps(value)} {problem}")

@@ -9,6 +9,7 @@ from gpt_neo.config import Config
 from gpt_neo.data.dataset_config import load_dataset_config
 from gpt_neo.data.pipeline import default_sampling_mode
 from gpt_neo.data.records import iter_records, list_files
+from gpt_neo.errors import DataError
 
 
 def unigram_entropy(counts: np.ndarray) -> float:
@@ -47,6 +48,10 @@ def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, 
     for entry in cfg.datasets:
         dataset = load_dataset_config(entry.dataset_id)
         encoder = dataset.encoder()
+        if not dataset.path:
+            raise DataError(
+                f"dataset '{dataset.name}' names only a tokenizer (no 'path'): nothing to check"
+            )
         files = list_files(dataset.path, what=f"dataset '{dataset.name}' path")
         low, high, count, lengths = None, None, 0, []
         counts = np.zeros(0, np.int64)

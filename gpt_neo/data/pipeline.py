@@ -186,7 +186,10 @@ def _source(
     key = "eval_path" if eval else "path"
     pattern = getattr(dataset, key)
     if not pattern:
-        raise DataError(f"dataset '{dataset.name}' has no {key}")
+        raise DataError(
+            f"dataset '{dataset.name}' has no {key}"
+            + ("" if dataset.path else ": it names only a tokenizer; list a dataset of TFRecords")
+        )
     files = list_files(pattern, what=f"dataset '{dataset.name}' {key}")
     stream_files = files[stream::streams]
     if not stream_files:

@@ -13,6 +13,10 @@ the input alone (not by `--processes`), so a re-run with any process count resum
 writes hidden `.tmp` files; when a unit finishes, the manifest `{name}.manifest.json` records
 it (atomically). When all units are done, the `.tmp` files are renamed, in unit order, to
 their final names. A file only ever appears under a final name when it is complete.
+
+`eval_fraction` holds out that share of the documents, chosen by a hash of each document's
+file name and position in it (so the split does not depend on process count or re-runs), and
+writes them the same way under `output_dir/eval/`, for the dataset config's `eval_path`.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from gpt_neo.data.corpus import CorpusStats, fix_text, read_documents, wikitext_detokenize
 from gpt_neo.data.encoders import load_encoder
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.storage import exists, read_text, tf, write_text_atomic
+
+T = TypeVar("T")
 
 UNIT_BYTES = 32 * 2**20
 ENCODE_BATCH = 256
@@ -51,6 +58,7 @@ class TFRecordJob:
     chunk_size: int = 2048
     ftfy: bool = False
     wikitext_detokenize: bool = False
+    eval_fraction: float = 0.0  # share of documents held out, written under output_dir/eval/
 
 
 @dataclass
@@ -61,6 +69,10 @@ class WriteStats(CorpusStats):
     records: int = 0
     tokens: int = 0  # tokens written, separators included
     tail_tokens_dropped: int = 0  # chunks mode: the last partial record of each unit
+    # of the counts above, what was held out for evaluation (eval_fraction)
+    eval_documents: int = 0
+    eval_records: int = 0
+    eval_tokens: int = 0
 
 
 def plan_units(files: Sequence[Path]) -> list[list[str]]:
@@ -87,8 +99,8 @@ def serialize(tokens: Sequence[int]) -> bytes:
 class _RotatingWriter:
     """Writes records into `.tmp` files of at most `files_per` records each."""
 
-    def __init__(self, job: TFRecordJob, unit: int):
-        self.job, self.unit = job, unit
+    def __init__(self, job: TFRecordJob, unit: int, split: str = ""):
+        self.job, self.unit, self.split = job, unit, split
         self.files: list[tuple[str, int]] = []
         self._writer = None
 
@@ -103,7 +115,8 @@ class _RotatingWriter:
         """The writer of the next file (the previous one closed)."""
         self.close()
         path = (
-            f"{self.job.output_dir}/.{self.job.name}.unit{self.unit:06d}.{len(self.files):04d}.tmp"
+            f"{self.job.output_dir}/.{self.job.name}{self.split}.unit{self.unit:06d}."
+            f"{len(self.files):04d}.tmp"
         )
         self.files.append((path, 0))
         return tf().io.TFRecordWriter(path)
@@ -114,11 +127,22 @@ class _RotatingWriter:
             self._writer = None
 
 
+def held_out(fraction: float, path: str, index: int) -> bool:
+    """Whether document `index` of the file `path` goes to the eval split: a hash of the file's
+    name (not its folder, so a moved corpus splits the same) and the position."""
+    if fraction <= 0:
+        return False
+    key = f"{os.path.basename(path)}:{index}".encode()
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
 def _documents(
     job: TFRecordJob, files: Sequence[str], stats: WriteStats, progress
-) -> Iterator[str]:
+) -> Iterator[tuple[bool, str]]:
+    """(held out for evaluation, text) of every non-empty document."""
     for path in files:
-        for text in read_documents(path, stats):
+        for index, text in enumerate(read_documents(path, stats)):
             if job.wikitext_detokenize:
                 text = wikitext_detokenize(text)
             if job.ftfy:
@@ -126,13 +150,13 @@ def _documents(
             if not text:
                 stats.empty += 1
                 continue
-            yield text
+            yield held_out(job.eval_fraction, path, index), text
         if progress is not None:
             progress.put(("file", os.path.getsize(path)))
 
 
-def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batched(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -146,39 +170,60 @@ _ENCODERS: dict = {}
 
 
 def process_unit(job: TFRecordJob, unit: int, files: Sequence[str], progress=None) -> tuple:
-    """Tokenize one unit into `.tmp` record files. Returns (unit, [(tmp, n)], WriteStats)."""
+    """Tokenize one unit into `.tmp` record files. Returns (unit, [(tmp, n)], [(eval tmp, n)],
+    WriteStats)."""
     encoder = _ENCODERS.get(job.encoder) or _ENCODERS.setdefault(
         job.encoder, load_encoder(job.encoder)
     )
     stats = WriteStats()
-    writer = _RotatingWriter(job, unit)
-    pending: list[int] = []  # chunks mode: tokens not yet written
-    record_len = job.chunk_size + 1
-    for texts in _batched(_documents(job, files, stats, progress), ENCODE_BATCH):
+    splits = {False: _Split(job, unit, ""), True: _Split(job, unit, ".eval")}
+    for batch in _batched(_documents(job, files, stats, progress), ENCODE_BATCH):
         written_before = stats.tokens
-        for ids in encoder.encode_batch(texts):
+        texts = [text for _, text in batch]
+        for (is_eval, _), ids in zip(batch, encoder.encode_batch(texts), strict=True):
             if len(ids) < job.minimum_size:
                 stats.too_short += 1
                 continue
+            records, tokens = splits[is_eval].add(ids)
             stats.documents_written += 1
-            if job.mode == "documents":
-                record = [*ids, *job.separator]
-                writer.write(serialize(record))
-                stats.records += 1
-                stats.tokens += len(record)
-                continue
-            pending.extend(ids)
-            pending.extend(job.separator)
-            while len(pending) >= record_len:
-                writer.write(serialize(pending[:record_len]))
-                del pending[:record_len]
-                stats.records += 1
-                stats.tokens += record_len
+            stats.records += records
+            stats.tokens += tokens
+            if is_eval:
+                stats.eval_documents += 1
+                stats.eval_records += records
+                stats.eval_tokens += tokens
         if progress is not None:
             progress.put(("batch", len(texts), stats.tokens - written_before))
-    stats.tail_tokens_dropped = len(pending)
-    writer.close()
-    return unit, writer.files, stats
+    for split in splits.values():
+        stats.tail_tokens_dropped += len(split.pending)
+        split.writer.close()
+    return unit, splits[False].writer.files, splits[True].writer.files, stats
+
+
+class _Split:
+    """The records of one split (training or held out) of a unit, as the mode cuts them."""
+
+    def __init__(self, job: TFRecordJob, unit: int, suffix: str):
+        self.job = job
+        self.writer = _RotatingWriter(job, unit, suffix)
+        self.pending: list[int] = []  # chunks mode: tokens not yet written
+
+    def add(self, ids: list[int]) -> tuple[int, int]:
+        """Write one document's tokens (and the separator); returns (records, tokens) written."""
+        job = self.job
+        if job.mode == "documents":
+            record = [*ids, *job.separator]
+            self.writer.write(serialize(record))
+            return 1, len(record)
+        self.pending.extend(ids)
+        self.pending.extend(job.separator)
+        record_len = job.chunk_size + 1
+        records = 0
+        while len(self.pending) >= record_len:
+            self.writer.write(serialize(self.pending[:record_len]))
+            del self.pending[:record_len]
+            records += 1
+        return records, records * record_len
 
 
 def _process_unit_star(args):
@@ -190,7 +235,10 @@ def _process_unit_star(args):
 
 
 def _fingerprint(job: TFRecordJob, units: list[list[str]]) -> str:
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(job), units], default=list).encode())
+    settings = dataclasses.asdict(job)
+    if not job.eval_fraction:  # as before the split existed: earlier manifests still resume
+        del settings["eval_fraction"]
+    digest = hashlib.sha256(json.dumps([settings, units], default=list).encode())
     return digest.hexdigest()[:16]
 
 
@@ -219,6 +267,7 @@ class Result:
     stats: WriteStats
     seconds: float
     already_complete: bool = False
+    eval_files: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # eval_fraction
 
 
 def create_tfrecords(
@@ -245,35 +294,60 @@ def create_tfrecords(
         )
     if manifest["final"] is not None:
         stats = WriteStats(**manifest["stats"])
-        return Result([tuple(f) for f in manifest["final"]], stats, 0.0, already_complete=True)
+        final, final_eval = manifest["final"], manifest.get("final_eval", [])
+        return Result(
+            [tuple(f) for f in final],
+            stats,
+            0.0,
+            already_complete=True,
+            eval_files=[tuple(f) for f in final_eval],
+        )
+    if not 0 <= job.eval_fraction < 1:
+        raise ConfigError(f"--eval_fraction must be in [0, 1), got {job.eval_fraction}")
 
     todo = [(job, u, files) for u, files in enumerate(units) if str(u) not in manifest["units"]]
-    for unit, files, stats in _run_units(job, todo, units, processes, show_progress):
-        manifest["units"][str(unit)] = {"files": files, "stats": dataclasses.asdict(stats)}
+    for unit, files, eval_files, stats in _run_units(job, todo, units, processes, show_progress):
+        manifest["units"][str(unit)] = {
+            "files": files,
+            "eval_files": eval_files,
+            "stats": dataclasses.asdict(stats),
+        }
         write_text_atomic(manifest_path, json.dumps(manifest))
 
-    final, total = _finalize(job, manifest)
-    manifest["final"], manifest["stats"] = final, dataclasses.asdict(total)
-    write_text_atomic(manifest_path, json.dumps(manifest))
-    return Result(final, total, time.perf_counter() - start)
-
-
-def _finalize(job: TFRecordJob, manifest: dict) -> tuple[list, WriteStats]:
-    """Rename every unit's `.tmp` files, in unit order, to `{name}_{i}_{n}.tfrecords`."""
-    t = tf()
-    final, total, index = [], WriteStats(), 0
-    for unit in sorted(manifest["units"], key=int):
-        entry = manifest["units"][unit]
+    units_done = [manifest["units"][u] for u in sorted(manifest["units"], key=int)]
+    final = _finalize([e["files"] for e in units_done], f"{job.output_dir}/{job.name}")
+    final_eval = _finalize(
+        [e.get("eval_files", []) for e in units_done], f"{job.output_dir}/eval/{job.name}"
+    )
+    total = WriteStats()
+    for entry in units_done:
         total.add(WriteStats(**entry["stats"]))
-        for tmp, count in entry["files"]:
+    manifest["final"], manifest["final_eval"] = final, final_eval
+    manifest["stats"] = dataclasses.asdict(total)
+    write_text_atomic(manifest_path, json.dumps(manifest))
+    return Result(final, total, time.perf_counter() - start, eval_files=final_eval)
+
+
+def eval_glob(job: TFRecordJob) -> str:
+    """The files of the held-out split (eval_fraction), for a dataset config's eval_path."""
+    return f"{job.output_dir}/eval/{job.name}_*.tfrecords"
+
+
+def _finalize(units: list[list], prefix: str) -> list[tuple[str, int]]:
+    """Rename the `.tmp` files of every unit, in unit order, to `{prefix}_{i}_{n}.tfrecords`."""
+    t = tf()
+    final, index = [], 0
+    for files in units:
+        for tmp, count in files:
             if count == 0:
                 continue
-            path = f"{job.output_dir}/{job.name}_{index}_{count}.tfrecords"
+            path = f"{prefix}_{index}_{count}.tfrecords"
             if t.io.gfile.exists(tmp):  # not renamed yet (an earlier run may have stopped midway)
+                t.io.gfile.makedirs(os.path.dirname(path))
                 t.io.gfile.rename(tmp, path, overwrite=True)
             final.append((path, count))
             index += 1
-    return final, total
+    return final
 
 
 def _run_units(job, todo, units, processes, show_progress):

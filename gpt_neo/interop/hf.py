@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -34,6 +36,7 @@ from safetensors.numpy import load_file, save_file
 
 from gpt_neo import storage
 from gpt_neo.config import SHAPE_KEYS, Config, from_dict, repeating_pattern
+from gpt_neo.data.dataset_config import DatasetConfig, write_dataset_config
 from gpt_neo.data.encoders import HFEncoder, load_encoder
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.mesh import check_layout, padded_vocab
@@ -427,11 +430,58 @@ def import_hf(hf_dir: str | os.PathLike, *, overrides: dict | None = None, mesh=
 KEYS_FROM_HF_FOLDER = (*SHAPE_KEYS, "local_attention_radius")
 
 
-def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None) -> str:
+@dataclass(frozen=True)
+class Imported:
+    """What `import_to_checkpoint` wrote."""
+
+    config: str  # model_path/config.json, which `gpt-neo train --model` continues from
+    tokenizer: str | None  # the folder's tokenizer, kept under model_path (None: not kept)
+
+
+# The files of a Hugging Face tokenizer that `load_encoder` reads from a folder, and their
+# settings files, kept with an imported model
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None) -> Imported:
     """A local HF GPT-Neo folder -> `model_path/config.json` (the HF architecture with the run
     keys of `run_config`: datasets, batch size, optimizer...) and a step-0 checkpoint under
-    `model_path` that `python main.py --model model_path/config.json` continues training from.
-    Returns the config's path."""
+    `model_path` that `gpt-neo train --model model_path/config.json` continues from.
+
+    Without `datasets` in `run_config`, the folder's tokenizer is copied to
+    `model_path/tokenizer/` and named by a dataset config of its own
+    (`model_path/<folder name>.json`, no records), so sampling and evaluation read and write
+    text at once. With `datasets`, their tokenizer is the model's, as for any run."""
+    folder = Path(hf_dir)
     run = {k: v for k, v in (run_config or {}).items() if k not in KEYS_FROM_HF_FOLDER}
-    cfg, params = import_hf(hf_dir, overrides={**run, "model_path": model_path})
-    return save_imported_model(cfg, params)
+    keep = not run.get("datasets") and not storage.is_remote(model_path) and _tokenizer_in(folder)
+    dataset_config = Path(model_path) / f"{folder.resolve().name or 'hf'}.json"
+    if keep:
+        run["datasets"] = [[str(dataset_config), None, None, None]]
+    cfg, params = import_hf(folder, overrides={**run, "model_path": model_path})
+    config = save_imported_model(cfg, params)  # refuses a model_path holding checkpoints
+    if not keep:
+        return Imported(config, None)
+    kept = Path(model_path) / "tokenizer"
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, kept / name)
+    dataset = DatasetConfig(
+        name=dataset_config.stem,
+        n_vocab=cfg.n_vocab,
+        tokenizer_path=str(kept),
+        tokenizer_is_pretrained=True,
+        eos_id=next(e for e in (cfg.eos_id, load_encoder(kept).eos_id, 0) if e is not None),
+    )
+    write_dataset_config(dataset, dataset_config)
+    return Imported(config, str(kept))
+
+
+def _tokenizer_in(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer `load_encoder` reads (a broken one is not kept)."""
+    try:
+        load_encoder(folder)
+    except DataError:
+        return False
+    return True

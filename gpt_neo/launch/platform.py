@@ -34,12 +34,25 @@ def select_platform(tpu: str | None, gpu_ids: list[str] | None) -> None:
     `initialize_distributed` if the run has several processes, `require_platform`."""
     platform = _platform(tpu, gpu_ids)
     if platform is None:
+        _skip_absent_tpu()
         return
     if platform == "cuda" and gpu_ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(g.rsplit(":", 1)[-1] for g in gpu_ids)
     os.environ["JAX_PLATFORMS"] = platform
     if "jax" in sys.modules:  # imported already: it read the environment, so set the flag too
         sys.modules["jax"].config.update("jax_platforms", platform)
+
+
+def _skip_absent_tpu() -> None:
+    """On a machine with no accelerator, run on the CPU without asking libtpu first: where
+    `jax[tpu]` is installed, JAX otherwise probes for a TPU and libtpu prints a screen of
+    metadata-server and hostname errors before falling back. Only where the user has not
+    chosen (JAX_PLATFORMS unset) and JAX has not started (a fresh command-line process)."""
+    if "JAX_PLATFORMS" in os.environ or "jax" in sys.modules or _tpu_chips_present():
+        return
+    if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"):  # a GPU: JAX chooses
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _platform(tpu: str | None, gpu_ids: list[str] | None) -> str | None:

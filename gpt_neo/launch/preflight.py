@@ -65,7 +65,8 @@ def check_storage(cfg: Config, hosts: int, shared_filesystem: bool) -> None:
     paths = {"model_path": cfg.model_path}
     for entry in cfg.datasets or ():
         dataset = load_dataset_config(entry.dataset_id)
-        paths[f"dataset {dataset.name} path"] = dataset.path
+        if dataset.path:
+            paths[f"dataset {dataset.name} path"] = dataset.path
         if dataset.eval_path:
             paths[f"dataset {dataset.name} eval_path"] = dataset.eval_path
     for what, path in paths.items():

@@ -1,7 +1,7 @@
 """Mixture of experts: GPT-Neo's MoE layer and a dropless top-k, with expert parallelism.
 
 GPT-Neo's MoE is Mesh-TensorFlow 0.1.18's `transformer_moe_layer_v1`; this module computes the
-same function (see `../shared/reference/moe-mlm-and-experimental-keys.md`, section 1):
+same function (Mesh-TensorFlow 0.1.18's `moe.py`, which GPT-Neo pinned):
 
 1. The batch's tokens, flattened in [batch, seq] order, are cut into G groups of S consecutive
    tokens (`split_into_groups`: G is a multiple of the pieces `batch` is split into, so a group

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.helpers import REPO, SAMPLE_TEXTS
 
-COMMANDS = ("gpt-neo", "gpt-neo-tfrecords", "gpt-neo-tokenizer", "gpt-neo-hf")
+COMMANDS = ("gpt-neo",)
 
 
 def run(*command, cwd, env=None):
@@ -51,15 +51,12 @@ def test_the_wheel_is_what_runs_and_carries_the_commands_and_configs(installed, 
 
 
 @pytest.mark.process
-def test_gpt_neo_is_main_py_and_finds_the_bundled_configs_from_any_directory(installed, tmp_path):
+def test_gpt_neo_finds_the_bundled_configs_from_any_directory(installed, tmp_path):
     bin_dir, _ = installed
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    ours = run(bin_dir / "gpt-neo", "--help", cwd=tmp_path, env=env)
-    checkout = run(sys.executable, REPO / "main.py", "--help", cwd=tmp_path, env=env)
-    assert ours.replace("gpt-neo", "main.py") == checkout  # the same flags, word for word
-    summary = run(
-        bin_dir / "gpt-neo", "--model", "gpt_neo_125M", "--summary", cwd=tmp_path, env=env
-    )
+    version = run(bin_dir / "gpt-neo", "--version", cwd=tmp_path, env=env)
+    assert version.startswith("gpt-neo 0.") and "not installed" not in version
+    summary = run(bin_dir / "gpt-neo", "summary", "--model", "gpt_neo_125M", cwd=tmp_path, env=env)
     assert "parameters: 125," in summary and "n_ctx 2048, n_vocab 50257" in summary
 
 
@@ -70,9 +67,10 @@ def test_the_data_commands_make_a_tokenizer_and_tfrecords_from_any_directory(ins
     texts.mkdir()
     for k, text in enumerate(SAMPLE_TEXTS * 3):
         (texts / f"{k}.txt").write_text(text)
-    run(bin_dir / "gpt-neo-tokenizer", "--base_dir", texts, "--output_dir", tmp_path / "tok",
-        "--vocab_size", "300", cwd=tmp_path)  # fmt: skip
+    run(bin_dir / "gpt-neo", "data", "tokenizer", "--input_dir", texts, "--output_dir",
+        tmp_path / "tok", "--vocab_size", "300", cwd=tmp_path)  # fmt: skip
     [tokenizer] = (tmp_path / "tok").glob("*.json")
-    run(bin_dir / "gpt-neo-tfrecords", "--input_dir", texts, "--output_dir", tmp_path / "records",
-        "--encoder_path", tokenizer, "--name", "sample", "--quiet", cwd=tmp_path)  # fmt: skip
+    run(bin_dir / "gpt-neo", "data", "tfrecords", "--input_dir", texts, "--output_dir",
+        tmp_path / "records", "--encoder_path", tokenizer, "--name", "sample", "--quiet",
+        cwd=tmp_path)  # fmt: skip
     assert list((tmp_path / "records").glob("sample_*.tfrecords"))

@@ -3,13 +3,13 @@
 import dataclasses
 
 from gpt_neo import config
-from gpt_neo.cli import config_reference as command
+from gpt_neo.cli import reference_pages as command
 from gpt_neo.config import reference as config_reference
 
 
 def test_docs_config_md_is_what_the_generator_writes_now():
     assert command.main(["--check"]) == 0, (
-        "docs/config.md is out of date: run python -m gpt_neo.cli.config_reference"
+        "a generated page is out of date: run python -m gpt_neo.cli.reference_pages"
     )
 
 
@@ -24,9 +24,21 @@ def test_every_key_is_documented_with_its_docstring_type_and_default():
     assert docs["precision"].type == "one of `float32`, `bfloat16`"  # a Literal's values
 
 
-def test_a_stale_page_is_reported(tmp_path):
+def test_a_stale_page_is_reported(tmp_path, capsys):
+    assert command.main(["--docs", str(tmp_path)]) == 0
+    assert command.main(["--check", "--docs", str(tmp_path)]) == 0
     page = tmp_path / "config.md"
     page.write_text(config_reference.render().replace("Transformer blocks.", "Blocks."))
-    assert command.main(["--check", "--output", str(page)]) == 1
-    assert command.main(["--output", str(page)]) == 0
-    assert command.main(["--check", "--output", str(page)]) == 0
+    cli = tmp_path / "cli.md"
+    cli.write_text(cli.read_text().replace("--steps_per_checkpoint", "--steps"))
+    assert command.main(["--check", "--docs", str(tmp_path)]) == 1
+    assert f"out of date: {page}, {cli}" in capsys.readouterr().out
+
+
+def test_the_cli_page_shows_every_verb_and_main_py():
+    page = command.render_cli()
+    verbs = ["train", "summary", "check-data", "sample", "eval", "export", "launch", "init"]
+    verbs += ["import hf", "import mesh-tf", "data tokenizer", "data tfrecords", "data demo"]
+    for verb in verbs:
+        assert f"## `gpt-neo {verb}`\n\n```text\nusage: gpt-neo {verb} " in page, verb
+    assert "## `python main.py`" in page and "--steps_per_checkpoint N" in page

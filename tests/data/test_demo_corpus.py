@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data import build_demo_corpus
+from gpt_neo.cli.demo_corpus import main as build_demo
 from gpt_neo.config import from_dict
+from gpt_neo.data import demo_corpus
 from gpt_neo.data.dataset_config import load_dataset_config
 from gpt_neo.data.pipeline import InputPipeline
 from gpt_neo.data.records import iter_records, list_files
@@ -20,7 +21,7 @@ def demo_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        assert build_demo_corpus.main(["--megabytes", "0.3", "--vocab_size", "600", "--quiet"]) == 0
+        assert build_demo(["--megabytes", "0.3", "--vocab_size", "600", "--quiet"]) == 0
     return root
 
 
@@ -28,8 +29,8 @@ def test_demo_corpus_records_decode_to_the_standard_library_sources(demo_dir, mo
     monkeypatch.chdir(demo_dir)
     dataset = load_dataset_config("demo")
     encoder = dataset.encoder()
-    sources = build_demo_corpus.stdlib_sources(0.3)
-    train_sources = [p for i, p in enumerate(sources) if i % build_demo_corpus.EVAL_EVERY]
+    sources = demo_corpus.stdlib_sources(0.3)
+    train_sources = [p for i, p in enumerate(sources) if i % demo_corpus.EVAL_EVERY]
     records = list(iter_records(list_files(dataset.path, what="demo")))
     assert len(records) == len(train_sources) > 10
     for record, source in zip(records[:5], train_sources[:5], strict=True):
@@ -56,7 +57,7 @@ def test_demo_corpus_feeds_the_pipeline_and_rebuilding_reuses_it(demo_dir, monke
     eval_batch = InputPipeline(cfg, eval=True, process_index=0, process_count=1).next_batch()
     assert eval_batch.shape == (4, 65)
     stamp = (demo_dir / "datasets/demo/tokenizer/byte-level-bpe.tokenizer.json").stat().st_mtime_ns
-    assert build_demo_corpus.main(["--megabytes", "0.3", "--vocab_size", "600", "--quiet"]) == 0
+    assert build_demo(["--megabytes", "0.3", "--vocab_size", "600", "--quiet"]) == 0
     assert (
         demo_dir / "datasets/demo/tokenizer/byte-level-bpe.tokenizer.json"
     ).stat().st_mtime_ns == stamp

@@ -1,5 +1,6 @@
 """create_tfrecords: every input format, exact round trips, modes, resume, bad input."""
 
+import glob
 import io
 import json
 import lzma
@@ -325,3 +326,35 @@ def test_running_out_of_space_is_one_line_and_exit_4(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "out of space (a file-size limit" in errors[0], done.stderr
     assert str(tmp_path / "out") in errors[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["documents", "chunks"])
+def test_eval_fraction_holds_out_documents_the_dataset_config_names(tmp_path, monkeypatch, mode):
+    from gpt_neo.cli import tfrecords as cli
+    from gpt_neo.data.tfrecords import held_out
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    documents = [f"document {k}: " + "word " * (k % 7 + 1) for k in range(200)]
+    (texts / "all.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--input_dir", str(texts), "--name", "e", "--output_dir", str(tmp_path / "out"),
+            "--encoder_path", "byte", "--eval_fraction", "0.1", "--mode", mode, "--chunk_size",
+            "16", "--write_dataset_config", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    config = json.loads((tmp_path / "configs/dataset_configs/e.json").read_text())
+    assert config["eval_path"] == f"{tmp_path}/out/eval/e_*.tfrecords"
+
+    def documents_of(pattern):
+        files = sorted(glob.glob(pattern))
+        stream = [t for record in iter_records(files) for t in record.tolist()]
+        text = "".join(chr(t) if t < 256 else "\x00" for t in stream)
+        return [d for d in text.split("\x00") if d]
+
+    train, held = documents_of(config["path"]), documents_of(config["eval_path"])
+    expected = [d for i, d in enumerate(documents) if held_out(0.1, str(texts / "all.jsonl"), i)]
+    if mode == "documents":  # whole documents on each side, none on both, none lost
+        assert held == expected and sorted(train + held) == sorted(documents)
+    else:  # chunks drop each split's last partial record
+        assert "".join(expected).startswith("".join(held)) and len(held) >= len(expected) - 2
+    assert 10 <= len(expected) <= 30  # about 10% of 200

@@ -24,9 +24,9 @@ from gpt_neo.interop.mesh_tf import (
 from gpt_neo.mesh import make_mesh
 from gpt_neo.storage import tf
 from main import main
-from tests.support.helpers import GPT_NEO_CONFIGS, SHARED, restore_params
+from tests.support.helpers import GPT_NEO_CONFIGS, MESH_TF_CHECKPOINT, restore_params
 
-FIXTURE = SHARED / "fixtures" / "gpt-neo-mesh-tf" / "A"
+FIXTURE = MESH_TF_CHECKPOINT
 # fp32 against GPT-Neo's fp32 logits: the fixture's README shows 1e-6 catches every usual
 # mistake, the erf GELU (2.9e-6) included.
 FIXTURE_ATOL = 1e-6

@@ -15,26 +15,12 @@ from gpt_neo.models.gpt import init_params
 REPO = Path(__file__).resolve().parents[2]  # tests/support/helpers.py -> the checkout
 
 
-def shared_folder() -> Path:
-    """The project's shared test data (`../shared`, never copied into the repo): $GPT_NEO_SHARED,
-    else `shared/` beside this checkout, else beside the checkout it was cloned from."""
-    if "GPT_NEO_SHARED" in os.environ:
-        return Path(os.environ["GPT_NEO_SHARED"])
-    beside = REPO.parent / "shared"
-    if beside.is_dir():
-        return beside
-    origin = subprocess.run(
-        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    if origin and "://" not in origin and Path(origin).is_dir():
-        return Path(origin).resolve().parent / "shared"
-    return beside
-
-
-SHARED = shared_folder()
-GPT_NEO_CONFIGS = SHARED / "fixtures" / "gpt-neo-configs"
+# Files of the original GPT-Neo (MIT-licensed; tests/fixtures/LICENSE-GPT-NEO): its configs, a
+# checkpoint its own code trained, and the keys its code reads
+FIXTURES = REPO / "tests" / "fixtures"
+GPT_NEO_CONFIGS = FIXTURES / "gpt-neo-configs"
+MESH_TF_CHECKPOINT = FIXTURES / "gpt-neo-mesh-tf" / "A"
+GPT_NEO_MODEL_KEYS = FIXTURES / "gpt-neo-model-keys.txt"
 
 
 # The vocabulary of write_text_dataset's repetitive English.
@@ -302,8 +288,6 @@ def restore_params(state_dir):
 
 def start_main(*args: str, devices: int = 8):
     """`python main.py ARGS` as a real process on `devices` simulated CPU devices."""
-    import os
-    import subprocess
     import sys
 
     env = {
