@@ -216,6 +216,22 @@ def test_export_loads_in_transformers_then_import_continues_training(trained, tm
     assert main(["--model", model, "--export", str(out)]) == 2  # exists: needs --force
     assert "--force" in capsys.readouterr().err
 
+    # without run keys, the folder's tokenizer is kept: sampling works at once
+    kept = tmp_path / "kept"
+    assert hf_main(["import", str(out), "--model_path", str(kept)]) == 0
+    assert load_encoder(kept / "tokenizer").encode("the quick brown fox") == prompt
+    (tmp_path / "prompt.txt").write_text("the quick brown fox")
+    greedy = [
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "8",
+        "--prompt",
+        str(tmp_path / "prompt.txt"),
+    ]
+    assert main(["--model", str(kept / "config.json"), "--predict", *greedy]) == 0
+    assert "the quick brown fox" in (kept / "predictions_0.txt").read_text()
+
     run = tmp_path / "imported"
     more = ["--set", "train_steps=1", "iterations=1"]
     assert hf_main(["import", str(out), "--model_path", str(run), "--model", model, *more]) == 0
