@@ -91,7 +91,7 @@ def test_make_demo_samples_from_a_python_prompt_that_suits_the_corpus(demo_dir, 
     from gpt_neo.inference.predict import DEFAULT_PROMPT
 
     predict = next(
-        line for line in (REPO / "Makefile").read_text().splitlines() if "--predict" in line
+        line for line in (REPO / "Makefile").read_text().splitlines() if " sample " in line
     )
     prompt_file = REPO / predict.split("--prompt ")[1].split()[0]
     prompt = prompt_file.read_text()
