@@ -281,3 +281,22 @@ def test_emulator_stops_cleanly_and_proxy_refuses_other_hosts():
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not os.path.exists(ca)
+
+
+def test_tfrecords_with_a_held_out_split_are_written_to_gs(gcs, tmp_path):  # noqa: F811
+    from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords, eval_glob
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for k in range(40):
+        (texts / f"{k:02d}.txt").write_text(f"document {k} " * 5)
+    job = TFRecordJob(
+        name="held", output_dir=f"{ROOT}/held", encoder="byte", separator=(256,), eval_fraction=0.25
+    )
+    result = create_tfrecords(job, sorted(texts.iterdir()), show_progress=False)
+    assert result.eval_files and all(
+        p.startswith(f"{ROOT}/held/eval/held_") for p, _ in result.eval_files
+    )
+    assert sorted(tf.io.gfile.glob(eval_glob(job))) == sorted(p for p, _ in result.eval_files)
+    assert sum(n for _, n in result.files) + sum(n for _, n in result.eval_files) == 40
+    assert not [name for name in gcs.list_objects(f"{ROOT}/held/") if name.endswith(".tmp")]

@@ -12,6 +12,18 @@ from typing import NoReturn
 from gpt_neo import storage
 from gpt_neo.errors import EXIT_STORAGE_FULL, StorageFull, UserError, first_line
 
+# Overrides from the environment, applied after --set: for schedulers and CI, and for the
+# docs' tests, which run the documented commands word for word at a tiny size
+OVERRIDES_ENV = "GPT_NEO_SET"
+
+
+def overrides_of(args) -> list[str]:
+    """`--set`'s KEY=VALUE overrides, then $GPT_NEO_SET's (announced on stderr: never silent)."""
+    extra = os.environ.get(OVERRIDES_ENV, "").split()
+    if extra:
+        print(f"{OVERRIDES_ENV}: {' '.join(extra)} (after --set)", file=sys.stderr)
+    return [*args.overrides, *extra]
+
 
 def version_line() -> str:
     """What `--version` prints: the installed distribution's version, and Python's."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
 import typing
@@ -16,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 import gpt_neo
-from gpt_neo import compilation_cache
+from gpt_neo.cli import overrides_of
 from gpt_neo.config import Config, auto_keys, require_causal
 from gpt_neo.data.dataset_config import model_dataset, model_tokenizer
 from gpt_neo.data.diagnostics import check_datasets
@@ -44,21 +43,9 @@ from gpt_neo.training.metrics import Metrics, with_run_record
 from gpt_neo.training.report import write_report
 from gpt_neo.training.validation import validation
 
-# Overrides from the environment, applied after --set: for schedulers and CI, and for the
-# docs' tests, which run the documented commands word for word at a tiny size
-OVERRIDES_ENV = "GPT_NEO_SET"
-
 
 def load(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
-    if extra := os.environ.get(OVERRIDES_ENV, "").split():
-        print(f"{OVERRIDES_ENV}: {' '.join(extra)} (after --set)", file=sys.stderr)
-        overrides += extra
-    return gpt_neo.load_config(args.model, overrides=overrides)
-
-
-def enable_compilation_cache(cfg: Config, directory: str | None) -> None:
-    compilation_cache.enable(cfg.model_path, directory)
+    return gpt_neo.load_config(args.model, overrides=overrides_of(args))
 
 
 def check_dataset(cfg: Config, args: argparse.Namespace) -> int:
@@ -69,12 +56,6 @@ def check_dataset(cfg: Config, args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 # summary
-
-
-def choose_layout(cfg: Config, *, confirm: bool) -> Config:
-    """`cfg` with its "auto" layout keys chosen for the devices present (`summary --topology`
-    chooses for the slice instead, in `summary`). `confirm`: compile the winner."""
-    return auto_layout.choose_layout(cfg, confirm=confirm)
 
 
 def summary(cfg: Config, args: argparse.Namespace) -> int:

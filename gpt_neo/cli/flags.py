@@ -16,11 +16,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (
-            "default" in text
-            or default in (None, False, [], argparse.SUPPRESS)
-            or (not action.option_strings and action.nargs is None)
-        ):
+        # identity, not `in`: 0 == False, and a default of 0 is worth showing
+        empty = default is None or default is False or default is argparse.SUPPRESS
+        if "default" in text or empty or default == []:
             return text
         return f"{text} (default: %(default)s)"
 

@@ -78,7 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt_neo.config import find_named_config, load_config, parse_overrides, read_json_object
+    from gpt_neo.config import (
+        find_named_config,
+        load_config,
+        parse_overrides,
+        preset_names,
+        read_json_object,
+    )
     from gpt_neo.data.dataset_config import load_dataset_config
 
     name = args.dataset
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if preset_path is None or not preset_path.is_file():
         raise ConfigError(
             f"--like {args.like}: no such preset or config file; presets: "
-            "demo, gpt_neo_125M, gpt_neo_1.3B, gpt_neo_2.7B, gpt3_350M, gpt3_6.7B, gpt3_13B"
+            + ", ".join(preset_names())
         )
     output = Path(args.output or f"configs/{name}.json")
     if output.exists() and not args.force:
@@ -124,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _make_dataset(args: argparse.Namespace, name: str, preset: dict) -> None:
     """The tokenizer, TFRecords and dataset config of `args.data`, by the data commands."""
+    from gpt_neo.data.encoders import TRAINED_TOKENIZER_NAME
+
     folder = Path("datasets") / name
     encoder = args.encoder_path
     if encoder is None:
@@ -131,7 +139,7 @@ def _make_dataset(args: argparse.Namespace, name: str, preset: dict) -> None:
         argv = ["--input_dir", args.data, "--output_dir", str(folder / "tokenizer")]
         _announce("data tokenizer", argv := [*argv, "--vocab_size", str(vocab)])
         tokenizer.run(tokenizer.parse_args(argv))
-        encoder = str(folder / "tokenizer" / "byte-level-bpe.tokenizer.json")
+        encoder = str(folder / "tokenizer" / TRAINED_TOKENIZER_NAME)
     argv = ["--input_dir", args.data, "--name", name, "--output_dir", str(folder / "tfrecords")]
     argv += ["--encoder_path", encoder, "--eval_fraction", str(args.eval_fraction)]
     argv += ["--write_dataset_config", f"configs/dataset_configs/{name}.json"]

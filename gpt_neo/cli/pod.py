@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 import gpt_neo
+from gpt_neo.cli import overrides_of
 from gpt_neo.launch import bundle, preflight
 from gpt_neo.launch.gcloud import Gcloud, GcloudError, LaunchError, SliceSpec, find_gcloud
 from gpt_neo.launch.pod import PodLauncher, PodOptions, sole_launcher
@@ -132,7 +133,7 @@ def runtime_version(accelerator_type: str | None) -> str:
 def launch_pod(args: argparse.Namespace) -> int:
     if not args.zone:
         raise LaunchError(f"--tpu {args.tpu} with launcher flags needs --zone")
-    cfg = gpt_neo.load_config(args.model, overrides=args.overrides)  # bad configs stop here
+    cfg = gpt_neo.load_config(args.model, overrides=overrides_of(args))  # bad configs stop here
     if not cfg.model_path:
         raise LaunchError("set model_path in the config (gs://BUCKET/run for a multi-host slice)")
     provisioning = "spot" if args.spot else "preemptible" if args.preemptible else "standard"

@@ -23,16 +23,19 @@ def run(mode: str, args: argparse.Namespace) -> int:
             args.coordinator_address, args.num_processes, args.process_id
         )
     platform.require_platform(tpu, gpu_ids)
-    from gpt_neo.cli import commands  # imports JAX: only now that the platform is chosen
+    # these import JAX: only now that the platform is chosen
+    from gpt_neo import compilation_cache
+    from gpt_neo.cli import commands
+    from gpt_neo.planning import auto_layout
 
     cfg = commands.load(args)
     if mode not in ("check-data", "summary"):  # the others compile something worth keeping
-        commands.enable_compilation_cache(cfg, getattr(args, "compilation_cache", None))
+        compilation_cache.enable(cfg.model_path, getattr(args, "compilation_cache", None))
     topology = getattr(args, "topology", None)
     # "auto" layouts: training compiles the winner first (then hits the compilation cache);
     # the other modes only rank, and `summary --topology` chooses for the slice instead
     if mode != "check-data" and not (mode == "summary" and topology):
-        cfg = commands.choose_layout(cfg, confirm=mode == "train")
+        cfg = auto_layout.choose_layout(cfg, confirm=mode == "train")
     handler = {
         "train": commands.train,
         "summary": commands.summary,

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     for verb, (summary, examples) in MODEL_VERBS.items():
-        command = _verb(verbs, verb, summary, examples)
+        command = _verb(verbs, verb, summary, f"examples:\n{_indent(examples)}")
         if verb == "export":
             command.add_argument(
                 "--output_dir",
@@ -110,16 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         "launch",
         "train on every worker of a TPU pod slice, from a workstation (creates it, recovers "
         "from preemption)",
-        "gpt-neo launch --model gpt_neo_1.3B --tpu my-pod --zone us-central2-b \\\n"
-        "    --accelerator_type v4-32 --spot --steps_per_checkpoint 500",
+        "example:\n  gpt-neo launch --model gpt_neo_1.3B --tpu my-pod --zone us-central2-b \\\n"
+        "      --accelerator_type v4-32 --spot --steps_per_checkpoint 500",
     )
     flags.config(launch)
     launch.add_argument("--tpu", required=True, metavar="NAME", help="the TPU slice's name")
     flags.training(launch)
     add_pod_flags(launch)
-    launch.set_defaults(handler=_launch)
+    launch.set_defaults(handler=launch_pod)
 
-    imports = _verb(verbs, "import", "turn another library's model into a checkpoint of ours", "")
+    imports = _verb(verbs, "import", "turn another library's model into a checkpoint of ours")
     kinds = imports.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, module, summary in (
         ("hf", hf, "a local Hugging Face GPT-Neo folder (and its tokenizer)"),
@@ -129,12 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(command)
         command.set_defaults(handler=module.run)
 
-    data = _verb(
-        verbs, "data", "make a tokenizer and TFRecords from text (or the demo dataset)", ""
-    )
+    data = _verb(verbs, "data", "make a tokenizer and TFRecords from text (or the demo dataset)")
     tools = data.add_subparsers(dest="tool", required=True, metavar="TOOL")
     for tool, module in (("tokenizer", tokenizer), ("tfrecords", tfrecords), ("demo", demo_corpus)):
-        command = _verb(tools, tool, module.DESCRIPTION, module.EPILOG)
+        command = _verb(
+            tools, tool, module.DESCRIPTION, module.EPILOG, description=module.DESCRIPTION
+        )
         module.add_arguments(command)
         command.set_defaults(handler=module.run)
 
@@ -152,28 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _verb(
-    verbs, name: str, summary: str, examples: str, *, description: str | None = None
+    verbs, name: str, summary: str, epilog: str | None = None, *, description: str | None = None
 ) -> argparse.ArgumentParser:
-    epilog = (
-        examples
-        if examples.startswith("example") or not examples
-        else f"examples:\n{_indent(examples)}"
-    )
     return verbs.add_parser(
         name,
         help=summary,
         description=description or summary[0].upper() + summary[1:] + ".",
-        epilog=epilog or None,
+        epilog=epilog,
         formatter_class=flags.HelpFormatter,
     )
 
 
 def _indent(text: str) -> str:
     return "\n".join(f"  {line}" for line in text.splitlines())
-
-
-def _launch(args: argparse.Namespace) -> int:
-    return launch_pod(args)
 
 
 def main(argv=None) -> int:

@@ -67,6 +67,11 @@ def find_named_config(name: str, folder: str) -> Path | None:
     return None
 
 
+def preset_names() -> list[str]:
+    """The configs installed with the package (or in this checkout's configs/), by name."""
+    return sorted(path.stem for path in _presets().glob("*.json"))
+
+
 def _presets() -> Path:
     import importlib.util
 

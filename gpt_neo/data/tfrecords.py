@@ -99,8 +99,8 @@ def serialize(tokens: Sequence[int]) -> bytes:
 class _RotatingWriter:
     """Writes records into `.tmp` files of at most `files_per` records each."""
 
-    def __init__(self, job: TFRecordJob, unit: int, split: str = ""):
-        self.job, self.unit, self.split = job, unit, split
+    def __init__(self, job: TFRecordJob, unit: int, suffix: str = ""):
+        self.job, self.unit, self.suffix = job, unit, suffix  # suffix: ".eval" for held out
         self.files: list[tuple[str, int]] = []
         self._writer = None
 
@@ -115,7 +115,7 @@ class _RotatingWriter:
         """The writer of the next file (the previous one closed)."""
         self.close()
         path = (
-            f"{self.job.output_dir}/.{self.job.name}{self.split}.unit{self.unit:06d}."
+            f"{self.job.output_dir}/.{self.job.name}{self.suffix}.unit{self.unit:06d}."
             f"{len(self.files):04d}.tmp"
         )
         self.files.append((path, 0))

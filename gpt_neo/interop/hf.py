@@ -450,12 +450,12 @@ def import_to_checkpoint(hf_dir, model_path: str, run_config: dict | None = None
 
     Without `datasets` in `run_config`, the folder's tokenizer is copied to
     `model_path/tokenizer/` and named by a dataset config of its own
-    (`model_path/<folder name>.json`, no records), so sampling and evaluation read and write
+    (`model_path/dataset_configs/<folder name>.json`, no records), so sampling and evaluation read and write
     text at once. With `datasets`, their tokenizer is the model's, as for any run."""
     folder = Path(hf_dir)
     run = {k: v for k, v in (run_config or {}).items() if k not in KEYS_FROM_HF_FOLDER}
     keep = not run.get("datasets") and not storage.is_remote(model_path) and _tokenizer_in(folder)
-    dataset_config = Path(model_path) / f"{folder.resolve().name or 'hf'}.json"
+    dataset_config = Path(model_path) / "dataset_configs" / f"{folder.resolve().name or 'hf'}.json"
     if keep:
         run["datasets"] = [[str(dataset_config), None, None, None]]
     cfg, params = import_hf(folder, overrides={**run, "model_path": model_path})
