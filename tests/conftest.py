@@ -46,6 +46,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _shared_compilations(tmp_path_factory, worker_id):
+    """One persistent XLA cache for the whole run, shared by its pytest-xdist workers: the
+    tests compile the same small programs (a tiny model's init, forward and step) over and
+    over, and a cache hit costs a fraction of a compile. Processes the tests start keep their
+    own settings (the command line's cache is model_path's, which its tests check)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if worker_id != "master" else base) / "xla-cache"
+    folder.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _fast_lane_guard():
     """In the fast lane, starting a process or compiling for a TPU fails the test (session
     wide, so that module fixtures are guarded too)."""
