@@ -23,6 +23,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def import_command(module, argv) -> argparse.Namespace:
+    """`python -m gpt_neo.cli.<hf|mesh_tf> import ...`, the old spelling of `gpt-neo import
+    <kind>`: `module`'s DESCRIPTION, EPILOG and add_arguments under an `import` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module.__spec__.name}",  # as run: __name__ is __main__ under -m
+        description=module.DESCRIPTION,
+        formatter_class=HelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    module.add_arguments(
+        commands.add_parser(
+            "import",
+            help=module.DESCRIPTION,
+            description=module.DESCRIPTION,
+            epilog=module.EPILOG,
+            formatter_class=HelpFormatter,
+        )
+    )
+    return parser.parse_args(argv)
+
+
 def config(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("the model")
     group.add_argument(

@@ -54,18 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt_neo.cli.mesh_tf", description=DESCRIPTION,
-        formatter_class=flags.HelpFormatter,
-    )  # fmt: skip
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_arguments(
-        commands.add_parser(
-            "import", help="GPT-Neo checkpoint -> model_path checkpoint", description=DESCRIPTION,
-            epilog=EPILOG, formatter_class=flags.HelpFormatter,
-        )
-    )  # fmt: skip
-    return exit_code_of(run, parser.parse_args(argv))
+    return exit_code_of(run, flags.import_command(sys.modules[__name__], argv))
 
 
 if __name__ == "__main__":
