@@ -9,8 +9,11 @@ raw text into GPT-Neo TFRecords. Boolean flags mean what they say: `--ftfy` and
 Reads .txt (one document per file), .jsonl, .jsonl.zst / lm_dataformat archives, .xz and
 .tar.gz. `--mode documents` (default) writes one record per document, for the
 `documents_random` / `documents_fixed` sampling modes; `--mode chunks` writes records of
-exactly chunk_size + 1 tokens, what GPT-Neo's `sequential_input` reads. Re-running the same
-command resumes; a finished run is reported, not redone. Exit codes: 0 done, 2 bad input.
+exactly chunk_size + 1 tokens, what GPT-Neo's `sequential_input` reads. `--sft` reads
+fine-tuning examples from .jsonl files instead (prompt/completion, or chat messages with
+`--chat_template`) and writes one record per example with a `loss_mask` beside its tokens
+(docs/fine-tuning.md). Re-running the same command resumes; a finished run is reported, not
+redone. Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
@@ -29,9 +32,22 @@ example:
       --encoder_path tokenizers/byte-level-bpe.tokenizer.json --eval_fraction 0.05 \\
       --write_dataset_config
 
+  gpt-neo data tfrecords --sft --input_dir chats/ --name chats --output_dir datasets/chats \\
+      --encoder_path tokenizers/byte-level-bpe.tokenizer.json --chat_template chat.jinja \\
+      --write_dataset_config
+
 Re-running the same command resumes; a finished run is reported, not redone.
 GPT-Neo's --ftfy and --wikitext-detokenize switched those repairs OFF (they were on unless
 given); here they are off unless given, and the flag switches them ON."""
+
+
+class _StoreGiven(argparse.Action):
+    """Stores the value and notes, as `<dest>_given`, that the flag was on the command line
+    (so a flag that does not apply can be refused even when given its default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +63,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="GPT-2's tokenizer from the local folder named by $GPT_NEO_GPT2_DIR",
     )
-    p.add_argument("--mode", choices=("documents", "chunks"), default="documents")
+    p.add_argument(
+        "--mode",
+        choices=("documents", "chunks"),
+        default="documents",
+        action=_StoreGiven,
+        help="one record per document, or records of chunk_size + 1 tokens (refused with --sft)",
+    )
+    p.set_defaults(mode_given=False)
+    p.add_argument(
+        "--sft",
+        action="store_true",
+        help="supervised fine-tuning: read .jsonl records {prompt, completion} or {messages}; "
+        "write one record per example with its tokens and a loss_mask (1: counts in the loss)",
+    )
+    p.add_argument(
+        "--chat_template",
+        metavar="FILE",
+        help="--sft: the Jinja2 chat template (Hugging Face's convention) that renders "
+        "'messages' records; the loss counts the assistant messages' tokens",
+    )
     p.add_argument(
         "--separator",
         type=int,
@@ -116,8 +151,24 @@ def run(args: argparse.Namespace) -> int:
     from gpt_neo.data.corpus import list_input_files  # TensorFlow and tokenizers: not for --help
     from gpt_neo.data.dataset_config import DatasetConfig, write_dataset_config
     from gpt_neo.data.encoders import load_encoder
+    from gpt_neo.data.sft import list_jsonl_files, load_chat_template
     from gpt_neo.data.tfrecords import TFRecordJob, create_tfrecords, eval_glob
 
+    if args.sft:
+        if args.mode_given:
+            raise ConfigError(
+                "--mode does not apply with --sft (sft writes one record per example, mode "
+                "'sft'); drop --mode"
+            )
+        if args.ftfy or args.wikitext_detokenize:
+            raise ConfigError(
+                "--ftfy and --wikitext_detokenize repair raw text, not --sft examples; drop them "
+                "and repair the .jsonl files themselves if they need it"
+            )
+    elif args.chat_template:
+        raise ConfigError("--chat_template renders the 'messages' records of --sft; add --sft")
+    mode = "sft" if args.sft else args.mode
+    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     processes = args.processes or os.cpu_count() or 1
     encoder_spec = "gpt2" if args.use_gpt2_tokenizer else args.encoder_path
     if args.chunk_size < 1 or args.files_per < 1 or args.minimum_size < 0:
@@ -143,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         output_dir=args.output_dir.rstrip("/"),
         encoder=encoder_spec,
-        mode=args.mode,
+        mode=mode,
         separator=separator,
         minimum_size=args.minimum_size,
         files_per=args.files_per,
@@ -151,10 +202,10 @@ def run(args: argparse.Namespace) -> int:
         ftfy=args.ftfy,
         wikitext_detokenize=args.wikitext_detokenize,
         eval_fraction=args.eval_fraction,
+        chat_template=chat_template,
     )
-    result = create_tfrecords(
-        job, list_input_files(args.input_dir), processes=processes, show_progress=not args.quiet
-    )
+    files = list_jsonl_files(args.input_dir) if args.sft else list_input_files(args.input_dir)
+    result = create_tfrecords(job, files, processes=processes, show_progress=not args.quiet)
     if args.write_dataset_config is not None:
         dataset = DatasetConfig(
             name=args.name,
@@ -165,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer_is_pretrained=args.use_gpt2_tokenizer,
             eos_id=separator[-1],
             padding_id=encoder.padding_id if encoder.padding_id is not None else separator[-1],
-            mode=args.mode,
+            mode=mode,
         )
         written = write_dataset_config(
             dataset, args.write_dataset_config or f"configs/dataset_configs/{args.name}.json"
@@ -176,6 +227,21 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{args.name}: already complete in {args.output_dir} ({len(result.files)} files); nothing to do"
         )
+    if args.sft:
+        print(
+            f"{args.name}: {s.documents} examples read, {s.documents_written} written as "
+            f"records ({s.tokens:,} tokens, {s.loss_tokens:,} of them counted in the loss) in "
+            f"{len(result.files)} files under {args.output_dir}; dropped {s.too_short} shorter "
+            f"than --minimum_size {args.minimum_size}"
+            + (
+                f"; held out for evaluation: {s.eval_documents} examples in "
+                f"{len(result.eval_files)} files ({eval_glob(job)})"
+                if args.eval_fraction
+                else ""
+            )
+            + (f"; {s.tokens / result.seconds:,.0f} tokens/s" if result.seconds else "")
+        )
+        return 0
     print(
         f"{args.name}: {s.documents} documents read, {s.documents_written} written as {s.records} "
         f"records ({s.tokens:,} tokens) in {len(result.files)} files under {args.output_dir}; "

@@ -2,11 +2,15 @@
 
 Format: one `tf.train.Example` per record with one feature, `text`, an int64 list of token
 ids; files named `{name}_{i}_{n_records}.tfrecords` (GPT-Neo's readers parse the record count
-from that suffix). Two modes:
+from that suffix). Three modes:
 
 - `documents`: one record per document, the document's tokens followed by the separator;
 - `chunks`: the token stream of all documents (each followed by the separator) cut into
-  records of exactly `chunk_size + 1` tokens; a document's tail carries into the next record.
+  records of exactly `chunk_size + 1` tokens; a document's tail carries into the next record;
+- `sft`: supervised fine-tuning examples from JSON Lines (prompt/completion or chat messages,
+  see `gpt_neo.data.sft`), one record per example, ending with the separator; each record
+  has a second int64 feature, `loss_mask`, as long as `text`: 1 where the token is a target
+  the loss counts (completion, assistant turns, the final separator), 0 where it is context.
 
 Work is split into *units*: runs of consecutive input files of about `UNIT_BYTES`, fixed by
 the input alone (not by `--processes`), so a re-run with any process count resumes. Each unit
@@ -14,8 +18,8 @@ writes hidden `.tmp` files; when a unit finishes, the manifest `{name}.manifest.
 it (atomically). When all units are done, the `.tmp` files are renamed, in unit order, to
 their final names. A file only ever appears under a final name when it is complete.
 
-`eval_fraction` holds out that share of the documents, chosen by a hash of each document's
-file name and position in it (so the split does not depend on process count or re-runs), and
+`eval_fraction` holds out that share of the documents (or SFT examples), chosen by a hash of each
+document's file name and position in it (so the split does not depend on process count or re-runs), and
 writes them the same way under `output_dir/eval/`, for the dataset config's `eval_path`.
 """
 
@@ -34,6 +38,7 @@ from typing import TypeVar
 
 from gpt_neo.data.corpus import CorpusStats, fix_text, read_documents, wikitext_detokenize
 from gpt_neo.data.encoders import load_encoder
+from gpt_neo.data.sft import ChatTemplate, Segment, read_examples, tokenize_examples
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.storage import exists, read_text, tf, write_text_atomic
 
@@ -42,6 +47,7 @@ T = TypeVar("T")
 UNIT_BYTES = 32 * 2**20
 ENCODE_BATCH = 256
 MANIFEST_VERSION = 1
+MODES = ("documents", "chunks", "sft")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class TFRecordJob:
     ftfy: bool = False
     wikitext_detokenize: bool = False
     eval_fraction: float = 0.0  # share of documents held out, written under output_dir/eval/
+    chat_template: ChatTemplate | None = None  # sft mode: renders `messages` records
 
 
 @dataclass
@@ -68,6 +75,7 @@ class WriteStats(CorpusStats):
     documents_written: int = 0
     records: int = 0
     tokens: int = 0  # tokens written, separators included
+    loss_tokens: int = 0  # sft mode: tokens whose loss_mask is 1 (the targets)
     tail_tokens_dropped: int = 0  # chunks mode: the last partial record of each unit
     # of the counts above, what was held out for evaluation (eval_fraction)
     eval_documents: int = 0
@@ -90,10 +98,14 @@ def plan_units(files: Sequence[Path]) -> list[list[str]]:
     return units
 
 
-def serialize(tokens: Sequence[int]) -> bytes:
+def serialize(tokens: Sequence[int], loss_mask: Sequence[int] | None = None) -> bytes:
+    """One record: `text` (the token ids) and, for sft mode, `loss_mask` (0/1, as long)."""
     t = tf()
-    feature = t.train.Feature(int64_list=t.train.Int64List(value=tokens))
-    return t.train.Example(features=t.train.Features(feature={"text": feature})).SerializeToString()
+    features = {"text": tokens} if loss_mask is None else {"text": tokens, "loss_mask": loss_mask}
+    feature = {
+        k: t.train.Feature(int64_list=t.train.Int64List(value=v)) for k, v in features.items()
+    }
+    return t.train.Example(features=t.train.Features(feature=feature)).SerializeToString()
 
 
 class _RotatingWriter:
@@ -126,6 +138,13 @@ class _RotatingWriter:
             self._writer.close()
             self._writer = None
 
+    def discard(self) -> None:
+        """Close and delete this unit's `.tmp` files (its work failed; a re-run redoes it)."""
+        self.close()
+        for path, _ in self.files:
+            if tf().io.gfile.exists(path):
+                tf().io.gfile.remove(path)
+
 
 def held_out(fraction: float, path: str, index: int) -> bool:
     """Whether document `index` of the file `path` goes to the eval split: a hash of the file's
@@ -155,6 +174,18 @@ def _documents(
             progress.put(("file", os.path.getsize(path)))
 
 
+def _examples(
+    job: TFRecordJob, files: Sequence[str], stats: WriteStats, progress
+) -> Iterator[tuple[bool, list[Segment]]]:
+    """sft mode: (held out for evaluation, segments) of every example, split like documents."""
+    for path in files:
+        for index, segments in enumerate(read_examples(path, job.chat_template)):
+            stats.documents += 1
+            yield held_out(job.eval_fraction, path, index), segments
+        if progress is not None:
+            progress.put(("file", os.path.getsize(path)))
+
+
 def _batched(items: Iterator[T], size: int) -> Iterator[list[T]]:
     batch: list[T] = []
     for item in items:
@@ -177,6 +208,20 @@ def process_unit(job: TFRecordJob, unit: int, files: Sequence[str], progress=Non
     )
     stats = WriteStats()
     splits = {False: _Split(job, unit, ""), True: _Split(job, unit, ".eval")}
+    write = _write_examples if job.mode == "sft" else _write_documents
+    try:
+        write(job, encoder, files, splits, stats, progress)
+    except BaseException:  # bad input or an interruption: no half-written unit stays behind
+        for split in splits.values():
+            split.writer.discard()
+        raise
+    for split in splits.values():
+        stats.tail_tokens_dropped += len(split.pending)
+        split.writer.close()
+    return unit, splits[False].writer.files, splits[True].writer.files, stats
+
+
+def _write_documents(job, encoder, files, splits, stats: WriteStats, progress) -> None:
     for batch in _batched(_documents(job, files, stats, progress), ENCODE_BATCH):
         written_before = stats.tokens
         texts = [text for _, text in batch]
@@ -184,20 +229,36 @@ def process_unit(job: TFRecordJob, unit: int, files: Sequence[str], progress=Non
             if len(ids) < job.minimum_size:
                 stats.too_short += 1
                 continue
-            records, tokens = splits[is_eval].add(ids)
-            stats.documents_written += 1
-            stats.records += records
-            stats.tokens += tokens
-            if is_eval:
-                stats.eval_documents += 1
-                stats.eval_records += records
-                stats.eval_tokens += tokens
+            _count(stats, is_eval, *splits[is_eval].add(ids))
         if progress is not None:
             progress.put(("batch", len(texts), stats.tokens - written_before))
-    for split in splits.values():
-        stats.tail_tokens_dropped += len(split.pending)
-        split.writer.close()
-    return unit, splits[False].writer.files, splits[True].writer.files, stats
+
+
+def _write_examples(job, encoder, files, splits, stats: WriteStats, progress) -> None:
+    """sft mode: one record of tokens and loss mask per example."""
+    for batch in _batched(_examples(job, files, stats, progress), ENCODE_BATCH):
+        written_before = stats.tokens
+        encoded = tokenize_examples(encoder, [s for _, s in batch], job.separator)
+        for (is_eval, _), (tokens, loss_mask) in zip(batch, encoded, strict=True):
+            if len(tokens) - len(job.separator) < job.minimum_size:
+                stats.too_short += 1
+                continue
+            splits[is_eval].writer.write(serialize(tokens, loss_mask))
+            stats.loss_tokens += sum(loss_mask)
+            _count(stats, is_eval, 1, len(tokens))
+        if progress is not None:
+            progress.put(("batch", len(batch), stats.tokens - written_before))
+
+
+def _count(stats: WriteStats, is_eval: bool, records: int, tokens: int) -> None:
+    """One document (or example) written as `records` records of `tokens` tokens in all."""
+    stats.documents_written += 1
+    stats.records += records
+    stats.tokens += tokens
+    if is_eval:
+        stats.eval_documents += 1
+        stats.eval_records += records
+        stats.eval_tokens += tokens
 
 
 class _Split:
@@ -236,8 +297,11 @@ def _process_unit_star(args):
 
 def _fingerprint(job: TFRecordJob, units: list[list[str]]) -> str:
     settings = dataclasses.asdict(job)
-    if not job.eval_fraction:  # as before the split existed: earlier manifests still resume
+    # settings at their defaults hash as before they existed: earlier manifests still resume
+    if not job.eval_fraction:
         del settings["eval_fraction"]
+    if job.chat_template is None:
+        del settings["chat_template"]
     digest = hashlib.sha256(json.dumps([settings, units], default=list).encode())
     return digest.hexdigest()[:16]
 
@@ -274,8 +338,10 @@ def create_tfrecords(
     job: TFRecordJob, input_files: Sequence[Path], *, processes: int = 1, show_progress: bool = True
 ) -> Result:
     """Tokenize `input_files` into TFRecords under `job.output_dir`; resumes an interrupted run."""
-    if job.mode not in ("documents", "chunks"):
-        raise ConfigError(f"--mode must be 'documents' or 'chunks', not {job.mode!r}")
+    if job.mode not in MODES:
+        raise ConfigError(f"--mode must be 'documents' or 'chunks' (or --sft), not {job.mode!r}")
+    if job.mode == "sft" and not job.separator:
+        raise ConfigError("sft records end with the end of text: give a separator (--separator)")
     start = time.perf_counter()
     _check_writable(job.output_dir)
     units = plan_units(input_files)
@@ -284,6 +350,7 @@ def create_tfrecords(
     manifest = _read_manifest(manifest_path) or {
         "version": MANIFEST_VERSION,
         "fingerprint": fingerprint,
+        "mode": job.mode,
         "units": {},
         "final": None,
     }
@@ -292,6 +359,7 @@ def create_tfrecords(
             f"{manifest_path} belongs to a run with other inputs or settings; use another "
             "--output_dir or --name, or delete that run's files to start over"
         )
+    manifest.setdefault("mode", job.mode)  # manifests written before the key existed
     if manifest["final"] is not None:
         stats = WriteStats(**manifest["stats"])
         final, final_eval = manifest["final"], manifest.get("final_eval", [])
