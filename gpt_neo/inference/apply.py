@@ -19,17 +19,20 @@ from gpt_neo.models.gpt import Logits, Params, Tokens, forward
 
 
 def real_logits(
-    cfg: Config, params: Params, tokens: Tokens, rng: jax.Array | None = None
+    cfg: Config,
+    params: Params,
+    tokens: Tokens,
+    rng: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> Logits:
     """`forward`'s logits cut to the real vocabulary: [batch, seq, n_vocab] float32."""
-    return forward(cfg, params, tokens, rng=rng).logits[..., : cfg.n_vocab]
+    logits = forward(cfg, params, tokens, rng=rng, segment_ids=segment_ids).logits
+    return logits[..., : cfg.n_vocab]
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_logits(cfg: Config, with_rng: bool):
-    if with_rng:
-        return jax.jit(functools.partial(real_logits, cfg))
-    return jax.jit(lambda params, tokens: real_logits(cfg, params, tokens))
+def _compiled_logits(cfg: Config):
+    return jax.jit(functools.partial(real_logits, cfg))
 
 
 def mesh_of(params) -> Mesh | None:
@@ -40,21 +43,31 @@ def mesh_of(params) -> Mesh | None:
     return None
 
 
-def apply(cfg: Config, params: Params, tokens, *, train: bool = False, rng=None) -> Logits:
+def apply(
+    cfg: Config, params: Params, tokens, *, train: bool = False, rng=None, segment_ids=None
+) -> Logits:
     """Logits [batch, seq, n_vocab] float32 for tokens [batch, seq] (int).
 
     Runs on the mesh the parameters were initialised on (`init_params(..., mesh=...)`).
-    `train=True` applies dropout, drawn from `rng` (required then).
+    `train=True` applies dropout, drawn from `rng` (required then). `segment_ids` [batch,
+    seq] (int) packs several documents per row: equal ids are one document (contiguous), 0 is
+    padding; each document's logits are those it would have alone.
     """
     if train and rng is None:
         raise ValueError("apply(train=True) needs rng for dropout")
+    rng = rng if train else None
     if isinstance(tokens, Tracer):  # inside the caller's jit
-        return real_logits(cfg, params, tokens, rng if train else None)
+        return real_logits(cfg, params, tokens, rng, segment_ids)
     tokens = jnp.asarray(tokens, jnp.int32)
-    extra = (rng,) if train else ()
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if segment_ids.shape != tokens.shape:
+            raise ValueError(
+                f"segment_ids {segment_ids.shape} must have the tokens' shape {tokens.shape}"
+            )
     mesh = mesh_of(params)
     if mesh is None:
-        return _compiled_logits(cfg, train)(params, tokens, *extra)
+        return _compiled_logits(cfg)(params, tokens, rng, segment_ids)
     data_parallel = data_parallel_size(cfg, mesh)
     if tokens.shape[0] % data_parallel:
         raise ConfigError(
@@ -62,5 +75,7 @@ def apply(cfg: Config, params: Params, tokens, *, train: bool = False, rng=None)
             f"the layout splits 'batch' into (mesh axes {'+'.join(batch_axes(cfg))})"
         )
     with jax.set_mesh(mesh):
-        tokens = jax.device_put(tokens, activation_sharding(mesh, cfg, axes.TOKENS))
-        return _compiled_logits(cfg, train)(params, tokens, *extra)
+        tokens, segment_ids = jax.device_put(
+            (tokens, segment_ids), activation_sharding(mesh, cfg, axes.TOKENS)
+        )
+        return _compiled_logits(cfg)(params, tokens, rng, segment_ids)

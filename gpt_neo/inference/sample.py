@@ -7,6 +7,9 @@ Prompts of different lengths are left-padded to a common length: each row's posi
 one jitted `lax.while_loop` (it stops early once every row has produced `eos_id`); with
 `on_token` it runs step by step instead so tokens can be streamed as they come.
 
+A row may hold several prompts packed (`segment_ids`): each attends only to itself, its
+positions restart at 0, and generation continues the row's last prompt, as if it were alone.
+
 Limits (documented in README): a prompt longer than n_ctx - 1 tokens keeps its last n_ctx - 1
 tokens (with a warning); generation stops when a row reaches n_ctx positions.
 """
@@ -31,6 +34,7 @@ from gpt_neo.inference.apply import mesh_of
 from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size
 from gpt_neo.models.blocks import COMPUTE_DTYPES, DecodeCache, cast_params
 from gpt_neo.models.gpt import forward, head, trunk
+from gpt_neo.models.positions import segment_positions
 from gpt_neo.models.stack import layer_stacks
 
 
@@ -111,19 +115,37 @@ class Decoder:
         pad = prompts.shape[1] - lengths
         return jnp.arange(prompts.shape[1] + self.max_new)[None, :] >= pad[:, None]
 
-    def prefill(self, params, prompts, lengths):
+    def cache_segments(self, segments):
+        """Packed prompts' segment per cache slot [batch, cache length]: the prompt's, then
+        the row's last segment for every generated token (None: rows are not packed)."""
+        if segments is None:
+            return None
+        last = jnp.broadcast_to(segments[:, -1:], (segments.shape[0], self.max_new))
+        return jnp.concatenate([segments, last], axis=1)
+
+    def next_position(self, lengths, segments, i):
+        """[batch]: the position of generated token i (after the row's last prompt)."""
+        if segments is None:
+            return lengths + i
+        return segment_positions(segments)[:, -1] + 1 + i
+
+    def prefill(self, params, prompts, lengths, segments=None):
         batch, prompt_len = prompts.shape
         slots = jnp.arange(prompt_len)
-        positions = jnp.maximum(slots[None, :] - (prompt_len - lengths)[:, None], 0)
+        if segments is None:
+            positions = jnp.maximum(slots[None, :] - (prompt_len - lengths)[:, None], 0)
+        else:
+            positions = segment_positions(segments)  # left padding is a segment of its own
         layers = _empty_cache(self.cfg, batch, prompt_len + self.max_new)
-        cache = DecodeCache(layers, slots, self.key_valid(prompts, lengths))
+        valid = self.key_valid(prompts, lengths)
+        cache = DecodeCache(layers, slots, valid, self.cache_segments(segments))
         x, cache, _ = trunk(self.cfg, params, prompts, positions=positions, cache=cache)
         assert cache is not None  # trunk extends the cache it was given
         logits = head(self.cfg, params, x[:, -1:])[:, 0]  # only the last position's: no [b, t, v]
         out = jnp.zeros((batch, self.max_new), jnp.int32)
         return jnp.int32(0), cache.layers, logits, out, jnp.zeros(batch, bool)
 
-    def step(self, params, prompts, lengths, rng, carry):
+    def step(self, params, prompts, lengths, segments, rng, carry):
         i, cache, last_logits, out, done = carry
         token = choose(last_logits, self.sampling, jax.random.fold_in(rng, i))
         if self.eos_id is not None:
@@ -131,9 +153,11 @@ class Decoder:
             done = done | (token == self.eos_id)
         out = out.at[:, i].set(token)
         slot = (prompts.shape[1] + i)[None]
-        cache = DecodeCache(cache, slot, self.key_valid(prompts, lengths))
+        valid = self.key_valid(prompts, lengths)
+        cache = DecodeCache(cache, slot, valid, self.cache_segments(segments))
+        position = self.next_position(lengths, segments, i)[:, None]
         logits, cache, _ = forward(
-            self.cfg, params, token[:, None], positions=(lengths + i)[:, None], cache=cache
+            self.cfg, params, token[:, None], positions=position, cache=cache
         )
         assert cache is not None
         return i + 1, cache.layers, logits[:, -1], out, done
@@ -142,10 +166,10 @@ class Decoder:
         i, *_, done = carry
         return (i < self.max_new) & ~jnp.all(done)
 
-    def run(self, params, prompts, lengths, rng):
+    def run(self, params, prompts, lengths, rng, segments=None):
         """New tokens [batch, max_new] in one while_loop (rows past eos hold eos)."""
-        carry = self.prefill(params, prompts, lengths)
-        step = functools.partial(self.step, params, prompts, lengths, rng)
+        carry = self.prefill(params, prompts, lengths, segments)
+        step = functools.partial(self.step, params, prompts, lengths, segments, rng)
         return jax.lax.while_loop(self.running, step, carry)[3]
 
 
@@ -155,7 +179,7 @@ def _compiled(decoder: Decoder):
     return (
         jax.jit(decoder.run),
         jax.jit(decoder.prefill),
-        jax.jit(decoder.step, donate_argnums=4),
+        jax.jit(decoder.step, donate_argnums=5),
     )
 
 
@@ -171,13 +195,16 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     on_token: Callable[[list[int | None]], None] | None = None,
+    segment_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (a list of token-id lists, of any lengths).
 
     Each row stops after it produces `eos_id` (default `cfg.eos_id`; the eos token is kept in
     its output) or after `max_new_tokens`. `temperature=0` is greedy. `on_token(tokens)` is
     called after every step with each row's new token (None once a row has stopped).
-    Runs on the mesh the params live on, with the config's layout.
+    Runs on the mesh the params live on, with the config's layout. `segment_ids` (one list per
+    prompt, of its length: equal ids = one prompt, contiguous) packs several prompts in a row;
+    each row's output continues its last prompt, exactly as that prompt alone would.
     """
     require_causal(cfg, "generating text")
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
@@ -187,32 +214,36 @@ def generate(
         return []
     eos_id = cfg.eos_id if eos_id is None else eos_id
     rows, lengths, max_new = _prepare(cfg, prompts, max_new_tokens)
+    segments = None if segment_ids is None else _packed_segments(prompts, segment_ids, rows)
     mesh = mesh_of(params)
     rows, lengths, n_real = _pad_batch_for_mesh(cfg, mesh, rows, lengths)
+    if segments is not None:
+        segments = np.concatenate([segments, np.repeat(segments[-1:], len(rows) - n_real, 0)])
     rng = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         # Cast once per call, not in every decode step: decoding reads all weights per token,
         # so bfloat16 weights halve the bytes it moves.
         params = cast_params(cfg, params)
         tokens = jnp.asarray(rows)
+        seg = None if segments is None else jnp.asarray(segments)
         if mesh is not None:
-            tokens = jax.device_put(tokens, activation_sharding(mesh, cfg, axes.TOKENS))
+            tokens, seg = jax.device_put((tokens, seg), activation_sharding(mesh, cfg, axes.TOKENS))
         lengths = jnp.asarray(lengths)
         decoder = Decoder(cfg, sampling, max_new, eos_id)
         if on_token is None:
-            out = np.asarray(_compiled(decoder)[0](params, tokens, lengths, rng))
+            out = np.asarray(_compiled(decoder)[0](params, tokens, lengths, rng, seg))
         else:
-            out = _stream(decoder, params, tokens, lengths, rng, on_token, n_real)
+            out = _stream(decoder, params, tokens, lengths, seg, rng, on_token, n_real)
     return [_until_eos(list(row), eos_id) for row in out[:n_real]]
 
 
-def _stream(decoder: Decoder, params, tokens, lengths, rng, on_token, n_real):
+def _stream(decoder: Decoder, params, tokens, lengths, segments, rng, on_token, n_real):
     """The decode one step at a time, calling on_token after each."""
     _, prefill, step = _compiled(decoder)
-    carry = prefill(params, tokens, lengths)
+    carry = prefill(params, tokens, lengths, segments)
     stopped = np.zeros(tokens.shape[0], bool)
     for i in range(decoder.max_new):
-        carry = step(params, tokens, lengths, rng, carry)
+        carry = step(params, tokens, lengths, segments, rng, carry)
         new = np.asarray(carry[3][:, i])
         on_token(
             [None if s else int(t) for s, t in zip(stopped[:n_real], new[:n_real], strict=True)]
@@ -262,6 +293,22 @@ def _prepare(cfg: Config, prompts, max_new_tokens: int):
     for row, p in zip(rows, prompts, strict=True):
         row[prompt_len - len(p) :] = p
     return rows, np.array([len(p) for p in prompts], np.int32), max_new
+
+
+def _packed_segments(prompts, segment_ids, rows: np.ndarray) -> np.ndarray:
+    """`segment_ids` left-padded like `rows` (padding: segment 0), checked against the prompts."""
+    if len(segment_ids) != len(prompts):
+        raise ConfigError(f"segment_ids has {len(segment_ids)} rows for {len(prompts)} prompts")
+    out = np.zeros(rows.shape, np.int32)
+    for row, prompt, ids in zip(out, prompts, segment_ids, strict=True):
+        ids = np.asarray(ids, np.int32)[-rows.shape[1] :]  # truncated like the prompt
+        if ids.size != min(len(prompt), rows.shape[1]) or (ids <= 0).any():
+            raise ConfigError(
+                "segment_ids must give each prompt token a segment id >= 1 (one list per "
+                "prompt, of its length)"
+            )
+        row[rows.shape[1] - ids.size :] = ids
+    return out
 
 
 def _pad_batch_for_mesh(cfg: Config, mesh, rows, lengths):

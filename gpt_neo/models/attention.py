@@ -15,6 +15,12 @@ Kernels for softmax attention (config key `attention_kernel`):
 `auto` picks the fastest kernel that applies and falls back to `xla`. Bidirectional attention
 (masked-LM training) and memory key/values (`num_mem_kv`) always run on `xla`.
 
+Packed rows (`segment_ids` [batch, seq], equal ids = one document, 0 = padding): a query sees
+only keys of its own segment, in every layer kind and kernel; a local window also stops at the
+segment's start, and linear attention's cumulative sums restart there. Segments are contiguous
+runs (packing writes them so). `num_mem_kv` memory slots are not tokens: every segment sees
+them, as every sequence does.
+
 Bidirectional local attention lets query i see keys j with |i - j| < radius. (GPT-Neo's
 Mesh-TensorFlow kernel saw (i - radius, i + radius], one more key to the right than the left,
 an artefact of its blocking; there is no checkpoint of it to be compatible with, since its
@@ -50,13 +56,15 @@ class KVCache(NamedTuple):
     `slots` [new]: the cache slots of this call's tokens, the same in every row. `valid`
     [batch, length]: slots that hold a real token. Prompts are left-padded to a common length,
     so slot distance equals position distance within a row, and causality and the local
-    window are slot comparisons.
+    window are slot comparisons. `segments` [batch, length] (packed prompts only): each slot's
+    segment id; a token sees the slots of its own segment.
     """
 
     keys: jax.Array
     values: jax.Array
     slots: jax.Array
     valid: jax.Array
+    segments: jax.Array | None = None
 
 
 MEMORY = (None, axes.HEADS, axes.KV)  # num_mem_kv memory slots
@@ -87,6 +95,7 @@ def attention(
     rng: jax.Array | None = None,
     cache: KVCache | None = None,
     positions: jax.Array | None = None,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """One attention sub-block, x [batch, seq, embd] -> ([batch, seq, embd], cache).
 
@@ -94,6 +103,7 @@ def attention(
     (decoding) x's keys and values are written into it at `cache.slots` and x attends over
     every valid cached slot; the updated cache is returned. `rng` enables attention dropout.
     `positions` [batch, seq] are x's positions, which rotary needs (default 0..seq-1).
+    `segments` [batch, seq]: packed documents' ids (module docstring); None: one sequence.
     """
     q, k, v = (project_in(x, p[name]) for name in "qkv")
     if cfg.rotary_emb:
@@ -105,7 +115,7 @@ def attention(
     memory = (p["mem_k"], p["mem_v"]) if "mem_k" in p and kind == "global" else None
     if cache is None:
         k, v = constrain(k, cfg, axes.KEYS_VALUES), constrain(v, cfg, axes.KEYS_VALUES)
-        out = _self_attention(cfg, kind, q, k, v, rng, memory)
+        out = _self_attention(cfg, kind, q, k, v, rng, memory, segments)
     else:
         out, cache = _cached_attention(cfg, kind, q, k, v, cache, memory)
     return project_out(constrain(out, cfg, axes.QUERIES), p), cache
@@ -123,19 +133,33 @@ def project_out(out, p):
     return jnp.dot(out.reshape(b, t, h * d), p["o"].reshape(h * d, -1)) + p["o_bias"]
 
 
-def _self_attention(cfg: Config, kind: str, q, k, v, rng, memory=None):
+def _self_attention(cfg: Config, kind: str, q, k, v, rng, memory=None, segments=None):
     """Each position of the sequence attends to those before it (or, for a masked LM, around
-    it), per the layer kind."""
+    it) in its segment, per the layer kind."""
     causal = not cfg.mlm_training
     if kind == "linear":
-        return (
-            causal_linear_attention(q, k, v) if causal else bidirectional_linear_attention(q, k, v)
-        )
+        if causal:
+            return causal_linear_attention(q, k, v, segments=segments)
+        if segments is not None:
+            raise ConfigError(
+                "bidirectional linear attention (mlm_training) does not take packed segments; "
+                "use global or local layers, or unpacked data"
+            )
+        return bidirectional_linear_attention(q, k, v)
     window = cfg.local_attention_radius if kind == "local" else None
     # GPT-Neo applies attention dropout in global layers only.
     rate = cfg.attn_dropout if (kind == "global" and rng is not None) else 0.0
     return softmax_attention(
-        cfg, q, k, v, window=window, dropout_rate=rate, rng=rng, causal=causal, memory=memory
+        cfg,
+        q,
+        k,
+        v,
+        window=window,
+        dropout_rate=rate,
+        rng=rng,
+        causal=causal,
+        memory=memory,
+        segments=segments,
     )
 
 
@@ -152,6 +176,9 @@ def _cached_attention(cfg: Config, kind: str, q, k, v, cache: KVCache, memory=No
     q = q.transpose(0, 2, 1, 3)  # [b, h, new, d]
     offset = cache.slots[:, None] - jnp.arange(values.shape[2])[None, :]  # [new, length]
     visible = (offset >= 0)[None] & cache.valid[:, None, :]  # [batch, new, length]
+    if cache.segments is not None:  # packed prompts: a token sees its own segment's slots
+        own = jax.lax.dynamic_slice_in_dim(cache.segments, start, q.shape[2], axis=1)
+        visible &= own[:, :, None] == cache.segments[:, None, :]
     if kind == "local":
         visible &= offset < cfg.local_attention_radius
     if kind == "linear":
@@ -184,20 +211,40 @@ def _linear_attention_over_cache(q, k, v, visible, eps=1e-6):
 
 
 def softmax_attention(
-    cfg, q, k, v, *, window=None, dropout_rate=0.0, rng=None, causal=True, memory=None
+    cfg,
+    q,
+    k,
+    v,
+    *,
+    window=None,
+    dropout_rate=0.0,
+    rng=None,
+    causal=True,
+    memory=None,
+    segments=None,
 ):
     """Softmax attention, optionally windowed: query i sees keys j with 0 <= i-j < window
-    (causal) or |i-j| < window (bidirectional), and every `memory` slot."""
+    (causal) or |i-j| < window (bidirectional) in its segment, and every `memory` slot."""
     plain = not causal or memory is not None  # what only the XLA kernels compute
     kernel = resolve_kernel(cfg, q.dtype, q.shape[1], dropout_rate > 0, plain=plain)
     if kernel == "cudnn":
-        return dot_product_attention(q, k, v, window=window, implementation="cudnn")
+        return dot_product_attention(
+            q, k, v, window=window, implementation="cudnn", segments=segments
+        )
     if kernel == "splash":
-        return splash_attention(cfg, q, k, v, window=window)
+        return splash_attention(cfg, q, k, v, window=window, segments=segments)
     if window is not None and q.shape[1] > window and memory is None:
-        return blocked_local_attention(q, k, v, window=window, causal=causal)
+        return blocked_local_attention(q, k, v, window=window, causal=causal, segments=segments)
     return dense_attention(
-        q, k, v, window=window, dropout_rate=dropout_rate, rng=rng, causal=causal, memory=memory
+        q,
+        k,
+        v,
+        window=window,
+        dropout_rate=dropout_rate,
+        rng=rng,
+        causal=causal,
+        memory=memory,
+        segments=segments,
     )
 
 
@@ -243,9 +290,10 @@ def _seq_or_head_dim_sharded(cfg: Config) -> bool:
     return any(axis in rules(cfg).activations for axis in (axes.SEQ, axes.KV_SEQ, axes.KV))
 
 
-def _mask(scores, q_pos, k_pos, window, causal=True, length=None):
-    """Scores of invisible keys (future ones when `causal`, outside the window, before the
-    start or, with `length`, past the end of the sequence) set to MASK_VALUE."""
+def _mask(scores, q_pos, k_pos, window, causal=True, length=None, q_seg=None, k_seg=None):
+    """Scores [batch, heads, q, k] of invisible keys (future ones when `causal`, outside the
+    window, before the start or, with `length`, past the end of the sequence, and with
+    segments q_seg [batch, q] / k_seg [batch, k], another segment's) set to MASK_VALUE."""
     offset = q_pos[:, None] - k_pos[None, :]
     visible = k_pos[None, :] >= 0
     if length is not None:
@@ -254,17 +302,30 @@ def _mask(scores, q_pos, k_pos, window, causal=True, length=None):
         visible &= offset >= 0
     if window is not None:
         visible &= (offset if causal else jnp.abs(offset)) < window
+    if q_seg is not None and k_seg is not None:
+        visible = visible & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
     return jnp.where(visible, scores, MASK_VALUE)
 
 
-def dense_attention(q, k, v, *, window=None, dropout_rate=0.0, rng=None, causal=True, memory=None):
+def dense_attention(
+    q,
+    k,
+    v,
+    *,
+    window=None,
+    dropout_rate=0.0,
+    rng=None,
+    causal=True,
+    memory=None,
+    segments=None,
+):
     """Reference: full [T, T] scores. q, k, v: [batch, seq, heads, head_dim]; `memory`
-    (mem_k, mem_v) [slots, heads, head_dim] adds keys every query sees."""
+    (mem_k, mem_v) [slots, heads, head_dim] adds keys every query (of any segment) sees."""
     pos = jnp.arange(q.shape[1])
     # heads next to batch: XLA:CPU runs batched matmuls with leading batch dims fastest
     q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))  # [batch, heads, seq, head_dim]
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    scores = _mask(scores, pos, pos, window, causal)
+    scores = _mask(scores, pos, pos, window, causal, q_seg=segments, k_seg=segments)
     if memory is not None:  # GPT-Neo prepends the memory slots to the keys and values
         mem_k, mem_v = memory
         mem_scores = jnp.einsum("bhqd,mhd->bhqm", q, mem_k, preferred_element_type=jnp.float32)
@@ -280,39 +341,45 @@ def _per_example(mem_v, like):
     return jnp.broadcast_to(per_head, (like.shape[0], *per_head.shape))
 
 
-def blocked_local_attention(q, k, v, *, window: int, causal: bool = True):
+def blocked_local_attention(q, k, v, *, window: int, causal: bool = True, segments=None):
     """Sliding-window attention in O(T * window): each block of `window` queries attends to its
     own block of keys and the previous one (and the next one when bidirectional), which
-    together hold every key it may see."""
+    together hold every key it may see (segments [batch, seq] blocked the same way)."""
     b, t, h, d = q.shape
     pad = -t % window
     if pad:
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        if segments is not None:
+            segments = jnp.pad(segments, ((0, 0), (0, pad)))
     n = (t + pad) // window
 
-    def blocks(a):  # [b, n, window, h, d]
-        return a.reshape(b, n, window, h, d)
+    def blocks(a):  # [b, n, window, ...]
+        return a.reshape(b, n, window, *a.shape[2:])
 
-    def neighbourhood(a):  # [b, n, 2 or 3 * window, h, d]
+    def neighbourhood(a):  # [b, n, 2 or 3 * window, ...]
         a = blocks(a)
-        parts = [jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1], a]
+        rest = ((0, 0),) * (a.ndim - 3)
+        parts = [jnp.pad(a, ((0, 0), (1, 0), (0, 0), *rest))[:, :-1], a]
         if not causal:
-            parts.append(jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0), (0, 0)))[:, 1:])
+            parts.append(jnp.pad(a, ((0, 0), (0, 1), (0, 0), *rest))[:, 1:])
         return jnp.concatenate(parts, axis=2)
 
     q_pos = jnp.arange(window)
     # relative to the block start; < 0 is the previous block, >= window the next one
     k_pos = jnp.arange(-window, window if causal else 2 * window)
 
-    def one_block(qb, kb, vb, start):
+    def one_block(qb, kb, vb, start, q_seg, k_seg):
         scores = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32)
-        scores = _mask(scores, start + q_pos, start + k_pos, window, causal, length=t)
+        scores = _mask(scores, start + q_pos, start + k_pos, window, causal, t, q_seg, k_seg)
         probs = jax.nn.softmax(scores, axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(vb.dtype), vb)
 
     starts = jnp.arange(n) * window
-    out = jax.vmap(one_block, in_axes=(1, 1, 1, 0), out_axes=1)(
-        blocks(q), neighbourhood(k), neighbourhood(v), starts
+    seg_blocks = seg_neighbourhood = None
+    if segments is not None:
+        seg_blocks, seg_neighbourhood = blocks(segments), neighbourhood(segments)
+    out = jax.vmap(one_block, in_axes=(1, 1, 1, 0, 1, 1), out_axes=1)(
+        blocks(q), neighbourhood(k), neighbourhood(v), starts, seg_blocks, seg_neighbourhood
     )
     return out.reshape(b, n * window, h, d)[:, :t]
 
@@ -326,45 +393,90 @@ def bidirectional_linear_attention(q, k, v):
     return jnp.einsum("bqhd,bhde->bqhe", q, context).astype(v.dtype)
 
 
-def causal_linear_attention(q, k, v, *, chunk: int = LINEAR_CHUNK, eps: float = 1e-6):
+def causal_linear_attention(
+    q, k, v, *, chunk: int = LINEAR_CHUNK, eps: float = 1e-6, segments=None
+):
     """GPT-Neo's causal linear attention without its [b, s, h, d, d] cumulative tensor.
 
     GPT-Neo: q = softmax(q over features), k = exp(k), C_i = sum_{j<=i} k_j (x) v_j,
     Z_i = sum_{j<=i} k_j + eps, out_i = (q_i . C_i) / (q_i . Z_i). The numerator is computed
     chunk by chunk: exact within a chunk, a [b, h, d, d] running state across chunks
     (lax.scan), so memory is O(T * d + d * d), not O(T * d * d).
+
+    With `segments` [batch, seq] (contiguous runs) the sums run over j in i's segment: within
+    a chunk the scores are masked by segment, and the state carried out of a chunk holds the
+    keys of the segment still open at its end (the previous state too if that segment began
+    before the chunk); a chunk's queries add it only if they belong to that segment.
     """
     dtype = v.dtype
     q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
     k = jnp.exp(k.astype(jnp.float32))
     v = v.astype(jnp.float32)
-    normaliser = jnp.einsum("bthd,bthd->bth", q, jnp.cumsum(k, axis=1) + eps)[..., None]
+    normaliser = jnp.einsum("bthd,bthd->bth", q, _segment_cumsum(k, segments) + eps)[..., None]
     b, t, h, d = q.shape
+    if segments is None:
+        segments = jnp.ones((b, t), jnp.int32)
     pad = -t % chunk
     if pad:  # trailing zeros: later positions never influence earlier ones
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        segments = jnp.pad(segments, ((0, 0), (0, pad)), mode="edge")
     n = (t + pad) // chunk
     q, k, v = (a.reshape(b, n, chunk, h, -1).swapaxes(0, 1) for a in (q, k, v))
+    segs = segments.reshape(b, n, chunk).swapaxes(0, 1)  # [n, b, chunk]
     causal = jnp.tril(jnp.ones((chunk, chunk), dtype=bool))
 
-    def step(state, qkv):
-        qc, kc, vc = qkv
-        scores = jnp.where(causal, jnp.einsum("bqhd,bkhd->bhqk", qc, kc), 0.0)
-        out = jnp.einsum("bhqk,bkhe->bqhe", scores, vc) + jnp.einsum("bqhd,bhde->bqhe", qc, state)
-        return state + jnp.einsum("bkhd,bkhe->bhde", kc, vc), out
+    def step(carry, xs):
+        state, open_segment = carry  # the open segment's k (x) v sum, and its id [b]
+        qc, kc, vc, sc = xs
+        visible = causal[None] & (sc[:, :, None] == sc[:, None, :])  # [b, q, k]
+        scores = jnp.where(visible[:, None], jnp.einsum("bqhd,bkhd->bhqk", qc, kc), 0.0)
+        continues = (sc == open_segment[:, None]).astype(jnp.float32)  # [b, q]
+        carried = jnp.einsum("bqhd,bhde->bqhe", qc, state) * continues[:, :, None, None]
+        out = jnp.einsum("bhqk,bkhe->bqhe", scores, vc) + carried
+        last = sc[:, -1]
+        in_last = (sc == last[:, None]).astype(jnp.float32)  # [b, k]
+        state_in = state * (last == open_segment).astype(jnp.float32)[:, None, None, None]
+        state = state_in + jnp.einsum("bkhd,bkhe,bk->bhde", kc, vc, in_last)
+        return (state, last), out
 
     state = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
-    _, out = jax.lax.scan(step, state, (q, k, v))
+    _, out = jax.lax.scan(step, (state, segs[0, :, 0]), (q, k, v, segs))
     out = out.swapaxes(0, 1).reshape(b, n * chunk, h, -1)[:, :t]
     return (out / normaliser).astype(dtype)
 
 
-def dot_product_attention(q, k, v, *, window=None, implementation=None):
-    """`jax.nn.dot_product_attention` (cuDNN flash on GPU) with GPT-Neo's masking, unscaled."""
+def _segment_cumsum(x, segments):
+    """Cumulative sum over axis 1 of x [batch, seq, ...], restarting where the segment id
+    changes (segments [batch, seq], contiguous runs; None: one segment). A scan that resets,
+    not a difference of running totals: another segment's values never enter, not even as
+    rounding."""
+    if segments is None:
+        return jnp.cumsum(x, axis=1)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
+    )
+    starts = starts.reshape(*starts.shape, *(1,) * (x.ndim - 2))
+
+    def combine(earlier, later):
+        (sum_a, start_a), (sum_b, start_b) = earlier, later
+        return jnp.where(start_b, sum_b, sum_a + sum_b), start_a | start_b
+
+    return jax.lax.associative_scan(combine, (x, jnp.broadcast_to(starts, x.shape)), axis=1)[0]
+
+
+def dot_product_attention(q, k, v, *, window=None, implementation=None, segments=None):
+    """`jax.nn.dot_product_attention` (cuDNN flash on GPU) with GPT-Neo's masking, unscaled.
+    Segments go in as its `mask` [batch, 1, T, T] (JAX 0.10's public API has no segment ids;
+    cuDNN adds the mask as a bias, so a packed step holds that [T, T] per row: fine at the
+    lengths packing is used for, O(T^2) memory at long context)."""
+    mask = None
+    if segments is not None:
+        mask = (segments[:, :, None] == segments[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
         q,
         k,
         v,
+        mask=mask,
         scale=1.0,
         is_causal=True,
         local_window_size=None if window is None else (window - 1, 0),
@@ -372,8 +484,9 @@ def dot_product_attention(q, k, v, *, window=None, implementation=None):
     )
 
 
-def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None):
-    """Pallas splash attention (TPU); `interpret=True` runs the same kernel on CPU for tests."""
+def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None, segments=None):
+    """Pallas splash attention (TPU); `interpret=True` runs the same kernel on CPU for tests.
+    Segments go in as the kernel's own `SegmentIds` (it skips blocks no segment spans)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -392,13 +505,16 @@ def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None):
         sm.MultiHeadMask([mask] * local_heads), head_shards=1, q_seq_shards=1, interpret=interpret
     )
 
-    def run(q, k, v):  # [b, t, h, d] -> kernel's [h, t, d] per example
-        def per_example(q, k, v):
-            out = kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1))
+    def run(q, k, v, segments):  # [b, t, h, d] -> kernel's [h, t, d] per example
+        def per_example(q, k, v, segments):
+            ids = None if segments is None else sk.SegmentIds(q=segments, kv=segments)
+            out = kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), segment_ids=ids)
             return typing.cast(jax.Array, out).swapaxes(0, 1)
 
-        return jax.vmap(per_example)(q, k, v)
+        return jax.vmap(per_example)(q, k, v, segments)
 
     if mesh.empty:
-        return run(q, k, v)
-    return jax.shard_map(run, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+        return run(q, k, v, segments)
+    seg_spec = activation_spec(cfg, (axes.BATCH, None))
+    specs = (spec, spec, spec, None if segments is None else seg_spec)
+    return jax.shard_map(run, in_specs=specs, out_specs=spec, check_vma=False)(q, k, v, segments)

@@ -46,12 +46,17 @@ class DecodeCache(NamedTuple):
     layers: tuple
     slots: jax.Array  # [new]
     valid: jax.Array  # [batch, length]
+    segments: jax.Array | None = None  # [batch, length]: packed prompts' segment per slot
 
     def layer(self, index: int) -> attn_lib.KVCache | None:
-        if self.layers[index] is None:
+        return self.layer_of(self.layers[index])
+
+    def layer_of(self, entry) -> attn_lib.KVCache | None:
+        """One layer's (keys, values) as that layer's `KVCache` (None for a `none` layer)."""
+        if entry is None:
             return None
-        keys, values = self.layers[index]
-        return attn_lib.KVCache(keys, values, self.slots, self.valid)
+        keys, values = entry
+        return attn_lib.KVCache(keys, values, self.slots, self.valid, self.segments)
 
 
 def layer_params(cfg: Config, params: Params, index: int) -> Params:
@@ -68,24 +73,26 @@ def run_blocks(
     cache: DecodeCache | None,
     positions: jax.Array,
     train: bool,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
     """Every block in turn over x: one `lax.scan` over the stacks where the parameters are
     stacked (`gpt_neo.models.stack`), else a Python loop; the results are the same either way.
-    `keys` [n_layer]: each layer's dropout key (None: no dropout)."""
+    `keys` [n_layer]: each layer's dropout key (None: no dropout). `segments` [batch, seq]:
+    packed documents (`attention`), or None."""
     stacks = stack_lib.layer_stacks(cfg)
     if stacks is None:
-        return _looped_layers(cfg, params, x, keys, cache, positions, train)
-    return _scanned_layers(cfg, stacks, params, x, keys, cache, positions, train)
+        return _looped_layers(cfg, params, x, keys, cache, positions, train, segments)
+    return _scanned_layers(cfg, stacks, params, x, keys, cache, positions, train, segments)
 
 
 def _layer(cfg: Config, kind: str, index, train: bool, decoding: bool):
-    """Layer `index`'s block as a function of (weights, x, key, cache, positions); with
-    `recompute_grad`, its activations are recomputed in the backward pass."""
+    """Layer `index`'s block as a function of (weights, x, key, cache, positions, segments);
+    with `recompute_grad`, its activations are recomputed in the backward pass."""
     fn = functools.partial(block, cfg, kind, layer=index, train=train)
     return jax.checkpoint(fn) if cfg.recompute_grad and not decoding else fn
 
 
-def _looped_layers(cfg, params, x, keys, cache, positions, train):
+def _looped_layers(cfg, params, x, keys, cache, positions, train, segments):
     caches, moe_stats = [], {}
     for index, kind in enumerate(cfg.attention_types):
         layer_cache = None if cache is None else cache.layer(index)
@@ -95,6 +102,7 @@ def _looped_layers(cfg, params, x, keys, cache, positions, train):
             None if keys is None else keys[index],
             layer_cache,
             positions,
+            segments,
         )
         caches.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
         if stats is not None:
@@ -102,7 +110,9 @@ def _looped_layers(cfg, params, x, keys, cache, positions, train):
     return x, None if cache is None else cache._replace(layers=tuple(caches)), moe_stats
 
 
-def _scanned_layers(cfg, stacks: stack_lib.Stacks, params, x, keys, cache, positions, train):
+def _scanned_layers(
+    cfg, stacks: stack_lib.Stacks, params, x, keys, cache, positions, train, segments
+):
     """One scan step runs one repeat of the pattern: a block per stack, each reading its
     layer's slice of the stack (and of the cache's, when decoding)."""
     kinds = cfg.attention_types[: stacks.period]
@@ -111,10 +121,7 @@ def _scanned_layers(cfg, stacks: stack_lib.Stacks, params, x, keys, cache, posit
         weights, index, layer_keys, layer_caches = xs
         caches, stats = [], []
         for position, kind in enumerate(kinds):
-            layer_cache = None
-            if cache is not None and layer_caches[position] is not None:
-                cached_keys, cached_values = layer_caches[position]
-                layer_cache = attn_lib.KVCache(cached_keys, cached_values, cache.slots, cache.valid)
+            layer_cache = None if cache is None else cache.layer_of(layer_caches[position])
             x, layer_cache, layer_stats = _layer(
                 cfg, kind, index * stacks.period + position, train, cache is not None
             )(
@@ -123,6 +130,7 @@ def _scanned_layers(cfg, stacks: stack_lib.Stacks, params, x, keys, cache, posit
                 None if layer_keys is None else layer_keys[position],
                 layer_cache,
                 positions,
+                segments,
             )
             caches.append(None if layer_cache is None else (layer_cache.keys, layer_cache.values))
             stats.append(layer_stats)
@@ -154,6 +162,7 @@ def block(
     rng: jax.Array | None = None,
     cache: attn_lib.KVCache | None = None,
     positions: jax.Array | None = None,
+    segments: jax.Array | None = None,
     *,
     layer: int = 0,
     train: bool = False,
@@ -163,7 +172,9 @@ def block(
     a mixture of experts, which also reports its `MoeStats`. GPT-Neo's block options, in its
     order: `macaron` first adds half an MLP of x (no norm) and halves the main MLP branch;
     `rezero` scales each branch by a learned scalar instead of normalising its input;
-    `scalenorm` swaps the norm (see `pre_norm`). `p` is cast to the compute dtype here."""
+    `scalenorm` swaps the norm (see `pre_norm`). `p` is cast to the compute dtype here.
+    `segments` [batch, seq] (packed documents): attention stays within a segment, and MoE
+    routes no padding (segment 0)."""
     p = cast_params(cfg, p)
     attn_rng = res_rng = mlp_rng = moe_rng = macaron_rng = None
     if rng is not None:
@@ -180,7 +191,14 @@ def block(
         x = add(x, 0.5 * mlp(cfg, p["mlp_macaron"], x), rng=macaron_rng)
     if kind != "none":
         h, cache = attn_lib.attention(
-            cfg, kind, p["attn"], pre_norm(cfg, p.get("ln_1"), x), attn_rng, cache, positions
+            cfg,
+            kind,
+            p["attn"],
+            pre_norm(cfg, p.get("ln_1"), x),
+            attn_rng,
+            cache,
+            positions,
+            segments,
         )
         x = add(x, h, "attn", res_rng)
     elif cfg.gpt_neo_none_layers:
@@ -189,7 +207,14 @@ def block(
     normed = pre_norm(cfg, p.get("ln_2"), x)
     if "moe" in p:
         h, stats = moe_lib.moe_mlp(
-            cfg, p["moe"], normed, train=train, rng=moe_rng, layer=layer, decoding=cache is not None
+            cfg,
+            p["moe"],
+            normed,
+            train=train,
+            rng=moe_rng,
+            layer=layer,
+            decoding=cache is not None,
+            real=None if segments is None else segments != 0,
         )
     else:
         h = mlp(cfg, p["mlp"], normed)

@@ -56,7 +56,7 @@ from gpt_neo.models.layers import (
     zeros,
 )
 from gpt_neo.models.layers import dropout as dropout_fn
-from gpt_neo.models.positions import position_decls, position_embedding
+from gpt_neo.models.positions import position_decls, position_embedding, segment_positions
 
 # What the model's signatures pass around (Params: the parameter tree described above).
 Tokens = jax.Array  # int32 [batch, seq]
@@ -256,6 +256,7 @@ def trunk(
     rng: jax.Array | None = None,
     cache: DecodeCache | None = None,
     train: bool | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, DecodeCache | None, dict[int, moe_lib.MoeStats]]:
     """The model up to the output head: (the residual stream after the last block [batch,
     seq, embd] in the compute dtype, cache, {MoE layer index: MoeStats}).
@@ -263,7 +264,9 @@ def trunk(
     `positions` [batch, seq] picks position-embedding rows (default 0..seq-1). `rng` enables
     dropout. `train` (default: whether `rng` is given) picks MoE layers' training capacity and
     routing policies. With `cache`, attention reads and extends it (decoding); the updated
-    cache is returned. Pure; trace under `jax.set_mesh(mesh)` for sharded activations.
+    cache is returned. `segment_ids` [batch, seq] int32 packs several documents in a row
+    (equal ids = one document, contiguous; 0 = padding): no attention crosses a segment and
+    positions restart at 0 in each (unless `positions` are given). Pure; trace under `jax.set_mesh(mesh)` for sharded activations.
     Each block casts its own weights to the compute dtype (inside its remat scope, when
     `recompute_grad`), so unrolled, no compute-dtype copy of the whole model is ever live at
     once. (Scanned, the TPU compiler hoists the casts of the stacks out of its loops:
@@ -272,6 +275,10 @@ def trunk(
     if positions is None and t > cfg.n_ctx:
         raise ValueError(f"sequence length {t} exceeds n_ctx {cfg.n_ctx}")
     train = rng is not None if train is None else train
+    if segment_ids is not None:
+        segment_ids = constrain(jnp.asarray(segment_ids, jnp.int32), cfg, axes.TOKENS)
+        if positions is None:
+            positions = segment_positions(segment_ids)
     keys = None if rng is None else jax.random.split(rng, cfg.n_layer + 1)
     x = embed(cfg, params, tokens, position_embedding(cfg, params, positions, t))
     if positions is None:
@@ -280,7 +287,7 @@ def trunk(
         dropout_fn(x, cfg.embed_dropout, None if keys is None else keys[-1]), cfg, axes.HIDDEN
     )
     layer_keys = None if keys is None else keys[:-1]
-    return run_blocks(cfg, params, x, layer_keys, cache, positions, train)
+    return run_blocks(cfg, params, x, layer_keys, cache, positions, train, segment_ids)
 
 
 def embed(cfg: Config, params: Params, tokens: Tokens, position_rows) -> jax.Array:

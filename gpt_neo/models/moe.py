@@ -118,11 +118,17 @@ def _exclusive_cumsum(mask):
     return jnp.cumsum(mask, axis=1) - mask
 
 
-def _balance_loss(gates, first_choice_mask):
-    """E * mean over groups of sum_e (share of first choices to e) * (mean gate of e)."""
+def _balance_loss(gates, first_choice_mask, real=None):
+    """E * mean over groups of sum_e (share of first choices to e) * (mean gate of e), over
+    the `real` tokens [G, S] (default all; padding of packed rows is not)."""
     experts = gates.shape[-1]
-    density = first_choice_mask.mean(axis=1)
-    proxy = gates.mean(axis=1)
+    if real is None:
+        density = first_choice_mask.mean(axis=1)
+        proxy = gates.mean(axis=1)
+    else:
+        count = jnp.maximum(real.sum(axis=1), 1.0)[:, None]
+        density = (first_choice_mask * real[..., None]).sum(axis=1) / count
+        proxy = (gates * real[..., None]).sum(axis=1) / count
     return (density * proxy).mean() * experts * experts
 
 
@@ -132,25 +138,32 @@ def _load(kept_masks):
     return counts / jnp.maximum(counts.sum(), 1.0)
 
 
-def top2_routing(gates, capacity, policy, threshold, uniforms=None, second_place_loss=False):
+def top2_routing(
+    gates, capacity, policy, threshold, uniforms=None, second_place_loss=False, real=None
+):
     """Mesh-TensorFlow 0.1.18's `_top_2_gating` on router probabilities gates [G, S, E].
 
     `policy` decides which second choices are used (`all`, `none`, `threshold`: gate above
     `threshold`, `random`: uniforms [G, S] below gate / threshold); gates are normalised over
-    the two choices *before* the policy and capacity, and not again after drops.
+    the two choices *before* the policy and capacity, and not again after drops. Tokens not
+    `real` [G, S] (padding) go to no expert: they take no capacity and add no load.
     """
     experts = gates.shape[-1]
     index_1 = jnp.argmax(gates, axis=-1)  # ties -> lowest index, as tf.math.top_k
     mask_1 = jax.nn.one_hot(index_1, experts, dtype=gates.dtype)
+    if real is not None:
+        mask_1 = mask_1 * real[..., None]
     gate_1 = (gates * mask_1).sum(-1)
     without_1 = gates * (1.0 - mask_1)
     index_2 = jnp.argmax(without_1, axis=-1)
     mask_2 = jax.nn.one_hot(index_2, experts, dtype=gates.dtype)
+    if real is not None:
+        mask_2 = mask_2 * real[..., None]
     gate_2 = (without_1 * mask_2).sum(-1)
     denom = gate_1 + gate_2 + 1e-9
     gate_1, gate_2 = gate_1 / denom, gate_2 / denom
 
-    aux_loss = _balance_loss(gates, mask_1)
+    aux_loss = _balance_loss(gates, mask_1, real)
     if second_place_loss:
         normalized = without_1 / (without_1.sum(-1, keepdims=True) + 1e-9)
         aux_loss += 0.5 * (normalized.mean(1) * mask_2.mean(1)).mean() * experts * experts
@@ -177,22 +190,27 @@ def top2_routing(gates, capacity, policy, threshold, uniforms=None, second_place
         gate_2, index_2, position_2, experts, capacity
     )
     kept = mask_1.sum() + mask_2.sum()
-    return Routing(combine, aux_loss, 1.0 - kept / requested, _load((mask_1, mask_2)))
+    dropped = 1.0 - kept / jnp.maximum(requested, 1.0)
+    return Routing(combine, aux_loss, dropped, _load((mask_1, mask_2)))
 
 
-def top1_routing(gates, index, capacity):
+def top1_routing(gates, index, capacity, real=None):
     """Mesh-TensorFlow 0.1.18's `_rand_1_gating` after the expert is chosen: index [G, S] ->
-    the first C tokens of each expert in group order, weighted by their raw router gate."""
+    the first C tokens of each expert in group order, weighted by their raw router gate.
+    Tokens not `real` [G, S] (padding) go to no expert."""
     experts = gates.shape[-1]
     mask = jax.nn.one_hot(index, experts, dtype=gates.dtype)
+    if real is not None:
+        mask = mask * real[..., None]
     gate = (gates * mask).sum(-1)
-    aux_loss = _balance_loss(gates, mask)
+    aux_loss = _balance_loss(gates, mask, real)
     requested = mask.sum()
     position = _exclusive_cumsum(mask) * mask
     mask = mask * (position < capacity)
     gate = gate * mask.sum(-1)
     combine = _slots(gate, index, position.sum(-1), experts, capacity)
-    return Routing(combine, aux_loss, 1.0 - mask.sum() / requested, _load((mask,)))
+    dropped = 1.0 - mask.sum() / jnp.maximum(requested, 1.0)
+    return Routing(combine, aux_loss, dropped, _load((mask,)))
 
 
 def _slots(gate, index, position, experts, capacity):
@@ -206,14 +224,19 @@ def _slots(gate, index, position, experts, capacity):
     )
 
 
-def topk_dropless(gates, k):
+def topk_dropless(gates, k, real=None):
     """Every token's k best experts (ties -> lowest index) and gates renormalised over them
-    (Mixtral), plus the balance loss with each token's k choices counted 1/k each."""
+    (Mixtral), plus the balance loss with each token's k choices counted 1/k each. Tokens not
+    `real` [G, S] (padding) are computed with weight 0 (dropless: nothing to save) and add no
+    load."""
     experts = gates.shape[-1]
     weights, index = jax.lax.top_k(gates, k)
     weights = weights / weights.sum(-1, keepdims=True)
     chosen = jax.nn.one_hot(index, experts, dtype=gates.dtype).sum(-2)  # [G, S, E]
-    return index, weights, _balance_loss(gates, chosen / k), _load((chosen,))
+    if real is not None:
+        weights = weights * real[..., None]
+        chosen = chosen * real[..., None]
+    return index, weights, _balance_loss(gates, chosen / k, real), _load((chosen,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,18 +252,21 @@ def moe_mlp(
     rng: jax.Array | None = None,
     layer: int = 0,
     decoding: bool = False,
+    real: jax.Array | None = None,
 ) -> tuple[jax.Array, MoeStats]:
     """x [batch, seq, embd] -> ([batch, seq, embd], MoeStats), in place of the MLP.
 
     `train` picks the training capacity factor and policies and enables expert dropout
     (`rng` draws the random choices; outside training they come from a fixed key).
     `decoding` (KV-cache steps) gives every expert room for the whole group, so nothing is
-    dropped whatever the batch routes together.
+    dropped whatever the batch routes together. `real` [batch, seq] bool: the tokens that are
+    not padding of packed rows (default all); only they are routed and counted.
     """
     hp = cfg.moe
     b, t, m = x.shape
     groups, size = split_into_groups(b * t, hp.moe_group_size, batch_split(cfg))
     grouped = constrain(x.reshape(groups, size, m), cfg, axes.GROUPS)
+    real_tokens = None if real is None else real.reshape(groups, size).astype(jnp.float32)
     if rng is None:
         rng = jax.random.fold_in(jax.random.key(EVAL_ROUTING_SEED), layer)
     router_rng, policy_rng, dropout_rng = jax.random.split(rng, 3)
@@ -257,10 +283,14 @@ def moe_mlp(
         router_in = dropout(router_in, hp.moe_rand_1_dropout, router_rng)
     logits = router_in @ p["router"].astype(jnp.float32)  # [G, S, E]
     gates = jax.nn.softmax(logits, axis=-1)
-    router_z_loss = jnp.square(jax.nn.logsumexp(logits, axis=-1)).mean()
+    z_squared = jnp.square(jax.nn.logsumexp(logits, axis=-1))
+    if real_tokens is None:
+        router_z_loss = z_squared.mean()
+    else:
+        router_z_loss = (z_squared * real_tokens).sum() / jnp.maximum(real_tokens.sum(), 1.0)
 
     if hp.moe_gating == "dropless_top_k":
-        index, weights, aux_loss, load = topk_dropless(gates, hp.moe_top_k)
+        index, weights, aux_loss, load = topk_dropless(gates, hp.moe_top_k, real_tokens)
         y = dropless_experts(cfg, p, grouped, index, weights, expert_rng)
         stats = MoeStats(aux_loss, router_z_loss, jnp.float32(0.0), load)
         return y.reshape(b, t, m), stats
@@ -276,7 +306,7 @@ def moe_mlp(
         threshold = hp.moe_second_threshold_train if train else hp.moe_second_threshold_eval
         uniforms = jax.random.uniform(policy_rng, (groups, size)) if policy == "random" else None
         routing = top2_routing(
-            gates, capacity, policy, threshold, uniforms, hp.moe_use_second_place_loss
+            gates, capacity, policy, threshold, uniforms, hp.moe_use_second_place_loss, real_tokens
         )
     else:  # rand_1
         if rand_1_policy == "sample":
@@ -284,7 +314,7 @@ def moe_mlp(
             index = jax.random.categorical(policy_rng, logits / temperature, axis=-1)
         else:
             index = jnp.argmax(gates, axis=-1)
-        routing = top1_routing(gates, index, capacity)
+        routing = top1_routing(gates, index, capacity, real_tokens)
     y = dispatched_experts(cfg, p, grouped, routing.combine, expert_rng)
     stats = MoeStats(routing.aux_loss, router_z_loss, routing.dropped, routing.load)
     return y.reshape(b, t, m), stats

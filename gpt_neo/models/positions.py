@@ -57,6 +57,21 @@ def position_embedding(
     return jnp.take(p["wpe"], positions, axis=0)
 
 
+def segment_starts(segments: jax.Array) -> jax.Array:
+    """[batch, seq]: the index where each token's segment (contiguous run of one id) begins."""
+    index = jnp.arange(segments.shape[1])
+    new = jnp.concatenate(
+        [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
+    )
+    return jax.lax.cummax(jnp.where(new, index, 0), axis=1)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[batch, seq]: each token's position within its segment (contiguous runs of one id), so
+    a packed document sees the positions it would alone."""
+    return jnp.arange(segment_ids.shape[1])[None, :] - segment_starts(segment_ids)
+
+
 def rotate(cfg: Config, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Rotary on x [batch, seq, heads, head_dim] at positions [batch, seq] (float32 angles)."""
     r = rotary_dims(cfg)

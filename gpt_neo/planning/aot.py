@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gpt_neo import axes, hardware
 from gpt_neo.config import Config
+from gpt_neo.data.batch import Batch
 from gpt_neo.errors import ConfigError, first_line
 from gpt_neo.inference import sample
 from gpt_neo.mesh import (
@@ -130,18 +131,16 @@ def _analysed(lowered, start: float, flops_scale=None, *, least_memory: bool = F
 
 
 def compile_train_step(cfg: Config, devices: list, *, least_memory: bool = False) -> Compiled:
-    """Compile the train step of `cfg` for `devices` (a slice's, from `topology_devices`);
-    `least_memory`: under the scheduler's lowest memory limit (see LEAST_MEMORY_OPTIONS)."""
+    """Compile the train step of `cfg` for `devices` (a slice's, from `topology_devices`), on
+    the batches its data makes (`abstract_batch`); `least_memory`: under the scheduler's lowest
+    memory limit (see LEAST_MEMORY_OPTIONS)."""
     mesh = _slice_mesh(cfg, devices)
     start = time.perf_counter()
     # built outside set_mesh: the optimizer's init makes concrete arrays on this machine
     trainer = Trainer(cfg, mesh)
     state = trainer.abstract_state()
-    tokens = jax.ShapeDtypeStruct(
-        (trainer.batch_size, cfg.n_ctx + 1), jnp.int32, sharding=trainer.batch_sharding
-    )
     with jax.set_mesh(mesh):  # the model's kernel choices read the mesh's platform: TPU
-        lowered = trainer.step.lower(state, tokens)
+        lowered = trainer.step.lower(state, abstract_batch(cfg, trainer))
         micro_batch = trainer.batch_size // trainer.n_micro
         chunks = loss_chunks(cfg, micro_batch, cfg.n_ctx, padded_vocab(cfg))
         dtype = COMPUTE_DTYPES[cfg.precision]
@@ -167,6 +166,16 @@ def compile_train_step(cfg: Config, devices: list, *, least_memory: bool = False
         return flops
 
     return _analysed(lowered, start, trip_counts, least_memory=least_memory)
+
+
+def abstract_batch(cfg: Config, trainer: Trainer) -> Batch:
+    """The shape of a training batch: tokens, and segment ids where a dataset entry is
+    `packed` (what the step compiles for; no data is read)."""
+    rows = jax.ShapeDtypeStruct(
+        (trainer.batch_size, cfg.n_ctx + 1), jnp.int32, sharding=trainer.batch_sharding
+    )
+    packed = any(entry.sampling_mode == "packed" for entry in cfg.datasets)
+    return Batch(rows, rows if packed else None)
 
 
 def _has_loop_over(program_text: str, trips: int) -> bool:

@@ -52,7 +52,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
     import torch
 
     model = random_hf_model(tmp_path, **{**HF_CONFIG, "window_size": 5})
-    cfg, params = gpt_neo.interop.hf.import_hf(tmp_path)
+    cfg, params = gpt_neo.hf.import_hf(tmp_path)
     prompts = [[11, 22, 33], [5, 6, 7, 8, 9, 10, 12, 14, 200], [1]]
     ours = gpt_neo.generate(cfg, params, prompts, max_new_tokens=16, temperature=0.0, eos_id=None)
     for prompt, new in zip(prompts, ours, strict=True):
@@ -68,6 +68,25 @@ def test_greedy_equals_transformers_generate(tmp_path):
                 eos_token_id=None,
             )
         assert new == hf[0, len(prompt) :].tolist()
+
+
+def test_a_row_of_packed_prompts_decodes_its_last_prompt_as_if_alone():
+    # every layer kind, and memory slots (which every prompt sees, as it would alone)
+    cfg = tiny_config(num_mem_kv=2)
+    params = perturbed_params(cfg)
+    # row 0 packs all three prompts, row 1 two of them; each continues its last prompt
+    rows = [PROMPTS[0] + PROMPTS[1] + PROMPTS[2], PROMPTS[2] + PROMPTS[0]]
+    segments = [
+        [1] * len(PROMPTS[0]) + [2] * len(PROMPTS[1]) + [3] * len(PROMPTS[2]),
+        [1] * len(PROMPTS[2]) + [2] * len(PROMPTS[0]),
+    ]
+    packed = gpt_neo.generate(
+        cfg, params, rows, max_new_tokens=10, temperature=0.0, segment_ids=segments
+    )
+    alone = gpt_neo.generate(
+        cfg, params, [PROMPTS[2], PROMPTS[0]], max_new_tokens=10, temperature=0.0
+    )
+    assert packed == alone
 
 
 def test_sharded_decoding_equals_single_device():

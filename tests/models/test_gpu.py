@@ -50,6 +50,34 @@ def test_cudnn_flash_attention_matches_xla_attention(window):
     assert attention.resolve_kernel(cfg, jnp.bfloat16, 512, has_dropout=False) == "cudnn"
 
 
+@pytest.mark.parametrize("window", [None, 128])
+def test_cudnn_flash_attention_honours_segment_ids(window):
+    keys = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (jax.random.normal(key, (2, 512, 4, 64), jnp.bfloat16) for key in keys)
+    q = q * 0.125
+    lengths = [(100, 37, 300, 75), (512,)]  # packed documents; the second row one document
+    segments = np.zeros((2, 512), np.int32)
+    for row, sizes in enumerate(lengths):
+        segments[row] = np.repeat(np.arange(1, len(sizes) + 1), sizes)
+    segments = jnp.asarray(segments)
+    flash = jax.jit(
+        lambda q, k, v, s: attention.dot_product_attention(
+            q, k, v, window=window, implementation="cudnn", segments=s
+        )
+    )
+    plain = jax.jit(
+        lambda q, k, v, s: attention.dense_attention(
+            *(a.astype(jnp.float32) for a in (q, k, v)), window=window, segments=s
+        )
+    )
+    np.testing.assert_allclose(
+        np.asarray(flash(q, k, v, segments), np.float32),
+        np.asarray(plain(q, k, v, segments)),
+        atol=2e-2,
+        rtol=2e-2,
+    )
+
+
 def losses(cfg, steps: int = 8) -> list[float]:
     trainer = Trainer(cfg, gpt_neo.make_mesh(cfg, devices=jax.devices()[:1]))
     state = trainer.init_state(0)

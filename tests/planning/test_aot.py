@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from gpt_neo.mesh import make_mesh
@@ -43,11 +42,8 @@ def v5e():
 def lowered_train_step(cfg, devices):
     mesh = make_mesh(cfg, devices)
     trainer = Trainer(cfg, mesh)
-    tokens = jax.ShapeDtypeStruct(
-        (trainer.batch_size, cfg.n_ctx + 1), jnp.int32, sharding=trainer.batch_sharding
-    )
     with jax.set_mesh(mesh):
-        return trainer.step.lower(trainer.abstract_state(), tokens)
+        return trainer.step.lower(trainer.abstract_state(), aot.abstract_batch(cfg, trainer))
 
 
 def test_splash_attention_compiles_for_tpu_with_sharded_heads(v5e):
@@ -56,6 +52,21 @@ def test_splash_attention_compiles_for_tpu_with_sharded_heads(v5e):
     assert lowered.as_text().count("tpu_custom_call") >= 4
     compiled = lowered.compile()  # Mosaic lowers each kernel here
     assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def test_packed_rows_compile_for_tpu_with_splash_segment_ids(v5e):
+    unpacked = lowered_train_step(tiny_config(**SPLASH), v5e).as_text()
+    cfg = tiny_config(**SPLASH, datasets=[["d", None, "packed", 1.0]])
+    lowered = lowered_train_step(cfg, v5e)
+    text = lowered.as_text()
+    # the same splash kernels, now also reading each row's segment ids (more operands)
+    assert text.count("tpu_custom_call") == unpacked.count("tpu_custom_call") >= 4
+    assert _custom_call_operands(text) > _custom_call_operands(unpacked)
+    lowered.compile()  # Mosaic lowers the segment-masked kernels
+
+
+def _custom_call_operands(text: str) -> int:
+    return sum(line.count("%") for line in text.splitlines() if "tpu_custom_call" in line)
 
 
 def test_the_kernel_follows_the_mesh_platform_not_the_default_backend(v5e):
