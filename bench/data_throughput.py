@@ -60,7 +60,7 @@ def pipeline_tokens_per_second(cfg, seconds: float = 10.0) -> float:
     pipeline.next_batch()  # open files, fill buffers
     start, tokens = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
-        tokens += pipeline.next_batch().size
+        tokens += pipeline.next_batch().tokens.size
     return tokens / (time.perf_counter() - start)
 
 

@@ -192,7 +192,7 @@ def test_any_dataset_config_reads_batches_or_is_one_user_error(records, data):
                 }
             )
             pipeline = InputPipeline(cfg, process_index=0, process_count=1, out=None)
-            batch = pipeline.next_batch()
+            batch = pipeline.next_batch().tokens
             assert batch.shape == (2, 17) and batch.dtype == np.int32
         except UserError:
             pass

@@ -6,7 +6,8 @@
 A model config's `datasets` entries name them by id (the file stem) or by path. Only `n_vocab`
 is required: a config without `path` names a tokenizer for sampling and evaluation alone. Relative data
 paths are relative to the working directory, as in GPT-Neo. `mode` (not a GPT-Neo key) records
-how `data/create_tfrecords.py` wrote the records: `documents` or `chunks`.
+how `data/create_tfrecords.py` wrote the records: `documents`, `chunks`, or `sft` (fine-tuning
+records with a loss mask; read `packed` unless the model config says otherwise).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gpt_neo.config import REPO_ROOT, find_named_config, read_json_object
@@ -46,6 +47,9 @@ class DatasetConfig:
     padding_id: int = 0
     lambada_tokens_path: str | None = None
     mode: str | None = None
+    given: frozenset[str] = field(
+        default=frozenset(), compare=False, repr=False
+    )  # keys the file set
 
     def encoder(self) -> Encoder:
         if self.tokenizer_path is None:
@@ -54,7 +58,9 @@ class DatasetConfig:
 
     def to_json(self) -> dict:
         unset = (None, "")  # an empty path or eval_path: none (a tokenizer-only config)
-        return {k: v for k, v in asdict(self).items() if k != "name" and v not in unset}
+        return {
+            k: v for k, v in asdict(self).items() if k not in ("name", "given") and v not in unset
+        }
 
 
 def resolve_dataset_config_path(dataset_id: str) -> Path:
@@ -85,7 +91,8 @@ def load_dataset_config(dataset_id: str) -> DatasetConfig:
     for key, value in raw.items():
         if value is not None and (problem := _type_problem(key, value, raw["n_vocab"])):
             raise ConfigError(f"{path}: '{key}' = {json.dumps(value)} {problem}")
-    return DatasetConfig(name=path.stem, **{k: v for k, v in raw.items() if v is not None})
+    values = {k: v for k, v in raw.items() if v is not None}
+    return DatasetConfig(name=path.stem, given=frozenset(values), **values)
 
 
 def _is_int(value) -> bool:
@@ -107,7 +114,8 @@ def _type_problem(key: str, value, n_vocab) -> str | None:
     if key == "tokenizer_is_pretrained":
         return None if isinstance(value, bool) else "must be true or false"
     if key == "mode":
-        return None if value in ("documents", "chunks") else "must be 'documents' or 'chunks'"
+        modes = ("documents", "chunks", "sft")
+        return None if value in modes else "must be 'documents', 'chunks' or 'sft'"
     if key == "path" and value == "":
         return "must name the TFRecord files (a local or gs:// glob)"
     return None if isinstance(value, str) else "must be a string (a path)"

@@ -7,6 +7,7 @@ import numpy as np
 
 from gpt_neo.config import Config
 from gpt_neo.data.dataset_config import load_dataset_config
+from gpt_neo.data.packing import packing_figures
 from gpt_neo.data.pipeline import default_sampling_mode
 from gpt_neo.data.records import iter_records, list_files
 from gpt_neo.errors import DataError
@@ -18,9 +19,18 @@ def unigram_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def what_training_uses(mode: str, lengths: list[int], length: int, stitch: int) -> tuple[str, bool]:
-    """(one line for --check_dataset: what a training example takes from these records,
+def what_training_uses(
+    mode: str, lengths: list[int], length: int, stitch: int, documents: list[int] | None = None
+) -> tuple[str, bool]:
+    """(one line for --check_dataset: what a training example takes from these records (of
+    `lengths` tokens; `documents`: the non-empty ones' lengths with their end-of-text),
     whether training can use them)."""
+    if mode == "packed":
+        padding, per_window = packing_figures(documents or [], length)
+        return (
+            f"sampling mode packed: windows of n_ctx + 1 = {length} tokens hold {per_window:.1f} "
+            f"documents on average, {100 * padding:.1f}% padding (no attention across documents)"
+        ), True
     if mode != "chunks":
         window = "a random window" if mode == "documents_random" else "the first"
         return (
@@ -53,12 +63,14 @@ def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, 
                 f"dataset '{dataset.name}' names only a tokenizer (no 'path'): nothing to check"
             )
         files = list_files(dataset.path, what=f"dataset '{dataset.name}' path")
-        low, high, count, lengths = None, None, 0, []
+        low, high, count, lengths, documents = None, None, 0, [], []
         counts = np.zeros(0, np.int64)
         for tokens in iter_records(files, limit=max_records):
             count += 1
             lengths.append(tokens.size)
             if tokens.size:
+                # as a packed document: training ends each one with end-of-text
+                documents.append(tokens.size + int(tokens[-1] != dataset.eos_id))
                 low = int(tokens.min()) if low is None else min(low, int(tokens.min()))
                 high = int(tokens.max()) if high is None else max(high, int(tokens.max()))
                 seen = np.bincount(tokens[tokens >= 0])
@@ -79,7 +91,9 @@ def check_datasets(cfg: Config, *, max_records: int = 10_000, samples: int = 2, 
             "a model that ignores context; training should go well below it)"
         )
         mode = entry.sampling_mode or default_sampling_mode(cfg, dataset)
-        used, usable = what_training_uses(mode, lengths, cfg.n_ctx + 1, entry.stitch or 1)
+        used, usable = what_training_uses(
+            mode, lengths, cfg.n_ctx + 1, entry.stitch or 1, documents
+        )
         out(f"{'' if usable else 'error: '}{dataset.name}: {used}")
         ok = ok and usable
         if high is not None and high >= cfg.n_vocab:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
+from gpt_neo.data.batch import Batch
 
 
 class DeviceFeed:
@@ -31,9 +31,9 @@ class DeviceFeed:
 
     def __init__(
         self,
-        produce: Callable[[], np.ndarray],
+        produce: Callable[[], Batch],
         position: Callable[[], dict],
-        place: Callable[[np.ndarray], object],
+        place: Callable[[Batch], object],
         depth: int = 2,
     ):
         self._produce, self._position, self._place = produce, position, place

@@ -15,8 +15,12 @@ Sampling modes (`datasets` entries `[dataset_id, stitch, sampling_mode, weight]`
 - `documents_random`: join `stitch` documents (more if they are shorter than n_ctx + 1
   tokens together) with end-of-text between them, take a random n_ctx + 1 window;
 - `documents_fixed`: the same join, its first n_ctx + 1 tokens;
-- `chunks` (and bare ids, GPT-Neo's `sequential_input`): records of exactly n_ctx + 1 tokens.
-Examples are [n_ctx + 1] int32: inputs are [:-1], labels [1:].
+- `chunks` (and bare ids, GPT-Neo's `sequential_input`): records of exactly n_ctx + 1 tokens;
+- `packed` (not GPT-Neo's): whole documents side by side, each its own segment, no attention
+  across them (`gpt_neo.data.packing`); the default for fine-tuning records.
+Examples are [n_ctx + 1] int32: inputs are [:-1], labels [1:]. A batch is a `Batch`: the
+tokens, and where any source of the mixture is packed or fine-tuning records, the segment ids
+and loss masks of every row (an unpacked row is one segment, every target counting).
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpt_neo.config import Config
+from gpt_neo.data.batch import Batch, stack_rows
 from gpt_neo.data.dataset_config import DatasetConfig, load_dataset_config
+from gpt_neo.data.packing import Packer
 from gpt_neo.data.records import RecordReader, list_files
 from gpt_neo.errors import ConfigError, DataError
 
-SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
+SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks", "packed")
 STATE_VERSION = 1
 
 
@@ -61,6 +67,49 @@ class DatasetSource:
     n_vocab: int
     n_ctx: int
     notices: Notices = field(default_factory=lambda: Notices(None))
+    packer: Packer | None = None
+
+    def __post_init__(self):
+        if self.mode == "packed":
+            self.packer = Packer(
+                self._next_document,
+                self.reader.state,
+                self.reader.restore,
+                length=self.n_ctx + 1,
+                pad_id=self.config.eos_id,
+            )
+
+    def state(self) -> dict:
+        """This source's position: its reader's, or for a packed source the packer's."""
+        if self.packer is None:
+            return self.reader.state()
+        return {"packed": self.packer.state()}
+
+    def restore(self, state: dict) -> None:
+        if (self.packer is None) != ("packed" not in state):
+            raise ConfigError(
+                f"dataset '{self.config.name}': the saved data position is from another "
+                "sampling mode (packed or not); set the mode the run started with"
+            )
+        if self.packer is None:
+            self.reader.restore(state)
+        else:
+            self.packer.restore(state["packed"])
+
+    def _next_document(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The next non-empty record as a document: its tokens ending with end-of-text, and
+        its loss mask (fine-tuning records) or None."""
+        while True:
+            record = self.reader.next_record()
+            tokens = self._checked(record.tokens, record.path, record.index)
+            if tokens.size:
+                break
+        loss_mask = record.loss_mask
+        if tokens[-1] != self.config.eos_id:  # documents-mode records already end with it
+            tokens = np.append(tokens, np.int32(self.config.eos_id))
+            if loss_mask is not None:
+                loss_mask = np.append(loss_mask, loss_mask[-1:])
+        return tokens, loss_mask
 
     def _checked(self, tokens: np.ndarray, path: str, index: int) -> np.ndarray:
         if tokens.size and (int(tokens.max()) >= self.n_vocab or int(tokens.min()) < 0):
@@ -72,10 +121,15 @@ class DatasetSource:
             )
         return tokens
 
-    def next_example(self) -> np.ndarray:
+    def next_example(self) -> Batch:
+        """One row [n_ctx + 1] as this source's sampling mode makes it."""
+        if self.packer is not None:
+            window = self.packer.next_window()
+            assert window is not None  # a training reader never ends: epochs follow
+            return window
         length = self.n_ctx + 1
         if self.mode == "chunks":
-            tokens, path, index = self.reader.next_record()
+            tokens, path, index, loss_mask = self.reader.next_record()
             if tokens.size < length:
                 raise DataError(
                     f"dataset '{self.config.name}': {path} record {index} has {tokens.size} "
@@ -91,24 +145,23 @@ class DatasetSource:
                     f"{length} tokens of each, as GPT-Neo did",
                 )
                 tokens = tokens[:length]
-            return self._checked(tokens, path, index)
+            loss_mask = None if loss_mask is None else loss_mask[:length]
+            return Batch(self._checked(tokens, path, index), None, loss_mask)
         start = (self.reader.group, self.reader.offset)
-        pieces, total, eos = [], 0, self.config.eos_id
+        pieces, masks, total = [], [], 0
         while len(pieces) < self.stitch or total < length:
-            tokens, path, index = self.reader.next_record()
-            tokens = self._checked(tokens, path, index)
-            if tokens.size == 0:
-                continue
-            if tokens[-1] != eos:  # documents-mode records already end with the separator
-                tokens = np.append(tokens, np.int32(eos))
+            tokens, loss_mask = self._next_document()
             pieces.append(tokens)
+            masks.append(loss_mask)
             total += tokens.size
         joined = np.concatenate(pieces)
         offset = 0
         if self.mode == "documents_random":
             rng = np.random.default_rng([self.reader.seed, *start, 2])
             offset = int(rng.integers(0, joined.size - length + 1))
-        return joined[offset : offset + length]
+        window = slice(offset, offset + length)
+        joined_mask = None if masks[0] is None else np.concatenate(masks)[window]
+        return Batch(joined[window], None, joined_mask)
 
 
 class Stream:
@@ -137,7 +190,7 @@ class Stream:
         rng = np.random.default_rng([self.seed, batch, self.index, 3])
         return rng.choice(len(self.sources), size=rows, p=self.weights)
 
-    def rows(self, batch: int, rows: int) -> list[np.ndarray]:
+    def rows(self, batch: int, rows: int) -> list[Batch]:
         return [self.sources[k].next_example() for k in self.choices(batch, rows)]
 
 
@@ -159,6 +212,8 @@ def default_sampling_mode(cfg: Config, dataset: DatasetConfig) -> str:
         return "chunks"
     if dataset.mode == "documents":
         return "documents_random"
+    if dataset.mode == "sft":
+        return "packed"
     return "chunks" if cfg.input_fn == "sequential_input" else "documents_random"
 
 
@@ -183,6 +238,8 @@ def _source(
         raise ConfigError(
             f"dataset '{dataset.name}': unknown sampling_mode '{mode}'; use one of {SAMPLING_MODES}"
         )
+    if mode == "packed":
+        check_packable(dataset)
     key = "eval_path" if eval else "path"
     pattern = getattr(dataset, key)
     if not pattern:
@@ -207,6 +264,7 @@ def _source(
         shuffle_files=cfg.shuffle_input_filenames,
         skip_corrupt=skip_corrupt,
         threads=input_threads(cfg),
+        loss_mask=dataset.mode == "sft",
     )
     return DatasetSource(
         dataset,
@@ -218,6 +276,21 @@ def _source(
         cfg.n_ctx,
         notices,
     )
+
+
+def check_packable(dataset: DatasetConfig) -> None:
+    """Packing needs documents and the id that ends each one."""
+    if "eos_id" not in dataset.given:
+        raise ConfigError(
+            f"dataset '{dataset.name}': sampling mode 'packed' needs 'eos_id' in its dataset "
+            "config (the id that ends each document); add it"
+        )
+    if dataset.mode == "chunks":
+        raise ConfigError(
+            f"dataset '{dataset.name}': its records are fixed-length chunks of a token stream, "
+            "not documents, so they cannot be packed; re-create them with --mode documents, or "
+            "sample them with 'chunks'"
+        )
 
 
 class InputPipeline:
@@ -282,9 +355,7 @@ class InputPipeline:
         return {
             "version": STATE_VERSION,
             "batch": self.batch,
-            "streams": {
-                str(s.index): [src.reader.state() for src in s.sources] for s in self.streams
-            },
+            "streams": {str(s.index): [src.state() for src in s.sources] for s in self.streams},
         }
 
     def global_state(self, local: dict | None = None) -> dict:
@@ -311,16 +382,16 @@ class InputPipeline:
                     "the saved data position does not match this config's datasets or input "
                     "streams (set input_streams to the value the run started with)"
                 )
-            for source, reader_state in zip(stream.sources, readers, strict=True):
-                source.reader.restore(reader_state)
+            for source, source_state in zip(stream.sources, readers, strict=True):
+                source.restore(source_state)
         self.batch = int(state["batch"])
 
-    def next_batch(self) -> np.ndarray:
+    def next_batch(self) -> Batch:
         rows = [row for s in self.streams for row in s.rows(self.batch, self.rows_per_stream)]
         self.batch += 1
-        return np.stack(rows)
+        return stack_rows(rows)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
 

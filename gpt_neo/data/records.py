@@ -17,6 +17,7 @@ import re
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,6 +50,17 @@ class CorruptRecordError(DataError):
     pass
 
 
+class Record(NamedTuple):
+    """One record: its tokens (int32), where it is (file, index in the file), and for
+    fine-tuning records (`gpt-neo data tfrecords --sft`) its loss mask (int32 0/1, one per
+    token), else None."""
+
+    tokens: np.ndarray
+    path: str
+    index: int
+    loss_mask: np.ndarray | None = None
+
+
 SKIP_HINT = "rerun with --skip_corrupt_records to skip damaged records (each skip is reported)"
 
 
@@ -70,11 +82,14 @@ class RecordReader:
         shuffle_files: bool = True,
         skip_corrupt: bool = False,
         threads: int = 1,
+        loss_mask: bool = False,
     ):
         """`shuffle`: examples, within a group of files; `shuffle_files`: the order of the
         files, anew every epoch (else natural order, `name_2` before `name_10`); `threads`:
-        tf.data's threads for reading and parsing (its own pool, so it stays that size)."""
+        tf.data's threads for reading and parsing (its own pool, so it stays that size);
+        `loss_mask`: the records are fine-tuning records, each with its `loss_mask`."""
         self.files, self.seed, self.name, self.threads = files, seed, name, threads
+        self.loss_mask = loss_mask
         self.shuffle, self.shuffle_files = shuffle, shuffle and shuffle_files
         self.skip_corrupt = skip_corrupt
         self.group_files = max(1, min(GROUP_FILES, len(files)))
@@ -134,7 +149,8 @@ class RecordReader:
         upcoming, self._upcoming = self._upcoming, None
         if upcoming is not None and upcoming[:2] == (group, limits):
             return files, upcoming[2]
-        return files, _records(record_stream(files, limits, self.threads).as_numpy_iterator())
+        stream = record_stream(files, limits, self.threads, self.loss_mask)
+        return files, _records(stream.as_numpy_iterator())
 
     def _open_upcoming(self) -> None:
         """Open the next group's stream, and start its reading, when half of what the shuffle
@@ -144,7 +160,7 @@ class RecordReader:
         group = self.group + 1
         files = self.group_files_of(group)
         limits = self._limits(files)
-        batches = _started(record_stream(files, limits, self.threads))
+        batches = _started(record_stream(files, limits, self.threads, self.loss_mask))
         self._upcoming = (group, limits, _records(batches))
 
     def _open(self):
@@ -166,13 +182,14 @@ class RecordReader:
         while not self._exhausted and len(self._buffer) < size:
             try:
                 assert self._iterator is not None  # opened with the group
-                file_index, record_index, tokens = next(self._iterator)
+                item = next(self._iterator)
             except StopIteration:
                 self._exhausted = True
                 self._upcoming_below = len(self._buffer) // 2
                 break
+            file_index, record_index = item[:2]
             self._seen[file_index] = max(self._seen[file_index], int(record_index) + 1)
-            self._buffer.append((file_index, record_index, tokens))
+            self._buffer.append(item)
         if self._exhausted and self._upcoming is None and len(self._buffer) <= self._upcoming_below:
             self._open_upcoming()
         if not self._buffer:
@@ -181,8 +198,8 @@ class RecordReader:
         self._buffer[pick], self._buffer[-1] = self._buffer[-1], self._buffer[pick]
         return self._buffer.pop()
 
-    def next_record(self) -> tuple[np.ndarray, str, int]:
-        """(tokens int32, file, record index in file); advances the position."""
+    def next_record(self) -> Record:
+        """The next record; advances the position."""
         t = tf()
         while True:
             if self._iterator is None:
@@ -198,14 +215,21 @@ class RecordReader:
                 self._check_complete()
                 self._end_group()
                 continue
-            file_index, record_index, tokens = item
+            file_index, record_index, tokens, loss_mask = item
             if self._to_skip:
                 self._to_skip -= 1
                 # read so far: what the interrupted run had read when its position was saved
                 self._replaying = self._replaying and self._to_skip > 0
                 continue
             self.offset += 1
-            return tokens, self._group_paths[file_index], int(record_index)
+            path = self._group_paths[file_index]
+            if loss_mask is not None and loss_mask.size != tokens.size:
+                raise DataError(
+                    f"dataset '{self.name}': {path} record {record_index} has {tokens.size} tokens "
+                    f"but {loss_mask.size} loss_mask values; it was not written by `gpt-neo data "
+                    "tfrecords --sft` (re-create it so, or set the dataset config's mode)"
+                )
+            return Record(tokens, path, int(record_index), loss_mask)
 
     def _end_group(self) -> None:
         empty = self.offset == 0
@@ -276,10 +300,11 @@ class RecordReader:
         return DataError(f"dataset '{self.name}': reading failed: {first_line(err)}")
 
 
-def record_stream(files: list[str], limits: list[int], threads: int):
+def record_stream(files: list[str], limits: list[int], threads: int, loss_mask: bool = False):
     """tf.data stream of batches of RECORDS_PER_READ records (see `_parse`) over `files` read
-    round-robin, at most `limits[i]` records of file i (-1: all), parsed by `threads` threads.
-    Records travel in batches because each crossing into Python costs as much as parsing one."""
+    round-robin, at most `limits[i]` records of file i (-1: all), parsed by `threads` threads
+    (with each record's `loss_mask` too when asked). Records travel in batches because each
+    crossing into Python costs as much as parsing one."""
     t = tf()
     paths, counts = t.constant(files), t.constant(limits, t.int64)
 
@@ -291,7 +316,9 @@ def record_stream(files: list[str], limits: list[int], threads: int):
         one_file, cycle_length=len(files), block_length=1
     )
     stream = stream.batch(RECORDS_PER_READ).map(
-        _parse, num_parallel_calls=threads, deterministic=True
+        _parse_with_loss_mask if loss_mask else _parse,
+        num_parallel_calls=threads,
+        deterministic=True,
     )
     # A fixed, private thread pool and no autotuning: on a host whose CPU also runs the model,
     # tf.data's default (a pool as large as the machine, an autotuner waking up) takes cycles
@@ -314,9 +341,23 @@ def _parse(file_index, record_index, records):
     int32 values and the row splits of a ragged [records, None] tensor)."""
     t = tf()
     parsed = t.io.parse_example(records, {"text": t.io.VarLenFeature(t.int64)})
-    sparse = typing.cast(typing.Any, parsed["text"])  # a VarLenFeature's: a SparseTensor
-    tokens = t.RaggedTensor.from_sparse(sparse)
-    return file_index, record_index, t.cast(tokens.flat_values, t.int32), tokens.row_splits
+    values, splits = _ragged(parsed["text"])
+    return file_index, record_index, values, splits
+
+
+def _parse_with_loss_mask(file_index, record_index, records):
+    """`_parse`, and the records' loss masks, flat with their own row splits."""
+    t = tf()
+    features = {name: t.io.VarLenFeature(t.int64) for name in ("text", "loss_mask")}
+    parsed = t.io.parse_example(records, features)
+    return (file_index, record_index, *_ragged(parsed["text"]), *_ragged(parsed["loss_mask"]))
+
+
+def _ragged(sparse):
+    """A VarLenFeature's SparseTensor -> (flat int32 values, row splits)."""
+    t = tf()
+    ragged = t.RaggedTensor.from_sparse(typing.cast(typing.Any, sparse))
+    return t.cast(ragged.flat_values, t.int32), ragged.row_splits
 
 
 def _started(stream) -> Iterator:
@@ -337,13 +378,15 @@ def _raising(err: Exception) -> Iterator:
     yield  # a generator: raises at its first next()
 
 
-def _records(batches: Iterator) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(file index, record index, tokens) per record of `record_stream`'s batches."""
-    for file_index, record_index, values, splits in batches:
-        for f, r, tokens in zip(
-            file_index, record_index, np.split(values, splits[1:-1]), strict=True
+def _records(batches: Iterator) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
+    """(file index, record index, tokens, loss mask or None) per record of `record_stream`'s
+    batches."""
+    for file_index, record_index, values, splits, *mask in batches:
+        masks = np.split(mask[0], mask[1][1:-1]) if mask else [None] * len(file_index)
+        for f, r, tokens, loss_mask in zip(
+            file_index, record_index, np.split(values, splits[1:-1]), masks, strict=True
         ):
-            yield int(f), int(r), tokens
+            yield int(f), int(r), tokens, loss_mask
 
 
 def iter_records(files: list[str], limit: int = 0) -> Iterator[np.ndarray]:

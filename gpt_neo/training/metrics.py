@@ -213,14 +213,26 @@ class Metrics:
         # fraction and expert load (`moe/<layer>/...`), averaged over the interval
         for key in (k for k in last if k in ("moe_loss", "router_z_loss") or k.startswith("moe/")):
             record[key] = float(np.mean([float(m[key]) for m in history]))
+        # packed data: the share of padding and the documents per row, over the interval
+        for key in (k for k in ("padding", "segments_per_row") if k in last):
+            record[key] = float(np.mean([float(m[key]) for m in history]))
+        if "padding" in record:
+            record["real_tokens_per_s"] = tokens_per_s * (1.0 - record["padding"])
         self._jsonl({**record, "time": time.time()})
         self._tensorboard(step, {k: v for k, v in record.items() if k != "step"})
         moe = ""
         if "moe_loss" in record:
             dropped = [v for k, v in record.items() if k.endswith("/dropped")]
             moe = f"MoE loss {record['moe_loss']:.4f}, dropped {100 * np.mean(dropped):.1f}% | "
+        packed = ""
+        if "padding" in record:
+            packed = (
+                f"packed {record['segments_per_row']:.1f} docs/row, padding "
+                f"{100 * record['padding']:.1f}% | "
+            )
         self.message(
-            f"step {step}/{self.cfg.train_steps} | loss {loss:.4f} | {moe}lr {record['lr']:.2e} | "
+            f"step {step}/{self.cfg.train_steps} | loss {loss:.4f} | {moe}{packed}"
+            f"lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% "
             f"({FLOP_CONVENTION}, peak {self.peak / 1e9:,.0f} GFLOP/s/device {self.peak_source}) | "
             f"input wait {100 * record['input_wait']:.0f}% | ETA {_duration(remaining)}"

@@ -1,7 +1,10 @@
 """What the model is trained to predict: the next token (causal LM) or masked tokens (MLM).
 
 Either way a batch of records [batch, n_ctx + 1] becomes an `Example`: model inputs, targets
-aligned with them, and a weight per position (1 where the position counts in the loss).
+aligned with them, and a weight per position (1 where the position counts in the loss). A
+causal target counts unless it is padding (`padding_id`, or segment 0 of a packed row), the
+first token of another document than its input's (packed rows), or context of a fine-tuning
+record (`loss_mask` 0).
 
 Masked-LM examples are drawn on the device inside the training step, from the step's RNG, so
 a resumed run masks exactly as an uninterrupted one would. Selection follows BERT (GPT-Neo's
@@ -22,6 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from gpt_neo.config import Config
+from gpt_neo.data.batch import Batch, as_batch
+from gpt_neo.errors import ConfigError
 
 # fold_in data for the masking RNG of a step, apart from the dropout streams (0, 1, ...)
 MASKING_STREAM = 0x4D41534B
@@ -31,24 +36,38 @@ class Example(NamedTuple):
     inputs: jax.Array  # [batch, n_ctx] int32
     targets: jax.Array  # [batch, n_ctx] int32
     weights: jax.Array  # [batch, n_ctx] float32
+    segments: jax.Array | None = None  # [batch, n_ctx] int32: the inputs' documents (packed)
 
 
-def make_example(cfg: Config, tokens: jax.Array, rng: jax.Array | None = None) -> Example:
-    """records [batch, n_ctx + 1] -> this config's `Example`. A masked LM without `rng`
-    masks with a key derived from `seed` (evaluation)."""
+def make_example(cfg: Config, batch: Batch | jax.Array, rng: jax.Array | None = None) -> Example:
+    """A `Batch` (or bare records [batch, n_ctx + 1]) -> this config's `Example`. A masked
+    LM without `rng` masks with a key derived from `seed` (evaluation)."""
+    batch = as_batch(batch)
     if not cfg.mlm_training:
-        return causal_example(cfg, tokens)
-    return masked_example(cfg, tokens, jax.random.key(cfg.seed) if rng is None else rng)
+        return causal_example(cfg, batch)
+    if batch.segments is not None or batch.loss_mask is not None:
+        raise ConfigError(
+            "mlm_training reads unpacked records only: use a documents or chunks sampling mode"
+        )
+    return masked_example(cfg, batch.tokens, jax.random.key(cfg.seed) if rng is None else rng)
 
 
-def causal_example(cfg: Config, tokens: jax.Array) -> Example:
-    """Predict each next token; padding targets (`padding_id`) do not count."""
+def causal_example(cfg: Config, batch: Batch | jax.Array) -> Example:
+    """Predict each next token; see the module docstring for the targets that do not count."""
+    tokens, segments, loss_mask = as_batch(batch)
     targets = tokens[:, 1:]
     if cfg.padding_id is None:
         weights = jnp.ones(targets.shape, jnp.float32)
     else:
         weights = (targets != cfg.padding_id).astype(jnp.float32)
-    return Example(tokens[:, :-1], targets, weights)
+    input_segments = None
+    if segments is not None:
+        input_segments = segments[:, :-1]
+        continues = (segments[:, 1:] == input_segments) & (segments[:, 1:] != 0)
+        weights = weights * continues.astype(jnp.float32)
+    if loss_mask is not None:
+        weights = weights * loss_mask[:, 1:].astype(jnp.float32)
+    return Example(tokens[:, :-1], targets, weights, input_segments)
 
 
 def masked_example(cfg: Config, tokens: jax.Array, rng: jax.Array) -> Example:

@@ -45,9 +45,24 @@ def render(model_path: str) -> str:
             f"<p>{len(train)} logged steps; last step {last.get('step')}: loss "
             f"{last['loss']:.4f}</p>"
         )
+        parts += _packing(train)
     parts += _plot(model_path) + _evaluations(model_path, records) + _samples(model_path)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _packing(train: list[dict]) -> list[str]:
+    """Packed data: how full the windows were over the run."""
+    packed = [r for r in train if "padding" in r]
+    if not packed:
+        return []
+    padding = sum(r["padding"] for r in packed) / len(packed)
+    segments = sum(r["segments_per_row"] for r in packed) / len(packed)
+    return [
+        "<h2>Packing</h2>",
+        f"<p>padding {100 * padding:.2f}% of input tokens; {segments:.2f} documents per row "
+        f"(mean of {len(packed)} logged intervals)</p>",
+    ]
 
 
 def _metrics(model_path: str) -> list[dict]:

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from gpt_neo import axes
 from gpt_neo.config import Config
+from gpt_neo.data.batch import Batch
 from gpt_neo.mesh import activation_spec, batch_axes, split_size
 from gpt_neo.models.gpt import head_inputs, trunk
 from gpt_neo.models.loss import head_loss
@@ -36,7 +37,9 @@ def loss_fn(cfg: Config, params, batch, rng, target_count=None, *, train=True, s
     `router_z_loss` and per layer `moe/<i>/aux_loss`, `moe/<i>/dropped`,
     `moe/<i>/load/<expert>`, all already weighted by `share`."""
     example = batch if isinstance(batch, Example) else make_example(cfg, batch)
-    x, _, moe_stats = trunk(cfg, params, example.inputs, rng=rng, train=train)
+    x, _, moe_stats = trunk(
+        cfg, params, example.inputs, rng=rng, train=train, segment_ids=example.segments
+    )
     if target_count is None:
         target_count = jnp.maximum(example.weights.sum(), 1.0)
     terms = head_loss(
@@ -79,7 +82,7 @@ def context_data_parallel(cfg: Config) -> int:
     return 1 if mesh.empty else split_size(dict(mesh.shape), batch_axes(cfg))
 
 
-def split_microbatches(batch, n_micro: int, data_parallel: int):
+def split_microbatches(batch: jax.Array, n_micro: int, data_parallel: int) -> jax.Array:
     """[B, T] -> [n_micro, B / n_micro, T] so that every microbatch takes an equal share of
     each data-parallel replica's rows (the rows stay on their devices)."""
     b, t = batch.shape
@@ -114,7 +117,7 @@ def gradients(cfg: Config, params, batch, step_rng, n_micro: int = 1):
         return grads_of(params, example, 0)
     data_parallel = context_data_parallel(cfg)
     batch_spec = activation_spec(cfg, (axes.BATCH, None))
-    micro = jax.tree.map(
+    micro = jax.tree.map(  # every field of the example: inputs, targets, weights, segments
         lambda a: jax.lax.with_sharding_constraint(
             split_microbatches(a, n_micro, data_parallel), P(None, *batch_spec)
         ),
@@ -151,9 +154,21 @@ def gradient_norms(cfg: Config, grads) -> dict[str, jax.Array]:
     return {f"grad_norm/{name}": optax.tree.norm(g) for name, g in parts.items()}
 
 
+def packing_metrics(batch) -> dict[str, jax.Array]:
+    """For packed batches: `padding`, the share of input tokens that are padding, and
+    `segments_per_row`, the mean number of documents (pieces) per row."""
+    if not isinstance(batch, Batch) or batch.segments is None:
+        return {}
+    inputs = batch.segments[:, :-1]
+    return {
+        "padding": jnp.mean((inputs == 0).astype(jnp.float32)),
+        "segments_per_row": jnp.mean(jnp.max(inputs, axis=1).astype(jnp.float32)),
+    }
+
+
 def train_step(cfg: Config, optimizer, n_micro: int, state, batch):
-    """One optimizer step on a global batch [B, n_ctx + 1] in `n_micro` microbatches; returns
-    (state, metrics)."""
+    """One optimizer step on a global batch (a `Batch`, or records [B, n_ctx + 1]) in
+    `n_micro` microbatches; returns (state, metrics)."""
     params = state["params"]
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     grads, loss_metrics = gradients(cfg, params, batch, step_rng, n_micro)
@@ -166,6 +181,7 @@ def train_step(cfg: Config, optimizer, n_micro: int, state, batch):
     }
     metrics = {
         **loss_metrics,
+        **packing_metrics(batch),
         "grad_norm": optax.tree.norm(grads),
         "lr": learning_rate(cfg, state["step"]),
     }

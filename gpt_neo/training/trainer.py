@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from gpt_neo import axes
 from gpt_neo.config import Config
+from gpt_neo.data.batch import Batch
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_spec, batch_axes, data_parallel_size
 from gpt_neo.models.gpt import abstract_params, init_params
@@ -91,6 +92,10 @@ class Trainer:
             "rng": jax.device_put(rng.astype(jnp.uint32), self.replicated),
         }
 
-    def place(self, host_batch: np.ndarray):
-        """This host's rows -> one global array sharded over the data-parallel axis."""
-        return jax.make_array_from_process_local_data(self.batch_sharding, host_batch)
+    def place(self, host_batch: Batch | np.ndarray):
+        """This host's rows -> global arrays sharded over the data-parallel axis (every field
+        of a `Batch`)."""
+        return jax.tree.map(
+            lambda rows: jax.make_array_from_process_local_data(self.batch_sharding, rows),
+            host_batch,
+        )

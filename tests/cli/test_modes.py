@@ -239,7 +239,7 @@ def test_export_loads_in_transformers_then_import_continues_training(trained, tm
     assert main(["--model", str(run / "config.json"), "--steps_per_checkpoint", "1"]) == 0
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     imported_cfg = load_config(str(run / "config.json"))
-    batch = InputPipeline(imported_cfg).next_batch()
+    batch = InputPipeline(imported_cfg).next_batch().tokens
     expected = float(
         jax.jit(lambda p, t: loss_fn(imported_cfg, p, t, None)[1]["loss"])(params, batch)
     )

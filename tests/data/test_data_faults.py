@@ -41,7 +41,9 @@ def reader(folder, **kw):
 
 
 def read(reader, n):
-    return [(Path(path).name, index) for _, path, index in (reader.next_record() for _ in range(n))]
+    return [
+        (Path(path).name, index) for _, path, index, _ in (reader.next_record() for _ in range(n))
+    ]
 
 
 def damage(path: Path, record: int, records: int) -> None:

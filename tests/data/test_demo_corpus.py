@@ -52,9 +52,9 @@ def test_demo_corpus_feeds_the_pipeline_and_rebuilding_reuses_it(demo_dir, monke
             "datasets": [["demo", 1, "documents_random", 1.0]],
         }
     )
-    batch = InputPipeline(cfg, process_index=0, process_count=1).next_batch()
+    batch = InputPipeline(cfg, process_index=0, process_count=1).next_batch().tokens
     assert batch.shape == (4, 65) and batch.max() < 600
-    eval_batch = InputPipeline(cfg, eval=True, process_index=0, process_count=1).next_batch()
+    eval_batch = InputPipeline(cfg, eval=True, process_index=0, process_count=1).next_batch().tokens
     assert eval_batch.shape == (4, 65)
     stamp = (demo_dir / "datasets/demo/tokenizer/byte-level-bpe.tokenizer.json").stat().st_mtime_ns
     assert build_demo(["--megabytes", "0.3", "--vocab_size", "600", "--quiet"]) == 0

@@ -39,8 +39,8 @@ def test_prefetched_batches_and_positions_equal_the_pipelines_own(dataset, depth
     with DeviceFeed(fed.next_batch, fed.state, trainer.place, depth) as feed:
         for want_batch, want_position in expected:
             batch, position = feed.next()
-            assert batch.sharding == trainer.batch_sharding  # already on the devices
-            np.testing.assert_array_equal(np.asarray(batch), want_batch)
+            assert batch.tokens.sharding == trainer.batch_sharding  # already on the devices
+            np.testing.assert_array_equal(np.asarray(batch.tokens), want_batch.tokens)
             assert position == want_position
         while feed._ready.qsize() < depth:  # the feed runs ahead of the consumer...
             threading.Event().wait(0.01)
@@ -53,13 +53,13 @@ def test_resuming_from_a_fed_position_gives_the_uninterrupted_batches(dataset):
     uninterrupted = pipeline(cfg)
     reference = [uninterrupted.next_batch() for _ in range(10)]
     fed = pipeline(cfg)
-    with DeviceFeed(fed.next_batch, fed.state, np.asarray, depth=3) as feed:
+    with DeviceFeed(fed.next_batch, fed.state, lambda batch: batch, depth=3) as feed:
         for _ in range(4):
             _, position = feed.next()
     resumed = pipeline(cfg)
     resumed.restore(position)
     for want in reference[4:]:
-        np.testing.assert_array_equal(resumed.next_batch(), want)
+        np.testing.assert_array_equal(resumed.next_batch().tokens, want.tokens)
 
 
 def test_a_pipeline_error_is_raised_where_its_batch_was_due():

@@ -33,7 +33,7 @@ def pipeline(cfg, **kw):
 
 
 def batches(p, n):
-    return [p.next_batch() for _ in range(n)]
+    return [p.next_batch().tokens for _ in range(n)]
 
 
 @pytest.fixture
@@ -274,7 +274,9 @@ def test_fixed_input_streams_give_the_same_global_batch_on_any_host_count(tmp_pa
     single = batches(pipeline(cfg), 4)
     hosts = [pipeline(cfg, process_index=h, process_count=2) for h in range(2)]
     for expected in single:
-        np.testing.assert_array_equal(np.concatenate([h.next_batch() for h in hosts]), expected)
+        np.testing.assert_array_equal(
+            np.concatenate([h.next_batch().tokens for h in hosts]), expected
+        )
     # a position saved on one host count restores on the other
     merged = {
         **hosts[0].state(),
@@ -282,7 +284,9 @@ def test_fixed_input_streams_give_the_same_global_batch_on_any_host_count(tmp_pa
     }
     one = pipeline(cfg)
     one.restore(merged)
-    np.testing.assert_array_equal(one.next_batch(), np.concatenate([h.next_batch() for h in hosts]))
+    np.testing.assert_array_equal(
+        one.next_batch().tokens, np.concatenate([h.next_batch().tokens for h in hosts])
+    )
 
 
 # --- GPT-Neo's longer records ----------------------------------------------------------------
@@ -359,7 +363,7 @@ def test_next_group_is_opened_ahead_and_reads_the_same_records(tmp_path, small_g
     reads = 75  # two and a half epochs
 
     def read_all(reader):
-        return [(path, index) for _, path, index in (reader.next_record() for _ in range(reads))]
+        return [(path, index) for _, path, index, _ in (reader.next_record() for _ in range(reads))]
 
     opened_at, record_stream = [], records.record_stream  # (group drawn, records left to draw)
 
@@ -412,7 +416,7 @@ def test_damage_at_the_start_of_the_next_group_is_reported_when_that_group_is_re
         ("tokenizer_is_pretrained", "yes", "must be true or false"),
         ("path", "", "must name the TFRecord files"),
         ("eval_path", 3, "must be a string"),
-        ("mode", "lines", "must be 'documents' or 'chunks'"),
+        ("mode", "lines", "must be 'documents', 'chunks' or 'sft'"),
     ],
 )
 def test_a_dataset_config_value_of_the_wrong_kind_is_named(tmp_path, key, value, problem):

@@ -245,7 +245,7 @@ def test_non_local_filesystems_work_through_tf_io_gfile(corpus, tmp_path):
             "datasets": [[str(dataset), 1, "documents_fixed", 1.0]],
         }
     )
-    batch = InputPipeline(cfg, process_index=0, process_count=1).next_batch()
+    batch = InputPipeline(cfg, process_index=0, process_count=1).next_batch().tokens
     assert batch.shape == (2, 9)
 
 

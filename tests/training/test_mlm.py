@@ -29,9 +29,9 @@ def test_masking_follows_the_configured_fractions():
     )
     records = _records(cfg, 64)
     records[:, ::17] = 7  # an ignored id: never selected
-    inputs, targets, weights = map(
-        np.asarray, masked_example(cfg, jnp.asarray(records), jax.random.key(3))
-    )
+    example = masked_example(cfg, jnp.asarray(records), jax.random.key(3))
+    inputs, targets, weights = map(np.asarray, example[:3])
+    assert example.segments is None  # masked LMs read unpacked rows
     original = records[:, : cfg.n_ctx]
     selected = weights == 1.0
     np.testing.assert_array_equal(targets, original)  # BERT: targets are the original tokens

@@ -1,5 +1,7 @@
 """Preemption with real processes: SIGTERM, and kill -9 at a random point after the first
-checkpoint. After a restart, the final parameters equal an uninterrupted run's bit for bit."""
+checkpoint. After a restart, the final parameters equal an uninterrupted run's bit for bit.
+The data is packed (documents split across windows, a look-ahead of pending documents), the
+pipeline position with the most to restore."""
 
 import json
 import random
@@ -38,7 +40,7 @@ def config(tmp_path, dataset, name):
         "lr": 2e-3,
         "warmup_steps": 5,
         "keep_checkpoints": 2,
-        "datasets": [[dataset, 1, "documents_random", 1.0]],
+        "datasets": [[dataset, 1, "packed", 1.0]],
         "model_path": str(tmp_path / name),
     }
     return write_config(tmp_path / f"{name}.json", keys)

@@ -42,6 +42,17 @@ def test_a_run_without_evaluations_or_samples_still_gets_a_page(tmp_path):
     assert "last step 1: loss 2.0000" in (tmp_path / "report.html").read_text()
 
 
+def test_a_packed_run_reports_its_padding_and_documents_per_row(tmp_path):
+    records = [
+        {"step": 1, "loss": 2.0, "padding": 0.02, "segments_per_row": 6.0},
+        {"step": 2, "loss": 1.5, "padding": 0.04, "segments_per_row": 7.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = Path(write_report(str(tmp_path))).read_text()
+    assert "<h2>Packing</h2>" in text
+    assert "padding 3.00% of input tokens; 6.50 documents per row" in text  # the means
+
+
 def test_the_report_is_written_through_the_storage_layer_where_gs_paths_go(tmp_path):
     """`ram://` stands in for `gs://`: both go through tf.io.gfile (gpt_neo.storage)."""
     from gpt_neo import storage
