@@ -1,6 +1,7 @@
 """The documentation: the pages' shell blocks run word for word, the site builds with --strict
 (and a broken link fails it), and the public addresses agree everywhere."""
 
+import json
 import os
 import re
 import shutil
@@ -38,23 +39,21 @@ def test_the_tested_pages_have_shell_blocks_and_the_mark_skips_one():
     assert "make demo" not in "".join(quickstart)  # the clone block is marked, so skipped
 
 
-@pytest.mark.process
-@pytest.mark.slow
-@pytest.mark.parametrize("page", ["quickstart.md", "own-data.md"])
-def test_every_shell_block_of_the_page_runs_verbatim(page, tmp_path):
+def run_page(page: str, folder: Path, overrides: str = TINY) -> str:
+    """Run the page's shell blocks in order in `folder`, as a user would; the transcript."""
     bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # `gpt-neo` and `python`: this venv
         "XLA_FLAGS": "",
-        "GPT_NEO_SET": TINY,
+        "GPT_NEO_SET": overrides,
     }
     env.pop("JAX_PLATFORMS", None)  # as a user has it: the command keeps libtpu quiet itself
     transcript = []
     for block in shell_blocks(DOCS / page):
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", block],
-            cwd=tmp_path,
+            cwd=folder,
             env=env,
             capture_output=True,
             text=True,
@@ -64,12 +63,47 @@ def test_every_shell_block_of_the_page_runs_verbatim(page, tmp_path):
         assert done.returncode == 0, "\n".join(transcript)[-6000:]
     output = "\n".join(transcript)
     assert "libtpu" not in output and "TPU_WORKER_HOSTNAMES" not in output  # no probing noise
+    return output
+
+
+@pytest.mark.process
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["quickstart.md", "own-data.md"])
+def test_every_shell_block_of_the_page_runs_verbatim(page, tmp_path):
+    run_page(page, tmp_path)
     run = tmp_path / "runs" / ("demo" if page == "quickstart.md" else "mytext")
     assert (run / "checkpoints" / "4").is_dir() and (run / "predictions_4.txt").is_file()
     if page == "own-data.md":
         assert list((tmp_path / "datasets/mytext/tfrecords/eval").glob("mytext_*.tfrecords"))
         assert (run / "eval_4.json").is_file()
         assert (tmp_path / "mytext-hf" / "tokenizer.json").is_file()
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_the_fine_tuning_recipe_runs_verbatim(tmp_path):
+    # a tiny GPT-Neo folder with a tokenizer stands in for the downloaded one
+    from tests.support.helpers import random_hf_model, train_tokenizer_file
+
+    folder = tmp_path / "gpt-neo-125M"
+    random_hf_model(
+        folder,
+        vocab_size=320,
+        max_position_embeddings=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+    )
+    texts = [f"Q: {a} plus {b}?\nA: {a + b}" for a in range(30) for b in range(0, 30, 7)]
+    train_tokenizer_file(folder, texts, vocab_size=300).rename(folder / "tokenizer.json")
+    output = run_page("fine-tuning.md", tmp_path, "train_steps=4 iterations=2 eval_steps=1")
+    assert "packed" in output and "docs/row" in output  # the progress line's packing figures
+    run = tmp_path / "runs" / "qa"
+    assert (run / "checkpoints" / "4").is_dir() and (run / "predictions_4.txt").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("padding" in r and "segments_per_row" in r for r in records)
 
 
 def build_site(docs: Path, tmp_path: Path) -> subprocess.CompletedProcess:

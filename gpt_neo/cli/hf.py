@@ -38,13 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt_neo.config import load_config, parse_overrides, to_dict  # imports JAX: not for --help
+    from gpt_neo.config import parse_overrides  # imports JAX: not for --help
+    from gpt_neo.config.load import merged_keys
     from gpt_neo.interop.hf import import_to_checkpoint
 
-    if args.model:
-        keys = to_dict(load_config(args.model, overrides=args.overrides))
-    else:
-        keys = parse_overrides(args.overrides)
+    # run keys alone (the architecture comes from the folder): checked with it, not before
+    keys = merged_keys(args.model) if args.model else {}
+    keys |= parse_overrides(args.overrides)
     done = import_to_checkpoint(args.hf_dir, args.model_path, keys)
     print(f"imported {args.hf_dir} as step 0 in {args.model_path}")
     if done.tokenizer:

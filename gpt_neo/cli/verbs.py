@@ -24,6 +24,7 @@ from gpt_neo.cli import (
     version_line,
 )
 from gpt_neo.cli.pod import add_pod_flags, launch_pod
+from gpt_neo.launch import platform
 
 DESCRIPTION = """\
 Train, inspect, sample and evaluate GPT-style models on JAX (TPU, GPU or CPU), from GPT-Neo's
@@ -169,6 +170,8 @@ def _indent(text: str) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verb not in MODEL_VERBS:  # model verbs choose it from their flags (`run.run`)
+        platform.select_platform(None, None)  # no accelerator here: the CPU, without probing
     return exit_code_of(args.handler, args)
 
 

@@ -31,11 +31,7 @@ def load_config(
     (`gpt_neo.mesh.check_layout`; `gpt_neo.load_config` runs both).
     """
     paths = _as_list(path_or_paths)
-    if not paths:
-        raise ConfigError("no config file given: pass at least one JSON config")
-    merged: dict = {}
-    for path in paths:
-        merged.update(read_json_object(resolve_config_path(path)))
+    merged = merged_keys(paths)
     changes = parse_overrides(overrides)
     merged.update(changes)
     if "n_layer" in changes and "attention_types" not in changes and "attention_types" in merged:
@@ -46,6 +42,18 @@ def load_config(
         if isinstance(n_layer, int) and n_layer > 0 and n_layer % len(pattern) == 0:
             merged["attention_types"] = [[list(pattern), n_layer // len(pattern)]]
     return from_dict(merged, source=source_of(paths))
+
+
+def merged_keys(path_or_paths) -> dict:
+    """The keys of one or more JSON config files merged in order (later wins), unchecked: a
+    file of run keys alone (datasets, batch size, ...) is one too."""
+    paths = _as_list(path_or_paths)
+    if not paths:
+        raise ConfigError("no config file given: pass at least one JSON config")
+    merged: dict = {}
+    for path in paths:
+        merged.update(read_json_object(resolve_config_path(path)))
+    return merged
 
 
 def _as_list(path_or_paths) -> list:

@@ -299,7 +299,11 @@ class Data:
     """What the model reads: the dataset mixture and the input pipeline."""
 
     datasets: tuple[DatasetEntry, ...] = ()
-    """Mixture of `[dataset_id, stitch, sampling_mode, weight]` (ids name dataset configs)."""
+    """Mixture of `[dataset_id, stitch, sampling_mode, weight]` (ids name dataset configs).
+    Sampling modes: `documents_random`, `documents_fixed` (GPT-Neo's: documents joined with
+    end-of-text, attention across the joins), `chunks` (records of n_ctx + 1 tokens) and
+    `packed` (whole documents side by side, no attention across them; needs the dataset's
+    `eos_id`; the default for `sft` records). See the training guide, "Data"."""
     input_fn: InputFn = "sequential_input"
     """How a `datasets` entry that names no sampling mode is read, when its dataset config does
     not record how its records were made: `sequential_input` (GPT-Neo's default) reads records

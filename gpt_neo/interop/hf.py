@@ -38,7 +38,7 @@ from gpt_neo import storage
 from gpt_neo.config import SHAPE_KEYS, Config, from_dict, repeating_pattern
 from gpt_neo.data.dataset_config import DatasetConfig, write_dataset_config
 from gpt_neo.data.encoders import HFEncoder, load_encoder
-from gpt_neo.errors import ConfigError, DataError
+from gpt_neo.errors import ConfigError, DataError, warn
 from gpt_neo.mesh import check_layout, padded_vocab
 from gpt_neo.models.gpt import param_shardings
 from gpt_neo.models.stack import per_layer, stacked
@@ -337,6 +337,20 @@ def _export_tokenizer(spec: str, out: Path) -> None:
 # Import
 
 
+# What a Hugging Face GPT-Neo folder decides: keys a run's config cannot change on import
+ARCHITECTURE_KEYS = (
+    "n_embd",
+    "n_head",
+    "n_layer",
+    "n_ctx",
+    "n_vocab",
+    "attention_types",
+    "local_attention_radius",
+    "activation_function",
+    "no_weight_tie",
+)
+
+
 def _config_from_hf(hf: dict, source: str, overrides: dict | None) -> Config:
     if hf.get("model_type") != "gpt_neo":
         raise ConfigError(
@@ -356,26 +370,27 @@ def _config_from_hf(hf: dict, source: str, overrides: dict | None) -> Config:
     if act not in FROM_HF_ACTIVATIONS:
         raise ConfigError(f"{source}: activation_function {act!r} has no GPT-Neo equivalent")
     n_vocab, eos = hf.get("vocab_size", 50257), hf.get("eos_token_id")
-    cfg = from_dict(
-        {
-            "n_embd": d,
-            "n_head": hf.get("num_heads", 16),
-            "n_layer": hf.get("num_layers", 24),
-            "n_ctx": hf.get("max_position_embeddings", 2048),
-            "n_vocab": n_vocab,
-            "attention_types": hf.get("attention_types", [[["global", "local"], 12]]),
-            "local_attention_radius": hf.get("window_size", 256),
-            "activation_function": FROM_HF_ACTIVATIONS[act],
-            "embed_dropout": hf.get("embed_dropout", 0.0),
-            "attn_dropout": hf.get("attention_dropout", 0.0),
-            "res_dropout": hf.get("resid_dropout", 0.0),
-            "no_weight_tie": not hf.get("tie_word_embeddings", True),
-            # HF's default eos (GPT-2's 50256) may lie outside a small model's vocabulary
-            "eos_id": eos if isinstance(eos, int) and 0 <= eos < n_vocab else None,
-            **(overrides or {}),
-        },
-        source=source,
-    )
+    derived = {
+        "n_embd": d,
+        "n_head": hf.get("num_heads", 16),
+        "n_layer": hf.get("num_layers", 24),
+        "n_ctx": hf.get("max_position_embeddings", 2048),
+        "n_vocab": n_vocab,
+        "attention_types": hf.get("attention_types", [[["global", "local"], 12]]),
+        "local_attention_radius": hf.get("window_size", 256),
+        "activation_function": FROM_HF_ACTIVATIONS[act],
+        "embed_dropout": hf.get("embed_dropout", 0.0),
+        "attn_dropout": hf.get("attention_dropout", 0.0),
+        "res_dropout": hf.get("resid_dropout", 0.0),
+        "no_weight_tie": not hf.get("tie_word_embeddings", True),
+        # HF's default eos (GPT-2's 50256) may lie outside a small model's vocabulary
+        "eos_id": eos if isinstance(eos, int) and 0 <= eos < n_vocab else None,
+    }
+    run_keys = dict(overrides or {})
+    ignored = [k for k in ARCHITECTURE_KEYS if k in run_keys and run_keys.pop(k) != derived[k]]
+    if ignored:
+        warn(f"{source}: the architecture comes from the folder; ignoring {', '.join(ignored)}")
+    cfg = from_dict({**derived, **run_keys}, source=source)
     check_layout(cfg, source)
     return cfg
 

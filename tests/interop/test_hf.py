@@ -105,6 +105,21 @@ def test_activation_is_carried_through_import(tmp_path):
     )
 
 
+def test_run_keys_apply_and_architecture_keys_are_ignored_with_a_warning(hf_folder, capsys):
+    folder, _ = hf_folder
+    cfg, _ = import_hf(folder, overrides={"n_layer": 2, "n_ctx": 64, "lr": 0.5, "n_head": 9})
+    assert (cfg.n_layer, cfg.n_head, cfg.lr) == (
+        HF_CONFIG["num_layers"],
+        HF_CONFIG["num_heads"],
+        0.5,
+    )
+    # n_ctx equals the folder's: not a change, not named
+    assert (
+        "the architecture comes from the folder; ignoring n_head, n_layer"
+        in capsys.readouterr().err
+    )
+
+
 def test_import_places_params_sharded_on_a_mesh(hf_folder):
     folder, model = hf_folder
     overrides = {"mesh_shape": "x:2,y:4", "layout": "batch:x,heads:y"}
