@@ -42,7 +42,7 @@ from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_spec, constrain, rules
 from gpt_neo.models.layers import ParamDecl, dropout, normal, zeros
 from gpt_neo.models.platform import target_platform
-from gpt_neo.models.positions import rotate
+from gpt_neo.models.positions import rotate, segment_begins
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 LINEAR_CHUNK = 64
@@ -452,16 +452,14 @@ def _segment_cumsum(x, segments):
     rounding."""
     if segments is None:
         return jnp.cumsum(x, axis=1)
-    starts = jnp.concatenate(
-        [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
-    )
-    starts = starts.reshape(*starts.shape, *(1,) * (x.ndim - 2))
+    begins = segment_begins(segments)
+    begins = begins.reshape(*begins.shape, *(1,) * (x.ndim - 2))
 
     def combine(earlier, later):
         (sum_a, start_a), (sum_b, start_b) = earlier, later
         return jnp.where(start_b, sum_b, sum_a + sum_b), start_a | start_b
 
-    return jax.lax.associative_scan(combine, (x, jnp.broadcast_to(starts, x.shape)), axis=1)[0]
+    return jax.lax.associative_scan(combine, (x, jnp.broadcast_to(begins, x.shape)), axis=1)[0]
 
 
 def dot_product_attention(q, k, v, *, window=None, implementation=None, segments=None):

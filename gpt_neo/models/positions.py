@@ -57,13 +57,16 @@ def position_embedding(
     return jnp.take(p["wpe"], positions, axis=0)
 
 
+def segment_begins(segments: jax.Array) -> jax.Array:
+    """[batch, seq] bool: where a segment (a contiguous run of one id) begins."""
+    first = jnp.ones_like(segments[:, :1], bool)
+    return jnp.concatenate([first, segments[:, 1:] != segments[:, :-1]], axis=1)
+
+
 def segment_starts(segments: jax.Array) -> jax.Array:
-    """[batch, seq]: the index where each token's segment (contiguous run of one id) begins."""
+    """[batch, seq]: the index where each token's segment begins."""
     index = jnp.arange(segments.shape[1])
-    new = jnp.concatenate(
-        [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
-    )
-    return jax.lax.cummax(jnp.where(new, index, 0), axis=1)
+    return jax.lax.cummax(jnp.where(segment_begins(segments), index, 0), axis=1)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
