@@ -13,7 +13,8 @@ SEQ = "seq"  # positions of the sequence (queries)
 KV_SEQ = "kv_seq"  # positions that keys and values come from
 POS = "pos"  # rows of the position embedding
 EMBD = "embd"  # the model width
-HEADS = "heads"  # attention heads
+HEADS = "heads"  # attention heads (query heads)
+KV_HEADS = "kv_heads"  # key/value heads (fewer than query heads with grouped-query attention)
 KV = "kv"  # the head dimension
 MLP = "mlp"  # the MLP's hidden layer
 VOCAB = "vocab"  # embedding rows and logits
@@ -34,13 +35,19 @@ GPT_NEO_NAMES = {
     "experts": EXPERTS,
     "expert_hidden": EXPERT_MLP,
 }
-LOGICAL = frozenset(GPT_NEO_NAMES.values())
+# Not in GPT-Neo (which had one kind of head). A layout that does not name it splits key/value
+# heads like `heads` where that divides n_kv_head, else keeps them whole (`gpt_neo.mesh.rules`).
+LOGICAL = frozenset(GPT_NEO_NAMES.values()) | {KV_HEADS}
 
 # --- parameters ------------------------------------------------------------------------------
 TOKEN_EMBEDDING = (VOCAB, EMBD)
 POSITION_EMBEDDING = (POS, EMBD)
 NORM = (EMBD,)  # LayerNorm scale and bias
-QKV = (EMBD, HEADS, KV)  # q, k, v projections
+QKV = (EMBD, HEADS, KV)  # the query projection (and key/value ones without grouping)
+KV_PROJ = (EMBD, KV_HEADS, KV)  # key and value projections
+QKV_BIAS = (HEADS, KV)  # q bias (qkv_bias)
+KV_BIAS = (KV_HEADS, KV)  # k and v biases (qkv_bias)
+HEAD_NORM = (KV,)  # qk_norm's scales
 OUT = (HEADS, KV, EMBD)  # attention output projection
 OUT_BIAS = (EMBD,)
 MLP_IN = (EMBD, MLP)
@@ -56,7 +63,11 @@ PARAMETERS = {
     "wte": TOKEN_EMBEDDING,
     "wpe": POSITION_EMBEDDING,
     "layer norms": NORM,
-    "attn q/k/v": QKV,
+    "attn q": QKV,
+    "attn k/v": KV_PROJ,
+    "attn q bias": QKV_BIAS,
+    "attn k/v bias": KV_BIAS,
+    "attn q/k norm": HEAD_NORM,
     "attn o": OUT,
     "attn o_bias": OUT_BIAS,
     "mlp fc_kernel": MLP_IN,
@@ -73,7 +84,8 @@ PARAMETERS = {
 TOKENS = (BATCH, SEQ)
 HIDDEN = (BATCH, SEQ, EMBD)  # the residual stream
 QUERIES = (BATCH, SEQ, HEADS, KV)
-KEYS_VALUES = (BATCH, KV_SEQ, HEADS, KV)
+KEYS_VALUES = (BATCH, KV_SEQ, HEADS, KV)  # one key/value per query head
+GROUPED_KEYS_VALUES = (BATCH, KV_SEQ, KV_HEADS, KV)  # as projected, before grouping
 MLP_HIDDEN = (BATCH, SEQ, MLP)
 LOGITS = (BATCH, SEQ, VOCAB)
 # MoE tokens in routing groups [groups, group size, embd]. (The experts' inputs [experts, groups,
@@ -81,14 +93,15 @@ LOGITS = (BATCH, SEQ, VOCAB)
 # pinned in models/moe.py rather than named here: `batch:x,experts:x` is legal.)
 GROUPS = (BATCH, None, EMBD)
 # The decoding cache, laid out for the matmuls that read it every step (see models/attention).
-CACHED_KEYS = (BATCH, HEADS, KV, KV_SEQ)
-CACHED_VALUES = (BATCH, HEADS, KV_SEQ, KV)
+CACHED_KEYS = (BATCH, KV_HEADS, KV, KV_SEQ)
+CACHED_VALUES = (BATCH, KV_HEADS, KV_SEQ, KV)
 
 ACTIVATIONS = {
     "tokens": TOKENS,
     "hidden": HIDDEN,
     "queries": QUERIES,
     "keys/values": KEYS_VALUES,
+    "grouped keys/values": GROUPED_KEYS_VALUES,
     "mlp hidden": MLP_HIDDEN,
     "logits": LOGITS,
     "moe groups": GROUPS,

@@ -29,7 +29,11 @@ GPT-Neo's layout names keep their GPT-Neo meaning:
 | `experts`                | `experts`    | MoE experts: expert weights and the tokens sent to them (expert parallelism) |
 | `expert_hidden`          | `expert_mlp` | each expert's hidden layer (tensor parallelism inside experts) |
 
-Our own logical names may be used directly, too. A vocabulary that its mesh axes do not divide
+Our own logical names may be used directly, too, and one has no GPT-Neo name: `kv_heads`, the
+key/value heads of grouped-query attention (`n_kv_head`). Unless the layout names it, it is
+split like `heads` where those mesh axes divide n_kv_head, and otherwise kept whole on every
+device (each device then computes the key/value heads its query heads need: cheap, since there
+are few of them). A vocabulary that its mesh axes do not divide
 (GPT-Neo's 50257 on 2 devices) is padded: see `padded_vocab`.
 """
 
@@ -145,7 +149,20 @@ def rules(cfg: Config, source: str = "config") -> Rules:
     overrides = (
         _parse_rules(cfg.param_layout, "param_layout", known, source) if cfg.param_layout else {}
     )
-    return Rules(activations, {**activations, **overrides})
+    parameters = {**activations, **overrides}
+    return Rules(_with_kv_heads(cfg, activations, sizes), _with_kv_heads(cfg, parameters, sizes))
+
+
+def _with_kv_heads(cfg: Config, table: dict[str, MeshAxes], sizes) -> dict[str, MeshAxes]:
+    """`table` with a rule for `kv_heads` when it names none: `heads`' mesh axes where they
+    divide n_kv_head (always when there is no grouping), else none (replicated)."""
+    heads = table.get(axes.HEADS)
+    if axes.KV_HEADS in table or not heads:
+        return table
+    divides = cfg.n_kv_head == cfg.n_head or (
+        sizes is not None and cfg.n_kv_head % split_size(sizes, heads) == 0
+    )
+    return {**table, axes.KV_HEADS: heads} if divides else table
 
 
 def logical_dim_sizes(cfg: Config) -> dict[str, int | None]:
@@ -157,6 +174,7 @@ def logical_dim_sizes(cfg: Config) -> dict[str, int | None]:
         axes.POS: cfg.n_ctx,
         axes.EMBD: cfg.n_embd,
         axes.HEADS: cfg.n_head,
+        axes.KV_HEADS: cfg.n_kv_head,
         axes.KV: cfg.head_dim,
         axes.MLP: cfg.d_mlp,
         axes.VOCAB: padded_vocab(cfg),
@@ -231,6 +249,13 @@ def check_layout(cfg: Config, source: str = "config", sizes: dict[str, int] | No
                     f"{source}: {key} maps {where}, which does not divide moe_num_experts. "
                     "Pick a moe_num_experts that the mesh axes divide, or map 'experts' to "
                     "other mesh axes."
+                )
+            if logical == axes.KV_HEADS:
+                raise ConfigError(
+                    f"{source}: {key} maps {where}, which does not divide n_kv_head. Leave "
+                    "kv_heads out of the layout (key/value heads are then split like heads "
+                    "where that divides them, else kept whole on each device), or pick an "
+                    f"n_kv_head that is a multiple of {pieces}."
                 )
             if logical == axes.VOCAB:
                 raise ConfigError(

@@ -38,6 +38,7 @@ def test_gpt_neo_layout_names_map_to_logical_axes():
         mesh_shape="x:4,y:2", layout="intermediate_expanded:x,heads:x,memory_length:y,embd:y"
     )
     expected = {"mlp": ("x",), "heads": ("x",), "kv_seq": ("y",), "embd": ("y",)}
+    expected["kv_heads"] = ("x",)  # key/value heads follow heads (one per query head here)
     assert rules(cfg).activations == rules(cfg).parameters == expected
     assert param_spec(cfg, axes.QKV) == P("y", "x", None)
     assert activation_spec(cfg, axes.KEYS_VALUES) == P(None, "y", "x", None)
@@ -46,7 +47,9 @@ def test_gpt_neo_layout_names_map_to_logical_axes():
 def test_every_gpt_neo_dimension_name_is_accepted():
     for name, logical in axes.GPT_NEO_NAMES.items():
         cfg = tiny_config(mesh_shape="x:8", layout=f"{name}:x", train_batch_size=8)
-        assert rules(cfg).activations == {logical: ("x",)}
+        table = dict(rules(cfg).activations)
+        assert table.pop(logical) == ("x",)
+        assert table == ({axes.KV_HEADS: ("x",)} if logical == axes.HEADS else {})
 
 
 def test_param_layout_rules_parameters_on_top_of_layout():
@@ -113,7 +116,7 @@ def test_one_dim_on_two_mesh_axes_is_written_with_a_plus():
         ("head:x", r"param_layout 'head:x': unknown tensor dimension 'head'.*Did you mean 'heads'"),
         ("embd:q", "param_layout 'embd:q' maps 'embd' to mesh axis 'q', which the mesh does not"),
         ("heads:x", r"param_layout maps 'heads' \(size 2\) to mesh axes x \(4 pieces\)"),
-        ("embd:x,heads:x", "param_layout .* maps both 'embd' and 'heads' of tensor attn q/k/v"),
+        ("embd:x,heads:x", "param_layout .* maps both 'embd' and 'heads' of tensor attn q"),
         ("mlp", "param_layout 'mlp': 'mlp' is not dim:mesh_axis"),
     ],
 )
@@ -169,3 +172,11 @@ def test_an_explicit_pad_multiple_pads_always_and_must_suit_the_split():
 def test_a_parameter_only_vocab_split_pads_too():
     cfg = tiny_config(n_vocab=211, mesh_shape="x:4,y:2", layout="batch:x", param_layout="vocab:y")
     assert padded_vocab(cfg) == 256
+
+
+def test_key_value_heads_follow_heads_where_they_divide_and_an_explicit_split_must_divide():
+    gqa = dict(mesh_shape="x:2,y:4", layout="batch:x,heads:y", n_kv_head=2)
+    assert rules(tiny_config(**gqa)).activations.get("kv_heads") is None  # 2 heads, 4 pieces
+    assert rules(tiny_config(**{**gqa, "n_kv_head": 4})).activations["kv_heads"] == ("y",)
+    with pytest.raises(ConfigError, match=r"does not divide n_kv_head.*Leave kv_heads out"):
+        tiny_config(**{**gqa, "layout": "batch:x,heads:y,kv_heads:y"})

@@ -6,6 +6,7 @@
     rules      the checks that span keys
     load       files, `--model` names and `--set` overrides -> a checked `Config`
     moe        `moe_params` -> `MoeParams`
+    rope       `rope_scaling` -> `RopeScaling`
     reference  docs/config.md, generated from the schema
 
 Everything downstream trusts a `Config`; these names are the package's surface.

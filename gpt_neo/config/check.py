@@ -22,8 +22,10 @@ from typing import Any
 
 from gpt_neo.config import rules, values
 from gpt_neo.config.moe import moe_params_to_dict, parse_moe_layers, parse_moe_params
+from gpt_neo.config.rope import parse_rope_scaling, rope_scaling_to_dict
 from gpt_neo.config.schema import (
     ALIASES,
+    DERIVED,
     FIELDS,
     KNOWN_KEYS,
     NOT_NEEDED,
@@ -41,7 +43,7 @@ from gpt_neo.config.schema import (
 from gpt_neo.errors import ConfigError
 
 # Parsed by their own functions rather than by their type.
-PARSED_APART = ("attention_types", "datasets", "moe_layers", "moe_params")
+PARSED_APART = ("attention_types", "datasets", "moe_layers", "moe_params", "rope_scaling")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +75,10 @@ def to_dict(cfg: Config) -> dict:
             value = [[d.dataset_id, d.stitch, d.sampling_mode, d.weight] for d in value]
         elif name == "moe_params" and value is not None:
             value = moe_params_to_dict(value)
+        elif name == "rope_scaling" and value is not None:
+            value = rope_scaling_to_dict(value)
+        elif name in DERIVED and value == DERIVED[name](cfg):
+            value = 0  # derived: follows the keys it comes from (`schema.DERIVED`)
         elif isinstance(value, tuple):
             value = list(value)
         out[name] = value
@@ -99,6 +105,8 @@ def from_dict(raw: Mapping[str, object], *, source: str = "<dict>") -> Config:
         kwargs["moe_layers"] = parse_moe_layers(given["moe_layers"], kwargs["n_layer"], source)
     if given.get("moe_params") is not None:
         kwargs["moe_params"] = parse_moe_params(given["moe_params"], source)
+    if given.get("rope_scaling") is not None:
+        kwargs["rope_scaling"] = parse_rope_scaling(given["rope_scaling"], source)
     if kwargs.get("lr_decay") is None and "lr_decay" in kwargs:
         kwargs["lr_decay"] = "constant"
     kwargs = {k: v for k, v in kwargs.items() if v is not None or _allows_none(k)}

@@ -20,6 +20,7 @@ import typing
 from gpt_neo.config import schema, values
 from gpt_neo.config.load import REPO_ROOT
 from gpt_neo.config.moe import MoeParams
+from gpt_neo.config.rope import RopeScaling
 
 OUTPUT = REPO_ROOT / "docs" / "config.md"
 
@@ -58,7 +59,7 @@ def _group_docs(group: type) -> list[KeyDoc]:
 
 
 def _type(tp) -> str:
-    if MoeParams in typing.get_args(tp):
+    if {MoeParams, RopeScaling} & set(typing.get_args(tp)):
         return "object or null"
     inner, nullable = values.unwrap_optional(tp)
     if (choices := values.allowed(inner)) is not None:

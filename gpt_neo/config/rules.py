@@ -61,11 +61,26 @@ def validate(cfg: Config, source: str) -> None:
     for key in ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "local_attention_radius"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(cfg, key)}")
-    if cfg.n_embd % cfg.n_head:
+    if cfg.head_dim == 0:  # not given, and n_embd / n_head is not a whole number
         raise ConfigError(
             f"{source}: n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}); "
-            f"head dim would be {cfg.n_embd / cfg.n_head:g}. Pick n_head from the divisors of n_embd."
+            f"head dim would be {cfg.n_embd / cfg.n_head:g}. Pick n_head from the divisors of "
+            "n_embd, or set head_dim."
         )
+    for key in ("head_dim", "n_kv_head", "intermediate_size"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(
+                f"{source}: '{key}' must be at least 1 (or 0 for its default), got "
+                f"{getattr(cfg, key)}"
+            )
+    if cfg.n_head % cfg.n_kv_head:
+        divisors = [d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0]
+        raise ConfigError(
+            f"{source}: n_kv_head ({cfg.n_kv_head}) must divide n_head ({cfg.n_head}): each key/"
+            f"value head serves an equal group of query heads. Pick one of {divisors}."
+        )
+    if cfg.norm_eps <= 0:
+        raise ConfigError(f"{source}: norm_eps must be > 0, got {cfg.norm_eps}")
     if len(cfg.attention_types) != cfg.n_layer:
         raise ConfigError(
             f"{source}: attention_types expands to {len(cfg.attention_types)} layers but "
@@ -161,6 +176,11 @@ def _validate_positions(cfg: Config, source: str) -> None:
                 f"{source}: rotary_emb and axial_pos_emb are both set; rotary replaces the "
                 "position embedding (GPT-Neo silently dropped the axial one). Keep one."
             )
+    if cfg.rope_scaling is not None and not cfg.rotary_emb:
+        raise ConfigError(
+            f"{source}: rope_scaling scales rotary, but rotary_emb is not true; set "
+            '"rotary_emb": true or remove rope_scaling.'
+        )
     if cfg.axial_pos_emb is not None:
         shape = cfg.axial_pos_emb
         if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] < cfg.n_ctx:
@@ -180,6 +200,20 @@ def _validate_block_options(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: gpt_neo_none_layers is set but attention_types has no 'none' layer; "
             "remove it."
+        )
+    if cfg.activation_function == "swiglu" and not cfg.mlp_glu:
+        raise ConfigError(
+            f"{source}: activation_function 'swiglu' is the gate of a gated MLP; set "
+            '"mlp_glu": true (or use "silu" for an ungated MLP).'
+        )
+    if cfg.norm == "rmsnorm" and cfg.scalenorm:
+        raise ConfigError(
+            f"{source}: norm 'rmsnorm' and scalenorm both choose the blocks' norm; keep one."
+        )
+    if cfg.qk_norm and cfg.num_mem_kv:
+        raise ConfigError(
+            f"{source}: qk_norm with num_mem_kv: GPT-Neo's memory keys are learned as they are "
+            "and would meet normalised queries on another scale. Use one of them."
         )
     if cfg.rezero and cfg.scalenorm:
         raise ConfigError(

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gpt_neo.config.moe import MoeActivation, MoeParams
+from gpt_neo.config.rope import RopeScaling
 from gpt_neo.errors import ConfigError
 
 AttentionType = Literal["global", "local", "linear", "none"]
 Precision = Literal["float32", "bfloat16"]
 LrDecay = Literal["cosine", "linear", "constant"]
 AttentionKernel = Literal["auto", "xla", "cudnn", "splash"]
+Norm = Literal["layernorm", "rmsnorm"]
 InputFn = Literal["sequential_input", "generic_text"]
 # GPT-Neo's activation names; gpt_neo.models.activations implements each (a test holds them
 # equal). Kept as a block of names: one per line would be 43 lines.
@@ -29,7 +31,7 @@ ActivationFunction = Literal[
     "spike2", "tanhshrink", "softsign", "softmax", "logsoftmax", "bipolarsigmoid", "rrelu",
     "elish", "arcsinh", "maxsig", "cosid", "minsin", "maxtanh", "mish", "tanhexp", "lisht",
     "seagull", "snake", "roottanh", "softplusmone", "aria", "prelu", "parcsinh", "psoftplus",
-    "proottanh",
+    "proottanh", "swiglu",
 ]
 # fmt: on
 ATTENTION_TYPES = typing.get_args(AttentionType)
@@ -100,13 +102,27 @@ class Architecture:
     """Sequence length, and rows of the learned position embedding."""
     n_vocab: int
     """Embedding rows (may be padded above the tokenizer's size, e.g. 50304)."""
+    head_dim: int = 0
+    """Dimensions per attention head; 0 means n_embd // n_head. Set it when the heads are
+    wider or narrower than n_embd / n_head (Qwen3: 128 with n_embd 1024 and 16 heads).
+    Hugging Face: `head_dim`. Not a GPT-Neo key."""
+    n_kv_head: int = 0
+    """Key/value heads, shared by groups of n_head / n_kv_head query heads (grouped-query
+    attention; 1 is multi-query); 0 means n_head (every query head has its own). Must divide
+    n_head. Hugging Face: `num_key_value_heads`. Not a GPT-Neo key."""
+    intermediate_size: int = 0
+    """Width of the MLP's hidden layer (of each of its two input projections with `mlp_glu`);
+    0 means 4 * n_embd, GPT-Neo's `intermediate_expanded`. Hugging Face: `intermediate_size`.
+    Not a GPT-Neo key."""
     attention_types: tuple[AttentionType, ...] = ()
     """One of global/local/linear/none per layer. JSON takes GPT-Neo's shorthand
     `[[["global","local"],12]]` or a flat list; missing means all global."""
     local_attention_radius: int = 256
     """Window of `local` layers: query p sees keys (p - radius, p]."""
     activation_function: ActivationFunction = "gelu"
-    """MLP activation by GPT-Neo name; `gelu` is the tanh approximation (HF `gelu_new`)."""
+    """MLP activation by GPT-Neo name; `gelu` is the tanh approximation (HF `gelu_new`).
+    `swiglu` is `silu` as the gate of a gated MLP (needs `mlp_glu`): Llama's
+    down(silu(gate(x)) * up(x)) exactly."""
     scale_by_depth: bool = False
     """Multiply the MLP output projection's init std by 1/sqrt(n_layer)."""
     scale_by_in: bool = False
@@ -148,6 +164,15 @@ class Architecture:
     rotary_emb_base: float = 10000.0
     """Rotary's base (theta): dimension pair i turns by position * base^(-2i / rotary dims).
     Not a GPT-Neo key (GPT-NeoX's name)."""
+    rope_scaling: RopeScaling | None = None
+    """Stretch rotary to contexts beyond the length a model was trained at, as Hugging Face's
+    `rope_scaling` (`rope_parameters` in transformers 5) does, with its names:
+    `{"rope_type": "linear", "factor": 4}` (positions divided by factor),
+    `{"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+    "original_max_position_embeddings": 8192}` (Llama 3.1's per-frequency blend), or
+    `{"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 32768}` (YaRN;
+    also `beta_fast`, `beta_slow`, `mscale`, `mscale_all_dim`, `attention_factor`,
+    `truncate`). Needs `rotary_emb`. Not a GPT-Neo key."""
     axial_pos_emb: tuple[int, ...] | None = None
     """`[d1, d2]`: the position embedding of position p is (axial_wpe_1[p // d2] +
     axial_wpe_2[p % d2]) / 2, two tables of d1 and d2 rows instead of n_ctx (d1 * d2 >= n_ctx)."""
@@ -165,6 +190,28 @@ class Architecture:
     """A `none` layer adds the residual stream to itself (x = x + x) before its MLP, as
     GPT-Neo's block did (`a = x`); otherwise a `none` layer is MLP-only. For imported GPT-Neo
     checkpoints; not a GPT-Neo key."""
+    norm: Norm = "layernorm"
+    """The norm before each block's attention and MLP and before the head: `layernorm`
+    (GPT-Neo's), or `rmsnorm` (x / sqrt(mean(x^2) + eps) times a learned scale, no mean and no
+    bias: Llama, Mistral, Qwen). Not a GPT-Neo key."""
+    norm_eps: float = 1e-5
+    """The epsilon under the norm's square root (GPT-Neo's LayerNorm: 1e-5). Hugging Face:
+    `layer_norm_epsilon` / `layer_norm_eps`, `rms_norm_eps`. Not a GPT-Neo key."""
+    bias: bool = True
+    """Biases on every projection (attention output, MLP) and LayerNorm, as GPT-Neo has;
+    false drops them all (Llama, Mistral, Qwen). Hugging Face: `attention_bias` and `mlp_bias`
+    (both false). Not a GPT-Neo key."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2; GPT-Neo has none there),
+    whatever `bias` says. Not a GPT-Neo key."""
+    qk_norm: bool = False
+    """RMSNorm (with `norm_eps`) over each head's query and key, with a learned scale per head
+    dimension shared by all heads, before rotary: Qwen3's QK-norm. Not a GPT-Neo key."""
+    scale_attn_weights: bool = False
+    """Multiply attention scores by 1/sqrt(head_dim), as Llama, Mistral, Qwen and GPT-2 do.
+    GPT-Neo's attention is unscaled (its initializer folds the scale into the query weights,
+    and its checkpoints expect that), hence the default. Hugging Face GPT-2's name. Not a
+    GPT-Neo key."""
     scalenorm: bool = False
     """GPT-Neo's "scalenorm" before attention and MLP: a LayerNorm with one learned scalar gain
     and no bias (not Nguyen & Salazar's g * x / ||x||). ln_f stays a LayerNorm."""
@@ -197,19 +244,36 @@ class Architecture:
     mlm_mask_ignore_ids: tuple[int, ...] = ()
     """Tokens never selected (e.g. eos, cls); padding_id is never selected either."""
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def __post_init__(self):
+        # 0 means "derived from the other keys" (`DERIVED`); left 0 where it cannot be derived,
+        # which `rules` reports
+        for key, derive in DERIVED.items():
+            if getattr(self, key) == 0 and (value := derive(self)):
+                object.__setattr__(self, key, value)
 
     @property
     def d_mlp(self) -> int:
-        """GPT-Neo's `intermediate_expanded`: 4 * n_embd."""
-        return 4 * self.n_embd
+        """The MLP's hidden width (GPT-Neo's `intermediate_expanded`): `intermediate_size`."""
+        return self.intermediate_size
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_head // self.n_kv_head
 
     @property
     def moe(self) -> MoeParams:
         """The MoE hyper-parameters (defaults when the model has no MoE layer)."""
         return self.moe_params or MoeParams()
+
+
+# Keys whose 0 means a value derived from other keys (`Architecture.__post_init__`); a saved
+# config writes 0 where the value is the derived one, so it follows those keys on `replace`.
+DERIVED = {
+    "head_dim": lambda a: a.n_embd // a.n_head if a.n_head and a.n_embd % a.n_head == 0 else 0,
+    "n_kv_head": lambda a: a.n_head,
+    "intermediate_size": lambda a: 4 * a.n_embd,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -359,6 +423,13 @@ REQUIRED = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab")
 # Keys that fix the parameters' shapes (a checkpoint fits only a config that agrees on them).
 SHAPE_KEYS = (
     *REQUIRED,
+    "head_dim",
+    "n_kv_head",
+    "intermediate_size",
+    "norm",
+    "bias",
+    "qkv_bias",
+    "qk_norm",
     "attention_types",
     "activation_function",
     "moe_layers",

@@ -78,7 +78,7 @@ def choose(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
 
 
 def _empty_cache(cfg: Config, batch: int, length: int) -> tuple:
-    """Per layer (keys [batch, heads, head_dim, length], values [batch, heads, length,
+    """Per layer (keys [batch, kv_heads, head_dim, length], values [batch, kv_heads, length,
     head_dim]), see `attention.KVCache`; None for `none` layers. Stacked like the parameters
     where the layers are scanned: per stack, with a leading layers axis."""
     dtype = COMPUTE_DTYPES[cfg.precision]
@@ -90,8 +90,8 @@ def _empty_cache(cfg: Config, batch: int, length: int) -> tuple:
         dims = (None,) * len(layers) + dims
         return constrain(jnp.zeros(layers + shape, dtype), cfg, dims)
 
-    k_shape = (batch, cfg.n_head, cfg.head_dim, length)
-    v_shape = (batch, cfg.n_head, length, cfg.head_dim)
+    k_shape = (batch, cfg.n_kv_head, cfg.head_dim, length)
+    v_shape = (batch, cfg.n_kv_head, length, cfg.head_dim)
     return tuple(
         None
         if kind == "none"

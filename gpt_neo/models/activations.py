@@ -56,6 +56,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "cos": lambda x, p: jnp.cos(x),
     "sign": lambda x, p: jnp.sign(x),
     "silu": lambda x, p: jax.nn.silu(x),
+    "swiglu": lambda x, p: jax.nn.silu(x),  # silu as a gated MLP's gate (config: needs mlp_glu)
     "softplus": lambda x, p: jax.nn.softplus(x),
     # GPT-Neo's custom functions
     "lrelu001": lambda x, p: jax.nn.leaky_relu(x, 0.01),

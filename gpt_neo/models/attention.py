@@ -1,9 +1,17 @@
 """Attention: global, local (sliding window), linear; causal, or bidirectional for
 `mlm_training`; per-backend kernels.
 
-All softmax attention here is *unscaled*: GPT-Neo folds 1/sqrt(head_dim) into q's init
+Softmax attention is *unscaled* by default: GPT-Neo folds 1/sqrt(head_dim) into q's init
 (mesh-tf `fold_scaling_into_initializer`), and Hugging Face's GPT-Neo computes q.k unscaled
-too, so trained checkpoints need exactly that. Scores and softmax are float32, as in both.
+too, so trained checkpoints need exactly that. `scale_attn_weights` multiplies the float32
+scores by 1/sqrt(head_dim) instead, as Llama, Mistral and Qwen do. Scores and softmax are
+float32.
+
+Grouped-query attention (`n_kv_head` < n_head): query head i reads key/value head
+i // (n_head / n_kv_head), as Hugging Face's `repeat_kv` orders them. Training repeats each
+key/value head for its group before the kernel (every kernel then sees one key/value per query
+head); the decoding cache holds n_kv_head heads and groups the queries instead, so its memory
+and the bytes each generated token reads shrink by the group size.
 
 Kernels for softmax attention (config key `attention_kernel`):
 - `xla`: plain einsums, the reference every other kernel is tested against. Local layers use a
@@ -40,7 +48,7 @@ from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import activation_spec, constrain, rules
-from gpt_neo.models.layers import ParamDecl, dropout, normal, zeros
+from gpt_neo.models.layers import ParamDecl, dropout, normal, ones, rms_norm, zeros
 from gpt_neo.models.platform import target_platform
 from gpt_neo.models.positions import rotate, segment_begins
 
@@ -52,7 +60,7 @@ class KVCache(NamedTuple):
     """One layer's decoding cache, and where the tokens of this call go in it.
 
     Laid out for the matmuls that read it every step, so nothing is transposed per token:
-    `keys` [batch, heads, head_dim, length], `values` [batch, heads, length, head_dim].
+    `keys` [batch, kv_heads, head_dim, length], `values` [batch, kv_heads, length, head_dim].
     `slots` [new]: the cache slots of this call's tokens, the same in every row. `valid`
     [batch, length]: slots that hold a real token. Prompts are left-padded to a common length,
     so slot distance equals position distance within a row, and causality and the local
@@ -71,16 +79,27 @@ MEMORY = (None, axes.HEADS, axes.KV)  # num_mem_kv memory slots
 
 
 def param_decls(cfg: Config, kind: str = "global") -> dict[str, ParamDecl]:
-    """q/k/v/o as mesh-tf's `attention_params_simple` initialises them (scale folded into q);
-    global layers with `num_mem_kv` add GPT-Neo's memory keys and values."""
-    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
-    decls = {
-        "q": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5 * hd**-0.5)),
-        "k": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5)),
-        "v": ParamDecl((d, h, hd), axes.QKV, normal(d**-0.5)),
+    """q/k/v/o as mesh-tf's `attention_params_simple` initialises them (scale folded into q,
+    unless `scale_attn_weights` scales the scores); k and v have `n_kv_head` heads. `bias`
+    adds o's bias, `qkv_bias` q/k/v's, `qk_norm` the scales of the per-head norms; global
+    layers with `num_mem_kv` add GPT-Neo's memory keys and values."""
+    d, h, kvh, hd = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    q_std = d**-0.5 if cfg.scale_attn_weights else d**-0.5 * hd**-0.5
+    decls: dict = {
+        "q": ParamDecl((d, h, hd), axes.QKV, normal(q_std)),
+        "k": ParamDecl((d, kvh, hd), axes.KV_PROJ, normal(d**-0.5)),
+        "v": ParamDecl((d, kvh, hd), axes.KV_PROJ, normal(d**-0.5)),
         "o": ParamDecl((h, hd, d), axes.OUT, normal((h * hd) ** -0.5)),
-        "o_bias": ParamDecl((d,), axes.OUT_BIAS, zeros),
     }
+    if cfg.bias:
+        decls["o_bias"] = ParamDecl((d,), axes.OUT_BIAS, zeros)
+    if cfg.qkv_bias:
+        decls["q_bias"] = ParamDecl((h, hd), axes.QKV_BIAS, zeros)
+        decls["k_bias"] = ParamDecl((kvh, hd), axes.KV_BIAS, zeros)
+        decls["v_bias"] = ParamDecl((kvh, hd), axes.KV_BIAS, zeros)
+    if cfg.qk_norm:
+        for name in ("q_norm", "k_norm"):
+            decls[name] = {"scale": ParamDecl((hd,), axes.HEAD_NORM, ones)}
     if cfg.num_mem_kv and kind == "global":
         for name in ("mem_k", "mem_v"):
             decls[name] = ParamDecl((cfg.num_mem_kv, h, hd), MEMORY, normal(hd**-0.5))
@@ -105,7 +124,10 @@ def attention(
     `positions` [batch, seq] are x's positions, which rotary needs (default 0..seq-1).
     `segments` [batch, seq]: packed documents' ids (module docstring); None: one sequence.
     """
-    q, k, v = (project_in(x, p[name]) for name in "qkv")
+    q, k, v = (project_in(x, p[name], p.get(f"{name}_bias")) for name in "qkv")
+    if cfg.qk_norm:  # Qwen3: before rotary
+        q = rms_norm(q, p["q_norm"]["scale"], cfg.norm_eps)
+        k = rms_norm(k, p["k_norm"]["scale"], cfg.norm_eps)
     if cfg.rotary_emb:
         if positions is None:
             positions = jnp.arange(x.shape[1])[None, :]
@@ -114,23 +136,42 @@ def attention(
     # global layers only; a shared block (share_parameters) holds memory for its global uses
     memory = (p["mem_k"], p["mem_v"]) if "mem_k" in p and kind == "global" else None
     if cache is None:
-        k, v = constrain(k, cfg, axes.KEYS_VALUES), constrain(v, cfg, axes.KEYS_VALUES)
+        k, v = (ungrouped(cfg, a) for a in (k, v))
         out = _self_attention(cfg, kind, q, k, v, rng, memory, segments)
     else:
         out, cache = _cached_attention(cfg, kind, q, k, v, cache, memory)
     return project_out(constrain(out, cfg, axes.QUERIES), p), cache
 
 
-def project_in(x, w):
-    """[batch, seq, embd] x [embd, heads, head_dim] as one 2-D matmul (XLA:CPU's fast path)."""
+def project_in(x, w, bias=None):
+    """[batch, seq, embd] x [embd, heads, head_dim] (+ bias [heads, head_dim]) as one 2-D
+    matmul (XLA:CPU's fast path)."""
     e, h, d = w.shape
-    return jnp.dot(x, w.reshape(e, h * d)).reshape(*x.shape[:-1], h, d)
+    y = jnp.dot(x, w.reshape(e, h * d)).reshape(*x.shape[:-1], h, d)
+    return y if bias is None else y + bias
 
 
 def project_out(out, p):
-    """[batch, seq, heads, head_dim] -> [batch, seq, embd] through o, as one 2-D matmul."""
+    """[batch, seq, heads, head_dim] -> [batch, seq, embd] through o (and o's bias, if any),
+    as one 2-D matmul."""
     b, t, h, d = out.shape
-    return jnp.dot(out.reshape(b, t, h * d), p["o"].reshape(h * d, -1)) + p["o_bias"]
+    y = jnp.dot(out.reshape(b, t, h * d), p["o"].reshape(h * d, -1))
+    return y + p["o_bias"] if "o_bias" in p else y
+
+
+def ungrouped(cfg: Config, a: jax.Array) -> jax.Array:
+    """Keys or values [batch, seq, kv_heads, head_dim] -> one head per query head [batch, seq,
+    heads, head_dim]: each key/value head repeated for its group (as `repeat_kv` orders it)."""
+    a = constrain(a, cfg, axes.GROUPED_KEYS_VALUES)
+    if cfg.kv_groups > 1:
+        a = jnp.repeat(a, cfg.kv_groups, axis=2)
+    return constrain(a, cfg, axes.KEYS_VALUES)
+
+
+def score_scale(cfg: Config) -> float:
+    """What softmax attention multiplies q.k by: 1/sqrt(head_dim) with `scale_attn_weights`,
+    else 1 (GPT-Neo's unscaled attention)."""
+    return cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
 
 
 def _self_attention(cfg: Config, kind: str, q, k, v, rng, memory=None, segments=None):
@@ -154,6 +195,7 @@ def _self_attention(cfg: Config, kind: str, q, k, v, rng, memory=None, segments=
         q,
         k,
         v,
+        scale=score_scale(cfg),
         window=window,
         dropout_rate=rate,
         rng=rng,
@@ -174,6 +216,7 @@ def _cached_attention(cfg: Config, kind: str, q, k, v, cache: KVCache, memory=No
     keys = constrain(keys, cfg, axes.CACHED_KEYS)
     values = constrain(values, cfg, axes.CACHED_VALUES)
     q = q.transpose(0, 2, 1, 3)  # [b, h, new, d]
+    b, h, new, d = q.shape
     offset = cache.slots[:, None] - jnp.arange(values.shape[2])[None, :]  # [new, length]
     visible = (offset >= 0)[None] & cache.valid[:, None, :]  # [batch, new, length]
     if cache.segments is not None:  # packed prompts: a token sees its own segment's slots
@@ -182,18 +225,27 @@ def _cached_attention(cfg: Config, kind: str, q, k, v, cache: KVCache, memory=No
     if kind == "local":
         visible &= offset < cfg.local_attention_radius
     if kind == "linear":
-        out = _linear_attention_over_cache(q, keys, values, visible)
-    else:
-        scores = jnp.einsum("bhqd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
-        scores = jnp.where(visible[:, None], scores, MASK_VALUE)
-        attended = values
-        if memory is not None:  # memory slots: visible to every query
-            mem_k, mem_v = memory
-            mem_scores = jnp.einsum("bhqd,mhd->bhqm", q, mem_k, preferred_element_type=jnp.float32)
-            scores = jnp.concatenate([mem_scores, scores], axis=-1)
-            attended = jnp.concatenate([_per_example(mem_v, values), values], axis=2)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(attended.dtype), attended)
+        repeat = cfg.kv_groups
+        out = _linear_attention_over_cache(
+            q, jnp.repeat(keys, repeat, axis=1), jnp.repeat(values, repeat, axis=1), visible
+        )
+        return out.transpose(0, 2, 1, 3), cache._replace(keys=keys, values=values)
+    # queries grouped by the key/value head they read: [b, kv_heads, group, new, d]
+    grouped = q.reshape(b, cfg.n_kv_head, cfg.kv_groups, new, d)
+    scores = jnp.einsum("bkgqd,bkdl->bkgql", grouped, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible[:, None], scores.reshape(b, h, new, -1), MASK_VALUE)
+    slots = 0
+    if memory is not None:  # memory slots: visible to every query, per query head
+        mem_k = memory[0]
+        mem_scores = jnp.einsum("bhqd,mhd->bhqm", q, mem_k, preferred_element_type=jnp.float32)
+        scores, slots = jnp.concatenate([mem_scores, scores], axis=-1), mem_k.shape[0]
+    probs = jax.nn.softmax(scores * score_scale(cfg), axis=-1)
+    cached = probs[..., slots:].reshape(b, cfg.n_kv_head, cfg.kv_groups, new, -1)
+    out = jnp.einsum("bkgql,bkld->bkgqd", cached.astype(values.dtype), values)
+    out = out.reshape(b, h, new, d)
+    if memory is not None:
+        mem_probs = probs[..., :slots].astype(values.dtype)
+        out += jnp.einsum("bhqm,mhd->bhqd", mem_probs, memory[1].astype(values.dtype))
     return out.transpose(0, 2, 1, 3), cache._replace(keys=keys, values=values)
 
 
@@ -216,6 +268,7 @@ def softmax_attention(
     k,
     v,
     *,
+    scale=1.0,
     window=None,
     dropout_rate=0.0,
     rng=None,
@@ -223,22 +276,26 @@ def softmax_attention(
     memory=None,
     segments=None,
 ):
-    """Softmax attention, optionally windowed: query i sees keys j with 0 <= i-j < window
-    (causal) or |i-j| < window (bidirectional) in its segment, and every `memory` slot."""
+    """Softmax attention of scores q.k * `scale`, optionally windowed: query i sees keys j
+    with 0 <= i-j < window (causal) or |i-j| < window (bidirectional) in its segment, and
+    every `memory` slot."""
     plain = not causal or memory is not None  # what only the XLA kernels compute
     kernel = resolve_kernel(cfg, q.dtype, q.shape[1], dropout_rate > 0, plain=plain)
     if kernel == "cudnn":
         return dot_product_attention(
-            q, k, v, window=window, implementation="cudnn", segments=segments
+            q, k, v, scale=scale, window=window, implementation="cudnn", segments=segments
         )
     if kernel == "splash":
-        return splash_attention(cfg, q, k, v, window=window, segments=segments)
+        return splash_attention(cfg, q, k, v, scale=scale, window=window, segments=segments)
     if window is not None and q.shape[1] > window and memory is None:
-        return blocked_local_attention(q, k, v, window=window, causal=causal, segments=segments)
+        return blocked_local_attention(
+            q, k, v, scale=scale, window=window, causal=causal, segments=segments
+        )
     return dense_attention(
         q,
         k,
         v,
+        scale=scale,
         window=window,
         dropout_rate=dropout_rate,
         rng=rng,
@@ -312,6 +369,7 @@ def dense_attention(
     k,
     v,
     *,
+    scale=1.0,
     window=None,
     dropout_rate=0.0,
     rng=None,
@@ -331,7 +389,7 @@ def dense_attention(
         mem_scores = jnp.einsum("bhqd,mhd->bhqm", q, mem_k, preferred_element_type=jnp.float32)
         scores = jnp.concatenate([mem_scores, scores], axis=-1)
         v = jnp.concatenate([_per_example(mem_v, v), v], axis=2)
-    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rng)
+    probs = dropout(jax.nn.softmax(scores * scale, axis=-1), dropout_rate, rng)
     return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v).swapaxes(1, 2)
 
 
@@ -341,7 +399,7 @@ def _per_example(mem_v, like):
     return jnp.broadcast_to(per_head, (like.shape[0], *per_head.shape))
 
 
-def blocked_local_attention(q, k, v, *, window: int, causal: bool = True, segments=None):
+def blocked_local_attention(q, k, v, *, window: int, scale=1.0, causal: bool = True, segments=None):
     """Sliding-window attention in O(T * window): each block of `window` queries attends to its
     own block of keys and the previous one (and the next one when bidirectional), which
     together hold every key it may see (segments [batch, seq] blocked the same way)."""
@@ -371,7 +429,7 @@ def blocked_local_attention(q, k, v, *, window: int, causal: bool = True, segmen
     def one_block(qb, kb, vb, start, q_seg, k_seg):
         scores = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32)
         scores = _mask(scores, start + q_pos, start + k_pos, window, causal, t, q_seg, k_seg)
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = jax.nn.softmax(scores * scale, axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(vb.dtype), vb)
 
     starts = jnp.arange(n) * window
@@ -462,8 +520,8 @@ def _segment_cumsum(x, segments):
     return jax.lax.associative_scan(combine, (x, jnp.broadcast_to(begins, x.shape)), axis=1)[0]
 
 
-def dot_product_attention(q, k, v, *, window=None, implementation=None, segments=None):
-    """`jax.nn.dot_product_attention` (cuDNN flash on GPU) with GPT-Neo's masking, unscaled.
+def dot_product_attention(q, k, v, *, scale=1.0, window=None, implementation=None, segments=None):
+    """`jax.nn.dot_product_attention` (cuDNN flash on GPU) with GPT-Neo's masking and scale.
     Segments go in as its `mask` [batch, 1, T, T] (JAX 0.10's public API has no segment ids;
     cuDNN adds the mask as a bias, so a packed step holds that [T, T] per row: fine at the
     lengths packing is used for, O(T^2) memory at long context)."""
@@ -475,21 +533,26 @@ def dot_product_attention(q, k, v, *, window=None, implementation=None, segments
         k,
         v,
         mask=mask,
-        scale=1.0,
+        scale=scale,
         is_causal=True,
         local_window_size=None if window is None else (window - 1, 0),
         implementation=implementation,
     )
 
 
-def splash_attention(cfg: Config, q, k, v, *, window=None, interpret=None, segments=None):
+def splash_attention(
+    cfg: Config, q, k, v, *, scale=1.0, window=None, interpret=None, segments=None
+):
     """Pallas splash attention (TPU); `interpret=True` runs the same kernel on CPU for tests.
-    Segments go in as the kernel's own `SegmentIds` (it skips blocks no segment spans)."""
+    Segments go in as the kernel's own `SegmentIds` (it skips blocks no segment spans). The
+    kernel takes no scale: q is scaled first (in float32, then back to its dtype)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     if interpret is None:
         interpret = target_platform() != "tpu"
+    if scale != 1.0:
+        q = (q.astype(jnp.float32) * scale).astype(q.dtype)
     mesh = jax.sharding.get_abstract_mesh()
     spec = activation_spec(cfg, (axes.BATCH, None, axes.HEADS, None))
     heads_axes = rules(cfg).activations.get(axes.HEADS, ()) if not mesh.empty else ()

@@ -4,13 +4,17 @@ Parameters are a plain nested dict of float32 arrays:
 
     wte [vocab, embd]      wpe [pos, embd]      ln_f {scale, bias}
     (wte is stored with zero rows past n_vocab when its mesh axes need it: mesh.padded_vocab)
-    blocks[i]: ln_1 {scale, bias}, attn {q, k, v [embd, heads, kv], o [heads, kv, embd], o_bias}
-               ln_2 {scale, bias}, mlp {fc_kernel, fc_bias, proj_kernel, proj_bias[, act]}
+    blocks[i]: ln_1 {scale, bias}, attn {q [embd, heads, kv], k, v [embd, kv_heads, kv],
+               o [heads, kv, embd], o_bias}, ln_2 {scale, bias},
+               mlp {fc_kernel, fc_bias, proj_kernel, proj_bias[, act]}
 
 GPT-Neo's options change that tree (each documented on its `Config` field):
 - positions: `axial_wpe_1`/`axial_wpe_2` instead of wpe (`axial_pos_emb`), none (`rotary_emb`);
 - `no_weight_tie`: head {kernel [vocab, embd][, bias]}; `gpt_neo_untied_head` drops ln_f;
 - block norms: ln_1/ln_2 {scale []} (`scalenorm`), none but rezero {attn, mlp} (`rezero`);
+- the families of today (Llama, Mistral, Qwen): `norm` rmsnorm and `bias` false leave every
+  norm a {scale} and drop o_bias and the MLP biases; `qkv_bias` adds attn {q_bias, k_bias,
+  v_bias}, `qk_norm` attn {q_norm, k_norm} {scale [kv]}; `n_kv_head` sets kv_heads;
 - `mlp_glu`: mlp {gate_kernel, gate_bias} too; `macaron`: an mlp_macaron per block;
 - `num_mem_kv`: attn {mem_k, mem_v [slots, heads, kv]} in global layers;
 - `share_parameters`: `blocks` holds one block that every layer uses;
@@ -48,8 +52,8 @@ from gpt_neo.models import stack as stack_lib
 from gpt_neo.models.blocks import COMPUTE_DTYPES, DecodeCache, Params, run_blocks
 from gpt_neo.models.layers import (
     ParamDecl,
-    layer_norm,
     mlp_decls,
+    norm,
     norm_decls,
     normal,
     pre_norm_decls,
@@ -304,7 +308,7 @@ def head_inputs(cfg: Config, params: Params, x: jax.Array):
     ln_f and a bias."""
     dtype = COMPUTE_DTYPES[cfg.precision]
     if not cfg.gpt_neo_untied_head:
-        x = layer_norm(x, params["ln_f"])
+        x = norm(cfg, params["ln_f"], x)
     weights = params["head"]["kernel"] if cfg.no_weight_tie else params["wte"]
     bias = params["head"]["bias"] if cfg.gpt_neo_untied_head else None
     return x, weights.astype(dtype), bias

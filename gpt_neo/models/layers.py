@@ -1,4 +1,4 @@
-"""Building blocks: parameter declarations, LayerNorm, dropout, the MLP."""
+"""Building blocks: parameter declarations, the norms (LayerNorm, RMSNorm), dropout, the MLP."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from gpt_neo.config import Config
 from gpt_neo.mesh import constrain
 from gpt_neo.models.activations import ACTIVATION_PARAMS, ACTIVATIONS
 from gpt_neo.models.platform import target_platform
-
-LAYER_NORM_EPS = 1e-5  # GPT-Neo and Hugging Face GPT-Neo both use 1e-5
 
 
 @dataclass(frozen=True)
@@ -62,11 +60,12 @@ ones = constant(1.0)
 
 
 def norm_decls(cfg: Config) -> dict[str, ParamDecl]:
-    """A LayerNorm's scale and bias (ln_f, and the blocks' norms by default)."""
-    return {
-        "scale": ParamDecl((cfg.n_embd,), axes.NORM, ones),
-        "bias": ParamDecl((cfg.n_embd,), axes.NORM, zeros),
-    }
+    """The `norm`'s parameters (ln_f, and the blocks' norms by default): a scale, and a bias
+    for a LayerNorm with `bias`."""
+    decls = {"scale": ParamDecl((cfg.n_embd,), axes.NORM, ones)}
+    if cfg.norm == "layernorm" and cfg.bias:
+        decls["bias"] = ParamDecl((cfg.n_embd,), axes.NORM, zeros)
+    return decls
 
 
 def pre_norm_decls(cfg: Config) -> dict[str, ParamDecl] | None:
@@ -84,19 +83,42 @@ def pre_norm(cfg: Config, p: dict | None, x: jax.Array) -> jax.Array:
         return x
     assert p is not None  # every norm but rezero's has parameters
     if cfg.scalenorm:  # GPT-Neo's scale_norm(): its norm() times a scalar, no bias
-        return layer_norm(x, {"scale": p["scale"], "bias": jnp.zeros((), p["scale"].dtype)})
-    return layer_norm(x, p)
+        return layer_norm(x, {"scale": p["scale"]}, cfg.norm_eps)
+    return norm(cfg, p, x)
 
 
-def layer_norm(x: jax.Array, p: dict) -> jax.Array:
-    """LayerNorm over the last axis, computed in float32 whatever the activation dtype."""
+def norm(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
+    """The configured `norm` of x over its last axis (ln_f, and the blocks' by default)."""
+    if cfg.norm == "rmsnorm":
+        return rms_norm(x, p["scale"], cfg.norm_eps)
+    return layer_norm(x, p, cfg.norm_eps)
+
+
+def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32 whatever the activation dtype; `p`
+    holds a scale and, unless `bias` is off, a bias."""
+    x32 = _norm_input(x)
+    mean = x32.mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
+    y = y * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) in float32, back to x's dtype,
+    then times `scale` (the order Llama and Qwen use, which matters under bfloat16)."""
+    x32 = _norm_input(x)
+    y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+    return y * scale.astype(x.dtype)
+
+
+def _norm_input(x: jax.Array) -> jax.Array:
+    """A norm's input in float32 (on CPU through `materialized_gradient`, see there)."""
     if target_platform() == "cpu":
         x = materialized_gradient(x)
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
-    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+    return x.astype(jnp.float32)
 
 
 @jax.custom_vjp
@@ -145,13 +167,15 @@ def mlp_decls(cfg: Config) -> dict:
         proj_std /= m**0.5
     decls: dict[str, Any] = {
         "fc_kernel": ParamDecl((d, m), axes.MLP_IN, normal(fc_std)),
-        "fc_bias": ParamDecl((m,), axes.MLP_IN_BIAS, zeros),
         "proj_kernel": ParamDecl((m, d), axes.MLP_OUT, normal(proj_std)),
-        "proj_bias": ParamDecl((d,), axes.MLP_OUT_BIAS, zeros),
     }
     if cfg.mlp_glu:  # GPT-Neo's 8d-wide c_fc, split: its second half is the gate
         decls["gate_kernel"] = ParamDecl((d, m), axes.MLP_IN, normal(fc_std))
-        decls["gate_bias"] = ParamDecl((m,), axes.MLP_IN_BIAS, zeros)
+    if cfg.bias:
+        decls["fc_bias"] = ParamDecl((m,), axes.MLP_IN_BIAS, zeros)
+        decls["proj_bias"] = ParamDecl((d,), axes.MLP_OUT_BIAS, zeros)
+        if cfg.mlp_glu:
+            decls["gate_bias"] = ParamDecl((m,), axes.MLP_IN_BIAS, zeros)
     learnable = ACTIVATION_PARAMS.get(cfg.activation_function)
     if learnable:
         decls["act"] = {
@@ -161,13 +185,20 @@ def mlp_decls(cfg: Config) -> dict:
 
 
 def mlp(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
-    """[batch, seq, embd] -> [batch, seq, embd] through the 4*n_embd hidden layer; with
-    `mlp_glu` the activation gates the hidden layer: act(x W_gate) * (x W_fc)."""
-    h = constrain(jnp.einsum("bte,em->btm", x, p["fc_kernel"]) + p["fc_bias"], cfg, axes.MLP_HIDDEN)
+    """[batch, seq, embd] -> [batch, seq, embd] through the `intermediate_size` hidden layer;
+    with `mlp_glu` the activation gates the hidden layer: act(x W_gate) * (x W_fc), which with
+    silu is Llama's down(silu(gate(x)) * up(x)). Biases unless `bias` is off."""
+    h = constrain(_linear(x, p, "fc"), cfg, axes.MLP_HIDDEN)
     activation = ACTIVATIONS[cfg.activation_function]
     if cfg.mlp_glu:
-        gate = jnp.einsum("bte,em->btm", x, p["gate_kernel"]) + p["gate_bias"]
-        h = h * activation(constrain(gate, cfg, axes.MLP_HIDDEN), p.get("act", {}))
+        gate = constrain(_linear(x, p, "gate"), cfg, axes.MLP_HIDDEN)
+        h = h * activation(gate, p.get("act", {}))
     else:
         h = activation(h, p.get("act", {}))
-    return jnp.einsum("btm,me->bte", h, p["proj_kernel"]) + p["proj_bias"]
+    return _linear(h, p, "proj")
+
+
+def _linear(x: jax.Array, p: dict, name: str) -> jax.Array:
+    """x times `p[name_kernel]`, plus `p[name_bias]` where the model has biases."""
+    y = jnp.einsum("...i,io->...o", x, p[f"{name}_kernel"])
+    return y + p[f"{name}_bias"] if f"{name}_bias" in p else y

@@ -9,12 +9,20 @@ dimensions pairs with dimension i + r/2 and turns by position * base^(-2i/r); wi
 < 1 the remaining head dimensions pass through unchanged. Positions and angles are float32
 whatever the compute precision: GPT-Neo built them in the master dtype, so under bfloat16 it
 rounded positions (257 -> 256, 2047 -> 2048; 641 distinct values in 0..2047).
+
+`rope_scaling` changes the frequencies (and, for YaRN, the size of cos and sin) exactly as
+transformers computes them (`gpt_neo.config.rope` says what each type does): the frequencies
+are float32 NumPy constants built in the same order of operations as transformers', so that an
+imported Llama 3 or Qwen model sees the angles it was trained with.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gpt_neo import axes
 from gpt_neo.config import Config, rotary_dims
@@ -78,11 +86,75 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 def rotate(cfg: Config, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Rotary on x [batch, seq, heads, head_dim] at positions [batch, seq] (float32 angles)."""
     r = rotary_dims(cfg)
-    inverse_frequency = cfg.rotary_emb_base ** (-jnp.arange(0, r, 2, dtype=jnp.float32) / r)
+    inverse_frequency, magnitude = inverse_frequencies(cfg)
     angles = positions.astype(jnp.float32)[..., None] * inverse_frequency  # [b, t, r/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, t, 1, r]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if magnitude != 1.0:  # YaRN's attention factor
+        cos, sin = cos * magnitude, sin * magnitude
     turned, passed = x[..., :r].astype(jnp.float32), x[..., r:]
     first, second = jnp.split(turned, 2, axis=-1)
     half_turn = jnp.concatenate([-second, first], axis=-1)
-    turned = turned * jnp.cos(angles) + half_turn * jnp.sin(angles)
+    turned = turned * cos + half_turn * sin
     return jnp.concatenate([turned.astype(x.dtype), passed], axis=-1)
+
+
+def inverse_frequencies(cfg: Config) -> tuple[np.ndarray, float]:
+    """(each rotary dimension pair's angle per position [rotary dims / 2] float32, the factor
+    cos and sin are multiplied by), with `rope_scaling` applied."""
+    r = rotary_dims(cfg)
+    base = cfg.rotary_emb_base
+    exponents = np.arange(0, r, 2).astype(np.float32) / np.float32(r)
+    plain = (1.0 / np.power(np.float32(base), exponents)).astype(np.float32)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return plain, 1.0
+    factor = scaling.factor
+    if scaling.rope_type == "linear":
+        return (plain / np.float32(factor)).astype(np.float32), 1.0
+    original = scaling.original_max_position_embeddings
+    assert original is not None  # config.rope requires it for llama3 and yarn
+    if scaling.rope_type == "llama3":
+        low, high = scaling.low_freq_factor, scaling.high_freq_factor
+        wavelength = (2 * math.pi / plain).astype(np.float32)
+        scaled = np.where(wavelength > original / low, plain / np.float32(factor), plain)
+        smooth = (original / wavelength - low) / (high - low)
+        blended = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = ~(wavelength < original / high) & ~(wavelength > original / low)
+        return np.where(medium, blended, scaled).astype(np.float32), 1.0
+    return _yarn(scaling, r, base, factor, original)
+
+
+def _yarn(scaling, r: int, base: float, factor: float, original: int) -> tuple[np.ndarray, float]:
+    """YaRN: a linear ramp over dimension pairs from extrapolated (plain) frequencies, for
+    those that turn more than `beta_fast` times over the original context, to interpolated
+    ones (divided by factor), for those that turn fewer than `beta_slow` times."""
+
+    def pair_turning(turns: float) -> float:  # the dimension that turns `turns` times
+        return (r * math.log(original / (turns * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = pair_turning(scaling.beta_fast), pair_turning(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    if low == high:
+        high += 0.001  # as transformers does: no division by zero
+    ramp = np.clip((np.arange(r // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolated_share = (1 - ramp).astype(np.float32)
+    powers = np.power(np.float32(base), np.arange(0, r, 2).astype(np.float32) / np.float32(r))
+    extrapolated = (1.0 / powers).astype(np.float32)
+    interpolated = (1.0 / (np.float32(factor) * powers)).astype(np.float32)
+    frequencies = interpolated * (1 - extrapolated_share) + extrapolated * extrapolated_share
+    magnitude = scaling.attention_factor
+    if magnitude is None:
+        if scaling.mscale and scaling.mscale_all_dim:
+            magnitude = _yarn_mscale(factor, scaling.mscale) / _yarn_mscale(
+                factor, scaling.mscale_all_dim
+            )
+        else:
+            magnitude = _yarn_mscale(factor)
+    return frequencies.astype(np.float32), float(magnitude)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0

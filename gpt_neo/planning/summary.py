@@ -40,6 +40,12 @@ def _loop_reason(cfg: Config) -> str:
     return "the layers repeat no pattern"
 
 
+def _kv_heads(cfg: Config) -> str:
+    if cfg.n_kv_head == cfg.n_head:
+        return ""
+    return f" ({cfg.n_kv_head} key/value head{'s' if cfg.n_kv_head > 1 else ''})"
+
+
 def print_summary(cfg: Config, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 120), soft_wrap=True)
     total = param_count(cfg)
@@ -48,7 +54,8 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
     )
     console.print(
         f"[bold]GPT-Neo model[/bold]: {cfg.n_layer} layers ({kinds}), n_embd {cfg.n_embd}, "
-        f"{cfg.n_head} heads x {cfg.head_dim}, n_ctx {cfg.n_ctx}, n_vocab {cfg.n_vocab}, "
+        f"{cfg.n_head} heads x {cfg.head_dim}{_kv_heads(cfg)}, n_ctx {cfg.n_ctx}, "
+        f"n_vocab {cfg.n_vocab}, "
         f"activation {cfg.activation_function}, precision {cfg.precision}"
     )
     console.print(

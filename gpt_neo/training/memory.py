@@ -222,7 +222,8 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     else:
         # the residual stream before each branch (XLA recomputes the LayerNorms from it,
         # fused into the matmuls), q, k, v and the attention output, the MLP's pre-activation
-        # and activation
+        # and activation (k and v as the attention reads them: one per query head, also with
+        # grouped-query attention)
         per_block = (2 * hidden + 4 * qkv + 2 * mlp) * act
         saved = cfg.n_layer * per_block - (cfg.n_layer - attending) * 4 * qkv * act
 
@@ -263,7 +264,7 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
     # batch; the loop carries the cache in and out (two copies), and the prefill of half the
     # context holds one layer's attention scores over the cache
     decode_rows = -(-cfg.predict_batch_size // data)
-    cache = 2 * attending * decode_rows * cfg.n_ctx * d[axes.HEADS] * d[axes.KV] * act
+    cache = 2 * attending * decode_rows * cfg.n_ctx * d[axes.KV_HEADS] * d[axes.KV] * act
     # (scores, their exponentials and the mask: three [rows, heads, n_ctx / 2, n_ctx] float32)
     prefill_scores = 3 * decode_rows * d[axes.HEADS] * (cfg.n_ctx // 2) * cfg.n_ctx * 4
     return MemoryPlan(

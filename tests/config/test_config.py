@@ -6,7 +6,7 @@ import json
 import pytest
 
 import gpt_neo
-from gpt_neo.config import load_config
+from gpt_neo.config import from_dict, load_config, to_dict
 from gpt_neo.errors import ConfigError
 from tests.support.helpers import GPT_NEO_CONFIGS, REPO
 
@@ -248,7 +248,46 @@ MODEL_OPTION_ERRORS = {
         {"share_parameters": True, "moe_layers": [0], "moe_params": {}},
         "share_parameters with moe_layers",
     ),
+    "kv heads not dividing heads": ({"n_kv_head": 3}, "Pick one of [1, 2, 4]"),
+    "kv heads negative": ({"n_kv_head": -2}, "'n_kv_head' must be at least 1"),
+    "swiglu ungated": ({"activation_function": "swiglu"}, '"mlp_glu": true'),
+    "rmsnorm and scalenorm": ({"norm": "rmsnorm", "scalenorm": True}, "keep one"),
+    "unknown norm": ({"norm": "batchnorm"}, "Choose one of: layernorm, rmsnorm"),
+    "norm eps": ({"norm_eps": 0}, "norm_eps must be > 0"),
+    "qk norm with memory": ({"qk_norm": True, "num_mem_kv": 2}, "Use one of them"),
+    "rope scaling without rotary": (
+        {"rope_scaling": {"rope_type": "linear", "factor": 2}},
+        "rotary_emb is not true",
+    ),
+    "rope scaling of an unsupported type": (
+        {"rotary_emb": True, "rope_scaling": {"rope_type": "dynamic", "factor": 2}},
+        "supported: linear, llama3, yarn",
+    ),
+    "rope scaling key of another type": (
+        {"rotary_emb": True, "rope_scaling": {"type": "linear", "factor": 2, "beta_fast": 8}},
+        "'beta_fast' is not read by type 'linear'",
+    ),
+    "llama3 scaling without its original context": (
+        {"rotary_emb": True, "rope_scaling": {"rope_type": "llama3", "factor": 8}},
+        "needs original_max_position_embeddings",
+    ),
+    "rope scaling shrinking": (
+        {"rotary_emb": True, "rope_scaling": {"rope_type": "linear", "factor": 0.5}},
+        "factor must be >= 1",
+    ),
 }
+
+
+def test_derived_sizes_follow_their_keys_and_save_as_derived():
+    cfg = from_dict({**BASE, "n_kv_head": 2})
+    assert (cfg.head_dim, cfg.n_kv_head, cfg.intermediate_size) == (16, 2, 256)
+    saved = to_dict(cfg)
+    assert (saved["head_dim"], saved["n_kv_head"], saved["intermediate_size"]) == (0, 2, 0)
+    wider = cfg.replace(n_embd=128)  # derived sizes follow; the given one stays
+    assert (wider.head_dim, wider.n_kv_head, wider.intermediate_size) == (32, 2, 512)
+    explicit = from_dict({**BASE, "n_embd": 48, "head_dim": 32})  # 4 heads of 32 on 48 wide
+    attn = gpt_neo.init_params(explicit, 0)["stacks"][0]["attn"]
+    assert attn["q"].shape == (2, 48, 4, 32) and attn["o"].shape == (2, 4, 32, 48)
 
 
 @pytest.mark.parametrize("case", sorted(MODEL_OPTION_ERRORS))

@@ -78,6 +78,27 @@ def test_cudnn_flash_attention_honours_segment_ids(window):
     )
 
 
+def test_a_grouped_query_llama_style_model_on_cudnn_matches_xla():
+    """Llama/Qwen-style attention (2 key/value heads for 4 query heads, scores scaled by
+    1/sqrt(head_dim), QK-norm) through cuDNN flash attention, against the XLA kernel."""
+    keys = {
+        **SHAPE,
+        "precision": "bfloat16",
+        "rotary_emb": True,
+        "n_kv_head": 2,
+        "norm": "rmsnorm",
+        "bias": False,
+        "qk_norm": True,
+        "scale_attn_weights": True,
+    }
+    fused, plain = from_dict(keys), from_dict({**keys, "attention_kernel": "xla"})
+    params = init_params(fused, 2)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 1024, (2, 512)), jnp.int32)
+    assert attention.resolve_kernel(fused, jnp.bfloat16, 512, has_dropout=False) == "cudnn"
+    ours = forward(fused, params, tokens).logits
+    np.testing.assert_allclose(ours, forward(plain, params, tokens).logits, atol=5e-2, rtol=5e-2)
+
+
 def losses(cfg, steps: int = 8) -> list[float]:
     trainer = Trainer(cfg, gpt_neo.make_mesh(cfg, devices=jax.devices()[:1]))
     state = trainer.init_state(0)

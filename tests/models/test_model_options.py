@@ -32,6 +32,31 @@ OPTIONS = {
     "rezero-none-doubles": dict(rezero=True, gpt_neo_none_layers=True),
     "masked-lm": dict(mlm_training=True, mlm_mask_id=1),
     "masked-lm-memory": dict(mlm_training=True, mlm_mask_id=1, num_mem_kv=2, rotary_emb=True),
+    # the families of today (Llama, Mistral, Qwen), on every layer kind and GPT-Neo's options
+    "llama": dict(
+        rotary_emb=True,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        bias=False,
+        mlp_glu=True,
+        activation_function="swiglu",
+        scale_attn_weights=True,
+        n_kv_head=2,
+        intermediate_size=96,
+    ),
+    "qwen2-mqa": dict(
+        rotary_emb=True, norm="rmsnorm", bias=False, qkv_bias=True, n_kv_head=1, mlp_glu=True
+    ),
+    "qwen3-wide-heads": dict(
+        rotary_emb=True,
+        norm="rmsnorm",
+        bias=False,
+        qk_norm=True,
+        head_dim=16,
+        n_kv_head=4,
+        scale_attn_weights=True,
+    ),
+    "gqa-gpt-neo-options": dict(n_kv_head=4, num_mem_kv=2, macaron=True, bias=False),
     "all-at-once": dict(
         rotary_emb=True,
         rotary_pct=0.5,
@@ -193,8 +218,18 @@ def test_rotary_angles_stay_float32_under_bfloat16():
         dict(rotary_emb=True),
         dict(rotary_emb=True, rotary_pct=0.5, num_mem_kv=2),
         dict(axial_pos_emb=[4, 8], mlp_glu=True, no_weight_tie=True),
+        dict(
+            rotary_emb=True,
+            n_kv_head=2,
+            qk_norm=True,
+            scale_attn_weights=True,
+            norm="rmsnorm",
+            bias=False,
+            rope_scaling={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 8},
+        ),
+        dict(rotary_emb=True, n_kv_head=1, num_mem_kv=2, scale_attn_weights=True),
     ],
-    ids=["rotary", "rotary-memory", "axial-glu-untied"],
+    ids=["rotary", "rotary-memory", "axial-glu-untied", "gqa-qk-norm-yarn", "mqa-memory"],
 )
 def test_kv_cache_decoding_follows_the_full_forward(keys):
     from tests.inference.test_sample import PROMPTS, assert_greedy
@@ -204,6 +239,37 @@ def test_kv_cache_decoding_follows_the_full_forward(keys):
     out = gpt_neo.generate(cfg, params, PROMPTS, max_new_tokens=12, temperature=0.0)
     assert [len(o) for o in out] == [12, 12, 12]
     assert_greedy(cfg, params, PROMPTS, out)
+
+
+@pytest.mark.parametrize(
+    "kv_heads, split",
+    [(4, ("y",)), (2, ())],
+    ids=["kv-heads-split-like-heads", "kv-heads-whole-on-each-device"],
+)
+def test_grouped_query_attention_sharded_over_heads_equals_one_device(kv_heads, split):
+    """Key/value heads follow `heads` where its mesh axes divide them, and stay whole on each
+    device where not; both compute what one device does."""
+    keys = dict(
+        rotary_emb=True,
+        n_kv_head=kv_heads,
+        norm="rmsnorm",
+        bias=False,
+        qk_norm=True,
+        scale_attn_weights=True,
+        mesh_shape="x:2,y:4",
+        layout="batch:x,heads:y,mlp:y",
+        param_layout="embd:x",
+    )
+    cfg = tiny_config(**keys)
+    assert gpt_neo.mesh.rules(cfg).parameters.get("kv_heads", ()) == split
+    single = cfg.replace(mesh_shape=None, layout=None, param_layout=None)
+    params = option_params(single)
+    tokens = random_tokens(cfg, batch=4)
+    mesh = gpt_neo.make_mesh(cfg)
+    sharded = jax.device_put(params, gpt_neo.models.gpt.param_shardings(cfg, mesh))
+    np.testing.assert_allclose(
+        gpt_neo.apply(cfg, sharded, tokens), gpt_neo.apply(single, params, tokens), atol=2e-5
+    )
 
 
 def test_sharded_options_equal_single_device():

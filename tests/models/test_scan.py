@@ -39,7 +39,21 @@ CASES = {
             "res_dropout": 0.1,
         }
     ),
-    "rotary + GLU": lambda: from_dict({**SMALL, "rotary_emb": True, "mlp_glu": True}),
+    "Llama-style (GQA, RMSNorm, SwiGLU, QK-norm) with MoE": lambda: from_dict(
+        {
+            **SMALL,
+            "rotary_emb": True,
+            "mlp_glu": True,
+            "activation_function": "swiglu",
+            "norm": "rmsnorm",
+            "bias": False,
+            "n_kv_head": 2,
+            "qk_norm": True,
+            "scale_attn_weights": True,
+            "moe_layers": [1, 3],
+            "moe_params": MOE,
+        }
+    ),
     "MoE every other layer": lambda: from_dict({**SMALL, "moe_layers": [1, 3], "moe_params": MOE}),
 }
 

@@ -39,6 +39,7 @@ ACTIVATIONS = {
     "cos": lambda x, p: np.cos(x),
     "sign": lambda x, p: np.sign(x),
     "silu": lambda x, p: x * sigmoid(x),
+    "swiglu": lambda x, p: x * sigmoid(x),
     "softplus": lambda x, p: softplus(x),
     "lrelu001": lambda x, p: np.where(x >= 0, x, 0.01 * x),
     "lrelu020": lambda x, p: np.where(x >= 0, x, 0.2 * x),
@@ -95,19 +96,30 @@ def activation(name, x, p):
         return ACTIVATIONS[name](x, p)
 
 
-def layer_norm(x, p):
+def layer_norm(x, p, eps=1e-5):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p.get("bias", 0.0)
 
 
-def softmax_attention(q, k, v, window=None):
+def rms_norm(x, scale, eps):
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale
+
+
+def norm(cfg, x, p):
+    """The config's `norm` (ln_f, and the blocks' unless scalenorm or rezero)."""
+    if cfg.norm == "rmsnorm":
+        return rms_norm(x, p["scale"], cfg.norm_eps)
+    return layer_norm(x, p, cfg.norm_eps)
+
+
+def softmax_attention(q, k, v, window=None, scale=1.0):
     """q, k, v: [t, h, d]; loops over query positions."""
     t = q.shape[0]
     out = np.zeros_like(q)
     for i in range(t):
         lo = 0 if window is None else max(0, i - window + 1)
-        scores = np.einsum("hd,khd->hk", q[i], k[lo : i + 1])
+        scores = np.einsum("hd,khd->hk", q[i], k[lo : i + 1]) * scale
         out[i] = np.einsum("hk,khd->hd", _softmax(scores), v[lo : i + 1])
     return out
 
@@ -177,26 +189,33 @@ def positions_of(cfg, p, t):
     return p["wpe"][:t]
 
 
-def pre_norm(cfg, x, norm):
+def pre_norm(cfg, x, p):
     if cfg.rezero:
         return x
     if cfg.scalenorm:
-        return layer_norm(x, {"scale": norm["scale"], "bias": 0.0})
-    return layer_norm(x, norm)
+        return layer_norm(x, {"scale": p["scale"]}, cfg.norm_eps)
+    return norm(cfg, x, p)
 
 
 def mlp(cfg, x, m):
-    h = x @ m["fc_kernel"] + m["fc_bias"]
+    h = x @ m["fc_kernel"] + m.get("fc_bias", 0.0)
     if cfg.mlp_glu:
-        h = h * activation(cfg.activation_function, x @ m["gate_kernel"] + m["gate_bias"], {})
+        gate = x @ m["gate_kernel"] + m.get("gate_bias", 0.0)
+        h = h * activation(cfg.activation_function, gate, {})
     else:
         h = activation(cfg.activation_function, h, m.get("act", {}))
-    return h @ m["proj_kernel"] + m["proj_bias"]
+    return h @ m["proj_kernel"] + m.get("proj_bias", 0.0)
 
 
 def attend(cfg, kind, h, a):
-    """One attention sub-block's output [t, embd] for normalised input h."""
-    q, k, v = (np.einsum("te,ehd->thd", h, a[n]) for n in "qkv")
+    """One attention sub-block's output [t, embd] for normalised input h. Grouped-query
+    attention: query head i reads key/value head i // group (Hugging Face's `repeat_kv`)."""
+    q, k, v = (np.einsum("te,ehd->thd", h, a[n]) + a.get(f"{n}_bias", 0.0) for n in "qkv")
+    group = cfg.n_head // cfg.n_kv_head
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    if cfg.qk_norm:
+        q = rms_norm(q, a["q_norm"]["scale"], cfg.norm_eps)
+        k = rms_norm(k, a["k_norm"]["scale"], cfg.norm_eps)
     if cfg.rotary_emb:
         dims = int(cfg.head_dim * cfg.rotary_pct)
         q, k = rotary(q, dims, cfg.rotary_emb_base), rotary(k, dims, cfg.rotary_emb_base)
@@ -209,8 +228,9 @@ def attend(cfg, kind, h, a):
     elif memory is not None:
         out = memory_attention(q, k, v, memory)
     else:
-        out = softmax_attention(q, k, v, window)
-    return np.einsum("thd,hde->te", out, a["o"]) + a["o_bias"]
+        scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        out = softmax_attention(q, k, v, window, scale)
+    return np.einsum("thd,hde->te", out, a["o"]) + a.get("o_bias", 0.0)
 
 
 def layer_weights(cfg, p, index):
@@ -243,9 +263,9 @@ def forward(cfg, params, tokens):
             if cfg.gpt_neo_untied_head:
                 logits = x @ p["head"]["kernel"].T + p["head"]["bias"]
             else:
-                logits = layer_norm(x, p["ln_f"]) @ p["head"]["kernel"].T
+                logits = norm(cfg, x, p["ln_f"]) @ p["head"]["kernel"].T
         else:
-            logits = layer_norm(x, p["ln_f"]) @ p["wte"].T
+            logits = norm(cfg, x, p["ln_f"]) @ p["wte"].T
         batch_logits.append(logits)
     return np.stack(batch_logits)
 

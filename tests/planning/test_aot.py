@@ -46,8 +46,14 @@ def lowered_train_step(cfg, devices):
         return trainer.step.lower(trainer.abstract_state(), aot.abstract_batch(cfg, trainer))
 
 
-def test_splash_attention_compiles_for_tpu_with_sharded_heads(v5e):
-    lowered = lowered_train_step(tiny_config(**SPLASH), v5e)
+# Llama/Qwen-style: 2 key/value heads for 4 query heads, both split over y; scaled scores
+GROUPED = dict(
+    n_kv_head=2, norm="rmsnorm", bias=False, qk_norm=True, scale_attn_weights=True, rotary_emb=True
+)
+
+
+def test_splash_attention_compiles_for_tpu_with_sharded_grouped_heads(v5e):
+    lowered = lowered_train_step(tiny_config(**SPLASH, **GROUPED), v5e)
     # splash's Pallas kernels, forward and backward, global and local layers
     assert lowered.as_text().count("tpu_custom_call") >= 4
     compiled = lowered.compile()  # Mosaic lowers each kernel here
