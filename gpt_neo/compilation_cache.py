@@ -2,7 +2,9 @@
 loads its compiled programs instead of compiling them again.
 
 The cache lives in `model_path/compilation_cache` unless `--compilation_cache DIR` says
-otherwise (`off` disables it): on a pod that is `gs://`, so it survives the VMs. JAX keys each
+otherwise (`off` disables it): on a pod that is `gs://`, so it survives the VMs. Without the
+flag, the environment variable `GPT_NEO_COMPILATION_CACHE` names one cache for every run on a
+machine (many small experiments of one model compile the same programs). JAX keys each
 entry by the program, the devices and the compiler version, so a changed config or mesh simply
 misses. Only programs that took at least a second to compile are stored (JAX's default), which
 keeps the many tiny helper programs out of the bucket.
@@ -10,9 +12,12 @@ keeps the many tiny helper programs out of the bucket.
 
 from __future__ import annotations
 
+import os
+
 import jax
 from jax import monitoring
 
+ENV = "GPT_NEO_COMPILATION_CACHE"  # one cache for every run of this machine, when set
 _EVENTS = {"hits": 0, "misses": 0, "saved_seconds": 0.0}
 _HIT, _MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 _SAVED = "/jax/compilation_cache/compile_time_saved_sec"
@@ -21,9 +26,11 @@ _listening = False
 
 
 def enable(model_path: str | None, directory: str | None) -> str | None:
-    """Point JAX's cache at `directory` (default `model_path/compilation_cache`; "off": none).
-    Call before the first compilation. Returns the directory used."""
+    """Point JAX's cache at `directory` (default: $GPT_NEO_COMPILATION_CACHE, else
+    `model_path/compilation_cache`; "off": none). Call before the first compilation. Returns
+    the directory used."""
     global _directory, _listening
+    directory = directory or os.environ.get(ENV) or None
     if directory == "off":
         return None
     if directory is None:

@@ -28,6 +28,8 @@ import subprocess
 import jax
 import pytest
 
+from gpt_neo import compilation_cache
+
 FAST = os.environ.get("GPT_NEO_TEST_FAST") == "1"
 EMULATOR_FIXTURES = {"gcs", "fake", "gcloud"}  # tests/support's GCS emulator and fake gcloud
 PROCESS_FIXTURES = {"trained", "trained_mlm"}  # models trained through main.py (sacred probes)
@@ -49,14 +51,19 @@ def pytest_collection_modifyitems(config, items):
 def _shared_compilations(tmp_path_factory, worker_id):
     """One persistent XLA cache for the whole run, shared by its pytest-xdist workers: the
     tests compile the same small programs (a tiny model's init, forward and step) over and
-    over, and a cache hit costs a fraction of a compile. Processes the tests start keep their
-    own settings (the command line's cache is model_path's, which its tests check)."""
+    over, and a cache hit costs a fraction of a compile. The processes the tests start (main.py,
+    pods, docs pages) share another one, through GPT_NEO_COMPILATION_CACHE, with the command
+    line's own threshold (programs of a second or more); tests of the cache's default place
+    unset it."""
     base = tmp_path_factory.getbasetemp()
     folder = (base.parent if worker_id != "master" else base) / "xla-cache"
     folder.mkdir(exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    processes = folder.parent / "xla-cache-processes"
+    processes.mkdir(exist_ok=True)
+    os.environ.setdefault(compilation_cache.ENV, str(processes))
     yield
 
 

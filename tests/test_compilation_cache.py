@@ -6,9 +6,17 @@ import time
 
 import pytest
 
+from gpt_neo import compilation_cache
 from tests.support.helpers import SMALL_RUN, start_main, write_config, write_text_dataset
 
 REPORT = re.compile(r"compilation cache (\S+): (\d+) hit\(s\), (\d+) miss\(es\), ([\d.]+)s")
+
+
+@pytest.fixture(autouse=True)
+def _default_cache_place(monkeypatch):
+    """The suite shares one cache among the processes it starts; these tests check where a
+    run's own goes."""
+    monkeypatch.delenv(compilation_cache.ENV, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +76,15 @@ def test_the_cache_can_live_elsewhere_or_be_off(tmp_path, dataset):
     out, _ = train(model, "--new", "--yes", "--compilation_cache", "off")
     assert "compilation cache" not in out
     assert not (tmp_path / "run" / "compilation_cache").exists()
+
+
+def test_the_environment_names_one_cache_for_every_run_and_the_flag_wins(monkeypatch, tmp_path):
+    import jax
+
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # keep the suite's own cache
+    monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "shared"))
+    assert compilation_cache.enable("runs/a", None) == str(tmp_path / "shared")
+    assert compilation_cache.enable("runs/a", str(tmp_path / "mine")) == str(tmp_path / "mine")
+    assert compilation_cache.enable("runs/a", "off") is None
+    monkeypatch.delenv(compilation_cache.ENV)
+    assert compilation_cache.enable("runs/a", None) == "runs/a/compilation_cache"

@@ -1,6 +1,7 @@
 """The documentation: the pages' shell blocks run word for word, the site builds with --strict
 (and a broken link fails it), and the public addresses agree everywhere."""
 
+import ast
 import json
 import os
 import re
@@ -104,6 +105,20 @@ def test_the_fine_tuning_recipe_runs_verbatim(tmp_path):
     assert (run / "checkpoints" / "4").is_dir() and (run / "predictions_4.txt").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("padding" in r and "segments_per_row" in r for r in records)
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_the_continued_pretraining_recipe_runs_verbatim(tmp_path):
+    """Import a Qwen3 folder, train it with FSDP on 8 devices, export, load the export in
+    transformers: its greedy continuation is the one `gpt-neo sample` prints."""
+    output = run_page("continued-pretraining.md", tmp_path, "train_steps=4 iterations=2")
+    assert "on 8 cpu device(s)" in output and "packed" in output
+    (printed,) = re.findall(r"^Qwen3ForCausalLM (.*)$", output, re.M)
+    hf_text = ast.literal_eval(printed)  # the page prints repr(text)
+    assert len(hf_text) > 8 and f"Once upon a time{hf_text}" in output
+    config = json.loads((tmp_path / "qwen3-cpt-hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["num_key_value_heads"] == 2
 
 
 def build_site(docs: Path, tmp_path: Path) -> subprocess.CompletedProcess:

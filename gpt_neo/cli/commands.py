@@ -30,7 +30,7 @@ from gpt_neo.inference.predict import (
     write_predictions,
 )
 from gpt_neo.inference.sample import Sampling, generate
-from gpt_neo.interop.hf import export_hf
+from gpt_neo.interop.hf import export_hf, hf_config
 from gpt_neo.mesh import data_parallel_size, make_mesh, mesh_axes
 from gpt_neo.models.gpt import init_params
 from gpt_neo.planning import aot, auto_layout, layout_picture
@@ -298,14 +298,22 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def export(cfg: Config, args: argparse.Namespace) -> int:
-    params, step = load_params(cfg)
+    # Read on this host's CPU, whole, whatever mesh trained it: an export is host arrays in the
+    # end, a laptop exports what a pod trained, and no accelerator must hold the whole model.
+    on_host = cfg.replace(mesh_shape="x:1", layout=None, param_layout=None)
+    params, step = load_params(on_host, jax.devices("cpu")[:1])
+    cfg = on_host
     tokenizer = model_dataset(cfg).tokenizer_path if cfg.datasets else None
+    dtype = getattr(args, "dtype", "float32")
     try:
-        out = export_hf(cfg, params, args.export, force=args.force, tokenizer=tokenizer)
+        out = export_hf(
+            cfg, params, args.export, force=args.force, tokenizer=tokenizer, dtype=dtype
+        )
     except FileExistsError as err:
         raise ConfigError(f"{err} (--force overwrites)") from None
+    architecture = hf_config(cfg)["architectures"][0]
     print(
-        f"exported step {step} to {out}: load it with "
-        f"GPTNeoForCausalLM.from_pretrained({str(out)!r})"
+        f"exported step {step} to {out} as a {architecture} ({dtype}): load it with "
+        f"AutoModelForCausalLM.from_pretrained({str(out)!r})"
     )
     return 0

@@ -114,7 +114,8 @@ def training(parser: argparse.ArgumentParser) -> None:
         "--compilation_cache",
         metavar="DIR",
         help="JAX's persistent compilation cache, so a restarted run skips compiling (default: "
-        "model_path/compilation_cache; 'off' disables it)",
+        "$GPT_NEO_COMPILATION_CACHE if set, else model_path/compilation_cache; 'off' disables "
+        "it)",
     )
     group.add_argument(
         "--sacred_id",
@@ -210,3 +211,9 @@ def evaluation(parser: argparse.ArgumentParser) -> None:
 
 def export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite the folder if it exists")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the exported weights' dtype (bfloat16: half the size, rounded to nearest even)",
+    )

@@ -1,6 +1,8 @@
 """`gpt-neo import hf HF_DIR --model_path DIR [--model run.json]` (old spelling: `python -m
-gpt_neo.cli.hf import ...`): a local Hugging Face GPT-Neo folder -> a step-0 checkpoint that
-`gpt-neo train` continues, and the folder's tokenizer, kept so `gpt-neo sample` works at once."""
+gpt_neo.cli.hf import ...`): a local Hugging Face folder (GPT-Neo, Llama, Mistral, Qwen2, Qwen3)
+-> a step-0 checkpoint that `gpt-neo train` continues, and the folder's tokenizer (its chat
+template and generation settings too), kept so `gpt-neo sample` works at once and an export
+writes it back."""
 
 from __future__ import annotations
 
@@ -10,19 +12,22 @@ import sys
 from gpt_neo.cli import exit_code_of, flags
 
 DESCRIPTION = (
-    "Turn a local Hugging Face GPT-Neo folder into a checkpoint (step 0) and a model config that "
-    "gpt-neo train, sample, eval and export read. Nothing is downloaded."
+    "Turn a local Hugging Face folder (GPTNeoForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
+    "Qwen2ForCausalLM or Qwen3ForCausalLM; safetensors in float32, bfloat16 or float16) into a "
+    "checkpoint (step 0) and a model config that gpt-neo train, sample, eval and export read. "
+    "Nothing is downloaded."
 )
 EPILOG = """\
 examples:
   gpt-neo import hf ./gpt-neo-125M --model_path runs/neo125M
   gpt-neo sample --model runs/neo125M/config.json --prompt prompt.txt
   gpt-neo import hf ./gpt-neo-125M --model_path runs/ft --model finetune.json  # + run keys
-  gpt-neo train --model runs/ft/config.json"""
+  gpt-neo train --model runs/ft/config.json
+  gpt-neo import hf ./Qwen3-0.6B --model_path runs/qwen3  # Llama, Mistral, Qwen2 alike"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hf_dir", help="a local GPTNeoForCausalLM folder (nothing is downloaded)")
+    parser.add_argument("hf_dir", help="a local Hugging Face model folder (nothing is downloaded)")
     parser.add_argument(
         "--model_path", required=True, metavar="DIR", help="an empty directory: where it goes"
     )

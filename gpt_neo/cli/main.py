@@ -7,7 +7,7 @@ The same modes are the verbs of `gpt-neo` (`gpt_neo/cli/verbs.py`); both run thr
     python main.py --model cfg.json --check_dataset  # decoded samples, token-id range
     python main.py --model cfg.json --predict [--prompt file.txt] [--interactive]
     python main.py --model cfg.json --eval [--lambada_path f.jsonl] [--wikitext_path f.txt]
-    python main.py --model cfg.json --export OUT_DIR # a Hugging Face GPTNeoForCausalLM folder
+    python main.py --model cfg.json --export OUT_DIR # a Hugging Face folder (GPT-Neo, Llama...)
     python main.py --model cfg.json --tpu NAME --zone Z --accelerator_type v4-32  # a TPU pod
 
 The mode flags exclude each other (two of them: exit 2, naming both). `--tpu NAME` alone runs
@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument(
         "--export",
         metavar="OUT_DIR",
-        help="write a Hugging Face GPTNeoForCausalLM folder (safetensors, config.json, "
-        "tokenizer) (gpt-neo export)",
+        help="write a Hugging Face folder (safetensors, config.json, tokenizer): GPT-Neo, "
+        "GPT-NeoX, Llama, Mistral, Qwen2 or Qwen3 (gpt-neo export)",
     )
     flags.platform(parser)
     flags.processes(parser)

@@ -68,7 +68,8 @@ MODEL_VERBS = {
         "gpt-neo eval --model cfg.json --lambada_path lambada.jsonl --wikitext_path wiki.txt",
     ),
     "export": (
-        "write the newest checkpoint as a Hugging Face GPTNeoForCausalLM folder",
+        "write the newest checkpoint as a Hugging Face folder (GPT-Neo, GPT-NeoX, Llama, "
+        "Mistral, Qwen2 or Qwen3, whichever expresses the config)",
         "gpt-neo export --model cfg.json --output_dir hf_out/",
     ),
 }

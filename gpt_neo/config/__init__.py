@@ -42,6 +42,7 @@ from gpt_neo.config.schema import (
     SHAPE_KEYS,
     SINGLE_VALUE,
     DatasetEntry,
+    shape_keys,
 )
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "resolve_config_path",
     "rotary_dims",
     "scan_period",
+    "shape_keys",
     "source_of",
     "to_dict",
 ]

@@ -445,4 +445,14 @@ SHAPE_KEYS = (
     "share_parameters",
     "num_mem_kv",
 )
+
+
+def shape_keys(cfg) -> tuple[str, ...]:
+    """The `SHAPE_KEYS` that fix this model's parameter shapes: n_ctx only where a learned
+    position table has a row per position (not with rotary or axial positions)."""
+    if cfg.rotary_emb or cfg.axial_pos_emb is not None:
+        return tuple(k for k in SHAPE_KEYS if k != "n_ctx")
+    return SHAPE_KEYS
+
+
 KNOWN_KEYS = frozenset(FIELDS).union(ALIASES, REFUSED, NOT_NEEDED, SINGLE_VALUE)

@@ -379,6 +379,17 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, dataset, capsys):
 
 
 @pytest.mark.process
+def test_a_rotary_model_resumes_at_another_context_length(tmp_path, dataset):
+    """No position table: n_ctx fixes no parameter, so a run may lengthen its sequences (as
+    continued pretraining of an imported Llama or Qwen does)."""
+    model = run_config(tmp_path, dataset, train_steps=2, rotary_emb=True)
+    assert main(["--model", model, "--steps_per_checkpoint", "2"]) == 0
+    longer = ["--set", f"n_ctx={2 * SMALL_RUN['n_ctx']}", "train_steps=4"]
+    assert main(["--model", model, *longer, "--steps_per_checkpoint", "2"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.process
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path, dataset, capsys
 ):

@@ -32,17 +32,12 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from gpt_neo import storage
-from gpt_neo.config import SHAPE_KEYS, Config, default_of, to_dict
+from gpt_neo.config import Config, default_of, shape_keys, to_dict
 from gpt_neo.errors import ConfigError, DataError, StorageFull, UserError, first_line, warn
 from gpt_neo.mesh import make_mesh
 from gpt_neo.models.gpt import abstract_params
 from gpt_neo.models.stack import BLOCKS, STACKS, Stacks, stack_tree, unstack_tree
 from gpt_neo.training.checkpoint import manifest
-
-# The parameters' and the optimizer state's shapes: a checkpoint fits only a config that
-# agrees on these.
-ARCHITECTURE_KEYS = (*SHAPE_KEYS, "opt_name")
-
 
 # The data position of a checkpoint made outside training (an imported model): read from the start.
 DATA_FROM_THE_START = {"position": "start"}
@@ -183,9 +178,9 @@ class Checkpointer:
             "config"
         ]
         current = to_dict(cfg)
-        if differences := [
-            k for k in ARCHITECTURE_KEYS if saved.get(k, default_of(k)) != current[k]
-        ]:
+        # the parameters' shapes, and the optimizer whose state is stored beside them
+        keys = (*shape_keys(cfg), "opt_name")
+        if differences := [k for k in keys if saved.get(k, default_of(k)) != current[k]]:
             detail = "; ".join(
                 f"{k}: checkpoint {saved.get(k)!r}, config {current[k]!r}" for k in differences
             )
@@ -346,13 +341,15 @@ def _restore(target, **options) -> ocp.args.PyTreeRestore:
     return ocp.args.PyTreeRestore(target, restore_args=restore_args, **options)
 
 
-def load_params(cfg: Config):
-    """(params, step) of the newest checkpoint under `model_path`, sharded per the layout; the
-    optimizer state is not read. What sampling, evaluation and export start from."""
+def load_params(cfg: Config, devices=None):
+    """(params, step) of the newest checkpoint under `model_path`, sharded per the layout over
+    `devices` (default: all); the optimizer state is not read. What sampling, evaluation and
+    export start from."""
     model_path = cfg.require_model_path("where the checkpoints are")
     checkpointer = Checkpointer(model_path, cfg.keep_checkpoints)
+    mesh = make_mesh(cfg, devices)
     try:
-        restored = checkpointer.restore_latest_params(cfg, abstract_params(cfg, make_mesh(cfg)))
+        restored = checkpointer.restore_latest_params(cfg, abstract_params(cfg, mesh))
     finally:
         checkpointer.close()
     if restored is None:
