@@ -52,6 +52,10 @@ PRESETS = [
     "gpt3_350M",
     "gpt3_6.7B",
     "gpt3_13B",
+    "llama_demo",
+    "qwen3_demo",
+    "llama_1B",
+    "qwen3_1.7B",
 ]
 SLICES = [
     "v5e:1x1",
@@ -77,6 +81,8 @@ TIMED = {
     "demo": ({}, "", (3, 2)),
     "demo_moe": ({}, "", (3, 2)),
     "gpt_neo_125M": ({"train_batch_size": 1}, "batch 1", (2, 1)),
+    "llama_demo": ({}, "", (3, 2)),
+    "qwen3_demo": ({}, "", (3, 2)),
 }
 GIB = 2**30
 

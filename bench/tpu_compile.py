@@ -21,6 +21,16 @@ temporaries under libtpu 0.0.42.1 and 3.28 GiB under 0.0.52. So the side environ
 compiles ours (it imports gpt_neo from this checkout), and the like-for-like comparison is
 between the two columns it fills. `--all_global` makes every layer of ours global attention, as
 in MaxText's gpt3 (the GPT-Neo presets alternate global and local layers).
+
+    python bench/tpu_compile.py --families
+
+compiles the Llama and Qwen presets instead (configs/llama_1B.json, configs/qwen3_1.7B.json:
+n_ctx 4096, bfloat16, full remat) with FSDP over the whole slice (`mesh_shape` x:N, `layout`
+batch:x, `param_layout` embd:x) on v5e:2x2 and v5e:4x4, at 2 sequences per chip (global batch
+8 and 32; one microbatch, the presets' tokens_per_mb_per_replica being 8192), and prints the
+compiled memory per chip beside the planner's estimate (`gpt_neo.training.memory.plan`), their
+ratio, the compile time and the compiled FLOPs per step per chip; docs/model-families.md shows
+its table.
 """
 
 import argparse
@@ -134,6 +144,70 @@ def compiler(r: dict) -> str:
     return f"jax {r['jax']}, libtpu {r['libtpu']}"
 
 
+# --families: the Llama/Qwen presets, FSDP over the whole slice, 2 sequences per chip
+FAMILIES = {"llama_1B": "configs/llama_1B.json", "qwen3_1.7B": "configs/qwen3_1.7B.json"}
+FAMILY_SLICES = ("v5e:2x2", "v5e:4x4")
+SEQUENCES_PER_CHIP = 2
+
+
+def family_config(preset: str, chips: int):
+    return load_config(str(REPO / FAMILIES[preset])).replace(
+        mesh_shape=f"x:{chips}",
+        layout="batch:x",
+        param_layout="embd:x",
+        train_batch_size=SEQUENCES_PER_CHIP * chips,
+    )
+
+
+def families() -> None:
+    """The table of --families: compiled memory per chip against the planner's estimate."""
+    header = [
+        "preset",
+        "slice",
+        "batch",
+        "planner",
+        "compiled per chip: args + temp + out - aliased",
+        "compiled / planner",
+        "FLOPs per step per chip",
+        "compile",
+    ]
+    slices = {name: aot.topology_devices(name) for name in FAMILY_SLICES}
+    hbm = aot.hbm_bytes(slices[FAMILY_SLICES[0]]) / GIB
+    print(
+        f"TPU v5e (HBM {hbm:.2f} GiB per chip), FSDP over every chip, {SEQUENCES_PER_CHIP} "
+        f"sequences per chip, bfloat16, full remat, AdamW; jax {version('jax')}, libtpu "
+        f"{version('libtpu')}"
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for topology, devices in slices.items():
+        for preset in FAMILIES:
+            cfg = family_config(preset, len(devices))
+            estimate = plan(cfg).train_total
+            batch = f"{cfg.train_batch_size} x {cfg.n_ctx}"
+            try:
+                c = aot.compile_train_step(cfg, devices)
+            except aot.DoesNotFit as err:
+                needs = re.search(r"XLA needs (\S+) for HLO temporaries", str(err))
+                cell = f"does not fit (temp {needs.group(1)})" if needs else "does not fit"
+                row = [preset, topology, batch, f"{estimate / GIB:.2f} GiB", cell, "-", "-", "-"]
+                print("| " + " | ".join(row) + " |", flush=True)
+                continue
+            parts = (c.arguments, c.temporaries, c.outputs, c.aliased)
+            args, temp, out, aliased = (x / GIB for x in parts)
+            row = [
+                preset,
+                topology,
+                batch,
+                f"{estimate / GIB:.2f} GiB",
+                f"{args:.2f} + {temp:.2f} + {out:.2f} - {aliased:.2f} = {c.total / GIB:.2f} GiB",
+                f"{c.total / estimate:.2f}",
+                f"{c.flops:.3e}",
+                f"{c.seconds:.0f} s",
+            ]
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
@@ -143,7 +217,15 @@ def main() -> None:
         "--unrolled", action="store_true", help="also compile ours with the layers unrolled"
     )
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "LAYOUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--families",
+        action="store_true",
+        help="compile the Llama and Qwen presets (FSDP, v5e:2x2 and v5e:4x4) instead",
+    )
     args = parser.parse_args()
+    if args.families:
+        families()
+        return
     if args.one:  # one compile of ours, for `ours_in`
         print(MARKER + json.dumps(ours(*args.one, args.all_global)), flush=True)
         return
