@@ -9,7 +9,13 @@ import pytest
 import gpt_neo
 from gpt_neo.errors import ConfigError
 from gpt_neo.inference.sample import Sampling, _prepare, choose
-from tests.support.helpers import HF_CONFIG, perturbed_params, random_hf_model, tiny_config
+from tests.support.helpers import (
+    HF_CONFIG,
+    assert_greedy_equals_hf_generate,
+    perturbed_params,
+    random_hf_model,
+    tiny_config,
+)
 
 # Lengths differ so that rows are left-padded differently; 11 + 12 new tokens pass the local
 # window (8), so cached local attention must drop old keys.
@@ -49,25 +55,9 @@ def test_bfloat16_decoding_follows_the_bfloat16_forward():
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
-    import torch
-
     model = random_hf_model(tmp_path, **{**HF_CONFIG, "window_size": 5})
     cfg, params = gpt_neo.hf.import_hf(tmp_path)
-    prompts = [[11, 22, 33], [5, 6, 7, 8, 9, 10, 12, 14, 200], [1]]
-    ours = gpt_neo.generate(cfg, params, prompts, max_new_tokens=16, temperature=0.0, eos_id=None)
-    for prompt, new in zip(prompts, ours, strict=True):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            hf = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=16,
-                min_new_tokens=16,
-                pad_token_id=0,
-                eos_token_id=None,
-            )
-        assert new == hf[0, len(prompt) :].tolist()
+    assert_greedy_equals_hf_generate(cfg, params, model, new_tokens=16)
 
 
 def test_a_row_of_packed_prompts_decodes_its_last_prompt_as_if_alone():

@@ -31,7 +31,7 @@ from gpt_neo.interop.hf import (
     import_to_checkpoint,
 )
 from gpt_neo.interop.hf.llama import half_split_to_interleaved, interleaved_to_half_split
-from tests.support.helpers import hf_logits, random_tokens
+from tests.support.helpers import assert_greedy_equals_hf_generate, hf_logits, random_tokens
 
 PARITY_ATOL = 1e-4
 LENGTH = 64  # tokens per parity row: past every window and original rope context below
@@ -301,26 +301,10 @@ def test_configs_no_family_expresses_are_refused_naming_the_keys(tmp_path):
 def test_greedy_decoding_equals_transformers_generate(family):
     """32 new tokens past every window and original rope context; Llama's features in
     decoding are Qwen2's (GQA 4:1, scaled rope) less its biases, so it is left out."""
-    import torch
-
     name, _, model, cfg, params, _, _ = family
     if name == "llama":
         pytest.skip("Qwen2 decodes the same features and more")
-    prompts = [[11, 22, 33], [5, 6, 7, 8, 9, 10, 12, 14, 200], [1]]
-    ours = gpt_neo.generate(cfg, params, prompts, max_new_tokens=32, temperature=0.0, eos_id=None)
-    for prompt, new in zip(prompts, ours, strict=True):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            hf = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=32,
-                min_new_tokens=32,
-                pad_token_id=0,
-                eos_token_id=None,
-            )
-        assert new == hf[0, len(prompt) :].tolist(), (name, prompt)
+    assert_greedy_equals_hf_generate(cfg, params, model, new_tokens=32)
 
 
 def test_sharded_import_equals_one_device(family):

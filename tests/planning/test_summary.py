@@ -10,6 +10,7 @@ import pytest
 import gpt_neo
 from gpt_neo.interop.hf import hf_config
 from gpt_neo.models.gpt import flops_per_token, param_count
+from gpt_neo.planning.summary import print_summary
 from gpt_neo.training.memory import memory_per_device, param_rows
 from gpt_neo.training.trainer import Trainer
 from main import main
@@ -25,6 +26,23 @@ def test_released_shapes_have_the_parameter_count_of_transformers_gpt_neo(preset
     with torch.device("meta"):  # shapes only, no memory
         model = GPTNeoForCausalLM(GPTNeoConfig(**hf_config(cfg)))
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())  # lm_head is tied
+
+
+@pytest.mark.parametrize("preset", ["llama_1B", "qwen3_1.7B"])
+def test_the_llama_and_qwen_presets_count_what_transformers_builds_and_summarize(preset, capsys):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = gpt_neo.load_config(REPO / "configs" / f"{preset}.json")
+    fields = dict(hf_config(cfg))
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(fields.pop("model_type"), **fields)
+        )
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())  # tied: once
+    print_summary(cfg)
+    out = capsys.readouterr().out
+    assert f"{cfg.n_head} heads x {cfg.head_dim} (8 key/value heads)" in out
 
 
 def test_flops_per_token_conventions():

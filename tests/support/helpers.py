@@ -162,6 +162,35 @@ SAMPLE_TEXTS = [
 ]
 
 
+# Prompts of several lengths (one of a single token) for greedy decoding against transformers
+GREEDY_PROMPTS = [[11, 22, 33], [5, 6, 7, 8, 9, 10, 12, 14, 200], [1]]
+
+
+def assert_greedy_equals_hf_generate(cfg, params, model, new_tokens, prompts=GREEDY_PROMPTS):
+    """`gpt_neo.generate` at temperature 0 equals transformers' greedy `generate` of `model`
+    (no end-of-text: every row makes `new_tokens` tokens), prompt by prompt."""
+    import torch
+
+    import gpt_neo
+
+    ours = gpt_neo.generate(
+        cfg, params, prompts, max_new_tokens=new_tokens, temperature=0.0, eos_id=None
+    )
+    for prompt, new in zip(prompts, ours, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            theirs = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        assert new == theirs[0, len(prompt) :].tolist(), prompt
+
+
 def train_tokenizer_file(folder, texts=SAMPLE_TEXTS, vocab_size=400):
     """A small byte-level BPE trained on the fly; returns its tokenizer.json path."""
     from gpt_neo.data.encoders import TRAINED_TOKENIZER_NAME, train_byte_level_bpe

@@ -94,7 +94,14 @@ import numpy as np
 from gpt_neo.config import Config
 from gpt_neo.config.rope import ROPE_TYPES, TYPE_KEYS, parse_rope_scaling, rope_scaling_to_dict
 from gpt_neo.errors import ConfigError
-from gpt_neo.interop.hf.mapping import LINEAR, SAME, Tensor, eos_in_vocab, vocab_rows
+from gpt_neo.interop.hf.mapping import (
+    GPT_NEO_ONLY,
+    LINEAR,
+    SAME,
+    Tensor,
+    eos_in_vocab,
+    vocab_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -385,17 +392,7 @@ def _rope(hf: dict, n_ctx, source: str) -> tuple[float, dict | None]:
 # Export
 
 # GPT-Neo's own options, which no Llama-family class has.
-NOT_EXPORTABLE = {
-    "axial_pos_emb": "axial position embeddings",
-    "scalenorm": "GPT-Neo's scalar-gain norm",
-    "rezero": "ReZero branch gates",
-    "macaron": "macaron MLPs",
-    "share_parameters": "parameters shared across layers",
-    "num_mem_kv": "memory key/values",
-    "gpt_neo_untied_head": "a head without ln_f and with a bias",
-    "gpt_neo_none_layers": "GPT-Neo's residual-doubling none layers",
-    "mlm_training": "a bidirectional masked LM (the exported classes are causal LMs)",
-}
+NOT_EXPORTABLE = GPT_NEO_ONLY
 
 
 def model_type(cfg: Config) -> str:

@@ -96,3 +96,17 @@ def eos_in_vocab(eos, n_vocab: int, preferred: int | None = None) -> int | None:
         ids = [e for e in eos if isinstance(e, int) and 0 <= e < n_vocab]
         return preferred if preferred in ids else (ids[0] if ids else None)
     return eos if isinstance(eos, int) and 0 <= eos < n_vocab else None
+
+
+# GPT-Neo's own options, which no transformers class we export to has, with what each is.
+GPT_NEO_ONLY = {
+    "axial_pos_emb": "axial position embeddings",
+    "scalenorm": "GPT-Neo's scalar-gain norm",
+    "rezero": "ReZero branch gates",
+    "macaron": "macaron MLPs",
+    "share_parameters": "parameters shared across layers",
+    "num_mem_kv": "memory key/values",
+    "gpt_neo_untied_head": "a head without ln_f and with a bias",
+    "gpt_neo_none_layers": "GPT-Neo's residual-doubling none layers",
+    "mlm_training": "a bidirectional masked LM (the exported classes are causal LMs)",
+}

@@ -27,7 +27,14 @@ import numpy as np
 
 from gpt_neo.config import Config, repeating_pattern
 from gpt_neo.errors import ConfigError
-from gpt_neo.interop.hf.mapping import LINEAR, SAME, Tensor, eos_in_vocab, vocab_rows
+from gpt_neo.interop.hf.mapping import (
+    GPT_NEO_ONLY,
+    LINEAR,
+    SAME,
+    Tensor,
+    eos_in_vocab,
+    vocab_rows,
+)
 
 # Our activation names -> HF's ACT2FN names for the same function.
 HF_ACTIVATIONS = {
@@ -119,16 +126,8 @@ def neox_state_dict(cfg: Config, p: dict) -> dict[str, np.ndarray]:
 
 # Keys neither GPT-Neo nor GPT-NeoX can express, with why.
 NOT_EXPORTABLE = {
-    "axial_pos_emb": "axial position embeddings",
+    **GPT_NEO_ONLY,
     "mlp_glu": "a gated MLP",
-    "scalenorm": "GPT-Neo's scalar-gain norm",
-    "rezero": "ReZero branch gates",
-    "macaron": "macaron MLPs",
-    "share_parameters": "parameters shared across layers",
-    "num_mem_kv": "memory key/values",
-    "gpt_neo_untied_head": "a head without ln_f and with a bias",
-    "gpt_neo_none_layers": "GPT-Neo's residual-doubling none layers",
-    "mlm_training": "a bidirectional masked LM (the exported classes are causal LMs)",
     "qkv_bias": "query/key/value biases",
     "qk_norm": "query/key norms",
     "rope_scaling": "scaled rotary",
