@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported), and the fast lane.
+"""Test setup: 8 simulated CPU devices (set before jax is imported; XLA:CPU compiling fast,
+`tests.support.devices.FAST_COMPILE`), and the fast lane.
 
 `make test-fast` runs the unit tests only: not those marked `process` (they start processes:
 main.py, pods, notebooks, builds), `emulator` (the GCS emulator or the fake gcloud; added here
@@ -11,11 +12,11 @@ with a GPU) JAX keeps its GPU and only those run, without the simulated CPU devi
 
 import os
 
-from tests.support.devices import GPU
+from tests.support.devices import GPU, cpu_flags
 from tests.support.gcs_emulator import TF_IMPORT_TIME_ENV
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + ("" if GPU else " --xla_force_host_platform_device_count=8")
+    os.environ.get("XLA_FLAGS", "") + ("" if GPU else f" {cpu_flags(8)}")
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "" if GPU else "cpu")  # "": every platform JAX finds
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.devices import FAST_COMPILE
 from tests.support.helpers import REPO
 
 DOCS = REPO / "docs"
@@ -46,7 +47,7 @@ def run_page(page: str, folder: Path, overrides: str = TINY) -> str:
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # `gpt-neo` and `python`: this venv
-        "XLA_FLAGS": "",
+        "XLA_FLAGS": FAST_COMPILE,  # a page's own XLA_FLAGS replace it
         "GPT_NEO_SET": overrides,
     }
     env.pop("JAX_PLATFORMS", None)  # as a user has it: the command keeps libtpu quiet itself

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.support.devices import cpu_flags
 from tests.support.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
 from tests.support.helpers import PANGRAM, REPO, SMALL_RUN, restore_params, write_config
 
@@ -25,7 +26,7 @@ STEPS, EVERY = 12, 4
 def run_main(gcs_env: dict, cwd, *args, devices: int = 8) -> subprocess.Popen:
     env = {
         **gcs_env,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": cpu_flags(devices),
         "JAX_PLATFORMS": "cpu",
     }
     return subprocess.Popen(

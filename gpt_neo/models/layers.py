@@ -83,21 +83,29 @@ def pre_norm(cfg: Config, p: dict | None, x: jax.Array) -> jax.Array:
         return x
     assert p is not None  # every norm but rezero's has parameters
     if cfg.scalenorm:  # GPT-Neo's scale_norm(): its norm() times a scalar, no bias
-        return layer_norm(x, {"scale": p["scale"]}, cfg.norm_eps)
+        return layer_norm(_residual_point(x), {"scale": p["scale"]}, cfg.norm_eps)
     return norm(cfg, p, x)
 
 
 def norm(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
-    """The configured `norm` of x over its last axis (ln_f, and the blocks' by default)."""
+    """The configured `norm` of the residual stream x over its last axis (ln_f, and the
+    blocks' by default)."""
+    x = _residual_point(x)
     if cfg.norm == "rmsnorm":
         return rms_norm(x, p["scale"], cfg.norm_eps)
     return layer_norm(x, p, cfg.norm_eps)
 
 
+def _residual_point(x: jax.Array) -> jax.Array:
+    """A norm's input taken from the residual stream: on CPU through `materialized_gradient`
+    (see there)."""
+    return materialized_gradient(x) if target_platform() == "cpu" else x
+
+
 def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     """LayerNorm over the last axis, computed in float32 whatever the activation dtype; `p`
     holds a scale and, unless `bias` is off, a bias."""
-    x32 = _norm_input(x)
+    x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
     y = y * p["scale"].astype(jnp.float32)
@@ -109,16 +117,9 @@ def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) in float32, back to x's dtype,
     then times `scale` (the order Llama and Qwen use, which matters under bfloat16)."""
-    x32 = _norm_input(x)
+    x32 = x.astype(jnp.float32)
     y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)).astype(x.dtype)
     return y * scale.astype(x.dtype)
-
-
-def _norm_input(x: jax.Array) -> jax.Array:
-    """A norm's input in float32 (on CPU through `materialized_gradient`, see there)."""
-    if target_platform() == "cpu":
-        x = materialized_gradient(x)
-    return x.astype(jnp.float32)
 
 
 @jax.custom_vjp

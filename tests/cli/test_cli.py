@@ -32,5 +32,5 @@ def test_bad_config_is_one_line_and_exit_2():
     assert process.returncode == 2
     assert output.strip().splitlines() == [
         "error: configs/demo.json: n_embd (256) must be divisible by n_head (7); head dim would "
-        "be 36.5714. Pick n_head from the divisors of n_embd."
+        "be 36.5714. Pick n_head from the divisors of n_embd, or set head_dim."
     ]

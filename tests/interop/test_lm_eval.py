@@ -9,6 +9,7 @@ import pytest
 import gpt_neo
 from gpt_neo.inference.tasks import Scorer, lambada
 from tests.cli.test_modes import trained  # noqa: F401  (the trained-model fixture)
+from tests.support.devices import cpu_flags
 
 PASSAGES = [
     "the quick brown fox jumps over the lazy dog",
@@ -109,7 +110,7 @@ def test_the_command_line_wrapper_runs_the_harness(trained, tmp_path):  # noqa: 
         **os.environ,
         "HF_DATASETS_OFFLINE": "1",
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": cpu_flags(8),
     }
     command = [
         sys.executable,

@@ -21,6 +21,7 @@ import pytest
 
 from gpt_neo import storage
 from gpt_neo.training.checkpoint import run_lock
+from tests.support.devices import cpu_flags
 from tests.support.fake_gcloud import install
 from tests.support.gcs_emulator import gcs  # noqa: F401 (the session's emulator)
 from tests.support.helpers import REPO, SMALL_RUN, restore_params, write_config, write_text_dataset
@@ -65,7 +66,7 @@ def vm_image(env, tmp_path, python3=None, devices=4, extra: dict | None = None) 
     env["FAKE_GCLOUD_VM_ENV"] = json.dumps(
         {
             "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "XLA_FLAGS": cpu_flags(devices),
             "JAX_PLATFORMS": "cpu",
             "TF_CPP_MIN_LOG_LEVEL": "2",
             **(extra or {}),

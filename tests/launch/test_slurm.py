@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.support.devices import cpu_flags
 from tests.support.helpers import REPO, SMALL_RUN, write_config, write_text_dataset
 
 SCRIPT = REPO / "scripts" / "slurm" / "train.sbatch"
@@ -45,7 +46,7 @@ def slurm_env(tmp_path, tasks: int, python: str) -> dict:
         "SLURM_STEP_NUM_NODES": str(tasks),
         "SLURM_SUBMIT_DIR": str(REPO),
         "JAX_COORDINATOR_PORT": str(port),
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": cpu_flags(4),
         "JAX_PLATFORMS": "cpu",
         "GPT_NEO_PYTHON": python,
         "GPT_NEO_HEARTBEAT_TIMEOUT": "900",  # two processes on a loaded 2-core machine

@@ -4,3 +4,14 @@
 import os
 
 GPU = os.environ.get("GPT_NEO_TEST_GPU") == "1"
+
+# XLA:CPU's LLVM optimizations off, for the suite and every process it starts: its programs are
+# tiny and compile-bound, and LLVM's passes were about 30% of a test's time (tests/models/
+# test_sharding.py: 50 s -> 34 s). XLA fixes the order of every reduction before LLVM, so no
+# number changes (the suite's bit-for-bit comparisons hold either way).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def cpu_flags(devices: int = 8) -> str:
+    """XLA_FLAGS for a process the tests start on `devices` simulated CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"

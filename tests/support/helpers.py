@@ -11,6 +11,7 @@ import numpy as np
 from gpt_neo.config import from_dict
 from gpt_neo.mesh import check_layout
 from gpt_neo.models.gpt import init_params
+from tests.support.devices import cpu_flags
 
 REPO = Path(__file__).resolve().parents[2]  # tests/support/helpers.py -> the checkout
 
@@ -321,7 +322,7 @@ def start_main(*args: str, devices: int = 8):
 
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": cpu_flags(devices),
         "JAX_PLATFORMS": "cpu",
         # several processes on a loaded 2-core machine can miss JAX's 100 s of heartbeats
         "GPT_NEO_HEARTBEAT_TIMEOUT": "900",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gpt_neo.errors import EXIT_PREEMPTED, EXIT_STORAGE_FULL, EXIT_USER_ERROR
+from tests.support.devices import cpu_flags
 from tests.support.helpers import REPO, SMALL_RUN, restore_params, write_config, write_text_dataset
 
 STEPS, EVERY = 20, 5
@@ -45,7 +46,7 @@ def start(model, *, file_size_limit=None):
     the shell: a preexec_fn would fork this multithreaded process)."""
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": cpu_flags(8),
         "JAX_PLATFORMS": "cpu",
     }
     command = [sys.executable, str(REPO / "main.py"), "--model", model]
