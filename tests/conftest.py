@@ -36,8 +36,12 @@ EMULATOR_FIXTURES = {"gcs", "fake", "gcloud"}  # tests/support's GCS emulator an
 PROCESS_FIXTURES = {"trained", "trained_mlm"}  # models trained through main.py (sacred probes)
 
 
+HEAVY = ("process", "emulator", "tpu", "slow")
+
+
 def pytest_collection_modifyitems(config, items):
     not_here = pytest.mark.skip(reason="needs a GPU: bench/gpu_check.sh runs it on one")
+    _heavy_modules_first(items)
     for item in items:
         if ("gpu" in item.keywords) != GPU:
             item.add_marker(not_here if not GPU else pytest.mark.skip(reason="CPU test"))
@@ -46,6 +50,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.emulator)
         if PROCESS_FIXTURES & fixtures:
             item.add_marker(pytest.mark.process)
+
+
+def _heavy_modules_first(items) -> None:
+    """Modules with slow tests first, each module kept whole (its fixtures are made once): the
+    two workers then end on quick tests together instead of one waiting on a long one."""
+    heavy = {
+        item.module.__name__
+        for item in items
+        if any(marker in item.keywords for marker in HEAVY) and item.module is not None
+    }
+    items.sort(key=lambda item: getattr(item.module, "__name__", "") not in heavy)
 
 
 @pytest.fixture(scope="session", autouse=True)
