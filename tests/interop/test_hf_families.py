@@ -298,21 +298,19 @@ def test_configs_no_family_expresses_are_refused_naming_the_keys(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"], indirect=True)
 def test_greedy_decoding_equals_transformers_generate(family):
     """32 new tokens past every window and original rope context; Llama's features in
     decoding are Qwen2's (GQA 4:1, scaled rope) less its biases, so it is left out."""
-    name, _, model, cfg, params, _, _ = family
-    if name == "llama":
-        pytest.skip("Qwen2 decodes the same features and more")
+    _, _, model, cfg, params, _, _ = family
     assert_greedy_equals_hf_generate(cfg, params, model, new_tokens=32)
 
 
+@pytest.mark.parametrize("family", ["llama"], indirect=True)  # one GQA family is enough
 def test_sharded_import_equals_one_device(family):
     """Heads over y (4), FSDP weights over x (2): Llama's 2 key/value heads (4:1 grouping)
     do not split four ways and stay whole on each device."""
-    name, folder, _, _, _, tokens, ours = family
-    if name != "llama":
-        pytest.skip("one GQA family is enough")
+    _, folder, _, _, _, tokens, ours = family
     overrides = {"mesh_shape": "x:2,y:4", "layout": "batch:x,heads:y", "param_layout": "embd:x"}
     mesh = gpt_neo.make_mesh(import_hf(folder, overrides=overrides)[0])
     cfg, params = import_hf(folder, overrides=overrides, mesh=mesh)
@@ -326,12 +324,11 @@ def test_sharded_import_equals_one_device(family):
 # --- folder formats ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", ["qwen3"], indirect=True)  # one family is enough
 def test_bfloat16_and_sharded_folders_import(family, tmp_path):
     import torch
 
-    name, _, model, cfg, params, _, _ = family
-    if name != "qwen3":
-        pytest.skip("one family is enough")
+    _, _, model, cfg, params, _, _ = family
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     sharded_cfg, sharded = import_hf(tmp_path / "sharded")
