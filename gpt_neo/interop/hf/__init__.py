@@ -53,7 +53,6 @@ __all__ = [
     "EXPORT_DTYPES",
     "HF_ACTIVATIONS",
     "IMPORTABLE",
-    "KEYS_FROM_HF_FOLDER",
     "NOT_EXPORTABLE",
     "TOKENIZER_FILES",
     "Imported",
@@ -248,9 +247,6 @@ def _params(cfg: Config, tensors: list[Tensor], weights: dict, folder: Path, unu
 
 # --------------------------------------------------------------------------------------------
 # Import into a checkpoint that training continues
-
-# The keys an imported model takes from the HF folder; a run config's are dropped.
-KEYS_FROM_HF_FOLDER = ARCHITECTURE_KEYS
 
 
 @dataclass(frozen=True)
