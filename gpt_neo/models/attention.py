@@ -8,14 +8,16 @@ scores by 1/sqrt(head_dim) instead, as Llama, Mistral and Qwen do. Scores and so
 float32.
 
 Grouped-query attention (`n_kv_head` < n_head): query head i reads key/value head
-i // (n_head / n_kv_head), as Hugging Face's `repeat_kv` orders them. Training repeats each
-key/value head for its group before the kernel (every kernel then sees one key/value per query
-head); the decoding cache holds n_kv_head heads and groups the queries instead, so its memory
-and the bytes each generated token reads shrink by the group size.
+i // (n_head / n_kv_head), as Hugging Face's `repeat_kv` orders them. The XLA kernels and the
+decoding cache group the queries by the key/value head they read, so each key is multiplied by
+its whole group at once and never copied (the cache's memory and the bytes each generated token
+reads shrink by the group size); cuDNN, splash and linear attention get each key/value head
+repeated for its group.
 
 Kernels for softmax attention (config key `attention_kernel`):
-- `xla`: plain einsums, the reference every other kernel is tested against. Local layers use a
-  blocked form that costs O(T * window), not O(T^2).
+- `xla`: plain einsums, the reference every other kernel is tested against. Causal global
+  layers score each of `QUERY_BLOCKS` blocks of queries against the keys up to the block's end
+  only; local layers use a blocked form that costs O(T * window), not O(T^2).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on NVIDIA
   GPUs (bfloat16/float16 only, no attention dropout).
 - `splash`: Pallas splash attention on TPU (sequence a multiple of 128, no attention dropout,
@@ -54,6 +56,7 @@ from gpt_neo.models.positions import rotate, segment_begins
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 LINEAR_CHUNK = 64
+QUERY_BLOCKS = 4  # causal XLA attention: query blocks that skip the masked keys (dense_attention)
 
 
 class KVCache(NamedTuple):
@@ -136,7 +139,7 @@ def attention(
     # global layers only; a shared block (share_parameters) holds memory for its global uses
     memory = (p["mem_k"], p["mem_v"]) if "mem_k" in p and kind == "global" else None
     if cache is None:
-        k, v = (ungrouped(cfg, a) for a in (k, v))
+        k, v = (constrain(a, cfg, axes.GROUPED_KEYS_VALUES) for a in (k, v))
         out = _self_attention(cfg, kind, q, k, v, rng, memory, segments)
     else:
         out, cache = _cached_attention(cfg, kind, q, k, v, cache, memory)
@@ -176,9 +179,10 @@ def score_scale(cfg: Config) -> float:
 
 def _self_attention(cfg: Config, kind: str, q, k, v, rng, memory=None, segments=None):
     """Each position of the sequence attends to those before it (or, for a masked LM, around
-    it) in its segment, per the layer kind."""
+    it) in its segment, per the layer kind. k, v have `n_kv_head` heads."""
     causal = not cfg.mlm_training
     if kind == "linear":
+        k, v = ungrouped(cfg, k), ungrouped(cfg, v)
         if causal:
             return causal_linear_attention(q, k, v, segments=segments)
         if segments is not None:
@@ -281,6 +285,8 @@ def softmax_attention(
     every `memory` slot."""
     plain = not causal or memory is not None  # what only the XLA kernels compute
     kernel = resolve_kernel(cfg, q.dtype, q.shape[1], dropout_rate > 0, plain=plain)
+    if kernel in ("cudnn", "splash"):  # both take one key/value head per query head
+        k, v = ungrouped(cfg, k), ungrouped(cfg, v)
     if kernel == "cudnn":
         return dot_product_attention(
             q, k, v, scale=scale, window=window, implementation="cudnn", segments=segments
@@ -291,6 +297,8 @@ def softmax_attention(
         return blocked_local_attention(
             q, k, v, scale=scale, window=window, causal=causal, segments=segments
         )
+    # slicing a sharded sequence into query blocks would move each block to fewer devices
+    query_blocks = 1 if _sharded(cfg, axes.SEQ) else QUERY_BLOCKS
     return dense_attention(
         q,
         k,
@@ -302,6 +310,7 @@ def softmax_attention(
         causal=causal,
         memory=memory,
         segments=segments,
+        query_blocks=query_blocks,
     )
 
 
@@ -332,7 +341,7 @@ def _why_not(cfg: Config, kernel: str, dtype, seq_len: int, has_dropout: bool) -
         return None
     if has_dropout:
         return "it has no attention dropout (set attn_dropout to 0)"
-    if _seq_or_head_dim_sharded(cfg):
+    if _sharded(cfg, axes.SEQ, axes.KV_SEQ, axes.KV):
         return "the layout shards the sequence or the head dimension"
     if kernel == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
         return "cuDNN flash attention needs precision bfloat16"
@@ -343,12 +352,13 @@ def _why_not(cfg: Config, kernel: str, dtype, seq_len: int, has_dropout: bool) -
     return None
 
 
-def _seq_or_head_dim_sharded(cfg: Config) -> bool:
-    return any(axis in rules(cfg).activations for axis in (axes.SEQ, axes.KV_SEQ, axes.KV))
+def _sharded(cfg: Config, *logical: str) -> bool:
+    """Whether the layout splits any of these logical activation axes over devices."""
+    return any(axis in rules(cfg).activations for axis in logical)
 
 
 def _mask(scores, q_pos, k_pos, window, causal=True, length=None, q_seg=None, k_seg=None):
-    """Scores [batch, heads, q, k] of invisible keys (future ones when `causal`, outside the
+    """Scores [batch, ..., q, k] of invisible keys (future ones when `causal`, outside the
     window, before the start or, with `length`, past the end of the sequence, and with
     segments q_seg [batch, q] / k_seg [batch, k], another segment's) set to MASK_VALUE."""
     offset = q_pos[:, None] - k_pos[None, :]
@@ -360,8 +370,23 @@ def _mask(scores, q_pos, k_pos, window, causal=True, length=None, q_seg=None, k_
     if window is not None:
         visible &= (offset if causal else jnp.abs(offset)) < window
     if q_seg is not None and k_seg is not None:
-        visible = visible & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
+        same = q_seg[:, :, None] == k_seg[:, None, :]  # [batch, q, k]
+        visible = visible & same.reshape(same.shape[0], *(1,) * (scores.ndim - 3), *same.shape[1:])
     return jnp.where(visible, scores, MASK_VALUE)
+
+
+def _grouped(q, kv_heads: int):
+    """Queries [batch, seq, heads, head_dim] -> [batch, kv_heads, group, seq, head_dim], each
+    key/value head's group of query heads together (heads next to batch: XLA:CPU runs batched
+    matmuls with leading batch dims fastest)."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped_out(out):
+    """[batch, kv_heads, group, seq, head_dim] -> [batch, seq, heads, head_dim]."""
+    b, kv, g, t, d = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, d)
 
 
 def dense_attention(
@@ -376,34 +401,65 @@ def dense_attention(
     causal=True,
     memory=None,
     segments=None,
+    query_blocks=1,
 ):
-    """Reference: full [T, T] scores. q, k, v: [batch, seq, heads, head_dim]; `memory`
-    (mem_k, mem_v) [slots, heads, head_dim] adds keys every query (of any segment) sees."""
-    pos = jnp.arange(q.shape[1])
-    # heads next to batch: XLA:CPU runs batched matmuls with leading batch dims fastest
-    q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))  # [batch, heads, seq, head_dim]
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    scores = _mask(scores, pos, pos, window, causal, q_seg=segments, k_seg=segments)
-    if memory is not None:  # GPT-Neo prepends the memory slots to the keys and values
-        mem_k, mem_v = memory
-        mem_scores = jnp.einsum("bhqd,mhd->bhqm", q, mem_k, preferred_element_type=jnp.float32)
-        scores = jnp.concatenate([mem_scores, scores], axis=-1)
-        v = jnp.concatenate([_per_example(mem_v, v), v], axis=2)
-    probs = dropout(jax.nn.softmax(scores * scale, axis=-1), dropout_rate, rng)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v).swapaxes(1, 2)
+    """Reference: [T, T] scores. q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads,
+    head_dim], query head i reading key/value head i // (heads / kv_heads), without repeating
+    them (each key is multiplied by its whole group of queries at once); `memory` (mem_k,
+    mem_v) [slots, heads, head_dim] adds keys every query (of any segment) sees.
 
-
-def _per_example(mem_v, like):
-    """Memory values [slots, heads, head_dim] as `like`'s [batch, heads, slots, head_dim]."""
-    per_head = mem_v.swapaxes(0, 1).astype(like.dtype)
-    return jnp.broadcast_to(per_head, (like.shape[0], *per_head.shape))
+    Causal attention with `query_blocks` > 1 scores each block of queries against the keys up
+    to the block's end only, so most of the masked upper triangle is never computed: 4 blocks
+    compute 5/8 of the square. The result is the same; the blocks are sliced from the
+    sequence, so a layout that shards it passes 1."""
+    t, h, d = q.shape[1:]
+    kv_heads = k.shape[2]
+    qg = _grouped(q, kv_heads)
+    k, v = (a.transpose(0, 2, 1, 3) for a in (k, v))  # [batch, kv_heads, seq, head_dim]
+    if memory is not None:  # per query head, grouped like the queries: [slots, kv, group, d]
+        memory = tuple(m.reshape(m.shape[0], kv_heads, h // kv_heads, d) for m in memory)
+    pos = jnp.arange(t)
+    size = -(-t // query_blocks) if causal else t
+    outs = []
+    for start in range(0, t, size):
+        end = min(start + size, t)
+        seen = end if causal else t  # keys this block may see are all before `seen`
+        scores = jnp.einsum(
+            "bkgqd,bkld->bkgql",
+            qg[:, :, :, start:end],
+            k[:, :, :seen],
+            preferred_element_type=jnp.float32,
+        )
+        q_seg = k_seg = None
+        if segments is not None:
+            q_seg, k_seg = segments[:, start:end], segments[:, :seen]
+        scores = _mask(scores, pos[start:end], pos[:seen], window, causal, None, q_seg, k_seg)
+        slots = 0
+        if memory is not None:  # GPT-Neo prepends the memory slots to the keys
+            mem_scores = jnp.einsum(
+                "bkgqd,mkgd->bkgqm",
+                qg[:, :, :, start:end],
+                memory[0],
+                preferred_element_type=jnp.float32,
+            )
+            scores, slots = jnp.concatenate([mem_scores, scores], axis=-1), memory[0].shape[0]
+        block_rng = None if rng is None else jax.random.fold_in(rng, start)
+        probs = dropout(jax.nn.softmax(scores * scale, axis=-1), dropout_rate, block_rng)
+        probs = probs.astype(v.dtype)
+        out = jnp.einsum("bkgql,bkld->bkgqd", probs[..., slots:], v[:, :, :seen])
+        if memory is not None:
+            out += jnp.einsum("bkgqm,mkgd->bkgqd", probs[..., :slots], memory[1].astype(v.dtype))
+        outs.append(out)
+    return _ungrouped_out(jnp.concatenate(outs, axis=3))
 
 
 def blocked_local_attention(q, k, v, *, window: int, scale=1.0, causal: bool = True, segments=None):
     """Sliding-window attention in O(T * window): each block of `window` queries attends to its
     own block of keys and the previous one (and the next one when bidirectional), which
-    together hold every key it may see (segments [batch, seq] blocked the same way)."""
+    together hold every key it may see (segments [batch, seq] blocked the same way). k, v may
+    have fewer heads than q, as in `dense_attention`."""
     b, t, h, d = q.shape
+    kv_heads = k.shape[2]
     pad = -t % window
     if pad:
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
@@ -427,10 +483,12 @@ def blocked_local_attention(q, k, v, *, window: int, scale=1.0, causal: bool = T
     k_pos = jnp.arange(-window, window if causal else 2 * window)
 
     def one_block(qb, kb, vb, start, q_seg, k_seg):
-        scores = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32)
+        qg = _grouped(qb, kv_heads)
+        kb, vb = (a.transpose(0, 2, 1, 3) for a in (kb, vb))
+        scores = jnp.einsum("bkgqd,bkld->bkgql", qg, kb, preferred_element_type=jnp.float32)
         scores = _mask(scores, start + q_pos, start + k_pos, window, causal, t, q_seg, k_seg)
         probs = jax.nn.softmax(scores * scale, axis=-1)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(vb.dtype), vb)
+        return _ungrouped_out(jnp.einsum("bkgql,bkld->bkgqd", probs.astype(vb.dtype), vb))
 
     starts = jnp.arange(n) * window
     seg_blocks = seg_neighbourhood = None

@@ -12,7 +12,6 @@ from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.mesh import constrain
 from gpt_neo.models.activations import ACTIVATION_PARAMS, ACTIVATIONS
-from gpt_neo.models.platform import target_platform
 
 
 @dataclass(frozen=True)
@@ -83,23 +82,16 @@ def pre_norm(cfg: Config, p: dict | None, x: jax.Array) -> jax.Array:
         return x
     assert p is not None  # every norm but rezero's has parameters
     if cfg.scalenorm:  # GPT-Neo's scale_norm(): its norm() times a scalar, no bias
-        return layer_norm(_residual_point(x), {"scale": p["scale"]}, cfg.norm_eps)
+        return layer_norm(x, {"scale": p["scale"]}, cfg.norm_eps)
     return norm(cfg, p, x)
 
 
 def norm(cfg: Config, p: dict, x: jax.Array) -> jax.Array:
     """The configured `norm` of the residual stream x over its last axis (ln_f, and the
     blocks' by default)."""
-    x = _residual_point(x)
     if cfg.norm == "rmsnorm":
         return rms_norm(x, p["scale"], cfg.norm_eps)
     return layer_norm(x, p, cfg.norm_eps)
-
-
-def _residual_point(x: jax.Array) -> jax.Array:
-    """A norm's input taken from the residual stream: on CPU through `materialized_gradient`
-    (see there)."""
-    return materialized_gradient(x) if target_platform() == "cpu" else x
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
@@ -120,32 +112,6 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)).astype(x.dtype)
     return y * scale.astype(x.dtype)
-
-
-@jax.custom_vjp
-def materialized_gradient(x: jax.Array) -> jax.Array:
-    """Identity whose cotangent is computed once into a buffer (XLA:CPU only needs this).
-
-    Every LayerNorm input is a point of the residual stream, whose gradient is a sum of
-    elementwise terms over all later layers. XLA:CPU fuses that whole chain into each consumer
-    (the transposes feeding weight-gradient matmuls among them), recomputing it several times
-    per layer: O(layers^2) work, and 20% of a small model's step. It cannot be told not to
-    (optimization_barrier is lowered away before fusion on CPU), but it never fuses into a
-    matmul's output, so the cotangent goes through one: a product with the identity, which
-    costs 2 * tokens * n_embd^2 FLOPs, about 3% of a layer.
-    """
-    return x
-
-
-def _materialize_forward(x):
-    return x, None
-
-
-def _materialize_backward(_, g):
-    return (jnp.dot(g, jnp.eye(g.shape[-1], dtype=g.dtype), precision="highest"),)
-
-
-materialized_gradient.defvjp(_materialize_forward, _materialize_backward)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:

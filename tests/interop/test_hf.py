@@ -9,8 +9,14 @@ from jax.sharding import PartitionSpec as P
 import gpt_neo
 from gpt_neo.errors import ConfigError, DataError
 from gpt_neo.interop.hf import compress_attention_types, export_hf, hf_state_dict, import_hf
-from gpt_neo.training.step import loss_fn
-from tests.support.helpers import HF_CONFIG, hf_logits, random_hf_model, random_tokens, tiny_config
+from tests.support.helpers import (
+    HF_CONFIG,
+    assert_gradients_equal_transformers,
+    hf_logits,
+    random_hf_model,
+    random_tokens,
+    tiny_config,
+)
 
 PARITY_ATOL = 1e-4
 
@@ -38,24 +44,10 @@ def test_imported_logits_match_transformers(hf_folder):
 def test_training_gradients_match_transformers(hf_folder):
     """The loss and every parameter's gradient equal PyTorch autograd through HF GPT-Neo's
     forward on the same weights (the tied wte gathers both the embedding and head terms)."""
-    import jax
-    import torch
-
     folder, model = hf_folder
     cfg, params = import_hf(folder, overrides={"z_loss": 0.0})
     tokens = random_tokens(cfg, batch=2, length=64, seed=2)
-    (loss, _), grads = jax.jit(
-        jax.value_and_grad(lambda p: loss_fn(cfg, p, tokens, None), has_aux=True)
-    )(params)
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
-    model.zero_grad()
-    hf_loss = model(input_ids=ids, labels=ids).loss  # shifts labels itself
-    hf_loss.backward()
-    hf_grads = {name: p.grad.numpy() for name, p in model.named_parameters()}
-    assert abs(float(loss) - hf_loss.item()) < 1e-5
-    for name, ours in hf_state_dict(cfg, grads).items():
-        scale = np.abs(hf_grads[name]).max()
-        np.testing.assert_allclose(ours, hf_grads[name], atol=1e-4 * scale, err_msg=name)
+    assert_gradients_equal_transformers(cfg, params, model, tokens)
 
 
 def test_exported_folder_reloads_in_transformers_with_the_same_logits(hf_folder, tmp_path):

@@ -31,7 +31,12 @@ from gpt_neo.interop.hf import (
     import_to_checkpoint,
 )
 from gpt_neo.interop.hf.llama import half_split_to_interleaved, interleaved_to_half_split
-from tests.support.helpers import assert_greedy_equals_hf_generate, hf_logits, random_tokens
+from tests.support.helpers import (
+    assert_gradients_equal_transformers,
+    assert_greedy_equals_hf_generate,
+    hf_logits,
+    random_tokens,
+)
 
 PARITY_ATOL = 1e-4
 LENGTH = 64  # tokens per parity row: past every window and original rope context below
@@ -180,6 +185,16 @@ def test_logits_equal_transformers(family):
     diff = np.abs(ours - hf_logits(model, tokens)).max()
     print(f"{name}: max abs logit diff vs transformers {diff:.2e}")
     assert diff < PARITY_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"], indirect=True)
+def test_training_gradients_equal_transformers(family):
+    """The loss and every parameter's gradient equal PyTorch autograd through the family's
+    forward on the same weights: grouped keys read by blocks of queries (Llama, 4:1), one
+    key/value head in sliding windows (Mistral), QK-norm and alternating windows (Qwen3)."""
+    _, _, model, cfg, params, tokens, _ = family
+    assert_gradients_equal_transformers(cfg.replace(z_loss=0.0), params, model, tokens)
 
 
 # --- export: reloads in transformers, and round trips exactly ---------------------------------

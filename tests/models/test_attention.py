@@ -17,10 +17,10 @@ def qkv(t, h=2, d=16, batch=2, seed=0):
     return [jax.random.normal(k, (batch, t, h, d), jnp.float32) for k in keys]
 
 
-def numpy_softmax_attention(q, k, v, window=None):
+def numpy_softmax_attention(q, k, v, window=None, scale=1.0):
     return np.stack(
         [
-            reference.softmax_attention(*map(np.float64, x), window)
+            reference.softmax_attention(*map(np.float64, x), window, scale)
             for x in zip(q, k, v, strict=True)
         ]
     )
@@ -31,6 +31,61 @@ def test_dense_attention_matches_reference(window):
     q, k, v = qkv(21)
     expected = numpy_softmax_attention(q, k, v, window)
     np.testing.assert_allclose(attn.dense_attention(q, k, v, window=window), expected, atol=1e-5)
+
+
+def grouped_qkv(t, heads, kv_heads, d=16, batch=2, seed=0):
+    """Queries of `heads` heads; keys and values of `kv_heads` heads."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (batch, t, heads, d), jnp.float32)
+    k, v = (jax.random.normal(key, (batch, t, kv_heads, d), jnp.float32) for key in (kk, kv))
+    return q, k, v
+
+
+def repeated(a, heads):
+    """Hugging Face's `repeat_kv` in NumPy: each key/value head repeated for its group."""
+    return np.repeat(np.asarray(a), heads // a.shape[2], axis=2)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("query_blocks", [1, 4, 5])
+@pytest.mark.parametrize("window", [None, 5])
+def test_dense_attention_groups_queries_and_blocks_them(kv_heads, query_blocks, window):
+    # 21 positions in 4 or 5 query blocks: uneven blocks, the last one short
+    q, k, v = grouped_qkv(21, 4, kv_heads)
+    expected = numpy_softmax_attention(q, repeated(k, 4), repeated(v, 4), window, scale=0.3)
+    out = attn.dense_attention(q, k, v, window=window, query_blocks=query_blocks, scale=0.3)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_query_blocks_give_the_gradients_of_one_block():
+    q, k, v = grouped_qkv(33, 4, 2)
+    cotangent = jax.random.normal(jax.random.key(9), q.shape)
+
+    def grads(blocks):
+        def loss(q, k, v):
+            return jnp.vdot(attn.dense_attention(q, k, v, query_blocks=blocks), cotangent)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for got, want in zip(grads(4), grads(1), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_query_blocks_skip_most_of_the_masked_half():
+    def dense(blocks):
+        return lambda q, k, v: attn.dense_attention(q, k, v, query_blocks=blocks)
+
+    # 4 blocks score 1 + 2 + 3 + 4 of 16 key blocks: 5/8 of the square, plus softmax work
+    ratio = _flops(dense(4), 1024) / _flops(dense(1), 1024)
+    assert 0.55 < ratio < 0.7, ratio
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_blocked_local_attention_reads_grouped_keys(kv_heads):
+    q, k, v = grouped_qkv(37, 4, kv_heads)
+    expected = numpy_softmax_attention(q, repeated(k, 4), repeated(v, 4), 8)
+    out = attn.blocked_local_attention(q, k, v, window=8)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(("t", "window"), [(64, 8), (61, 8), (37, 16), (9, 8), (30, 1)])

@@ -175,11 +175,14 @@ SEGMENT_ROWS = [(10, 3, 30, 1, 20), (70,)]  # many short documents; one long doc
 
 
 @pytest.mark.parametrize("window", [None, 8])
-def test_softmax_kernels_stop_at_segment_boundaries(window):
+@pytest.mark.parametrize("query_blocks", [1, 3])
+def test_softmax_kernels_stop_at_segment_boundaries(window, query_blocks):
     q, k, v = _qkv(80)
     segments = _segments(80, SEGMENT_ROWS)
     expected = _segmented(reference.softmax_attention, q, k, v, segments, window=window)
-    dense = attn.dense_attention(q, k, v, window=window, segments=jnp.asarray(segments))
+    dense = attn.dense_attention(
+        q, k, v, window=window, segments=jnp.asarray(segments), query_blocks=query_blocks
+    )
     np.testing.assert_allclose(dense, expected, atol=1e-5)
     if window is not None:
         blocked = attn.blocked_local_attention(

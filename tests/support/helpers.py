@@ -167,6 +167,30 @@ SAMPLE_TEXTS = [
 GREEDY_PROMPTS = [[11, 22, 33], [5, 6, 7, 8, 9, 10, 12, 14, 200], [1]]
 
 
+def assert_gradients_equal_transformers(cfg, params, model, tokens):
+    """Our loss and every parameter's gradient equal PyTorch autograd through the Hugging Face
+    `model` (the same weights) on `tokens`, with the labels its forward shifts itself."""
+    import torch
+
+    from gpt_neo.interop.hf import hf_state_dict
+    from gpt_neo.training.step import loss_fn
+
+    (loss, _), grads = jax.jit(
+        jax.value_and_grad(lambda p: loss_fn(cfg, p, tokens, None), has_aux=True)
+    )(params)
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    model.zero_grad()
+    hf_loss = model(input_ids=ids, labels=ids).loss
+    hf_loss.backward()
+    hf_grads = {name: p.grad.numpy() for name, p in model.named_parameters()}
+    assert abs(float(loss) - hf_loss.item()) < 1e-5
+    ours = hf_state_dict(cfg, grads)
+    assert ours.keys() <= hf_grads.keys()
+    for name, grad in ours.items():
+        scale = np.abs(hf_grads[name]).max()
+        np.testing.assert_allclose(grad, hf_grads[name], atol=1e-4 * scale, err_msg=name)
+
+
 def assert_greedy_equals_hf_generate(cfg, params, model, new_tokens, prompts=GREEDY_PROMPTS):
     """`gpt_neo.generate` at temperature 0 equals transformers' greedy `generate` of `model`
     (no end-of-text: every row makes `new_tokens` tokens), prompt by prompt."""
