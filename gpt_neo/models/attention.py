@@ -16,8 +16,8 @@ repeated for its group.
 
 Kernels for softmax attention (config key `attention_kernel`):
 - `xla`: plain einsums, the reference every other kernel is tested against. Causal global
-  layers score each of `QUERY_BLOCKS` blocks of queries against the keys up to the block's end
-  only; local layers use a blocked form that costs O(T * window), not O(T^2).
+  layers score each block of queries (up to `QUERY_BLOCKS`) against the keys up to the
+  block's end only; local layers use a blocked form that costs O(T * window), not O(T^2).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on NVIDIA
   GPUs (bfloat16/float16 only, no attention dropout).
 - `splash`: Pallas splash attention on TPU (sequence a multiple of 128, no attention dropout,
@@ -56,7 +56,11 @@ from gpt_neo.models.positions import rotate, segment_begins
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 LINEAR_CHUNK = 64
-QUERY_BLOCKS = 4  # causal XLA attention: query blocks that skip the masked keys (dense_attention)
+# Causal XLA attention runs its queries in blocks that skip the masked keys (dense_attention):
+# at most this many blocks, of at least this many queries (shorter sequences gain too little to
+# pay for the extra compile time of more, smaller matmuls).
+QUERY_BLOCKS = 4
+MIN_QUERY_BLOCK = 64
 
 
 class KVCache(NamedTuple):
@@ -298,7 +302,7 @@ def softmax_attention(
             q, k, v, scale=scale, window=window, causal=causal, segments=segments
         )
     # slicing a sharded sequence into query blocks would move each block to fewer devices
-    query_blocks = 1 if _sharded(cfg, axes.SEQ) else QUERY_BLOCKS
+    query_blocks = 1 if _sharded(cfg, axes.SEQ) else query_blocks_for(q.shape[1])
     return dense_attention(
         q,
         k,
@@ -312,6 +316,11 @@ def softmax_attention(
         segments=segments,
         query_blocks=query_blocks,
     )
+
+
+def query_blocks_for(seq_len: int) -> int:
+    """How many query blocks causal XLA attention over `seq_len` positions runs in."""
+    return max(1, min(QUERY_BLOCKS, seq_len // MIN_QUERY_BLOCK))
 
 
 def resolve_kernel(cfg: Config, dtype, seq_len: int, has_dropout: bool, plain=False) -> str:

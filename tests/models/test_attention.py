@@ -71,6 +71,10 @@ def test_query_blocks_give_the_gradients_of_one_block():
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def test_query_blocks_are_at_most_four_of_at_least_64_queries():
+    assert [attn.query_blocks_for(t) for t in (32, 64, 128, 200, 256, 4096)] == [1, 1, 2, 3, 4, 4]
+
+
 def test_query_blocks_skip_most_of_the_masked_half():
     def dense(blocks):
         return lambda q, k, v: attn.dense_attention(q, k, v, query_blocks=blocks)
