@@ -31,6 +31,14 @@ batch:x, `param_layout` embd:x) on v5e:2x2 and v5e:4x4, at 2 sequences per chip 
 compiled memory per chip beside the planner's estimate (`gpt_neo.training.memory.plan`), their
 ratio, the compile time and the compiled FLOPs per step per chip; docs/model-families.md shows
 its table.
+
+    python bench/tpu_compile.py --long_context [--all_global] [--maxtext_python ...]
+
+compiles the 1.3B preset at n_ctx 32,768 on v5e:4x4 (batch 16: one sequence per chip,
+bfloat16, full remat) with FSDP alone and with the sequence split 4 and 8 ways (context
+parallelism, all-gather and ring, FSDP over every chip), beside MaxText's compile of the same
+shapes (`ici_context_parallelism`, its `context_parallel_strategy`); docs/long-context.md
+shows its table.
 """
 
 import argparse
@@ -208,6 +216,101 @@ def families() -> None:
             print("| " + " | ".join(row) + " |", flush=True)
 
 
+# --long_context: the 1.3B preset at n_ctx 32,768 on v5e:4x4, one sequence per chip
+LONG_SLICE, LONG_CTX, LONG_CHIPS = "v5e:4x4", 32768, 16
+LONG_LAYOUTS = {  # ours; MaxText's parallelism for the same split (None: not run)
+    "FSDP x:16": (
+        {"mesh_shape": "x:16", "layout": "batch:x", "param_layout": "embd:x"},
+        {"ici_fsdp_parallelism": 16},
+    ),
+    **{
+        f"sequence {split} ({how}), FSDP": (
+            {
+                "mesh_shape": f"x:{LONG_CHIPS // split},y:{split}",
+                "layout": "batch:x,sequence:y",
+                "param_layout": "embd:x+y",
+                "context_parallel": how,
+            },
+            {
+                "ici_fsdp_parallelism": LONG_CHIPS // split,
+                "ici_context_parallelism": split,
+                "context_parallel_strategy": how,
+                # MaxText's ring runs on the tokamax splash kernel only
+                **({"use_tokamax_splash": True} if how == "ring" else {}),
+            },
+        )
+        for split in (4, 8)
+        for how in ("all_gather", "ring")
+    },
+}
+MAXTEXT_LONG = {  # the same shapes in MaxText's keys
+    "compile_topology": "v5e-16",
+    "ici_data_parallelism": 1,
+    "max_target_length": LONG_CTX,
+    "trainable_position_size": LONG_CTX,
+    "per_device_batch_size": 1,
+    "allow_split_physical_axes": True,  # fsdp 2 x context 8 on a 4x4 slice
+    "attention": "flash",  # splash; MaxText's ring requires it
+}
+
+
+def long_config(layout: str, all_global: bool):
+    cfg = load_config(str(REPO / PRESETS["1.3B"])).replace(
+        n_ctx=LONG_CTX,
+        train_batch_size=LONG_CHIPS,
+        precision="bfloat16",
+        recompute_grad=True,
+        **LONG_LAYOUTS[layout][0],
+    )
+    if all_global:
+        cfg = cfg.replace(attention_types=[[["global"], cfg.n_layer]])
+    return cfg
+
+
+def long_context(side: str | None, all_global: bool) -> None:
+    """The table of --long_context: ours (and MaxText's) compiled memory and FLOPs per chip."""
+    devices = aot.topology_devices(LONG_SLICE)
+    hbm = aot.hbm_bytes(devices) / GIB
+    layers = "every layer global" if all_global else "global and local layers (window 256)"
+    print(
+        f"1.3B at n_ctx {LONG_CTX} on {LONG_SLICE} (HBM {hbm:.2f} GiB per chip), batch "
+        f"{LONG_CHIPS} (one sequence per chip), bfloat16, full remat, AdamW, {layers}"
+    )
+    header = ["layout", "planner", "ours: args + temp", "ours: FLOPs", "ours: compile"]
+    if side:
+        header += ["MaxText: args + temp", "MaxText: FLOPs", "MaxText: compile"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, (_, maxtext_keys) in LONG_LAYOUTS.items():
+        cfg = long_config(name, all_global)
+        row = [name, f"{plan(cfg).train_total / GIB:.2f} GiB"]
+        try:
+            c = aot.compile_train_step(cfg, devices)
+            row += cells(
+                {
+                    "arguments": c.arguments,
+                    "temporaries": c.temporaries,
+                    "flops": c.flops,
+                    "seconds": c.seconds,
+                }
+            )
+        except aot.DoesNotFit as err:
+            needs = re.search(r"XLA needs (\S+) for HLO temporaries", str(err))
+            row += cells(
+                {"error": f"does not fit (temp {needs.group(1)})" if needs else "does not fit"}
+            )
+        if side:
+            try:
+                other = maxtext_compile(
+                    side, "1.3B", "fsdp", False, overrides={**MAXTEXT_LONG, **maxtext_keys}
+                )
+            except RuntimeError as err:
+                other = failed("MaxText", "1.3B", name, err)
+            row += cells(other)
+        print("| " + " | ".join(row) + " |", flush=True)
+    print(f"ours: jax {version('jax')}, libtpu {version('libtpu')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
@@ -222,7 +325,15 @@ def main() -> None:
         action="store_true",
         help="compile the Llama and Qwen presets (FSDP, v5e:2x2 and v5e:4x4) instead",
     )
+    parser.add_argument(
+        "--long_context",
+        action="store_true",
+        help=f"compile 1.3B at n_ctx {LONG_CTX} on {LONG_SLICE}, with and without a sequence split",
+    )
     args = parser.parse_args()
+    if args.long_context:
+        long_context(args.maxtext_python, args.all_global)
+        return
     if args.families:
         families()
         return

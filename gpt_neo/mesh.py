@@ -150,6 +150,9 @@ def rules(cfg: Config, source: str = "config") -> Rules:
         _parse_rules(cfg.param_layout, "param_layout", known, source) if cfg.param_layout else {}
     )
     parameters = {**activations, **overrides}
+    if axes.SEQ in activations and axes.KV_SEQ not in activations:
+        # keys and values stay with the tokens they come from (context parallelism)
+        activations[axes.KV_SEQ] = activations[axes.SEQ]
     return Rules(_with_kv_heads(cfg, activations, sizes), _with_kv_heads(cfg, parameters, sizes))
 
 
@@ -272,6 +275,59 @@ def check_layout(cfg: Config, source: str = "config", sizes: dict[str, int] | No
                 f"{source}: {key} maps {where}, which does not divide it. Change mesh_shape, "
                 f"{key}, or the size of '{logical}'."
             )
+    _check_sequence_split(cfg, sizes, source)
+
+
+def _check_sequence_split(cfg: Config, sizes: dict[str, int], source: str) -> None:
+    """Refuse a sequence split that context parallelism (`gpt_neo.models.context`) cannot run."""
+    seq_axes = rules(cfg, source).activations.get(axes.SEQ, ())
+    split = split_size(sizes, seq_axes) if seq_axes else 1
+    if split == 1:
+        return
+    where = f"layout splits 'sequence' {split} ways (mesh axes {'+'.join(seq_axes)})"
+    chunks = split if cfg.mlm_training else 2 * split
+    if cfg.n_ctx % chunks:
+        order = "" if cfg.mlm_training else " (2 chunks per device, for causal load balance)"
+        raise ConfigError(
+            f"{source}: {where}, which needs n_ctx to be a multiple of {chunks}{order}; "
+            f"n_ctx is {cfg.n_ctx}. Pick an n_ctx that {chunks} divides, or split 'sequence' "
+            "fewer ways."
+        )
+    if cfg.attn_dropout > 0:
+        raise ConfigError(
+            f"{source}: {where}, and context-parallel attention has no attention dropout; set "
+            "attn_dropout to 0 or do not split the sequence."
+        )
+    if cfg.num_mem_kv:
+        raise ConfigError(
+            f"{source}: {where}, and context-parallel attention has no memory slots "
+            "(num_mem_kv); remove num_mem_kv or do not split the sequence."
+        )
+    if cfg.attention_kernel in ("cudnn", "splash"):
+        raise ConfigError(
+            f"{source}: {where}, and attention_kernel '{cfg.attention_kernel}' computes whole "
+            "sequences only; set attention_kernel to 'auto' or 'xla' (context-parallel "
+            "attention uses its own kernel)."
+        )
+    if axes.KV in rules(cfg, source).activations:
+        raise ConfigError(
+            f"{source}: {where} and also 'features_per_head'; context-parallel attention needs "
+            "each head's features on one device. Remove features_per_head from the layout."
+        )
+    if cfg.context_parallel == "ring" and cfg.mlm_training:
+        raise ConfigError(
+            f"{source}: context_parallel 'ring' runs causal attention only, and this model has "
+            "mlm_training; set context_parallel to 'all_gather'."
+        )
+    chunk = cfg.n_ctx // chunks
+    window = cfg.local_attention_radius
+    if cfg.context_parallel == "ring" and "local" in cfg.attention_types and window - 1 > chunk:
+        raise ConfigError(
+            f"{source}: context_parallel 'ring' over chunks of {chunk} tokens (n_ctx "
+            f"{cfg.n_ctx} / {chunks}), shorter than the local window's {window - 1} earlier "
+            "keys: a local layer would need more than its neighbour's chunk. Set "
+            "context_parallel to 'all_gather', or split 'sequence' fewer ways."
+        )
 
 
 def _check_tensors(table: dict[str, MeshAxes], tensors: dict, key: str, source: str) -> None:

@@ -20,6 +20,7 @@ AttentionType = Literal["global", "local", "linear", "none"]
 Precision = Literal["float32", "bfloat16"]
 LrDecay = Literal["cosine", "linear", "constant"]
 AttentionKernel = Literal["auto", "xla", "cudnn", "splash"]
+ContextParallel = Literal["all_gather", "ring"]
 Norm = Literal["layernorm", "rmsnorm"]
 InputFn = Literal["sequential_input", "generic_text"]
 # GPT-Neo's activation names; gpt_neo.models.activations implements each (a test holds them
@@ -331,6 +332,12 @@ class Run:
     unless `param_layout` says otherwise; missing means `batch` on the first mesh axis. A
     dimension may be split over several mesh axes: `batch:x+z`. `"auto"`: chosen for the given
     mesh, with `param_layout`."""
+    context_parallel: ContextParallel = "all_gather"
+    """How attention reaches the keys of other devices when `layout` splits the sequence
+    (`sequence:AXIS`, context parallelism): `all_gather` gathers every device's keys and
+    values, `ring` passes them from device to device while it computes. Both give the same
+    numbers (`gpt_neo.models.context`; docs/long-context.md says when to pick which). Not a
+    GPT-Neo key."""
     param_layout: str | None = None
     """Rules for parameters (and their gradients and optimizer state), same syntax as `layout`,
     applied on top of it: `"embd:x"` with `layout` `"batch:x"` shards every weight over the

@@ -31,7 +31,7 @@ from gpt_neo import axes
 from gpt_neo.config import Config, require_causal
 from gpt_neo.errors import ConfigError
 from gpt_neo.inference.apply import mesh_of
-from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size
+from gpt_neo.mesh import activation_sharding, constrain, data_parallel_size, pieces, rules
 from gpt_neo.models.blocks import COMPUTE_DTYPES, DecodeCache, cast_params
 from gpt_neo.models.gpt import forward, head, trunk
 from gpt_neo.models.positions import segment_positions
@@ -109,18 +109,26 @@ class Decoder:
     sampling: Sampling
     max_new: int
     eos_id: int | None
+    # the cache's length is a multiple of this: the devices a sequence is split over
+    slot_multiple: int = 1
+
+    def cache_length(self, prompt_len: int) -> int:
+        """Slots for the prompt and the new tokens, rounded up to `slot_multiple` (the slots
+        past the last new token are never written and, being later, never seen)."""
+        return -(-(prompt_len + self.max_new) // self.slot_multiple) * self.slot_multiple
 
     def key_valid(self, prompts, lengths):
         """[batch, cache length]: slots holding a real token (not left padding)."""
         pad = prompts.shape[1] - lengths
-        return jnp.arange(prompts.shape[1] + self.max_new)[None, :] >= pad[:, None]
+        return jnp.arange(self.cache_length(prompts.shape[1]))[None, :] >= pad[:, None]
 
     def cache_segments(self, segments):
         """Packed prompts' segment per cache slot [batch, cache length]: the prompt's, then
         the row's last segment for every generated token (None: rows are not packed)."""
         if segments is None:
             return None
-        last = jnp.broadcast_to(segments[:, -1:], (segments.shape[0], self.max_new))
+        new_slots = self.cache_length(segments.shape[1]) - segments.shape[1]
+        last = jnp.broadcast_to(segments[:, -1:], (segments.shape[0], new_slots))
         return jnp.concatenate([segments, last], axis=1)
 
     def next_position(self, lengths, segments, i):
@@ -136,7 +144,7 @@ class Decoder:
             positions = jnp.maximum(slots[None, :] - (prompt_len - lengths)[:, None], 0)
         else:
             positions = segment_positions(segments)  # left padding is a segment of its own
-        layers = _empty_cache(self.cfg, batch, prompt_len + self.max_new)
+        layers = _empty_cache(self.cfg, batch, self.cache_length(prompt_len))
         valid = self.key_valid(prompts, lengths)
         cache = DecodeCache(layers, slots, valid, self.cache_segments(segments))
         x, cache, _ = trunk(self.cfg, params, prompts, positions=positions, cache=cache)
@@ -213,9 +221,10 @@ def generate(
     if not prompts:
         return []
     eos_id = cfg.eos_id if eos_id is None else eos_id
-    rows, lengths, max_new = _prepare(cfg, prompts, max_new_tokens)
-    segments = None if segment_ids is None else _packed_segments(prompts, segment_ids, rows)
     mesh = mesh_of(params)
+    split = 1 if mesh is None else pieces(dict(mesh.shape), rules(cfg).activations, axes.SEQ)
+    rows, lengths, max_new = _prepare(cfg, prompts, max_new_tokens, split)
+    segments = None if segment_ids is None else _packed_segments(prompts, segment_ids, rows)
     rows, lengths, n_real = _pad_batch_for_mesh(cfg, mesh, rows, lengths)
     if segments is not None:
         segments = np.concatenate([segments, np.repeat(segments[-1:], len(rows) - n_real, 0)])
@@ -229,7 +238,7 @@ def generate(
         if mesh is not None:
             tokens, seg = jax.device_put((tokens, seg), activation_sharding(mesh, cfg, axes.TOKENS))
         lengths = jnp.asarray(lengths)
-        decoder = Decoder(cfg, sampling, max_new, eos_id)
+        decoder = Decoder(cfg, sampling, max_new, eos_id, split)
         if on_token is None:
             out = np.asarray(_compiled(decoder)[0](params, tokens, lengths, rng, seg))
         else:
@@ -262,9 +271,10 @@ def _until_eos(tokens: list, eos_id: int | None) -> list[int]:
     return tokens
 
 
-def _prepare(cfg: Config, prompts, max_new_tokens: int):
-    """Left-pad prompts to one length, truncating any longer than n_ctx - 1 from the left; cap
-    the new tokens so that no row passes n_ctx positions."""
+def _prepare(cfg: Config, prompts, max_new_tokens: int, multiple: int = 1):
+    """Left-pad prompts to one length (a multiple of `multiple`: the devices a sequence is
+    split over), truncating any longer than n_ctx - 1 from the left; cap the new tokens so
+    that no row passes n_ctx positions."""
     limit = cfg.n_ctx - 1
     prompts = [list(map(int, p)) for p in prompts]
     if any(len(p) == 0 for p in prompts):
@@ -289,6 +299,7 @@ def _prepare(cfg: Config, prompts, max_new_tokens: int):
             stacklevel=3,
         )
     # Left padding is masked out as keys; it holds padding_id, as GPT-Neo padded prompts.
+    prompt_len = -(-prompt_len // multiple) * multiple
     rows = np.full((len(prompts), prompt_len), cfg.padding_id or 0, np.int32)
     for row, p in zip(rows, prompts, strict=True):
         row[prompt_len - len(p) :] = p

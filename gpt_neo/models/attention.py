@@ -131,15 +131,7 @@ def attention(
     `positions` [batch, seq] are x's positions, which rotary needs (default 0..seq-1).
     `segments` [batch, seq]: packed documents' ids (module docstring); None: one sequence.
     """
-    q, k, v = (project_in(x, p[name], p.get(f"{name}_bias")) for name in "qkv")
-    if cfg.qk_norm:  # Qwen3: before rotary
-        q = rms_norm(q, p["q_norm"]["scale"], cfg.norm_eps)
-        k = rms_norm(k, p["k_norm"]["scale"], cfg.norm_eps)
-    if cfg.rotary_emb:
-        if positions is None:
-            positions = jnp.arange(x.shape[1])[None, :]
-        q, k = rotate(cfg, q, positions), rotate(cfg, k, positions)
-    q = constrain(q, cfg, axes.QUERIES)
+    q, k, v = queries_keys_values(cfg, p, x, positions)
     # global layers only; a shared block (share_parameters) holds memory for its global uses
     memory = (p["mem_k"], p["mem_v"]) if "mem_k" in p and kind == "global" else None
     if cache is None:
@@ -148,6 +140,21 @@ def attention(
     else:
         out, cache = _cached_attention(cfg, kind, q, k, v, cache, memory)
     return project_out(constrain(out, cfg, axes.QUERIES), p), cache
+
+
+def queries_keys_values(cfg: Config, p: dict, x: jax.Array, positions=None):
+    """x [batch, seq, embd] -> q [batch, seq, heads, head_dim], k and v [batch, seq,
+    kv_heads, head_dim]: projected (with their biases), q and k normed (`qk_norm`) and
+    rotated (`rotary_emb`, at `positions`, default 0..seq-1)."""
+    q, k, v = (project_in(x, p[name], p.get(f"{name}_bias")) for name in "qkv")
+    if cfg.qk_norm:  # Qwen3: before rotary
+        q = rms_norm(q, p["q_norm"]["scale"], cfg.norm_eps)
+        k = rms_norm(k, p["k_norm"]["scale"], cfg.norm_eps)
+    if cfg.rotary_emb:
+        if positions is None:
+            positions = jnp.arange(x.shape[1])[None, :]
+        q, k = rotate(cfg, q, positions), rotate(cfg, k, positions)
+    return constrain(q, cfg, axes.QUERIES), k, v
 
 
 def project_in(x, w, bias=None):
@@ -519,7 +526,7 @@ def bidirectional_linear_attention(q, k, v):
 
 
 def causal_linear_attention(
-    q, k, v, *, chunk: int = LINEAR_CHUNK, eps: float = 1e-6, segments=None
+    q, k, v, *, chunk: int = LINEAR_CHUNK, eps: float = 1e-6, segments=None, initial=None
 ):
     """GPT-Neo's causal linear attention without its [b, s, h, d, d] cumulative tensor.
 
@@ -532,15 +539,26 @@ def causal_linear_attention(
     a chunk the scores are masked by segment, and the state carried out of a chunk holds the
     keys of the segment still open at its end (the previous state too if that segment began
     before the chunk); a chunk's queries add it only if they belong to that segment.
+
+    `initial` (sum of exp(k) (x) v [b, h, d, e], sum of exp(k) [b, h, d], their segment's id
+    [b]) continues a sequence whose earlier tokens are elsewhere (context parallelism): the
+    sums of its segment still open where this part begins.
     """
     dtype = v.dtype
     q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
     k = jnp.exp(k.astype(jnp.float32))
     v = v.astype(jnp.float32)
-    normaliser = jnp.einsum("bthd,bthd->bth", q, _segment_cumsum(k, segments) + eps)[..., None]
     b, t, h, d = q.shape
+    key_sums = _segment_cumsum(k, segments)
     if segments is None:
         segments = jnp.ones((b, t), jnp.int32)
+    state = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
+    open_segment = segments[:, 0]
+    if initial is not None:
+        state, earlier_key_sum, open_segment = initial
+        continues = (segments == open_segment[:, None]).astype(jnp.float32)
+        key_sums = key_sums + earlier_key_sum[:, None] * continues[:, :, None, None]
+    normaliser = jnp.einsum("bthd,bthd->bth", q, key_sums + eps)[..., None]
     pad = -t % chunk
     if pad:  # trailing zeros: later positions never influence earlier ones
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
@@ -564,8 +582,7 @@ def causal_linear_attention(
         state = state_in + jnp.einsum("bkhd,bkhe,bk->bhde", kc, vc, in_last)
         return (state, last), out
 
-    state = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
-    _, out = jax.lax.scan(step, (state, segs[0, :, 0]), (q, k, v, segs))
+    _, out = jax.lax.scan(step, (state, open_segment), (q, k, v, segs))
     out = out.swapaxes(0, 1).reshape(b, n * chunk, h, -1)[:, :t]
     return (out / normaliser).astype(dtype)
 

@@ -18,6 +18,7 @@ from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.mesh import constrain
 from gpt_neo.models import attention as attn_lib
+from gpt_neo.models import context
 from gpt_neo.models import moe as moe_lib
 from gpt_neo.models import stack as stack_lib
 from gpt_neo.models.layers import dropout as dropout_fn
@@ -204,16 +205,13 @@ def block(
     if cfg.macaron:
         x = add(x, 0.5 * mlp(cfg, p["mlp_macaron"], x), rng=macaron_rng)
     if kind != "none":
-        h, cache = attn_lib.attention(
-            cfg,
-            kind,
-            p["attn"],
-            pre_norm(cfg, p.get("ln_1"), x),
-            attn_rng,
-            cache,
-            positions,
-            segments,
-        )
+        normed = pre_norm(cfg, p.get("ln_1"), x)
+        if cache is None and context.context_size(cfg) > 1:  # the sequence split over devices
+            h = context.attention_layer(cfg, kind, p["attn"], normed, positions, segments)
+        else:
+            h, cache = attn_lib.attention(
+                cfg, kind, p["attn"], normed, attn_rng, cache, positions, segments
+            )
         x = add(x, h, "attn", res_rng)
     elif cfg.gpt_neo_none_layers:
         x = add(x, x, "attn")  # GPT-Neo's `a = x`

@@ -46,6 +46,7 @@ from gpt_neo.mesh import (
     param_sharding,
 )
 from gpt_neo.models import attention as attn_lib
+from gpt_neo.models import context
 from gpt_neo.models import loss as loss_lib
 from gpt_neo.models import moe as moe_lib
 from gpt_neo.models import stack as stack_lib
@@ -284,6 +285,13 @@ def trunk(
         if positions is None:
             positions = segment_positions(segment_ids)
     keys = None if rng is None else jax.random.split(rng, cfg.n_layer + 1)
+    balance = cache is None and context.balanced(cfg)
+    if balance:  # context parallelism: each device holds two opposite chunks (models.context)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+        tokens, positions = context.to_balanced(cfg, tokens), context.to_balanced(cfg, positions)
+        if segment_ids is not None:
+            segment_ids = context.to_balanced(cfg, segment_ids)
     x = embed(cfg, params, tokens, position_embedding(cfg, params, positions, t))
     if positions is None:
         positions = jnp.arange(t)[None, :]
@@ -291,7 +299,10 @@ def trunk(
         dropout_fn(x, cfg.embed_dropout, None if keys is None else keys[-1]), cfg, axes.HIDDEN
     )
     layer_keys = None if keys is None else keys[:-1]
-    return run_blocks(cfg, params, x, layer_keys, cache, positions, train, segment_ids)
+    x, cache, moe_stats = run_blocks(
+        cfg, params, x, layer_keys, cache, positions, train, segment_ids
+    )
+    return (context.to_contiguous(cfg, x) if balance else x), cache, moe_stats
 
 
 def embed(cfg: Config, params: Params, tokens: Tokens, position_rows) -> jax.Array:

@@ -11,8 +11,9 @@ The search has three steps:
    - microbatches (`tokens_per_mb_per_replica`), when that key is unset.
    `mesh.check_layout` drops what cannot work (a dimension its axes do not divide).
 2. **Rank** by whether the planner's memory fits the chip (its accuracy against the compiler,
-   `PLANNER_MARGIN`, separates "fits" from "may fit"), then by a roofline estimate of the step
-   time (`estimate`), then by fewer microbatches, fewer bytes sent and less memory.
+   `PLANNER_MARGIN`, separates "fits" from "may fit"), then without a sequence split before
+   with one, then by a roofline estimate of the step time (`estimate`), then by fewer
+   microbatches, fewer bytes sent and less memory.
 3. **Confirm** by compiling the best candidate's train step for those devices (a TPU slice's
    ahead of time, or the ones present) and keeping it if the compiler's memory fits the chip;
    else the next one, `CONFIRM_TRIES` at most.
@@ -44,10 +45,18 @@ from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import check_layout, mesh_axes, parse_mesh_shape, pieces, rules
 from gpt_neo.models.gpt import COMPUTE_DTYPES, flops_per_token
 from gpt_neo.planning import aot
-from gpt_neo.training.memory import MemoryPlan, memory_per_device, num_microbatches, plan, weights
+from gpt_neo.training.memory import (
+    MemoryPlan,
+    context_bytes_sent,
+    memory_per_device,
+    num_microbatches,
+    plan,
+    weights,
+)
 from gpt_neo.training.metrics import FLOP_CONVENTION
 
-DATA_AXIS, TENSOR_AXIS = "data", "tensor"  # the axes of a mesh the search shapes
+DATA_AXIS, TENSOR_AXIS, SEQUENCE_AXIS = "data", "tensor", "context"  # the axes it shapes
+JOBS = ("data", "tensor", "sequence")  # what a given mesh axis may do
 TENSOR_DIMS = ("heads", "intermediate_expanded", "vocab")  # Megatron's splits, GPT-Neo names
 PLANNER_MARGIN = 0.10  # the planner against the compiler (tests/training/test_memory.py)
 CONFIRM_TRIES = 3
@@ -66,6 +75,7 @@ class Split:
     fsdp: bool = False
     experts_on_data: bool = False
     microbatches: int = 1
+    sequence: tuple[str, ...] = ()  # axes that split each sequence (context parallelism)
 
     @property
     def data_size(self) -> int:
@@ -74,9 +84,9 @@ class Split:
 
     def describe(self) -> str:
         jobs = [
-            f"{name}:{size} {'data' if name in self.data else 'tensor'}-parallel"
+            f"{name}:{size} {self._job(name)}-parallel"
             for name, size in self.mesh
-            if name in self.data + self.tensor
+            if name in self.data + self.tensor + self.sequence
         ]
         text = " + ".join(jobs) or "one device"
         if self.fsdp:
@@ -86,6 +96,9 @@ class Split:
         if self.microbatches > 1:
             text += f", {self.microbatches} microbatches"
         return text
+
+    def _job(self, axis: str) -> str:
+        return "data" if axis in self.data else "tensor" if axis in self.tensor else "sequence"
 
 
 @dataclass(frozen=True)
@@ -98,11 +111,19 @@ class Estimate:
     tensor: float  # tensor-parallel all-reduces of activations: on the critical path
     experts: float  # MoE all-to-alls of tokens: on the critical path
     bytes_sent: float
+    context: float = 0.0  # context-parallel keys and values: the ring overlaps them
+    context_overlapped: bool = True
 
     @property
     def seconds(self) -> float:
         # compute, HBM traffic and gradient traffic overlap: the slowest bounds the step
-        return max(self.compute, self.memory, self.data) + self.tensor + self.experts
+        overlapped = [self.compute, self.memory, self.data]
+        exposed = self.tensor + self.experts
+        if self.context_overlapped:
+            overlapped.append(self.context)
+        else:
+            exposed += self.context
+        return max(overlapped) + exposed
 
     def why(self) -> str:
         overlapped = {"compute": self.compute, "HBM": self.memory, "gradient traffic": self.data}
@@ -115,6 +136,9 @@ class Estimate:
             text += f" + tensor all-reduces {_ms(self.tensor)}"
         if self.experts:
             text += f" + expert all-to-alls {_ms(self.experts)}"
+        if self.context:
+            how = "overlapped" if self.context_overlapped else "gathered"
+            text += f" + context keys/values {_ms(self.context)} ({how})"
         return text
 
 
@@ -142,6 +166,9 @@ class Candidate:
     def rank_key(self):
         return (
             self.tier,
+            # a sequence split only where nothing else fits as well: it adds traffic that the
+            # roofline may hide, and per-chunk attention (gpt_neo.models.context)
+            bool(self.split.sequence),
             self.cost.seconds,
             self.unrolled,  # the same split scanned compiles faster
             self.split.microbatches,
@@ -245,34 +272,41 @@ def splits(cfg: Config, n_devices: int) -> list[Split]:
     keys = auto_keys(cfg)
     if "mesh_shape" in keys:
         meshes = []
-        for tensor_size in _divisors(n_devices):
-            shape = {DATA_AXIS: n_devices // tensor_size, TENSOR_AXIS: tensor_size}
+        for second, size in itertools.product((TENSOR_AXIS, SEQUENCE_AXIS), _divisors(n_devices)):
+            if second == SEQUENCE_AXIS and size == 1:
+                continue  # the same mesh as tensor:1
+            shape = {DATA_AXIS: n_devices // size, second: size}
             mesh = tuple((a, s) for a, s in shape.items() if s > 1) or ((DATA_AXIS, 1),)
             named = dict(mesh)
-            data, tensor = ((a,) if a in named else () for a in (DATA_AXIS, TENSOR_AXIS))
-            meshes.append((mesh, data, tensor))
+            data, tensor, sequence = (
+                (a,) if a in named else () for a in (DATA_AXIS, TENSOR_AXIS, SEQUENCE_AXIS)
+            )
+            meshes.append((mesh, data, tensor, sequence))
     else:
         sizes = parse_mesh_shape(cfg.mesh_shape) if cfg.mesh_shape else {"x": n_devices}
         mesh = tuple(sizes.items())
-        if "layout" in keys:  # every assignment of data/tensor to the given axes
+        if "layout" in keys:  # every assignment of data/tensor/sequence to the given axes
             meshes = []
-            for tensor_flags in itertools.product((False, True), repeat=len(mesh)):
-                tensor = tuple(a for (a, _), t in zip(mesh, tensor_flags, strict=True) if t)
-                data = tuple(a for a, _ in mesh if a not in tensor)
-                meshes.append((mesh, data, tensor))
-        else:  # only param_layout: the layout's batch axes are the data axes
-            data = rules(cfg.replace(param_layout=None)).activations.get(axes.BATCH, ())
-            meshes = [(mesh, data, ())]
+            for jobs in itertools.product(JOBS, repeat=len(mesh)):
+                data, tensor, sequence = (
+                    tuple(a for (a, _), j in zip(mesh, jobs, strict=True) if j == job)
+                    for job in JOBS
+                )
+                meshes.append((mesh, data, tensor, sequence))
+        else:  # only param_layout: the layout's batch and sequence axes stay as they are
+            current = rules(cfg.replace(param_layout=None)).activations
+            data, sequence = current.get(axes.BATCH, ()), current.get(axes.SEQ, ())
+            meshes = [(mesh, data, (), sequence)]
     choose_fsdp = "param_layout" in keys
     choose_experts = "layout" in keys and bool(cfg.moe_layers)
     result = []
-    for mesh, data, tensor in meshes:
+    for mesh, data, tensor, sequence in meshes:
         for fsdp, experts, micro in itertools.product(
-            (False, True) if choose_fsdp and data else (False,),
+            (False, True) if choose_fsdp and (data or sequence) else (False,),
             (False, True) if choose_experts and data else (False,),
             _microbatch_options(cfg, Split(mesh, data, tensor).data_size),
         ):
-            result.append(Split(mesh, data, tensor, fsdp, experts, micro))
+            result.append(Split(mesh, data, tensor, fsdp, experts, micro, sequence))
     return result
 
 
@@ -314,9 +348,12 @@ def split_config(cfg: Config, split: Split) -> Config:
                 parts.append(f"expert_hidden:{tensor}")
         if split.experts_on_data:
             parts.append(f"experts:{data}")
+        if split.sequence:
+            parts.append(f"sequence:{'+'.join(split.sequence)}")
         changes["layout"] = ",".join(parts) or f"batch:{split.mesh[0][0]}"
-    if "param_layout" in keys:
-        changes["param_layout"] = f"embd:{data}" if split.fsdp else None
+    if "param_layout" in keys:  # FSDP: weights split over every axis that splits tokens
+        fsdp_axes = "+".join(split.data + split.sequence)
+        changes["param_layout"] = f"embd:{fsdp_axes}" if split.fsdp else None
     if "tokens_per_mb_per_replica" in keys and split.microbatches > 1:
         per_replica = required_batch(cfg) // split.data_size
         changes["tokens_per_mb_per_replica"] = per_replica // split.microbatches * cfg.n_ctx
@@ -352,15 +389,18 @@ def estimate(cfg: Config, chip: hardware.Chip) -> Estimate:
         copies = residual * cfg.moe.experts_per_token
         expert_bytes = len(cfg.moe_layers) * 2 * passes * copies * (experts - 1) / experts
     used = weights(cfg, every_layer=True).gathered  # what the matmuls read: split by tensor only
-    if cfg.param_layout and data > 1:  # FSDP: gather per pass, reduce-scatter float32 grads
-        data_bytes = micro * (data - 1) / data * used * (passes * act + 4)
+    # gradients are summed over every device that holds other tokens: data and sequence splits
+    token_ways = data * pieces(sizes, acts, axes.SEQ)
+    if cfg.param_layout and token_ways > 1:  # FSDP: gather per pass, reduce-scatter grads
+        data_bytes = micro * (token_ways - 1) / token_ways * used * (passes * act + 4)
     else:  # float32 gradients all-reduced (per microbatch, inside the accumulation loop)
-        data_bytes = micro * _all_reduce(used * 4, data)
+        data_bytes = micro * _all_reduce(used * 4, token_ways)
     # HBM: each microbatch reads the weights its matmuls use once per pass; the optimizer
     # reads parameters, moments and gradients and writes parameters and moments (float32)
     stored = memory_per_device(cfg)
     update_bytes = 2 * (stored["parameters"] + stored["optimizer state"]) + stored["parameters"]
     hbm_bytes = micro * passes * used * act + update_bytes
+    context_bytes = context_bytes_sent(cfg, sizes, micro)
     link = chip.link_bandwidth
     return Estimate(
         compute=flops / chip.peak_flops,
@@ -368,7 +408,9 @@ def estimate(cfg: Config, chip: hardware.Chip) -> Estimate:
         tensor=tensor_bytes / link,
         experts=expert_bytes / link,
         data=data_bytes / link,
-        bytes_sent=tensor_bytes + expert_bytes + data_bytes,
+        bytes_sent=tensor_bytes + expert_bytes + data_bytes + context_bytes,
+        context=context_bytes / link,
+        context_overlapped=cfg.context_parallel == "ring",
     )
 
 

@@ -11,11 +11,17 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from gpt_neo import axes
 from gpt_neo.config import Config
-from gpt_neo.mesh import mesh_axes, padded_vocab, rules
+from gpt_neo.mesh import mesh_axes, padded_vocab, pieces, rules
 from gpt_neo.models.gpt import FLOP_CONVENTIONS, flops_per_token, param_count
 from gpt_neo.models.stack import layer_stacks
-from gpt_neo.training.memory import param_rows, plan
+from gpt_neo.training.memory import (
+    context_attention_bytes,
+    context_bytes_sent,
+    param_rows,
+    plan,
+)
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -92,6 +98,16 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
     console.print(f"layout (activations): {_rules_text(tables.activations)}")
     parameters = _rules_text(tables.parameters) if cfg.param_layout else "as layout"
     console.print(f"param_layout (parameters): {parameters}")
+    if sizes and (split := pieces(sizes, tables.activations, axes.SEQ)) > 1:
+        chunks = split if cfg.mlm_training else 2 * split
+        order = "in order" if cfg.mlm_training else "2 per device, in causal load-balanced order"
+        console.print(
+            f"context parallelism ({cfg.context_parallel}): each sequence split {split} ways, "
+            f"chunks of {cfg.n_ctx // chunks} tokens ({order}); per train step each device "
+            f"sends {_bytes(context_bytes_sent(cfg, sizes))} of keys, values and their "
+            f"gradients, and one attention layer works in "
+            f"{_bytes(context_attention_bytes(cfg, sizes))}"
+        )
     if padded_vocab(cfg) != cfg.n_vocab:
         console.print(
             f"vocabulary: {cfg.n_vocab} tokens, embedding padded to {padded_vocab(cfg)} rows so "

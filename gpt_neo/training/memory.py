@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.mesh import logical_dim_sizes, mesh_axes, param_spec, pieces, rules
+from gpt_neo.models.context import query_block
 from gpt_neo.models.gpt import COMPUTE_DTYPES, param_decl_leaves, param_path
 from gpt_neo.models.stack import layer_stacks
 
@@ -242,6 +243,8 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
         + (head.gathered - head.local) * 4
     )
 
+    block += context_attention_bytes(cfg, sizes, n_micro)
+
     # with microbatches, one microbatch's gradients plus their running sum, which the loop
     # carries in and out (two buffers: 3 in all fits the compiler at 125M, batch 32 and 1024).
     # With FSDP the loop also holds a copy of the sum (the barrier that keeps microbatches
@@ -283,6 +286,49 @@ def plan(cfg: Config, sizes: dict[str, int] | None = None) -> MemoryPlan:
         # gathered whole at once, beside its shard
         decode_gathered=every.gathered * act if fsdp else 0,
     )
+
+
+def context_attention_bytes(cfg: Config, sizes: dict[str, int], microbatches: int = 1) -> int:
+    """One attention layer's working set in the backward pass when the layout splits the
+    sequence (`gpt_neo.models.context`), 0 when it does not: one block of queries' float32
+    scores against a device's keys, three times (scores, probabilities, their gradient), the
+    queries' float32 gradient sum, and the keys and values from other devices with float32
+    gradient sums: every device's, gathered (`all_gather`), or two chunks in flight (`ring`:
+    the one computed and the one arriving, and the sums travelling and being added)."""
+    split = pieces(sizes, rules(cfg).activations, axes.SEQ)
+    if split == 1:
+        return 0
+    act = jnp.dtype(COMPUTE_DTYPES[cfg.precision]).itemsize
+    d = local_dims(cfg, sizes, microbatches)
+    local = cfg.n_ctx // split  # tokens of one sequence on one device
+    rows_heads = d[axes.BATCH] * d[axes.HEADS]
+    queries = query_block(local if cfg.mlm_training else local // 2, 4 * rows_heads * local)
+    scores = 3 * rows_heads * queries * local * 4
+    query_grads = rows_heads * local * d[axes.KV] * 4
+    kv = 2 * d[axes.BATCH] * d[axes.KV_HEADS] * d[axes.KV]  # a token's key and value
+    if cfg.context_parallel == "all_gather":
+        keys = kv * cfg.n_ctx * (act + 4)
+    else:
+        keys = kv * local * 2 * (act + 4)
+    return scores + query_grads + keys
+
+
+def context_bytes_sent(cfg: Config, sizes: dict[str, int], microbatches: int = 1) -> int:
+    """Bytes one device sends per train step for context-parallel attention: each layer's keys
+    and values go to every other device of the sequence split in each forward pass (a
+    recomputed one too), again in the backward pass, and their float32 gradients come back.
+    The same for `all_gather` (gather, gather, reduce-scatter) and `ring` (P-1 hops, P-1 hops,
+    P hops). Local layers send less (a halo of window - 1 tokens): counted as global."""
+    split = pieces(sizes, rules(cfg).activations, axes.SEQ)
+    if split == 1:
+        return 0
+    act = jnp.dtype(COMPUTE_DTYPES[cfg.precision]).itemsize
+    d = local_dims(cfg, sizes, microbatches)
+    chunk = 2 * d[axes.BATCH] * d[axes.SEQ] * d[axes.KV_HEADS] * d[axes.KV]  # elements
+    forward_passes = 2 if cfg.recompute_grad else 1
+    attending = sum(kind not in ("none", "linear") for kind in cfg.attention_types)
+    per_layer = (split - 1) * chunk * ((forward_passes + 1) * act + 4)
+    return microbatches * attending * per_layer
 
 
 # Scanned layers (gpt_neo.models.stack) cost the TPU compiler more memory than the same layers

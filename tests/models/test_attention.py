@@ -173,7 +173,7 @@ def test_forced_kernels_refuse_what_they_cannot_do():
         attn.resolve_kernel(cudnn, jnp.float32, 128, False)
     with pytest.raises(ConfigError, match="multiple of 128"):
         attn.resolve_kernel(splash, jnp.float32, 100, False)
-    seq_sharded = tiny_config(attention_kernel="splash", mesh_shape="x:8", layout="sequence:x")
-    with pytest.raises(ConfigError, match="shards the sequence"):
-        attn.resolve_kernel(seq_sharded, jnp.float32, 128, False)
+    # a split sequence is refused with the layout, before anything is traced
+    with pytest.raises(ConfigError, match="'splash' computes whole sequences only"):
+        tiny_config(attention_kernel="splash", mesh_shape="x:8", layout="sequence:x")
     assert attn.resolve_kernel(splash, jnp.float32, 128, False) == "splash"

@@ -165,3 +165,53 @@ def test_without_libtpu_the_flag_says_how_to_get_it(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "pip install '.[tpu]'" in errors[0]
+
+
+# context parallelism: bfloat16, the sequence split over 4 chips, rotary
+CONTEXT = dict(
+    n_embd=256,
+    n_head=4,
+    n_layer=2,
+    n_ctx=512,
+    n_vocab=1024,
+    attention_types=["global", "global"],
+    rotary_emb=True,
+    train_batch_size=1,
+    precision="bfloat16",
+    mesh_shape="x:4",
+    layout="sequence:x",
+    train_steps=10,
+)
+PERMUTE_START = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*collective-permute-start\(")
+PERMUTE_DONE = re.compile(r"collective-permute-done\(%([^\s,)]+)")
+COMPUTE = re.compile(r" (fusion|convolution|custom-call)\(")
+
+
+def overlapped_permutes(program: str) -> list[int]:
+    """For each asynchronous collective-permute of a compiled program, how many compute ops
+    the schedule puts between its start and its done."""
+    lines, starts, between = program.splitlines(), {}, []
+    for index, line in enumerate(lines):
+        if match := PERMUTE_START.match(line):
+            starts[match.group(1)] = index
+        if (match := PERMUTE_DONE.search(line)) and match.group(1) in starts:
+            span = lines[starts[match.group(1)] + 1 : index]
+            between.append(sum(bool(COMPUTE.search(op)) for op in span))
+    return between
+
+
+def test_the_ring_overlaps_its_permutes_with_the_attention_compute(v5e):
+    cfg = tiny_config(**CONTEXT, context_parallel="ring")
+    program = lowered_train_step(cfg, v5e).compile().as_text()
+    assert not re.search(r"collective-permute\(", program)  # none synchronous
+    overlapped = overlapped_permutes(program)
+    # forward and backward rings of both layers: keys/values 3 hops a layer each way, the
+    # gradients of keys and values 4 hops back (and the balanced order's permutes)
+    assert len(overlapped) >= 2 * (3 + 3 + 4)
+    assert sum(n > 0 for n in overlapped) >= 0.75 * len(overlapped)
+    assert not re.search(r"all-gather(-start)?\(", program)  # the ring gathers nothing
+
+    gathered = tiny_config(**CONTEXT, context_parallel="all_gather")
+    program = lowered_train_step(gathered, v5e).compile().as_text()
+    assert re.search(r"all-gather(-start)?\(", program)
+    assert re.search(r"reduce-scatter(-start)?\(", program)  # the keys' gradients go home

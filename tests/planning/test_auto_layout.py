@@ -3,6 +3,7 @@ allows, a memory limit moves its choice to one that the compiler confirms fits, 
 the choice equals the single-device run, and on a TPU slice described ahead of time a model
 that plain data parallelism cannot hold (2.7B on v5e:2x2) gets a layout that fits."""
 
+import itertools
 import json
 import re
 
@@ -66,8 +67,8 @@ def test_a_value_that_depends_on_an_auto_one_is_refused():
 
 
 def jobs(cfg):
-    """(mesh sizes, batch pieces, tensor pieces, FSDP, microbatches) of a concrete config, read
-    back through the layout rules."""
+    """(mesh sizes, batch pieces, tensor pieces, FSDP, microbatches, sequence pieces) of a
+    concrete config, read back through the layout rules."""
     sizes = mesh_axes(cfg)
     acts, params = rules(cfg).activations, rules(cfg).parameters
     data = pieces(sizes, acts, axes.BATCH)
@@ -75,25 +76,32 @@ def jobs(cfg):
     for dim in (axes.MLP, axes.VOCAB):  # Megatron: heads, MLP hidden and vocabulary together
         assert acts.get(dim) == acts.get(axes.HEADS)
     fsdp = params.get(axes.EMBD) is not None
-    assert not fsdp or params[axes.EMBD] == acts[axes.BATCH]  # weights over the data axes
+    token_axes = acts.get(axes.BATCH, ()) + acts.get(axes.SEQ, ())
+    assert not fsdp or params[axes.EMBD] == token_axes  # weights over the axes splitting tokens
     micro = num_microbatches(cfg, cfg.train_batch_size, data)
-    return tuple(sorted(sizes.items())), data, tensor, fsdp, micro
+    return tuple(sorted(sizes.items())), data, tensor, fsdp, micro, pieces(sizes, acts, axes.SEQ)
 
 
 def test_the_search_enumerates_every_split_of_an_auto_mesh():
     cfg = tiny_config(mesh_shape="auto", train_batch_size=8)  # n_head 8, d_mlp 256, embd 64
     ranked = auto_layout.rank(cfg, 8, auto_layout.hardware.UNKNOWN, None)
-    # by hand: tensor t | 8 heads, data 8/t | batch 8, FSDP when there is a data axis,
-    # microbatches m = powers of two dividing the 8/d rows each replica holds
+    # by hand: tensor t | 8 heads or a sequence split c (2c | n_ctx 32), data 8/t or 8/c |
+    # batch 8, FSDP when there is a data or sequence axis, microbatches m = powers of two
+    # dividing the 8/d rows each replica holds
     expected = set()
-    for t in (1, 2, 4, 8):
-        d = 8 // t
-        mesh = tuple(sorted({"data": d, "tensor": t}.items()))
+    for second, size in [("tensor", t) for t in (1, 2, 4, 8)] + [
+        ("context", 2),
+        ("context", 4),
+        ("context", 8),
+    ]:
+        d = 8 // size
+        mesh = tuple(sorted({"data": d, second: size}.items()))
         mesh = tuple((a, s) for a, s in mesh if s > 1)
-        for fsdp in (False, True) if d > 1 else (False,):
+        t, c = (size, 1) if second == "tensor" else (1, size)
+        for fsdp in (False, True) if d * c > 1 else (False,):
             for m in (1, 2, 4, 8):
                 if (8 // d) % m == 0:
-                    expected.add((mesh, d, t, fsdp, m))
+                    expected.add((mesh, d, t, fsdp, m, c))
     assert {jobs(c.cfg) for c in ranked} == expected
     assert len(ranked) == len(expected)
 
@@ -102,10 +110,17 @@ def test_a_given_mesh_gets_every_assignment_of_jobs_to_its_axes():
     cfg = tiny_config(mesh_shape="x:4,y:2", layout="auto", train_batch_size=8)
     ranked = auto_layout.rank(cfg, 8, auto_layout.hardware.UNKNOWN, None)
     splits = {
-        (rules(c.cfg).activations.get(axes.BATCH), rules(c.cfg).activations.get(axes.HEADS))
+        tuple(rules(c.cfg).activations.get(dim) for dim in (axes.BATCH, axes.HEADS, axes.SEQ))
         for c in ranked
     }
-    assert splits == {(("x", "y"), None), (("x",), ("y",)), (("y",), ("x",)), (None, ("x", "y"))}
+    # each axis data, tensor or sequence: 3 x 3 assignments
+    jobs_of = {"data": axes.BATCH, "tensor": axes.HEADS, "sequence": axes.SEQ}
+    expected = set()
+    for x_job, y_job in itertools.product(jobs_of, repeat=2):
+        split = {jobs_of[x_job]: ("x",)}
+        split[jobs_of[y_job]] = (*split.get(jobs_of[y_job], ()), "y")
+        expected.add(tuple(split.get(dim) for dim in (axes.BATCH, axes.HEADS, axes.SEQ)))
+    assert splits == expected
     assert all(c.cfg.mesh_shape == "x:4,y:2" for c in ranked)
 
 
@@ -124,7 +139,7 @@ def test_a_memory_limit_moves_the_choice_the_compiler_confirms_it_and_it_trains_
     unlimited = auto_layout.choose(cfg, devices, compile_step=None, limit=None)
     naive = unlimited.cfg
     # no memory pressure: plain data parallelism, which adds no communication to the step
-    assert jobs(naive)[1:] == (8, 1, False, 1)
+    assert jobs(naive)[1:] == (8, 1, False, 1, 1)
     naive_bytes = aot.compile_train_step(naive, devices).total
 
     limit = naive_bytes // 2
@@ -245,3 +260,30 @@ def test_summary_on_a_topology_compiles_the_choice_where_data_parallel_does_not_
         r"per-device memory: estimated [\d.]+ GiB, compiled ([\d.]+) GiB, HBM 15.75 GiB: fits", out
     )
     assert fits and float(fits.group(1)) <= 15.75
+
+
+def test_a_sequence_too_long_for_one_device_gets_a_sequence_split():
+    # one sequence of 8192 tokens, which no data split can share out, and a residual stream
+    # that tensor parallelism leaves whole on every device
+    cfg = tiny_config(
+        mesh_shape="x:8",
+        layout="auto",
+        train_batch_size=1,
+        n_ctx=8192,
+        n_embd=512,
+        n_layer=8,
+        attention_types=[[["global", "local"], 4]],
+        recompute_grad=True,
+    )
+    unlimited = auto_layout.rank(cfg, 8, auto_layout.hardware.UNKNOWN, None)
+    splits_sequence = [c for c in unlimited if c.split.sequence]
+    others = [c for c in unlimited if not c.split.sequence]
+    assert splits_sequence and others
+    least = min(c.memory.train_total for c in splits_sequence)
+    assert least < min(c.memory.train_total for c in others)
+    # a chip that holds the least-memory sequence split, and no candidate without one
+    ranked = auto_layout.rank(cfg, 8, auto_layout.hardware.UNKNOWN, least)
+    assert ranked[0].split.sequence == ("x",) and ranked[0].tier == 0
+    assert rules(ranked[0].cfg).activations[axes.SEQ] == ("x",)
+    assert all(c.tier > 0 for c in ranked if not c.split.sequence)
+    assert "sequence-parallel" in ranked[0].split.describe()

@@ -238,3 +238,20 @@ def test_summary_shows_both_layouts_and_the_padded_vocabulary(capsys):
     assert rows["wte"][2:] == ["8192x256", "vocab,embd", "y,x", "4096x64"]
     assert rows["blocks/*/mlp/fc_kernel"][2:] == ["256x1024", "embd,mlp", "x,-", "64x1024"]
     assert "forward pass on 8 cpu devices" in out
+
+
+def test_the_summary_of_a_sequence_split_says_what_context_parallelism_sends(capsys):
+    cfg = tiny_config(
+        mesh_shape="x:4,y:2",
+        layout="sequence:x,batch:y",
+        context_parallel="ring",
+        local_attention_radius=4,
+        train_batch_size=8,
+    )  # n_ctx 32, 8 heads x 8, float32; global, local, linear and none layers
+    print_summary(cfg)
+    out = capsys.readouterr().out
+    assert "context parallelism (ring): each sequence split 4 ways, chunks of 4 tokens" in out
+    # keys and values of one device's tokens: 2 x 4 rows x 8 tokens x 8 heads x 8 x 4 bytes =
+    # 16 KiB; to the 3 other devices in the forward pass, again in the backward pass, and
+    # their float32 gradients back: 9 x 16 KiB per softmax layer (global and local), 2 layers
+    assert "each device sends 288.00 KiB of keys, values and their gradients" in out
