@@ -23,7 +23,9 @@ Kernels for softmax attention (config key `attention_kernel`):
 - `splash`: Pallas splash attention on TPU (sequence a multiple of 128, no attention dropout,
   sequence and head dims not sharded).
 `auto` picks the fastest kernel that applies and falls back to `xla`. Bidirectional attention
-(masked-LM training) and memory key/values (`num_mem_kv`) always run on `xla`.
+(masked-LM training) and memory key/values (`num_mem_kv`) always run on `xla`. A layout that
+splits the sequence over devices runs attention in `gpt_neo.models.context` instead, built
+from this module's projections and kernels.
 
 Packed rows (`segment_ids` [batch, seq], equal ids = one document, 0 = padding): a query sees
 only keys of its own segment, in every layer kind and kernel; a local window also stops at the
