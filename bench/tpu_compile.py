@@ -88,21 +88,27 @@ def ours(size: str, layout: str, all_global: bool, unrolled: bool = False) -> di
     if unrolled:
         cfg = cfg.replace(scan_layers=False)
     result = {"estimate": plan(cfg).train_total, "jax": version("jax"), "libtpu": version("libtpu")}
+    return {**result, **compiled(cfg, aot.topology_devices("v5e:2x2"))}
+
+
+def compiled(cfg, devices) -> dict:
+    """Our train step compiled for `devices`: bytes and FLOPs per device, or the error cell."""
     try:
-        c = aot.compile_train_step(cfg, aot.topology_devices("v5e:2x2"))
+        c = aot.compile_train_step(cfg, devices)
     except aot.DoesNotFit as err:
-        needs = re.search(r"XLA needs (\S+) for HLO temporaries", str(err))
-        return {
-            **result,
-            "error": f"does not fit (temp {needs.group(1)})" if needs else "does not fit",
-        }
+        return {"error": does_not_fit(err)}
     return {
-        **result,
         "arguments": c.arguments,
         "temporaries": c.temporaries,
         "flops": c.flops,
         "seconds": c.seconds,
     }
+
+
+def does_not_fit(err: aot.DoesNotFit) -> str:
+    """The cell of a compile that ran out of HBM, with the temporaries XLA asked for."""
+    needs = re.search(r"XLA needs (\S+) for HLO temporaries", str(err))
+    return f"does not fit (temp {needs.group(1)})" if needs else "does not fit"
 
 
 def ours_in(python: str, size: str, layout: str, all_global: bool) -> dict:
@@ -196,8 +202,7 @@ def families() -> None:
             try:
                 c = aot.compile_train_step(cfg, devices)
             except aot.DoesNotFit as err:
-                needs = re.search(r"XLA needs (\S+) for HLO temporaries", str(err))
-                cell = f"does not fit (temp {needs.group(1)})" if needs else "does not fit"
+                cell = does_not_fit(err)
                 row = [preset, topology, batch, f"{estimate / GIB:.2f} GiB", cell, "-", "-", "-"]
                 print("| " + " | ".join(row) + " |", flush=True)
                 continue
@@ -283,22 +288,7 @@ def long_context(side: str | None, all_global: bool) -> None:
     print("|" + "---|" * len(header))
     for name, (_, maxtext_keys) in LONG_LAYOUTS.items():
         cfg = long_config(name, all_global)
-        row = [name, f"{plan(cfg).train_total / GIB:.2f} GiB"]
-        try:
-            c = aot.compile_train_step(cfg, devices)
-            row += cells(
-                {
-                    "arguments": c.arguments,
-                    "temporaries": c.temporaries,
-                    "flops": c.flops,
-                    "seconds": c.seconds,
-                }
-            )
-        except aot.DoesNotFit as err:
-            needs = re.search(r"XLA needs (\S+) for HLO temporaries", str(err))
-            row += cells(
-                {"error": f"does not fit (temp {needs.group(1)})" if needs else "does not fit"}
-            )
+        row = [name, f"{plan(cfg).train_total / GIB:.2f} GiB", *cells(compiled(cfg, devices))]
         if side:
             try:
                 other = maxtext_compile(

@@ -614,8 +614,9 @@ def _causal_linear(cfg: Config, seq_axes, p: int, device, q, k, v, segments):
     summaries = [_chunk_sums(k[:, s], v[:, s], segments[:, s]) for s in halves]
     # [P, 2 slots, ...] -> the 2P chunks in sequence order
     gathered = jax.lax.all_gather(jax.tree.map(lambda *a: jnp.stack(a), *summaries), seq_axes)
-    order = [(c, 0) if c < p else (2 * p - 1 - c, 1) for c in range(2 * p)]
-    in_order = [jax.tree.map(lambda a, o=o: a[o[0], o[1]], gathered) for o in order]
+    in_order = [
+        jax.tree.map(lambda a, c=c: a[_owner(c, p), int(c >= p)], gathered) for c in range(2 * p)
+    ]
     first_segment = jax.lax.all_gather(segments[:, 0], seq_axes)[0]  # the sequence's first
     starts = [(jnp.zeros_like(in_order[0][0]), jnp.zeros_like(in_order[0][1]), first_segment)]
     for kv_sum, k_sum, last in in_order[:-1]:
