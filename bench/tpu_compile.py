@@ -32,13 +32,22 @@ compiled memory per chip beside the planner's estimate (`gpt_neo.training.memory
 ratio, the compile time and the compiled FLOPs per step per chip; docs/model-families.md shows
 its table.
 
-    python bench/tpu_compile.py --long_context [--all_global] [--maxtext_python ...]
+    python bench/tpu_compile.py --long_context [--all_global] [--attention_kernel xla]
+                                [--maxtext_python ...]
 
 compiles the 1.3B preset at n_ctx 32,768 on v5e:4x4 (batch 16: one sequence per chip,
 bfloat16, full remat) with FSDP alone and with the sequence split 4 and 8 ways (context
 parallelism, all-gather and ring, FSDP over every chip), beside MaxText's compile of the same
 shapes (`ici_context_parallelism`, its `context_parallel_strategy`); docs/long-context.md
-shows its table.
+shows its table. Ours runs each block of a split sequence's attention in the splash kernel
+(`attention_kernel` auto); `--attention_kernel xla` compiles the XLA blocks instead.
+
+    python bench/tpu_compile.py --longest [--sizes 125M 1.3B 2.7B]
+
+finds the longest n_ctx that fits per GPT-Neo preset on v5e:4x4: one sequence split over all
+16 chips (`sequence:x`, `context_parallel` ring, FSDP over the same chips), batch 1, bfloat16,
+full remat, the presets' own layers (global and local, learned positions). n_ctx doubles
+from 131,072 until the compile no longer fits (at most 1,048,576).
 """
 
 import argparse
@@ -59,6 +68,7 @@ from gpt_neo.training.memory import plan
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"125M": "configs/gpt_neo_125M.json", "1.3B": "configs/gpt_neo_1.3B.json"}
+LONGEST_PRESETS = {**PRESETS, "2.7B": "configs/gpt_neo_2.7B.json"}
 COMMON = {"train_batch_size": 32, "precision": "bfloat16", "recompute_grad": True}
 LAYOUTS = {  # ours, and MaxText's name for the same layout (None: no counterpart run)
     "data x:4": ({"mesh_shape": "x:4", "layout": "batch:x"}, "dp"),
@@ -223,6 +233,7 @@ def families() -> None:
 
 # --long_context: the 1.3B preset at n_ctx 32,768 on v5e:4x4, one sequence per chip
 LONG_SLICE, LONG_CTX, LONG_CHIPS = "v5e:4x4", 32768, 16
+LONGEST_FROM = 131072  # --longest's first n_ctx (each compile of a 16-way ring takes minutes)
 LONG_LAYOUTS = {  # ours; MaxText's parallelism for the same split (None: not run)
     "FSDP x:16": (
         {"mesh_shape": "x:16", "layout": "batch:x", "param_layout": "embd:x"},
@@ -259,8 +270,9 @@ MAXTEXT_LONG = {  # the same shapes in MaxText's keys
 }
 
 
-def long_config(layout: str, all_global: bool):
+def long_config(layout: str, all_global: bool, kernel: str = "auto"):
     cfg = load_config(str(REPO / PRESETS["1.3B"])).replace(
+        attention_kernel=kernel,
         n_ctx=LONG_CTX,
         train_batch_size=LONG_CHIPS,
         precision="bfloat16",
@@ -272,14 +284,16 @@ def long_config(layout: str, all_global: bool):
     return cfg
 
 
-def long_context(side: str | None, all_global: bool) -> None:
-    """The table of --long_context: ours (and MaxText's) compiled memory and FLOPs per chip."""
+def long_context(side: str | None, all_global: bool, kernel: str) -> None:
+    """The table of --long_context: ours (and MaxText's) compiled memory and FLOPs per chip;
+    `kernel`: our `attention_kernel` (`xla`: a split sequence's blocks as XLA einsums)."""
     devices = aot.topology_devices(LONG_SLICE)
     hbm = aot.hbm_bytes(devices) / GIB
     layers = "every layer global" if all_global else "global and local layers (window 256)"
     print(
         f"1.3B at n_ctx {LONG_CTX} on {LONG_SLICE} (HBM {hbm:.2f} GiB per chip), batch "
-        f"{LONG_CHIPS} (one sequence per chip), bfloat16, full remat, AdamW, {layers}"
+        f"{LONG_CHIPS} (one sequence per chip), bfloat16, full remat, AdamW, {layers}, "
+        f"attention_kernel {kernel}"
     )
     header = ["layout", "planner", "ours: args + temp", "ours: FLOPs", "ours: compile"]
     if side:
@@ -287,7 +301,7 @@ def long_context(side: str | None, all_global: bool) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, (_, maxtext_keys) in LONG_LAYOUTS.items():
-        cfg = long_config(name, all_global)
+        cfg = long_config(name, all_global, kernel)
         row = [name, f"{plan(cfg).train_total / GIB:.2f} GiB", *cells(compiled(cfg, devices))]
         if side:
             try:
@@ -301,9 +315,54 @@ def long_context(side: str | None, all_global: bool) -> None:
     print(f"ours: jax {version('jax')}, libtpu {version('libtpu')}")
 
 
+def longest(sizes: list[str]) -> None:
+    """The table of --longest: per preset, the longest n_ctx of one sequence on the slice."""
+    devices = aot.topology_devices(LONG_SLICE)
+    hbm = aot.hbm_bytes(devices) / GIB
+    print(
+        f"{LONG_SLICE} (HBM {hbm:.2f} GiB per chip): one sequence split over {LONG_CHIPS} chips "
+        "(ring, FSDP over the same chips), batch 1, bfloat16, full remat, AdamW"
+    )
+    print("| preset | longest n_ctx that fits | planner | ours: args + temp | compile | next |")
+    print("|---|---|---|---|---|---|")
+    for size in sizes:
+        best, n_ctx, beyond = None, LONGEST_FROM, "-"
+        while n_ctx <= 2**20:
+            cfg = load_config(str(REPO / LONGEST_PRESETS[size])).replace(
+                n_ctx=n_ctx,
+                train_batch_size=1,
+                precision="bfloat16",
+                recompute_grad=True,
+                mesh_shape=f"x:{LONG_CHIPS}",
+                layout="sequence:x",
+                param_layout="embd:x",
+                context_parallel="ring",
+            )
+            result = compiled(cfg, devices)
+            print(f"{size} at {n_ctx}: {', '.join(cells(result))}", file=sys.stderr, flush=True)
+            # the compiler refuses only temporaries past HBM; arguments come on top
+            if "error" in result or (result["arguments"] + result["temporaries"]) / GIB > hbm:
+                beyond = f"{n_ctx:,}: {result.get('error') or cells(result)[0]}"
+                break
+            best = (n_ctx, plan(cfg).train_total / GIB, result)
+            n_ctx *= 2
+        if best is None:
+            print(f"| {size} | below {LONGEST_FROM:,} | - | - | - | {beyond} |", flush=True)
+            continue
+        fits, planned, result = best
+        memory, _, seconds = cells(result)
+        print(
+            f"| {size} | {fits:,} | {planned:.2f} GiB | {memory} | {seconds} | {beyond} |",
+            flush=True,
+        )
+    print(f"ours: jax {version('jax')}, libtpu {version('libtpu')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
+    parser.add_argument(
+        "--sizes", nargs="+", choices=sorted(LONGEST_PRESETS), default=sorted(PRESETS)
+    )
     parser.add_argument("--maxtext_python", help="the side venv's python (bench/maxtext_side.py)")
     parser.add_argument("--all_global", action="store_true", help="every layer global attention")
     parser.add_argument(
@@ -320,9 +379,25 @@ def main() -> None:
         action="store_true",
         help=f"compile 1.3B at n_ctx {LONG_CTX} on {LONG_SLICE}, with and without a sequence split",
     )
+    parser.add_argument(
+        "--attention_kernel",
+        choices=["auto", "xla"],
+        default="auto",
+        help="with --long_context: ours with this attention_kernel (auto: splash blocks on TPU)",
+    )
+    parser.add_argument(
+        "--longest",
+        action="store_true",
+        help=f"the longest n_ctx of one sequence over {LONG_SLICE} per preset (ring, FSDP)",
+    )
     args = parser.parse_args()
+    if args.longest:
+        longest(args.sizes)
+        return
+    if extra := sorted(set(args.sizes) - set(PRESETS)):
+        parser.error(f"--sizes {' '.join(extra)}: only with --longest")
     if args.long_context:
-        long_context(args.maxtext_python, args.all_global)
+        long_context(args.maxtext_python, args.all_global, args.attention_kernel)
         return
     if args.families:
         families()

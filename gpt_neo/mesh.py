@@ -303,11 +303,19 @@ def _check_sequence_split(cfg: Config, sizes: dict[str, int], source: str) -> No
             f"{source}: {where}, and context-parallel attention has no memory slots "
             "(num_mem_kv); remove num_mem_kv or do not split the sequence."
         )
-    if cfg.attention_kernel in ("cudnn", "splash"):
+    if cfg.attention_kernel == "cudnn":
         raise ConfigError(
-            f"{source}: {where}, and attention_kernel '{cfg.attention_kernel}' computes whole "
-            "sequences only; set attention_kernel to 'auto' or 'xla' (context-parallel "
-            "attention uses its own kernel)."
+            f"{source}: {where}, and attention_kernel 'cudnn' computes whole sequences only; "
+            "set attention_kernel to 'auto' or 'xla' (context-parallel attention walks the "
+            "sequence's chunks itself)."
+        )
+    chunk = cfg.n_ctx // chunks
+    if cfg.attention_kernel == "splash" and (cfg.mlm_training or chunk % 128):
+        why = "mlm_training" if cfg.mlm_training else f"chunks of {chunk} tokens"
+        raise ConfigError(
+            f"{source}: {where}, and attention_kernel 'splash' runs a split sequence's causal "
+            f"chunks only when they are multiples of 128 tokens (this model has {why}); set "
+            "attention_kernel to 'auto', or pick an n_ctx that 256 times the split divides."
         )
     if axes.KV in rules(cfg, source).activations:
         raise ConfigError(
@@ -319,7 +327,6 @@ def _check_sequence_split(cfg: Config, sizes: dict[str, int], source: str) -> No
             f"{source}: context_parallel 'ring' runs causal attention only, and this model has "
             "mlm_training; set context_parallel to 'all_gather'."
         )
-    chunk = cfg.n_ctx // chunks
     window = cfg.local_attention_radius
     if cfg.context_parallel == "ring" and "local" in cfg.attention_types and window - 1 > chunk:
         raise ConfigError(

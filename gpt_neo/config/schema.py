@@ -146,7 +146,8 @@ class Architecture:
     loop. Checkpoints restore across either setting. Not a GPT-Neo key."""
     attention_kernel: AttentionKernel = "auto"
     """Softmax-attention kernel: `auto` (cuDNN flash on GPU, splash on TPU where it applies,
-    else XLA), or force one of `xla`, `cudnn`, `splash`. Not a GPT-Neo key."""
+    else XLA), or force one of `xla`, `cudnn`, `splash`. With the sequence split (context
+    parallelism) splash runs each block of the chunk walk. Not a GPT-Neo key."""
     moe_layers: tuple[int, ...] = ()
     """0-based indices of the layers whose MLP is a mixture of experts (GPT-Neo's meaning)."""
     moe_params: MoeParams | None = None

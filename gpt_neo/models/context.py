@@ -13,7 +13,9 @@ device's share:
   the gathered copy is what it costs in memory), `ring` passes them around the devices with
   `ppermute`, the next chunk travelling while the current one is computed (memory: two
   chunks). Both are one `custom_vjp`: the backward pass walks the chunks again and sends the
-  keys' and values' gradients back where they came from (a reduce-scatter, or the ring).
+  keys' and values' gradients back where they came from (a reduce-scatter, or the ring). On a
+  TPU each block of the walk is the splash kernel (`splash_chunks`, `block_kernel`), else XLA
+  einsums over blocks of queries.
 - **local layers** (a window that fits in one chunk) take only the last `window - 1` keys and
   values of the chunk before each of theirs from the device that holds it: a halo, not a ring.
 - **linear layers** all-gather each chunk's running sums (a [heads, head_dim, head_dim] state,
@@ -43,6 +45,8 @@ from gpt_neo import axes
 from gpt_neo.config import Config
 from gpt_neo.mesh import MeshAxes, activation_spec, constrain, rules, split_size
 from gpt_neo.models import attention as attn_lib
+from gpt_neo.models import splash_chunks
+from gpt_neo.models.platform import target_platform
 
 TOKENS = (axes.BATCH, axes.SEQ)
 # Softmax attention computes the scores of a block of queries at a time against a chunk of
@@ -191,6 +195,8 @@ def _attention_body(cfg: Config, kind: str, seq_axes: MeshAxes, p: int, q, k, v,
         window=window,
         scale=attn_lib.score_scale(cfg),
         transport=cfg.context_parallel,
+        kernel=block_kernel(cfg, window, length),
+        interpret=target_platform() != "tpu",
     )
     if segments is None:
         segments = jnp.zeros(q.shape[:2], jnp.int32)
@@ -199,6 +205,18 @@ def _attention_body(cfg: Config, kind: str, seq_axes: MeshAxes, p: int, q, k, v,
 
 # --------------------------------------------------------------------------------------------
 # Softmax attention chunk by chunk (all-gather or ring)
+
+
+def block_kernel(cfg: Config, window: int | None, length: int) -> str:
+    """What computes a block of a layer's chunked softmax attention: `splash`
+    (`splash_chunks`) for causal layers without a window whose half chunks are whole
+    128-token tiles, when `attention_kernel` is `splash`, or `auto` on a TPU; else `xla`.
+    `length`: the tokens a device holds."""
+    applies = not cfg.mlm_training and window is None and (length // 2) % 128 == 0
+    wanted = cfg.attention_kernel == "splash" or (
+        cfg.attention_kernel == "auto" and target_platform() == "tpu"
+    )
+    return "splash" if applies and wanted and splash_chunks.supported() else "xla"
 
 
 @dataclass(frozen=True)
@@ -212,6 +230,8 @@ class Ring:
     window: int | None  # a local layer's, or None
     scale: float
     transport: str  # `context_parallel`: all_gather or ring
+    kernel: str = "xla"  # what computes a block: `block_kernel`
+    interpret: bool = False  # the splash kernel in Pallas's interpreter (not on a TPU)
 
     def positions(self, device, length: int):
         """Original-sequence indices of the `length` tokens a device holds."""
@@ -323,6 +343,18 @@ def _ring_forward(ring: Ring, q, k, v, segments):
         def compute(part):
             qs, ks = _parts(part, length)
             keys = (kg[:, :, ks], vg[:, :, ks], k_pos[ks], sc[:, ks])
+            if ring.kernel == "splash":
+                block_stats = splash_chunks.block_stats(
+                    qg[..., qs, :],
+                    keys[0],
+                    keys[1],
+                    segments[:, qs],
+                    keys[3],
+                    causal=step == 0,  # the diagonal of a device's own chunks
+                    scale=ring.scale,
+                    interpret=ring.interpret,
+                )
+                return _pad_queries(block_stats, qs, length)
             block_stats = _by_query_blocks(
                 lambda qb, pos, seg: _softmax_stats(ring, qb, pos, seg, *keys),
                 (qg[..., qs, :], 3),
@@ -490,6 +522,21 @@ def _ring_bwd(ring: Ring, residuals, d_out):
         def compute(part):
             qs, ks = _parts(part, length)
             kb, vb, kp, kseg = kg[:, :, ks], vg[:, :, ks], k_pos[ks], sc[:, ks]
+            if ring.kernel == "splash":
+                grads = splash_chunks.block_grads(
+                    qg[..., qs, :],
+                    dog[..., qs, :],
+                    og[..., qs, :],
+                    lse[..., qs],
+                    kb,
+                    vb,
+                    segments[:, qs],
+                    kseg,
+                    causal=step == 0,
+                    scale=ring.scale,
+                    interpret=ring.interpret,
+                )
+                return _pad_grads(grads, qs, ks, length)
             grads = _by_query_blocks(
                 lambda qb, dob, lse_b, delta_b, pos, seg: _softmax_grads(
                     ring, qb, dob, lse_b, delta_b, pos, seg, kb, vb, kp, kseg

@@ -92,9 +92,13 @@ def head_loss(
 
 def loss_chunks(cfg, batch: int, seq: int, vocab: int) -> int:
     """How many pieces to cut the sequence into so that one piece's float32 logits take at
-    most `CHUNK_BYTES` per device (the fewest such pieces that divide the sequence)."""
+    most `CHUNK_BYTES` per device (the fewest such pieces that divide the sequence, and whose
+    length a sequence split divides, where one can)."""
     wanted = max(1, math.ceil(local_logit_bytes(cfg, batch, seq, vocab) / CHUNK_BYTES))
-    return next(n for n in range(wanted, seq + 1) if seq % n == 0)
+    mesh = jax.sharding.get_abstract_mesh()
+    split = 1 if mesh.empty else pieces(dict(mesh.shape), rules(cfg).activations, axes.SEQ)
+    fitting = [n for n in range(wanted, seq + 1) if seq % n == 0]
+    return next((n for n in fitting if (seq // n) % split == 0), fitting[0])
 
 
 def local_logit_bytes(cfg, batch: int, seq: int, vocab: int) -> float:
@@ -118,14 +122,20 @@ class _Static(NamedTuple):
 
 
 def _chunked(a: jax.Array, chunks: int) -> jax.Array:
-    """[batch, seq, ...] -> [chunks, batch, seq / chunks, ...]."""
+    """[batch, seq, ...] -> [chunks, batch, seq / chunks, ...]: chunk c holds every `chunks`-th
+    position from c, not a contiguous stretch. A loss is a sum over positions, so any split
+    gives it; strided, each device keeps its share of every chunk where the layout splits the
+    sequence (context parallelism), and all of them compute each step of the scan. Contiguous
+    chunks would each lie on one device: the scan would gather every chunk to every device,
+    which then computes the logits of the whole sequence."""
     b, t = a.shape[:2]
-    return jnp.moveaxis(a.reshape(b, chunks, t // chunks, *a.shape[2:]), 1, 0)
+    return jnp.moveaxis(a.reshape(b, t // chunks, chunks, *a.shape[2:]), 2, 0)
 
 
 def _unchunked(a: jax.Array) -> jax.Array:
+    """The inverse of `_chunked`."""
     n, b, c = a.shape[:3]
-    return jnp.moveaxis(a, 0, 1).reshape(b, n * c, *a.shape[3:])
+    return jnp.moveaxis(a, 0, 2).reshape(b, c * n, *a.shape[3:])
 
 
 def _chunk_terms(static: _Static, x, weights, bias, targets, target_weights, scale, grads: bool):

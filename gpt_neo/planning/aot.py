@@ -31,6 +31,7 @@ from gpt_neo.mesh import (
     mesh_axes,
     padded_vocab,
 )
+from gpt_neo.models import context
 from gpt_neo.models.attention import resolve_kernel
 from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token, layer_decls
 from gpt_neo.models.loss import logits_split, loss_chunks
@@ -145,7 +146,10 @@ def compile_train_step(cfg: Config, devices: list, *, least_memory: bool = False
         chunks = loss_chunks(cfg, micro_batch, cfg.n_ctx, padded_vocab(cfg))
         dtype = COMPUTE_DTYPES[cfg.precision]
         # XLA counts no FLOPs inside a fused kernel (splash, cuDNN): neither does `repeat_flops`
-        xla_attention = resolve_kernel(cfg, dtype, cfg.n_ctx, cfg.attn_dropout > 0) == "xla"
+        if (split := context.context_size(cfg)) > 1:  # the kernel of a split's global blocks
+            xla_attention = context.block_kernel(cfg, None, cfg.n_ctx // split) == "xla"
+        else:
+            xla_attention = resolve_kernel(cfg, dtype, cfg.n_ctx, cfg.attn_dropout > 0) == "xla"
     chunk_flops = head_flops(cfg, micro_batch, mesh) / chunks
     stacks = layer_stacks(cfg)
 

@@ -173,7 +173,14 @@ def test_forced_kernels_refuse_what_they_cannot_do():
         attn.resolve_kernel(cudnn, jnp.float32, 128, False)
     with pytest.raises(ConfigError, match="multiple of 128"):
         attn.resolve_kernel(splash, jnp.float32, 100, False)
-    # a split sequence is refused with the layout, before anything is traced
-    with pytest.raises(ConfigError, match="'splash' computes whole sequences only"):
+    # a split sequence is refused with the layout, before anything is traced: cuDNN always,
+    # splash where a half chunk (n_ctx / 16 here) is not whole 128-token tiles
+    with pytest.raises(ConfigError, match="'cudnn' computes whole sequences only"):
+        tiny_config(attention_kernel="cudnn", mesh_shape="x:8", layout="sequence:x")
+    with pytest.raises(ConfigError, match="multiples of 128 tokens"):
         tiny_config(attention_kernel="splash", mesh_shape="x:8", layout="sequence:x")
+    split = tiny_config(
+        attention_kernel="splash", n_ctx=2048, mesh_shape="x:8", layout="sequence:x"
+    )
+    assert split.attention_kernel == "splash"
     assert attn.resolve_kernel(splash, jnp.float32, 128, False) == "splash"

@@ -198,6 +198,35 @@ def test_training_on_a_sequence_split_ends_where_one_device_does():
     assert_trained_alike(state["params"], ref_state["params"], lr)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["all_gather", "ring"])
+def test_the_splash_kernel_on_each_block_equals_one_device(implementation):
+    """`attention_kernel: splash` under a sequence split: every block of the walk is the Pallas
+    splash kernel (in its interpreter here, as on a TPU under `auto`), its gradients from
+    the merged log-sum-exp; the reference is XLA attention on one device. Chunks of 128
+    tokens, the kernel's tile; packed segments cross them."""
+    n_ctx = 512
+    model = {**MODEL, "n_ctx": n_ctx, "n_layer": 2, "attention_types": ["global", "local"]}
+    model.update(moe_layers=[], moe_params=None, train_batch_size=2)
+    cfg = tiny_config(**model)
+    params = perturbed_params(cfg, 0)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.n_vocab, (2, n_ctx)), jnp.int32)
+    segments = jnp.asarray(packed_segments(2, n_ctx, seed=5))
+    ref_x, ref_grads = hidden_and_grads(cfg, params, tokens, segments)
+    split = cfg.replace(
+        mesh_shape="x:2",
+        layout="sequence:x",
+        attention_kernel="splash",
+        context_parallel=implementation,
+    )
+    mesh = gpt_neo.make_mesh(split, jax.devices()[:2])  # the interpreter is slow: 2 devices
+    with jax.set_mesh(mesh):
+        assert context.block_kernel(split, None, n_ctx // 2) == "splash"
+    x, grads = hidden_and_grads(split, params, tokens, segments, mesh)
+    np.testing.assert_allclose(x, ref_x, atol=1e-5)
+    assert_grads_close(grads, ref_grads)
+
+
 def model_config(**keys):
     base = {"n_embd": 64, "n_vocab": 128, **MODEL, "mesh_shape": "x:8", "layout": "sequence:x"}
     return from_dict({**base, **keys})
@@ -211,7 +240,8 @@ def model_config(**keys):
             {"context_parallel": "ring", "local_attention_radius": 9},
             "context_parallel 'ring' over chunks of 4 tokens",
         ),
-        ({"attention_kernel": "splash"}, "attention_kernel 'splash' computes whole sequences"),
+        ({"attention_kernel": "cudnn"}, "attention_kernel 'cudnn' computes whole sequences"),
+        ({"attention_kernel": "splash"}, "only when they are multiples of 128 tokens"),
         ({"attn_dropout": 0.1}, "set attn_dropout to 0"),
         (
             {"layout": "sequence:x,features_per_head:y", "mesh_shape": "x:4,y:2"},
@@ -228,7 +258,7 @@ def model_config(**keys):
             "set context_parallel to 'all_gather'",
         ),
     ],
-    ids=["n_ctx", "ring window", "kernel", "dropout", "head dim", "ring mlm"],
+    ids=["n_ctx", "ring window", "cudnn", "splash chunks", "dropout", "head dim", "ring mlm"],
 )
 def test_a_split_attention_cannot_run_is_one_clear_error(keys, message):
     cfg = model_config(**keys)

@@ -1,5 +1,7 @@
 """The fused, chunked output-head loss against plain autodiff through full float32 logits."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +137,39 @@ def test_sharded_training_loss_matches_one_device_with_several_chunks(monkeypatc
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_under_a_sequence_split_each_device_computes_only_its_own_positions_logits():
+    """Context parallelism: the sequence of x is split 8 ways and the loss runs in 4 chunks.
+    Every chunk takes its share of every device's positions, so no device is sent another's
+    hidden states (contiguous chunks would each lie on 2 devices, and the scan would gather
+    each to all 8: 8x the logits' FLOPs). The gradient of x keeps x's layout, and the terms
+    and gradients equal full-logit autodiff."""
+    cfg = tiny_config(mesh_shape="x:8", layout="sequence:x")
+    x, weights, _, targets, target_weights = inputs(jnp.float32)
+    x = jnp.tile(x, (1, 4, 1))  # 64 positions: 8 per device, chunks of 16 (2 per device)
+    targets, target_weights = (jnp.tile(a, (1, 4)) for a in (targets, target_weights))
+    count = jnp.sum(target_weights)
+    mesh = make_mesh(cfg)
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x"))
+    x_split, t_split, w_split = (jax.device_put(a, split) for a in (x, targets, target_weights))
+
+    def total(x, weights, targets, target_weights):
+        terms = head_loss(cfg, x, weights, None, targets, target_weights, count, chunks=4)
+        return terms.total
+
+    grad = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
+    with jax.set_mesh(mesh):
+        program = grad.lower(x_split, weights, t_split, w_split).compile()
+        value, (dx, dw) = program(x_split, weights, t_split, w_split)
+    text = program.as_text()
+    sent = re.findall(r"(all-gather|all-to-all|collective-permute)(-start)?\(", text)
+    assert not sent, f"hidden states sent between devices: {sorted({s[0] for s in sent})}"
+    assert dx.sharding.spec[1] == "x"
+    want, (want_dx, want_dw) = jax.value_and_grad(
+        lambda x, w: reference_terms(cfg, x, w, None, targets, target_weights, count)[0],
+        argnums=(0, 1),
+    )(x, weights)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, atol=1e-6)
+    np.testing.assert_allclose(dw, want_dw, atol=1e-6)

@@ -215,3 +215,16 @@ def test_the_ring_overlaps_its_permutes_with_the_attention_compute(v5e):
     program = lowered_train_step(gathered, v5e).compile().as_text()
     assert re.search(r"all-gather(-start)?\(", program)
     assert re.search(r"reduce-scatter(-start)?\(", program)  # the keys' gradients go home
+
+
+def test_on_a_tpu_each_ring_block_is_the_splash_kernel_and_the_ring_still_overlaps(v5e):
+    """Chunks of whole 128-token tiles (n_ctx 1024 over 4 chips, 2 chunks each): under
+    `attention_kernel: auto` the TPU program runs every block of the walk in the splash kernel,
+    forward (with its log-sum-exp) and backward, and no block as XLA scores."""
+    cfg = tiny_config(**{**CONTEXT, "n_ctx": 1024}, context_parallel="ring")
+    program = lowered_train_step(cfg, v5e).compile().as_text()
+    kernels = set(re.findall(r"splash_mqa_(fwd|dkv|dq)_segmented", program))
+    assert kernels == {"fwd", "dkv", "dq"}
+    overlapped = overlapped_permutes(program)
+    assert len(overlapped) >= 2 * (3 + 3 + 4)
+    assert sum(n > 0 for n in overlapped) >= 0.75 * len(overlapped)
