@@ -47,7 +47,8 @@ shows its table. Ours runs each block of a split sequence's attention in the spl
 finds the longest n_ctx that fits per GPT-Neo preset on v5e:4x4: one sequence split over all
 16 chips (`sequence:x`, `context_parallel` ring, FSDP over the same chips), batch 1, bfloat16,
 full remat, the presets' own layers (global and local, learned positions). n_ctx doubles
-from 131,072 until the compile no longer fits (at most 1,048,576).
+from 131,072 (`--longest_from`) until the compile no longer fits (at most 1,048,576): each
+compiled under the TPU scheduler's lowest memory limit, as the auto layout's verdict is.
 """
 
 import argparse
@@ -101,10 +102,11 @@ def ours(size: str, layout: str, all_global: bool, unrolled: bool = False) -> di
     return {**result, **compiled(cfg, aot.topology_devices("v5e:2x2"))}
 
 
-def compiled(cfg, devices) -> dict:
-    """Our train step compiled for `devices`: bytes and FLOPs per device, or the error cell."""
+def compiled(cfg, devices, least_memory: bool = False) -> dict:
+    """Our train step compiled for `devices`: bytes and FLOPs per device, or the error cell;
+    `least_memory`: under the scheduler's lowest memory limit (what "does it fit?" turns on)."""
     try:
-        c = aot.compile_train_step(cfg, devices)
+        c = aot.compile_train_step(cfg, devices, least_memory=least_memory)
     except aot.DoesNotFit as err:
         return {"error": does_not_fit(err)}
     return {
@@ -315,18 +317,20 @@ def long_context(side: str | None, all_global: bool, kernel: str) -> None:
     print(f"ours: jax {version('jax')}, libtpu {version('libtpu')}")
 
 
-def longest(sizes: list[str]) -> None:
-    """The table of --longest: per preset, the longest n_ctx of one sequence on the slice."""
+def longest(sizes: list[str], start: int = LONGEST_FROM) -> None:
+    """The table of --longest: per preset, the longest n_ctx of one sequence on the slice,
+    doubling from `start`."""
     devices = aot.topology_devices(LONG_SLICE)
     hbm = aot.hbm_bytes(devices) / GIB
     print(
         f"{LONG_SLICE} (HBM {hbm:.2f} GiB per chip): one sequence split over {LONG_CHIPS} chips "
-        "(ring, FSDP over the same chips), batch 1, bfloat16, full remat, AdamW"
+        "(ring, FSDP over the same chips), batch 1, bfloat16, full remat, AdamW; compiled "
+        "under the scheduler's lowest memory limit"
     )
     print("| preset | longest n_ctx that fits | planner | ours: args + temp | compile | next |")
     print("|---|---|---|---|---|---|")
     for size in sizes:
-        best, n_ctx, beyond = None, LONGEST_FROM, "-"
+        best, n_ctx, beyond = None, start, "-"
         while n_ctx <= 2**20:
             cfg = load_config(str(REPO / LONGEST_PRESETS[size])).replace(
                 n_ctx=n_ctx,
@@ -338,7 +342,7 @@ def longest(sizes: list[str]) -> None:
                 param_layout="embd:x",
                 context_parallel="ring",
             )
-            result = compiled(cfg, devices)
+            result = compiled(cfg, devices, least_memory=True)
             print(f"{size} at {n_ctx}: {', '.join(cells(result))}", file=sys.stderr, flush=True)
             # the compiler refuses only temporaries past HBM; arguments come on top
             if "error" in result or (result["arguments"] + result["temporaries"]) / GIB > hbm:
@@ -347,7 +351,7 @@ def longest(sizes: list[str]) -> None:
             best = (n_ctx, plan(cfg).train_total / GIB, result)
             n_ctx *= 2
         if best is None:
-            print(f"| {size} | below {LONGEST_FROM:,} | - | - | - | {beyond} |", flush=True)
+            print(f"| {size} | below {start:,} | - | - | - | {beyond} |", flush=True)
             continue
         fits, planned, result = best
         memory, _, seconds = cells(result)
@@ -390,9 +394,12 @@ def main() -> None:
         action="store_true",
         help=f"the longest n_ctx of one sequence over {LONG_SLICE} per preset (ring, FSDP)",
     )
+    parser.add_argument(
+        "--longest_from", type=int, default=LONGEST_FROM, help="--longest's first n_ctx"
+    )
     args = parser.parse_args()
     if args.longest:
-        longest(args.sizes)
+        longest(args.sizes, args.longest_from)
         return
     if extra := sorted(set(args.sizes) - set(PRESETS)):
         parser.error(f"--sizes {' '.join(extra)}: only with --longest")
