@@ -46,11 +46,12 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gpt_neo import axes
 from gpt_neo.config import AUTO, LAYOUT_KEYS, Config, auto_keys
-from gpt_neo.errors import ConfigError
+from gpt_neo.errors import ConfigError, warn
 
 VOCAB_ALIGNMENT = 128  # default padding multiple: whole MXU tiles / tensor-core tiles
 MeshAxes = tuple[str, ...]  # the mesh axes one logical axis is split over, in order
@@ -91,6 +92,26 @@ def mesh_axes(cfg: Config, source: str = "config") -> dict[str, int] | None:
     """The configured mesh axes, or None when `mesh_shape` is unset (sized at `make_mesh`)."""
     _require_chosen(cfg)
     return None if cfg.mesh_shape is None else parse_mesh_shape(cfg.mesh_shape, source)
+
+
+@functools.lru_cache(maxsize=256)
+def dcn_axes(cfg: Config, source: str = "config") -> MeshAxes:
+    """The mesh axes that cross slices (`dcn_axes`), checked against `mesh_shape`; () for one
+    slice."""
+    if not cfg.dcn_axes:
+        return ()
+    sizes = mesh_axes(cfg, source) or {}
+    names = tuple(a.strip() for a in cfg.dcn_axes.split("+"))
+    for name in names:
+        if name not in sizes:
+            raise ConfigError(
+                f"{source}: dcn_axes '{cfg.dcn_axes}' names mesh axis '{name}', which "
+                f"mesh_shape '{cfg.mesh_shape}' does not define; name one of "
+                f"{', '.join(sizes)} (write several joined by '+')."
+            )
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{source}: dcn_axes '{cfg.dcn_axes}' names a mesh axis twice")
+    return names
 
 
 def _require_chosen(cfg: Config) -> None:
@@ -144,7 +165,7 @@ def rules(cfg: Config, source: str = "config") -> Rules:
     """The rule tables of `cfg` (default layout: `batch` on the first mesh axis)."""
     sizes = mesh_axes(cfg, source)  # refuses "auto" values
     known = list(sizes) if sizes else ["x"]
-    layout = cfg.layout if cfg.layout is not None else f"batch:{known[0]}"
+    layout = cfg.layout if cfg.layout is not None else f"batch:{'+'.join(_default_batch(cfg))}"
     activations = _parse_rules(layout, "layout", known, source)
     overrides = (
         _parse_rules(cfg.param_layout, "param_layout", known, source) if cfg.param_layout else {}
@@ -154,6 +175,15 @@ def rules(cfg: Config, source: str = "config") -> Rules:
         # keys and values stay with the tokens they come from (context parallelism)
         activations[axes.KV_SEQ] = activations[axes.SEQ]
     return Rules(_with_kv_heads(cfg, activations, sizes), _with_kv_heads(cfg, parameters, sizes))
+
+
+def _default_batch(cfg: Config) -> MeshAxes:
+    """The mesh axes `batch` takes when `layout` is unset: the first one; with `dcn_axes`,
+    those (data parallel across slices) and the first axis inside a slice."""
+    known = list(mesh_axes(cfg) or {"x": 1})
+    crossing = dcn_axes(cfg)
+    inside = [a for a in known if a not in crossing]
+    return (*crossing, *inside[:1]) if crossing else (known[0],)
 
 
 def _with_kv_heads(cfg: Config, table: dict[str, MeshAxes], sizes) -> dict[str, MeshAxes]:
@@ -276,6 +306,40 @@ def check_layout(cfg: Config, source: str = "config", sizes: dict[str, int] | No
                 f"{key}, or the size of '{logical}'."
             )
     _check_sequence_split(cfg, sizes, source)
+    _warn_model_parallel_across_slices(cfg)
+
+
+# What a split over the data-centre network costs, per logical dimension a layout may put there
+# (data parallelism, `batch`, sends gradients across once a step: the intended use).
+_DCN_COSTS = {
+    axes.HEADS: "two all-reduces of activations per block and pass",
+    axes.MLP: "two all-reduces of activations per block and pass",
+    axes.VOCAB: "an all-reduce of the logits' statistics per step",
+    axes.EXPERTS: "two all-to-alls of tokens per MoE layer and pass",
+    axes.SEQ: "every layer's keys and values, each pass",
+    axes.EMBD: "every weight gathered (FSDP) in each pass",
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_model_parallel_across_slices(cfg: Config) -> None:
+    """A warning (once per config) for each dimension other than `batch` that the layout or
+    `param_layout` splits over a mesh axis crossing slices: allowed, but its traffic then
+    crosses the data-centre network, an order of magnitude slower than a slice's own links."""
+    crossing = set(dcn_axes(cfg))
+    if not crossing:
+        return
+    tables = rules(cfg)
+    overrides = tables.parameter_overrides()
+    for key, table in (("layout", tables.activations), ("param_layout", overrides)):
+        for logical, mesh_list in table.items():
+            if logical in _DCN_COSTS and (over := crossing.intersection(mesh_list)):
+                warn(
+                    f"{key} splits '{logical}' over {'+'.join(sorted(over))}, which "
+                    f"crosses slices (dcn_axes): {_DCN_COSTS[logical]} go over the data-centre "
+                    "network, about 10x slower than within a slice. Keep model-parallel splits "
+                    "inside a slice unless nothing else fits."
+                )
 
 
 def _check_sequence_split(cfg: Config, sizes: dict[str, int], source: str) -> None:
@@ -409,10 +473,80 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
     check_layout(cfg, sizes=sizes)  # with the real sizes, also when mesh_shape is unset
     shape, names = tuple(sizes.values()), tuple(sizes)
     auto = (AxisType.Auto,) * len(names)
+    if crossing := dcn_axes(cfg):
+        return Mesh(_across_slices(cfg, sizes, crossing, devices), names, axis_types=auto)
+    if len(groups := slice_groups(devices) or [devices]) > 1:
+        raise ConfigError(
+            f"the devices span {len(groups)} TPU slices and dcn_axes is unset: name the mesh "
+            f'axis that crosses them (e.g. mesh_shape "slice:{len(groups)},x:'
+            f'{len(devices) // len(groups)}" with dcn_axes "slice").'
+        )
     try:
         return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
     except ValueError:  # a device order the helper cannot tile: keep the given order
         return Mesh(np.asarray(devices).reshape(shape), names, axis_types=auto)
+
+
+def slice_groups(devices: list) -> list[list] | None:
+    """The devices grouped by TPU slice (`slice_index`, in order), or None where devices carry
+    no slice index (one TPU slice, CPU, GPU)."""
+    if not devices or any(getattr(d, "slice_index", None) is None for d in devices):
+        return None
+    indices = sorted({d.slice_index for d in devices})
+    return [[d for d in devices if d.slice_index == i] for i in indices]
+
+
+@dataclass(frozen=True)
+class _InSlice:
+    """A device presented to JAX's hybrid-mesh helper as part of slice `slice_index`: for
+    devices that carry no slice index (simulated slices on CPU, one host per slice on GPU)."""
+
+    device: object
+    slice_index: int
+
+    def __getattr__(self, name: str):
+        return getattr(self.device, name)
+
+
+def _across_slices(cfg: Config, sizes: dict[str, int], crossing: MeshAxes, devices: list):
+    """The devices arranged by JAX's hybrid (ICI x DCN) mesh helper: each axis in `crossing`
+    steps from slice to slice, every other one within a slice (its devices in the helper's
+    interconnect order). Slices are the TPU's (`slice_index`); on other platforms, the hosts
+    when there is one per slice, else (one host: tests on CPU) consecutive equal groups of
+    devices stand for slices."""
+    dcn = [sizes[a] if a in crossing else 1 for a in sizes]
+    ici = [1 if a in crossing else sizes[a] for a in sizes]
+    count = math.prod(dcn)
+    where = f"dcn_axes '{cfg.dcn_axes}' ({count} slices)"
+    groups = slice_groups(devices)
+    if groups is None and devices and devices[0].platform == "tpu" and count > 1:
+        raise ConfigError(
+            f"{where}, but the TPU devices are one slice. Run on {count} slices "
+            "(--num_slices), or remove dcn_axes."
+        )
+    if groups is None:
+        hosts = sorted({d.process_index for d in devices})
+        per = len(devices) // count
+        groups = (
+            [[d for d in devices if d.process_index == h] for h in hosts]
+            if len(hosts) == count
+            else [devices[i * per : (i + 1) * per] for i in range(count)]
+        )
+        if len(hosts) not in (1, count):
+            raise ConfigError(
+                f"{where}, and the devices are on {len(hosts)} hosts: give each slice the "
+                "same number of hosts, one slice per host, or set dcn_axes to match."
+            )
+        devices = [_InSlice(d, i) for i, group in enumerate(groups) for d in group]
+    if len(groups) != count:
+        raise ConfigError(
+            f"{where}, but the devices come from {len(groups)} slices. Make the dcn_axes "
+            f"sizes in mesh_shape multiply to {len(groups)} (or run on {count} slices)."
+        )
+    arranged = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, allow_split_physical_axes=True
+    )
+    return np.vectorize(lambda d: getattr(d, "device", d), otypes=[object])(arranged)
 
 
 def constrain(x: jax.Array, cfg: Config, dims: tuple[str | None, ...]) -> jax.Array:

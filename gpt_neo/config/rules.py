@@ -58,6 +58,12 @@ def _validate_auto(cfg: Config, source: str) -> None:
 def validate(cfg: Config, source: str) -> None:
     """Every check across keys; the first failure is raised."""
     _validate_auto(cfg, source)
+    if cfg.dcn_axes and cfg.mesh_shape in (None, AUTO):
+        raise ConfigError(
+            f"{source}: dcn_axes '{cfg.dcn_axes}' names mesh axes, and mesh_shape is "
+            f"{'unset' if cfg.mesh_shape is None else AUTO!r}; set mesh_shape with those axes "
+            '(e.g. "slice:2,x:4" with dcn_axes "slice").'
+        )
     for key in ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "local_attention_radius"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(cfg, key)}")

@@ -328,9 +328,16 @@ class Run:
     """`"x:4,y:2"`: named mesh axes and their sizes; missing means all devices on one axis `x`.
     `"auto"`: chosen for the devices at hand, with `layout` and `param_layout` (see
     `gpt_neo.planning.auto_layout`)."""
+    dcn_axes: str | None = None
+    """Mesh axes that cross TPU slices (multi-slice training), joined by `+`: `"slice"` with
+    `mesh_shape` `"slice:2,x:4"` runs on 2 slices of 4 chips. The mesh places the devices so
+    that these axes span the data-centre network (DCN) between slices and every other axis
+    stays inside one slice, on its interconnect (ICI); the sizes of these axes multiply to the
+    number of slices. Missing means one slice. Not a GPT-Neo key (docs/multi-slice.md)."""
     layout: str | None = None
     """`"batch:x,heads:y"`: dimension -> mesh axis rules for activations, and for parameters
-    unless `param_layout` says otherwise; missing means `batch` on the first mesh axis. A
+    unless `param_layout` says otherwise; missing means `batch` on the first mesh axis (with
+    `dcn_axes`: on those axes and the first other one, data parallel across slices). A
     dimension may be split over several mesh axes: `batch:x+z`. `"auto"`: chosen for the given
     mesh, with `param_layout`."""
     context_parallel: ContextParallel = "all_gather"

@@ -25,8 +25,9 @@ values are printed, recorded with the run, and can be pinned in the JSON to skip
 The estimate is a roofline, not a measurement: matmuls at the chip's peak, tensor-parallel
 all-reduces and MoE all-to-alls on the critical path, gradient all-reduces (or FSDP's gathers
 and reduce-scatters) overlapped with compute, all at the chip's link bandwidth
-(`gpt_neo.hardware`). Across slices (`--num_slices`) the data axis is outermost, so it spans
-them; the slower data-centre network between slices is not modelled.
+(`gpt_neo.hardware`). Across slices (`--num_slices`) a chosen mesh starts with a `slice` axis
+that crosses them (`dcn_axes`) and carries data parallelism only; FSDP splits weights inside a
+slice. The slower data-centre network between slices is not yet modelled.
 """
 
 from __future__ import annotations
@@ -42,7 +43,15 @@ import jax.numpy as jnp
 from gpt_neo import axes, hardware
 from gpt_neo.config import Config, auto_keys, layer_period
 from gpt_neo.errors import ConfigError
-from gpt_neo.mesh import check_layout, mesh_axes, parse_mesh_shape, pieces, rules
+from gpt_neo.mesh import (
+    check_layout,
+    dcn_axes,
+    mesh_axes,
+    parse_mesh_shape,
+    pieces,
+    rules,
+    slice_groups,
+)
 from gpt_neo.models.gpt import COMPUTE_DTYPES, flops_per_token
 from gpt_neo.planning import aot
 from gpt_neo.training.memory import (
@@ -56,6 +65,7 @@ from gpt_neo.training.memory import (
 from gpt_neo.training.metrics import FLOP_CONVENTION
 
 DATA_AXIS, TENSOR_AXIS, SEQUENCE_AXIS = "data", "tensor", "context"  # the axes it shapes
+SLICE_AXIS = "slice"  # across TPU slices (`dcn_axes`): data parallel only
 JOBS = ("data", "tensor", "sequence")  # what a given mesh axis may do
 TENSOR_DIMS = ("heads", "intermediate_expanded", "vocab")  # Megatron's splits, GPT-Neo names
 PLANNER_MARGIN = 0.10  # the planner against the compiler (tests/training/test_memory.py)
@@ -267,27 +277,35 @@ def _is_naive(split: Split) -> bool:
 # Enumerate
 
 
-def splits(cfg: Config, n_devices: int) -> list[Split]:
-    """Every split the search considers for `cfg` on `n_devices` (before `check_layout`)."""
+def splits(cfg: Config, n_devices: int, slices: int = 1) -> list[Split]:
+    """Every split the search considers for `cfg` on `n_devices` in `slices` TPU slices (before
+    `check_layout`). Across slices only data parallelism: a chosen mesh starts with a
+    `slice` axis (`dcn_axes`), and of a given mesh the `dcn_axes` carry data only."""
     keys = auto_keys(cfg)
     if "mesh_shape" in keys:
         meshes = []
-        for second, size in itertools.product((TENSOR_AXIS, SEQUENCE_AXIS), _divisors(n_devices)):
+        per_slice = n_devices // slices
+        across = ((SLICE_AXIS, slices),) if slices > 1 else ()
+        for second, size in itertools.product((TENSOR_AXIS, SEQUENCE_AXIS), _divisors(per_slice)):
             if second == SEQUENCE_AXIS and size == 1:
                 continue  # the same mesh as tensor:1
-            shape = {DATA_AXIS: n_devices // size, second: size}
-            mesh = tuple((a, s) for a, s in shape.items() if s > 1) or ((DATA_AXIS, 1),)
+            shape = {DATA_AXIS: per_slice // size, second: size}
+            inside = tuple((a, s) for a, s in shape.items() if s > 1)
+            mesh = (*across, *inside) or ((DATA_AXIS, 1),)
             named = dict(mesh)
             data, tensor, sequence = (
                 (a,) if a in named else () for a in (DATA_AXIS, TENSOR_AXIS, SEQUENCE_AXIS)
             )
-            meshes.append((mesh, data, tensor, sequence))
+            meshes.append((mesh, (*(a for a, _ in across), *data), tensor, sequence))
     else:
         sizes = parse_mesh_shape(cfg.mesh_shape) if cfg.mesh_shape else {"x": n_devices}
         mesh = tuple(sizes.items())
+        crossing = dcn_axes(cfg)
         if "layout" in keys:  # every assignment of data/tensor/sequence to the given axes
             meshes = []
             for jobs in itertools.product(JOBS, repeat=len(mesh)):
+                if any(j != "data" for (a, _), j in zip(mesh, jobs, strict=True) if a in crossing):
+                    continue
                 data, tensor, sequence = (
                     tuple(a for (a, _), j in zip(mesh, jobs, strict=True) if j == job)
                     for job in JOBS
@@ -339,6 +357,9 @@ def split_config(cfg: Config, split: Split) -> Config:
     """`cfg` with the values of `split` for the keys the search chooses."""
     keys = auto_keys(cfg)
     changes: dict = {"mesh_shape": ",".join(f"{a}:{s}" for a, s in split.mesh)}
+    if "mesh_shape" in keys:
+        changes["dcn_axes"] = SLICE_AXIS if SLICE_AXIS in dict(split.mesh) else None
+    crossing = changes.get("dcn_axes", cfg.dcn_axes) or ""
     data, tensor = "+".join(split.data), "+".join(split.tensor)
     if "layout" in keys:
         parts = [f"batch:{data}"] if data else []
@@ -351,9 +372,10 @@ def split_config(cfg: Config, split: Split) -> Config:
         if split.sequence:
             parts.append(f"sequence:{'+'.join(split.sequence)}")
         changes["layout"] = ",".join(parts) or f"batch:{split.mesh[0][0]}"
-    if "param_layout" in keys:  # FSDP: weights split over every axis that splits tokens
-        fsdp_axes = "+".join(split.data + split.sequence)
-        changes["param_layout"] = f"embd:{fsdp_axes}" if split.fsdp else None
+    if "param_layout" in keys:  # FSDP: weights split over every axis that splits tokens,
+        # inside a slice: gathered over its interconnect, never over the data-centre network
+        fsdp_axes = "+".join(a for a in split.data + split.sequence if a not in crossing.split("+"))
+        changes["param_layout"] = f"embd:{fsdp_axes}" if split.fsdp and fsdp_axes else None
     if "tokens_per_mb_per_replica" in keys and split.microbatches > 1:
         per_replica = required_batch(cfg) // split.data_size
         changes["tokens_per_mb_per_replica"] = per_replica // split.microbatches * cfg.n_ctx
@@ -419,10 +441,13 @@ def _all_reduce(size: float, ways: int) -> float:
     return 2 * (ways - 1) / ways * size
 
 
-def rank(cfg: Config, n_devices: int, chip: hardware.Chip, limit: int | None) -> list[Candidate]:
-    """The candidates for `cfg` on `n_devices` chips of `limit` bytes, best first."""
+def rank(
+    cfg: Config, n_devices: int, chip: hardware.Chip, limit: int | None, slices: int = 1
+) -> list[Candidate]:
+    """The candidates for `cfg` on `n_devices` chips of `limit` bytes in `slices` TPU slices,
+    best first."""
     candidates = []
-    for split in splits(cfg, n_devices):
+    for split in splits(cfg, n_devices, slices):
         candidate_cfg = split_config(cfg, split)
         try:
             check_layout(candidate_cfg)
@@ -468,8 +493,9 @@ def choose(
     if limit == "device":
         limit = hardware.memory_limit(devices[0])
     assert not isinstance(limit, str)
-    ranked = rank(cfg, len(devices), hardware.chip(kind) or hardware.UNKNOWN, limit)
-    where = f"{len(devices)} x {kind}"
+    slices = len(slice_groups(devices) or [devices])
+    ranked = rank(cfg, len(devices), hardware.chip(kind) or hardware.UNKNOWN, limit, slices)
+    where = f"{len(devices)} x {kind}" + (f" in {slices} slices" if slices > 1 else "")
     if not ranked:
         raise ConfigError(
             f"auto layout: no split of this model over {where} passes the layout checks "

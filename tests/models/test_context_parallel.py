@@ -20,13 +20,13 @@ from gpt_neo.inference import sample
 from gpt_neo.mesh import check_layout
 from gpt_neo.models import context
 from gpt_neo.models.gpt import trunk
-from gpt_neo.training.trainer import Trainer
 from main import main
 from tests.support.helpers import (
     SMALL_RUN,
     assert_trained_alike,
     perturbed_params,
     tiny_config,
+    train_on,
     write_config,
 )
 
@@ -182,18 +182,10 @@ def test_training_on_a_sequence_split_ends_where_one_device_does():
         for _ in range(steps)
     ]
 
-    def train(cfg, mesh):
-        trainer = Trainer(cfg, mesh)
-        state = trainer.init_state(5)
-        with jax.set_mesh(mesh):
-            for batch in batches:
-                state, metrics = trainer.step(state, trainer.place(batch))
-        return state, float(metrics["loss"])
-
     one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
-    ref_state, ref_loss = train(tiny_config(**run, mesh_shape="x:1"), one)
+    ref_state, ref_loss = train_on(tiny_config(**run, mesh_shape="x:1"), one, batches)
     split = tiny_config(**run, mesh_shape="x:4,y:2", layout="sequence:x,batch:y")
-    state, loss = train(split, gpt_neo.make_mesh(split))
+    state, loss = train_on(split, gpt_neo.make_mesh(split), batches)
     assert abs(loss - ref_loss) <= 1e-5 * ref_loss
     assert_trained_alike(state["params"], ref_state["params"], lr)
 

@@ -10,10 +10,8 @@ import sys
 import jax
 import pytest
 
-from gpt_neo.mesh import make_mesh
 from gpt_neo.planning import aot
-from gpt_neo.training.trainer import Trainer
-from tests.support.helpers import REPO, start_main, tiny_config, write_config
+from tests.support.helpers import REPO, lowered_train_step, start_main, tiny_config, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.tpu]  # each compile: seconds of libtpu's compiler
 
@@ -37,13 +35,6 @@ SPLASH = dict(
 @pytest.fixture(scope="module")
 def v5e():
     return aot.topology_devices("v5e:2x2")
-
-
-def lowered_train_step(cfg, devices):
-    mesh = make_mesh(cfg, devices)
-    trainer = Trainer(cfg, mesh)
-    with jax.set_mesh(mesh):
-        return trainer.step.lower(trainer.abstract_state(), aot.abstract_batch(cfg, trainer))
 
 
 # Llama/Qwen-style: 2 key/value heads for 4 query heads, both split over y; scaled scores

@@ -121,6 +121,32 @@ def assert_trained_alike(params, reference, lr):
         assert np.abs(np.asarray(a) - np.asarray(b)).mean() < 1e-6
 
 
+def train_on(cfg, mesh, batches, seed=5):
+    """`cfg` trained from seed `seed` on `mesh`, one step per batch: the final state and the
+    last step's loss."""
+    from gpt_neo.training.trainer import Trainer
+
+    trainer = Trainer(cfg, mesh)
+    state = trainer.init_state(seed)
+    with jax.set_mesh(mesh):
+        for batch in batches:
+            state, metrics = trainer.step(state, trainer.place(batch))
+    return state, float(metrics["loss"])
+
+
+def lowered_train_step(cfg, devices):
+    """The train step of `cfg` lowered for `devices` (a TPU topology's: compile it with the TPU
+    compiler), on abstract state and batches."""
+    from gpt_neo.mesh import make_mesh
+    from gpt_neo.planning import aot
+    from gpt_neo.training.trainer import Trainer
+
+    mesh = make_mesh(cfg, devices)
+    trainer = Trainer(cfg, mesh)
+    with jax.set_mesh(mesh):
+        return trainer.step.lower(trainer.abstract_state(), aot.abstract_batch(cfg, trainer))
+
+
 def random_tokens(cfg, batch=8, length=None, seed=0):
     length = cfg.n_ctx if length is None else length
     return np.random.default_rng(seed).integers(0, cfg.n_vocab, (batch, length)).astype(np.int32)
