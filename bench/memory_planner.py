@@ -16,6 +16,14 @@ The planner's measured terms (the MLP's five buffers, how far saved activations 
 overlap, the microbatch loop's gradient buffers) were fitted to the first four layouts' rows, to
 the 2-microbatch rows and to the auto-layout choices for 2.7B (FSDP) and 125M at batch 1024;
 FSDP x data x tensor was left out of the fit and checks it.
+
+    python bench/memory_planner.py --verdict [--rows 0 3 ...]
+
+prints the verdict table instead: for every row of `VERDICT_ROWS` (the presets up to 13B on
+v5e:2x2, v5e:4x4, a v5p slice, v4:2x2x1 as its VMs see it, and 2 slices of v5e:2x2), whether
+the planner says the train step fits the chip's HBM, and whether it fits when compiled under
+the TPU scheduler's lowest memory limit (the auto layout's confirmation). The planner must
+never say "fits" where that compile does not.
 """
 
 import argparse
@@ -23,16 +31,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from gpt_neo import axes
+from gpt_neo import axes, hardware
 from gpt_neo.config import load_config
 from gpt_neo.mesh import mesh_axes, pieces, rules
-from gpt_neo.planning import aot
+from gpt_neo.planning import aot, roofline
 from gpt_neo.training.memory import plan
 
 COMMON = {"train_batch_size": 32, "precision": "bfloat16", "recompute_grad": True}
 
 
-def layouts(n: int) -> dict[str, tuple[str, dict]]:
+def layouts(n: int, slices: int = 1) -> dict[str, tuple[str, dict]]:
     """The layouts compared, by key: (name, config keys) for a slice of `n` chips."""
     tensor = "batch:x,heads:y,intermediate_expanded:y,vocab:y"
     data = {"mesh_shape": f"x:{n}", "layout": "batch:x"}
@@ -55,7 +63,75 @@ def layouts(n: int) -> dict[str, tuple[str, dict]]:
         ),
         # MoE presets only: the experts split over the data axis (expert parallelism)
         "experts": (f"data x:{n}, experts on x", {**data, "layout": "batch:x,experts:x"}),
+        # several slices: data parallel across them, FSDP inside each
+        "slices": (
+            f"{slices} slices x FSDP x:{n // slices}",
+            {
+                "mesh_shape": f"slice:{slices},x:{n // slices}",
+                "dcn_axes": "slice",
+                "layout": "batch:slice+x",
+                "param_layout": "embd:x",
+            },
+        ),
     }
+
+
+# (preset, topology, slices, layout): the verdict table's rows
+VERDICT_ROWS = [
+    *[
+        (p, "v5e:2x2", 1, k)
+        for p in ("gpt_neo_125M", "gpt3_350M", "gpt_neo_1.3B", "gpt_neo_2.7B")
+        for k in ("data", "fsdp", "tensor")
+    ],
+    *[(p, "v5e:4x4", 1, k) for p in ("gpt3_6.7B", "gpt3_13B") for k in ("fsdp", "fsdp-tensor")],
+    *[(p, "v5p:2x2x2", 1, "fsdp") for p in ("gpt3_6.7B", "gpt3_13B")],
+    ("gpt3_350M", "v4:2x2x1", 1, "tensor"),
+    *[(p, "v5e:2x2", 2, "slices") for p in ("gpt_neo_125M", "gpt_neo_1.3B", "gpt_neo_2.7B")],
+]
+
+
+def verdict_table(rows: list[int]) -> None:
+    """The planner's fits / does-not-fit against the least-memory compile's, row by row."""
+    print(
+        "| preset | slice | layout | planner | compiled (least memory) | planner / compiled "
+        "| HBM | planner says | compiler says | agree |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for i in rows:
+        preset, topology, slices, key = VERDICT_ROWS[i]
+        devices = aot.topology_devices(topology, slices)
+        name, layout = layouts(len(devices), slices)[key]
+        cfg = config(preset, layout)
+        hbm = aot.hbm_bytes(devices)
+        assert hbm is not None
+        estimate = plan(cfg).train_total
+        try:
+            c = aot.compile_train_step(cfg, devices, least_memory=True)
+            compiled, compiled_fits = f"{c.total / GIB:.2f} GiB", c.total <= hbm
+            ratio = f"{estimate / c.total - 1:+.1%}"
+        except aot.DoesNotFit:
+            compiled, compiled_fits, ratio = "does not fit", False, "-"
+        planner_fits = estimate <= hbm
+        agree = (
+            "yes"
+            if planner_fits == compiled_fits
+            else ("NO: planner says fits" if planner_fits else "no (planner cautious)")
+        )
+        where = topology + (f" x {slices}" if slices > 1 else "")
+        if slices > 1 and compiled_fits:  # what crosses slices: the roofline against the program
+            sent = 2 * (slices - 1) / slices * sum(size for _, size in c.dcn.values())
+            dcn = roofline.estimate(
+                cfg, hardware.chip(devices[0].device_kind) or hardware.UNKNOWN
+            ).dcn_bytes
+            name += (
+                f" (DCN per chip: planner {dcn / 2**20:.0f} MiB, compiled {sent / 2**20:.0f} MiB)"
+            )
+        print(
+            f"| {preset} | {where} | {name} | {estimate / GIB:.2f} GiB | {compiled} | {ratio} | "
+            f"{hbm / GIB:.2f} GiB | {'fits' if planner_fits else 'does not fit'} | "
+            f"{'fits' if compiled_fits else 'does not fit'} | {agree} |",
+            flush=True,
+        )
 
 
 def config(preset: str, layout: dict):
@@ -100,7 +176,14 @@ def main() -> None:
         "compile time): the least memory the program needs, next to what the compiler spends "
         "by default, when HBM is free (gpt_neo.planning.aot.LEAST_MEMORY_OPTIONS)",
     )
+    parser.add_argument(
+        "--verdict", action="store_true", help="print the verdict table (VERDICT_ROWS) instead"
+    )
+    parser.add_argument("--rows", nargs="+", type=int, help="with --verdict: these rows only")
     args = parser.parse_args()
+    if args.verdict:
+        verdict_table(args.rows or list(range(len(VERDICT_ROWS))))
+        return
     devices = aot.topology_devices(args.topology)
     table = layouts(len(devices))
     print(f"{args.topology}: {len(devices)} x {devices[0].device_kind}")

@@ -306,7 +306,6 @@ def check_layout(cfg: Config, source: str = "config", sizes: dict[str, int] | No
                 f"{key}, or the size of '{logical}'."
             )
     _check_sequence_split(cfg, sizes, source)
-    _warn_model_parallel_across_slices(cfg)
 
 
 # What a split over the data-centre network costs, per logical dimension a layout may put there
@@ -471,6 +470,8 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
             f"{len(devices)} (e.g. --set mesh_shape=x:{len(devices)}).{hint}"
         )
     check_layout(cfg, sizes=sizes)  # with the real sizes, also when mesh_shape is unset
+    # where a run uses the layout, not where the auto layout's search tries it
+    _warn_model_parallel_across_slices(cfg)
     shape, names = tuple(sizes.values()), tuple(sizes)
     auto = (AxisType.Auto,) * len(names)
     if crossing := dcn_axes(cfg):

@@ -123,13 +123,22 @@ def story(gcs, tmp_path_factory):  # noqa: F811
     return {"tmp": tmp, "env": env, "local": local, "remote": remote, "resumed": resumed}
 
 
-def test_tfrecords_written_to_gs_are_read_by_training(gcs, story):  # noqa: F811
+def test_a_whole_run_on_gs(gcs, story, tmp_path):  # noqa: F811
+    """One test for the story's checks: they share its runs (a minute of training), which
+    pytest-xdist would otherwise make on each of its workers."""
+    tfrecords_written_to_gs_are_read_by_training(gcs, story)
+    checkpoints_on_gs_survive_kill_9_and_resume_bit_exactly(story)
+    the_run_record_lands_in_the_bucket(gcs, story)
+    predict_eval_and_export_write_to_the_bucket(gcs, story, tmp_path)
+
+
+def tfrecords_written_to_gs_are_read_by_training(gcs, story):  # noqa: F811
     files = [n for n in gcs.list_objects(f"{BUCKET}/data/") if n.endswith(".tfrecords")]
     assert len(files) == 3  # 30 documents, 10 per file
     assert "training from step" in story["resumed"]
 
 
-def test_checkpoints_on_gs_survive_kill_9_and_resume_bit_exactly(story):
+def checkpoints_on_gs_survive_kill_9_and_resume_bit_exactly(story):
     out = story["resumed"]
     resumed_from = int(out.split("training from step ")[1].split()[0])
     assert EVERY <= resumed_from <= 2 * EVERY  # not from scratch, not from a half-written one
@@ -141,7 +150,7 @@ def test_checkpoints_on_gs_survive_kill_9_and_resume_bit_exactly(story):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_the_run_record_lands_in_the_bucket(gcs, story):  # noqa: F811
+def the_run_record_lands_in_the_bucket(gcs, story):  # noqa: F811
     names = gcs.list_objects(f"{BUCKET}/run/")
     assert not (story["tmp"] / "gs:").exists()  # nothing written by a bare open()
     lines = gcs.read_object(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()
@@ -168,7 +177,7 @@ def test_the_run_record_lands_in_the_bucket(gcs, story):  # noqa: F811
     assert STEPS in logged
 
 
-def test_predict_eval_and_export_write_to_the_bucket(gcs, story, tmp_path):  # noqa: F811
+def predict_eval_and_export_write_to_the_bucket(gcs, story, tmp_path):  # noqa: F811
     env, tmp = story["env"], story["tmp"]
     prompt = f"{BUCKET}/prompts/fox.txt"
     lambada = f"{BUCKET}/eval/lambada.jsonl"

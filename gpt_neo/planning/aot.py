@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from gpt_neo.inference import sample
 from gpt_neo.mesh import (
     activation_sharding,
     data_parallel_size,
+    dcn_axes,
     make_mesh,
     mesh_axes,
     padded_vocab,
@@ -36,6 +37,8 @@ from gpt_neo.models.attention import resolve_kernel
 from gpt_neo.models.gpt import COMPUTE_DTYPES, abstract_params, flops_per_token, layer_decls
 from gpt_neo.models.loss import logits_split, loss_chunks
 from gpt_neo.models.stack import layer_stacks
+from gpt_neo.planning import roofline
+from gpt_neo.planning.roofline import duration
 from gpt_neo.training.memory import plan
 from gpt_neo.training.metrics import FLOP_CONVENTION
 from gpt_neo.training.trainer import Trainer
@@ -60,15 +63,30 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
             "pip install '.[tpu]' (or the test extra)"
         ) from None
     try:
-        topology = topologies.get_topology_desc(
-            topology_name=name, platform="tpu", num_slices=num_slices
-        )
+        topology = _megacore_topology(topologies, name, num_slices)
     except Exception as err:  # the runtime raises bare errors for names it does not know
         raise ConfigError(
             f"--topology {name}: the TPU runtime does not know it ({first_line(err, 160)}); give a "
             f"generation and chip grid, e.g. {EXAMPLES}"
         ) from None
     return list(topology.devices)
+
+
+def _megacore_topology(topologies, name: str, num_slices: int):
+    """The slice as a TPU VM sees it. A chip with two TensorCores that its VMs run as one
+    device (megacore: v4, v5p; Google's v4 docs: a v4-8 VM lists 4 devices) comes out of
+    libtpu's topology description as two devices unless its "megacore" chip configuration is
+    asked for; chips without one (v2 and v3, whose VMs list each core, and the single-core
+    v5e and v6e) have no such configuration and get the default. libtpu 0.0.x: v4:2x2x1 gives
+    8 devices by default, 4 as megacore; v5p:2x2x1 gives 4 either way; v3:2x2 gives 8."""
+    try:
+        return topologies.get_topology_desc(
+            topology_name=name, platform="tpu", num_slices=num_slices, chip_config_name="megacore"
+        )
+    except Exception as err:
+        if "chip_configs_megacore" not in str(err):
+            raise
+    return topologies.get_topology_desc(topology_name=name, platform="tpu", num_slices=num_slices)
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,10 @@ class Compiled:
     aliased: int  # outputs that reuse donated arguments' buffers
     flops: float  # per device, recomputation included
     seconds: float  # lowering + compilation
+    # what crosses slices (`dcn_axes`): the operands of the program's transfers over the
+    # data-centre network, per kind ("ALL_REDUCE", ...) -> (count, bytes), each counted once
+    # (a transfer inside a loop runs once per trip)
+    dcn: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -121,14 +143,97 @@ def _analysed(lowered, start: float, flops_scale=None, *, least_memory: bool = F
     if isinstance(cost, list):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
     flops = float(cost.get("flops", 0.0))
+    text = compiled.as_text()
     return Compiled(
         arguments=memory.argument_size_in_bytes,
         temporaries=memory.temp_size_in_bytes,
         outputs=memory.output_size_in_bytes,
         aliased=memory.alias_size_in_bytes,
-        flops=flops_scale(flops, compiled.as_text()) if flops_scale else flops,
+        flops=flops_scale(flops, text) if flops_scale else flops,
         seconds=seconds,
+        dcn=dcn_transfers(text),
     )
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def dcn_transfers(program_text: str) -> dict[str, tuple[int, int]]:
+    """The transfers across slices per step of a compiled TPU program: libtpu sends them
+    through its data-centre network runtime, as host-transfer `send`s marked
+    `_xla_megascale_transfer_type`. Per kind, (how many, bytes of their operands), a send
+    inside a loop (the scanned layers' backward pass) counted once per trip."""
+    computations = _computations(program_text)
+    found: dict[str, tuple[int, int]] = {}
+    for name, times in _runs_per_step(computations).items():
+        for line in computations[name]:
+            kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+            operand = re.search(r"= \((\w+)\[([\d,]*)\]", line)
+            if kind and operand and " send(" in line:
+                dtype, dims = operand.groups()
+                size = math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+                count, total = found.get(kind.group(1), (0, 0))
+                found[kind.group(1)] = (count + times, total + times * size)
+    return found
+
+
+def _computations(program_text: str) -> dict[str, list[str]]:
+    """The program's computations by name ("ENTRY" for the entry one): their lines."""
+    computations: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for line in program_text.splitlines():
+        header = re.match(r"(ENTRY )?%([\w.-]+) \(.*\{$", line)
+        if header:
+            lines = computations.setdefault("ENTRY" if header.group(1) else header.group(2), [])
+        elif line.startswith("  "):
+            lines.append(line)
+    return computations
+
+
+def _runs_per_step(computations: dict[str, list[str]]) -> dict[str, int]:
+    """How often each computation reachable from the entry runs per call of the program: a
+    while loop's body as often as the loop's trips (its condition's bound less the counter's
+    start, both constants), times the runs of the computation holding the loop."""
+    runs: dict[str, int] = {}
+    pending = [("ENTRY", 1)]
+    while pending:
+        name, times = pending.pop()
+        if name not in computations or runs.get(name, 0) >= times:
+            continue
+        runs[name] = times
+        lines = computations[name]
+        for line in lines:
+            loop = re.search(r"while\(%([\w.-]+)\), condition=%([\w.-]+), body=%([\w.-]+)", line)
+            if loop:
+                init, condition, body = loop.groups()
+                pending.append((body, times * _trips(lines, init, computations.get(condition, []))))
+            for called in re.findall(r"(?:calls|to_apply)=%([\w.-]+)", line):
+                pending.append((called, times))
+    return runs
+
+
+def _trips(lines: list[str], init: str, condition: list[str]) -> int:
+    """A while loop's trip count: `counter < bound` in its condition, the counter starting at
+    the constant its initial tuple's first element is a (copy of a) constant of; 1 where the
+    program is not of that form."""
+    bound = next((m for line in condition if (m := re.search(r"constant\((\d+)\)", line))), None)
+    if not bound or not any("direction=LT" in line for line in condition):
+        return 1
+    defined = {
+        m.group(1): line for line in lines if (m := re.match(r"  (?:ROOT )?%([\w.-]+) = ", line))
+    }
+    first = re.search(r" tuple\(%([\w.-]+)", defined.get(init, ""))
+    name = first.group(1) if first else ""
+    for _ in range(4):  # through copies and bitcasts to the constant
+        line = defined.get(name, "")
+        if value := re.search(r" constant\((\d+)\)", line):
+            return max(int(bound.group(1)) - int(value.group(1)), 1)
+        operand = re.search(r" (?:copy|bitcast)\(%([\w.-]+)\)", line)
+        if not operand:
+            break
+        name = operand.group(1)
+    return 1
 
 
 def compile_train_step(cfg: Config, devices: list, *, least_memory: bool = False) -> Compiled:
@@ -291,12 +396,39 @@ def report(
             f"communication or memory stalls): {work / peak * 1e3:.1f} ms/step, MFU at most "
             f"{100 * model_flops / work:.0f}%"
         )
+    if known and cfg.train_batch_size:
+        lines += _traffic_lines(cfg, known, train)
     if decode is not None:
         lines.append(
             f"compiled sampling ({cfg.predict_batch_size} prompt(s) of {cfg.n_ctx // 2} tokens, "
             f"{cfg.n_ctx - cfg.n_ctx // 2} new, KV cache) in {decode.seconds:.1f}s; per-device "
             f"memory: estimated {estimate.decode_total / gib:.2f} GiB, compiled "
             f"{decode.total / gib:.2f} GiB, {hbm_text}: {fits(decode.total)}"
+        )
+    return lines
+
+
+def _traffic_lines(cfg: Config, chip: hardware.Chip, train: Compiled) -> list[str]:
+    """The roofline's communication figures, inside a slice and across slices, and what the
+    compiled program sends across slices."""
+    cost = roofline.estimate(cfg, chip)
+    mib = 2**20
+    lines = [
+        f"communication per step per device, ESTIMATED: {cost.ici_bytes / mib:,.1f} MiB over the "
+        f"chips' links (ICI, {chip.link_bandwidth / 1e9:.0f} GB/s), {cost.dcn_bytes / mib:,.1f} "
+        f"MiB across slices (DCN, {chip.dcn_bandwidth / 1e9:.3g} GB/s per chip)",
+        f"step time ESTIMATE (roofline, {FLOP_CONVENTION}): {duration(cost.seconds)}, bound by "
+        f"{cost.why()}",
+    ]
+    if train.dcn:
+        sends = ", ".join(f"{n} {kind.lower()}" for kind, (n, _) in train.dcn.items())
+        total = sum(size for _, size in train.dcn.values())
+        sizes = mesh_axes(cfg) or {}
+        slices = math.prod(sizes[a] for a in dcn_axes(cfg))
+        lines.append(
+            f"across slices in the compiled program: {sends} ({total / mib:,.1f} MiB of "
+            f"operands; a ring over {slices} slices sends {2 * (slices - 1) / slices:.2g}x that "
+            f"per device, {2 * (slices - 1) / slices * total / mib:,.1f} MiB)"
         )
     return lines
 

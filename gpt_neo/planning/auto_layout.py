@@ -11,9 +11,10 @@ The search has three steps:
    - microbatches (`tokens_per_mb_per_replica`), when that key is unset.
    `mesh.check_layout` drops what cannot work (a dimension its axes do not divide).
 2. **Rank** by whether the planner's memory fits the chip (its accuracy against the compiler,
-   `PLANNER_MARGIN`, separates "fits" from "may fit"), then without a sequence split before
-   with one, then by a roofline estimate of the step time (`estimate`), then by fewer
-   microbatches, fewer bytes sent and less memory.
+   `PLANNER_MARGIN`, separates "fits" from "may fit"), then without a model-parallel split
+   across slices before with one, then without a sequence split before with one, then by a
+   roofline estimate of the step time (`roofline.estimate`), then by fewer microbatches, fewer bytes
+   sent (over the data-centre network, then the chips' links) and less memory.
 3. **Confirm** by compiling the best candidate's train step for those devices (a TPU slice's
    ahead of time, or the ones present) and keeping it if the compiler's memory fits the chip;
    else the next one, `CONFIRM_TRIES` at most.
@@ -22,12 +23,11 @@ With `mesh_shape: "auto"` the mesh axes are called `data` and `tensor`; with a g
 `mesh_shape`, only its axes' jobs are chosen. The result is an ordinary config: the chosen
 values are printed, recorded with the run, and can be pinned in the JSON to skip the search.
 
-The estimate is a roofline, not a measurement: matmuls at the chip's peak, tensor-parallel
-all-reduces and MoE all-to-alls on the critical path, gradient all-reduces (or FSDP's gathers
-and reduce-scatters) overlapped with compute, all at the chip's link bandwidth
-(`gpt_neo.hardware`). Across slices (`--num_slices`) a chosen mesh starts with a `slice` axis
-that crosses them (`dcn_axes`) and carries data parallelism only; FSDP splits weights inside a
-slice. The slower data-centre network between slices is not yet modelled.
+The step time is `gpt_neo.planning.roofline`'s estimate, not a measurement. Across slices
+(`--num_slices`) a chosen mesh starts with a `slice` axis that crosses them (`dcn_axes`); FSDP
+splits weights inside a slice only. A tensor, expert or sequence split across slices would put
+all of its traffic on the slow data-centre network, so such a split ranks after every other
+that fits.
 """
 
 from __future__ import annotations
@@ -38,34 +38,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 
 from gpt_neo import axes, hardware
 from gpt_neo.config import Config, auto_keys, layer_period
 from gpt_neo.errors import ConfigError
 from gpt_neo.mesh import (
     check_layout,
-    dcn_axes,
-    mesh_axes,
     parse_mesh_shape,
-    pieces,
     rules,
     slice_groups,
 )
-from gpt_neo.models.gpt import COMPUTE_DTYPES, flops_per_token
-from gpt_neo.planning import aot
+from gpt_neo.planning import aot, roofline
+from gpt_neo.planning.roofline import duration
 from gpt_neo.training.memory import (
     MemoryPlan,
-    context_bytes_sent,
-    memory_per_device,
     num_microbatches,
     plan,
-    weights,
 )
-from gpt_neo.training.metrics import FLOP_CONVENTION
 
 DATA_AXIS, TENSOR_AXIS, SEQUENCE_AXIS = "data", "tensor", "context"  # the axes it shapes
-SLICE_AXIS = "slice"  # across TPU slices (`dcn_axes`): data parallel only
+SLICE_AXIS = "slice"  # across TPU slices (`dcn_axes`): data parallel unless nothing else fits
 JOBS = ("data", "tensor", "sequence")  # what a given mesh axis may do
 TENSOR_DIMS = ("heads", "intermediate_expanded", "vocab")  # Megatron's splits, GPT-Neo names
 PLANNER_MARGIN = 0.10  # the planner against the compiler (tests/training/test_memory.py)
@@ -112,52 +104,11 @@ class Split:
 
 
 @dataclass(frozen=True)
-class Estimate:
-    """Roofline seconds of one train step on one device (see the module docstring)."""
-
-    compute: float  # matmuls at the chip's peak, recomputation included
-    memory: float  # HBM traffic: weights read per microbatch and pass, the optimizer update
-    data: float  # gradient all-reduces / FSDP gathers and reduce-scatters
-    tensor: float  # tensor-parallel all-reduces of activations: on the critical path
-    experts: float  # MoE all-to-alls of tokens: on the critical path
-    bytes_sent: float
-    context: float = 0.0  # context-parallel keys and values: the ring overlaps them
-    context_overlapped: bool = True
-
-    @property
-    def seconds(self) -> float:
-        # compute, HBM traffic and gradient traffic overlap: the slowest bounds the step
-        overlapped = [self.compute, self.memory, self.data]
-        exposed = self.tensor + self.experts
-        if self.context_overlapped:
-            overlapped.append(self.context)
-        else:
-            exposed += self.context
-        return max(overlapped) + exposed
-
-    def why(self) -> str:
-        overlapped = {"compute": self.compute, "HBM": self.memory, "gradient traffic": self.data}
-        bound = max(overlapped, key=lambda name: overlapped[name])
-        hidden = [f"{name} {_ms(t)}" for name, t in overlapped.items() if name != bound and t]
-        text = f"{bound} {_ms(overlapped[bound])}"
-        if hidden:
-            text += f" (under it: {', '.join(hidden)})"
-        if self.tensor:
-            text += f" + tensor all-reduces {_ms(self.tensor)}"
-        if self.experts:
-            text += f" + expert all-to-alls {_ms(self.experts)}"
-        if self.context:
-            how = "overlapped" if self.context_overlapped else "gathered"
-            text += f" + context keys/values {_ms(self.context)} ({how})"
-        return text
-
-
-@dataclass(frozen=True)
 class Candidate:
     split: Split
     cfg: Config  # the config with the split's values
     memory: MemoryPlan
-    cost: Estimate
+    cost: roofline.Estimate
     limit: int | None  # bytes per device, None: not limited
 
     @property
@@ -176,13 +127,16 @@ class Candidate:
     def rank_key(self):
         return (
             self.tier,
+            # a model-parallel split over the data-centre network only where nothing else fits
+            self.cost.model_across_slices,
             # a sequence split only where nothing else fits as well: it adds traffic that the
             # roofline may hide, and per-chunk attention (gpt_neo.models.context)
             bool(self.split.sequence),
             self.cost.seconds,
             self.unrolled,  # the same split scanned compiles faster
             self.split.microbatches,
-            self.cost.bytes_sent,
+            self.cost.dcn_bytes,
+            self.cost.ici_bytes,
             self.memory.train_total,
         )
 
@@ -238,7 +192,7 @@ class Choice:
             why = c.why() + (f"; {self.verdicts[i]}" if i in self.verdicts else "")
             lines.append(
                 f"  {i + 1:>2}  {labels[i]:<{width}} {_size(c.memory.train_total):>10} "
-                f"{_ms(c.cost.seconds):>9}  {why}"
+                f"{duration(c.cost.seconds):>9}  {why}"
             )
         keys = (*self.keys, "scan_layers") if self.chosen.unrolled else self.keys
         pinned = ", ".join(f'"{key}": {_json(getattr(self.cfg, key))}' for key in keys)
@@ -253,12 +207,6 @@ def _json(value) -> str:
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     return str(value) if isinstance(value, int) else f'"{value}"'
-
-
-def _ms(seconds: float) -> str:
-    if seconds >= 10:
-        return f"{seconds:.1f} s"
-    return f"{seconds * 1e3:.0f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} us"
 
 
 def _size(size: float) -> str:
@@ -279,14 +227,18 @@ def _is_naive(split: Split) -> bool:
 
 def splits(cfg: Config, n_devices: int, slices: int = 1) -> list[Split]:
     """Every split the search considers for `cfg` on `n_devices` in `slices` TPU slices (before
-    `check_layout`). Across slices only data parallelism: a chosen mesh starts with a
-    `slice` axis (`dcn_axes`), and of a given mesh the `dcn_axes` carry data only."""
+    `check_layout`). A chosen mesh starts with a `slice` axis across slices (`dcn_axes`); an
+    axis across slices may carry any job, and `Candidate.rank_key` puts data parallelism there
+    first."""
     keys = auto_keys(cfg)
     if "mesh_shape" in keys:
         meshes = []
         per_slice = n_devices // slices
         across = ((SLICE_AXIS, slices),) if slices > 1 else ()
-        for second, size in itertools.product((TENSOR_AXIS, SEQUENCE_AXIS), _divisors(per_slice)):
+        slice_jobs = ("data", "tensor") if across else ("data",)
+        for second, size, slice_job in itertools.product(
+            (TENSOR_AXIS, SEQUENCE_AXIS), _divisors(per_slice), slice_jobs
+        ):
             if second == SEQUENCE_AXIS and size == 1:
                 continue  # the same mesh as tensor:1
             shape = {DATA_AXIS: per_slice // size, second: size}
@@ -296,16 +248,17 @@ def splits(cfg: Config, n_devices: int, slices: int = 1) -> list[Split]:
             data, tensor, sequence = (
                 (a,) if a in named else () for a in (DATA_AXIS, TENSOR_AXIS, SEQUENCE_AXIS)
             )
-            meshes.append((mesh, (*(a for a, _ in across), *data), tensor, sequence))
+            if slice_job == "data":
+                data = (*(a for a, _ in across), *data)
+            else:
+                tensor = (*(a for a, _ in across), *tensor)
+            meshes.append((mesh, data, tensor, sequence))
     else:
         sizes = parse_mesh_shape(cfg.mesh_shape) if cfg.mesh_shape else {"x": n_devices}
         mesh = tuple(sizes.items())
-        crossing = dcn_axes(cfg)
         if "layout" in keys:  # every assignment of data/tensor/sequence to the given axes
             meshes = []
             for jobs in itertools.product(JOBS, repeat=len(mesh)):
-                if any(j != "data" for (a, _), j in zip(mesh, jobs, strict=True) if a in crossing):
-                    continue
                 data, tensor, sequence = (
                     tuple(a for (a, _), j in zip(mesh, jobs, strict=True) if j == job)
                     for job in JOBS
@@ -386,61 +339,6 @@ def split_config(cfg: Config, split: Split) -> Config:
 # Rank
 
 
-def estimate(cfg: Config, chip: hardware.Chip) -> Estimate:
-    """The roofline estimate of one train step of `cfg` (a concrete mesh and layout)."""
-    sizes, batch = mesh_axes(cfg), required_batch(cfg)
-    assert sizes is not None  # a concrete mesh: `split_config`'s
-    n = math.prod(sizes.values())
-    acts = rules(cfg).activations
-    data, tensor = pieces(sizes, acts, axes.BATCH), pieces(sizes, acts, axes.MLP)
-    micro = num_microbatches(cfg, batch, data)
-    act = jnp.dtype(COMPUTE_DTYPES[cfg.precision]).itemsize
-    passes = 3 if cfg.recompute_grad else 2  # forward, (recomputed forward,) backward
-    tokens = batch * cfg.n_ctx
-    # 6N+12LHQT counts a forward and a backward pass; a recomputed forward adds a third of it
-    flops = (
-        flops_per_token(cfg, FLOP_CONVENTION) * tokens / n * (4 / 3 if cfg.recompute_grad else 1)
-    )
-    residual = tokens / data * cfg.n_embd * act  # this device's residual stream, whole step
-
-    # Megatron: two all-reduces of the residual stream per block and pass
-    tensor_bytes = cfg.n_layer * 2 * passes * _all_reduce(residual, tensor)
-    experts = pieces(sizes, acts, axes.EXPERTS) if cfg.moe_layers else 1
-    expert_bytes = 0.0
-    if experts > 1:  # dispatch and combine, each pass, of each token's copies
-        copies = residual * cfg.moe.experts_per_token
-        expert_bytes = len(cfg.moe_layers) * 2 * passes * copies * (experts - 1) / experts
-    used = weights(cfg, every_layer=True).gathered  # what the matmuls read: split by tensor only
-    # gradients are summed over every device that holds other tokens: data and sequence splits
-    token_ways = data * pieces(sizes, acts, axes.SEQ)
-    if cfg.param_layout and token_ways > 1:  # FSDP: gather per pass, reduce-scatter grads
-        data_bytes = micro * (token_ways - 1) / token_ways * used * (passes * act + 4)
-    else:  # float32 gradients all-reduced (per microbatch, inside the accumulation loop)
-        data_bytes = micro * _all_reduce(used * 4, token_ways)
-    # HBM: each microbatch reads the weights its matmuls use once per pass; the optimizer
-    # reads parameters, moments and gradients and writes parameters and moments (float32)
-    stored = memory_per_device(cfg)
-    update_bytes = 2 * (stored["parameters"] + stored["optimizer state"]) + stored["parameters"]
-    hbm_bytes = micro * passes * used * act + update_bytes
-    context_bytes = context_bytes_sent(cfg, sizes, micro)
-    link = chip.link_bandwidth
-    return Estimate(
-        compute=flops / chip.peak_flops,
-        memory=hbm_bytes / chip.hbm_bandwidth,
-        tensor=tensor_bytes / link,
-        experts=expert_bytes / link,
-        data=data_bytes / link,
-        bytes_sent=tensor_bytes + expert_bytes + data_bytes + context_bytes,
-        context=context_bytes / link,
-        context_overlapped=cfg.context_parallel == "ring",
-    )
-
-
-def _all_reduce(size: float, ways: int) -> float:
-    """Bytes one device sends in a ring all-reduce of `size` bytes over `ways` devices."""
-    return 2 * (ways - 1) / ways * size
-
-
 def rank(
     cfg: Config, n_devices: int, chip: hardware.Chip, limit: int | None, slices: int = 1
 ) -> list[Candidate]:
@@ -455,7 +353,9 @@ def rank(
             continue
         for layers_cfg in _layer_layouts(candidate_cfg):
             candidates.append(
-                Candidate(split, layers_cfg, plan(layers_cfg), estimate(layers_cfg, chip), limit)
+                Candidate(
+                    split, layers_cfg, plan(layers_cfg), roofline.estimate(layers_cfg, chip), limit
+                )
             )
     return sorted(candidates, key=Candidate.rank_key)
 

@@ -11,11 +11,12 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from gpt_neo import axes
+from gpt_neo import axes, hardware
 from gpt_neo.config import Config
 from gpt_neo.mesh import dcn_axes, mesh_axes, padded_vocab, pieces, rules
 from gpt_neo.models.gpt import FLOP_CONVENTIONS, flops_per_token, param_count
 from gpt_neo.models.stack import layer_stacks
+from gpt_neo.planning import roofline
 from gpt_neo.training.memory import (
     context_attention_bytes,
     context_bytes_sent,
@@ -110,6 +111,19 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
             f"sends {_bytes(context_bytes_sent(cfg, sizes))} of keys, values and their "
             f"gradients, and one attention layer works in "
             f"{_bytes(context_attention_bytes(cfg, sizes))}"
+        )
+    if sizes and cfg.train_batch_size:
+        cost = roofline.estimate(cfg, hardware.UNKNOWN)  # bytes do not depend on the chip
+        across = (
+            f", across slices (DCN) {_bytes(int(cost.dcn_bytes))}: gradient shards summed "
+            "inside each slice first"
+            + (", and a model-parallel split's traffic" if cost.model_across_slices else "")
+            if crossing
+            else ""
+        )
+        console.print(
+            f"communication per train step per device, estimated: over the chips' links (ICI) "
+            f"{_bytes(int(cost.ici_bytes))}{across}"
         )
     if padded_vocab(cfg) != cfg.n_vocab:
         console.print(

@@ -99,6 +99,7 @@ def assert_same_batch(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_resume_from_any_position_gives_the_uninterrupted_batches(tmp_path, short_lookahead):
     # (a short look-ahead: a restore re-reads the pending documents, not epochs of them)
     path, _ = write_dataset(tmp_path, "d", [9, 8], lengths=LENGTHS)
@@ -116,6 +117,7 @@ def test_resume_from_any_position_gives_the_uninterrupted_batches(tmp_path, shor
     assert mid_document  # some positions fell inside a cut document
 
 
+@pytest.mark.slow
 def test_a_packed_position_restores_on_another_host_count(tmp_path):
     path, _ = write_dataset(tmp_path, "d", [6, 6, 6, 6], lengths=LENGTHS)
     cfg = input_config([[path, 1, "packed", 1.0]], input_streams=2)

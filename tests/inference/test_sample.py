@@ -47,6 +47,7 @@ def test_greedy_equals_argmax_of_a_full_forward_at_every_step(kinds):
     assert_greedy(cfg, params, PROMPTS, out)
 
 
+@pytest.mark.slow
 def test_bfloat16_decoding_follows_the_bfloat16_forward():
     cfg = tiny_config(precision="bfloat16")
     params = perturbed_params(cfg)
@@ -54,6 +55,7 @@ def test_bfloat16_decoding_follows_the_bfloat16_forward():
     assert_greedy(cfg, params, PROMPTS, out, tolerance=0.1)  # bfloat16 logits: ~1e-2 noise
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(tmp_path):
     model = random_hf_model(tmp_path, **{**HF_CONFIG, "window_size": 5})
     cfg, params = gpt_neo.hf.import_hf(tmp_path)

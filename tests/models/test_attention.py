@@ -57,6 +57,7 @@ def test_dense_attention_groups_queries_and_blocks_them(kv_heads, query_blocks, 
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_query_blocks_give_the_gradients_of_one_block():
     q, k, v = grouped_qkv(33, 4, 2)
     cotangent = jax.random.normal(jax.random.key(9), q.shape)

@@ -149,6 +149,7 @@ def test_random_policy_keeps_second_choices_at_the_expected_rate():
     assert 0.2 < expected.mean() < 0.95  # neither all nor none kept
 
 
+@pytest.mark.slow
 def test_top2_gradients_match_finite_differences_of_the_numpy_restatement():
     cfg = moe_config(moe_group_size=8, moe_capacity_factor_eval=1.0, moe_second_policy_eval="all")
     p, x = weights(seed=4), inputs(batch=2, length=8, seed=6)
@@ -210,6 +211,7 @@ def _switch_mlp(p, capacity):
     return mlp
 
 
+@pytest.mark.slow
 def test_rand_1_equals_switch_transformers_layer_with_drops_and_gradients():
     import torch
 

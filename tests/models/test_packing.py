@@ -108,6 +108,7 @@ def _loss_grads(cfg):
     return jax.jit(jax.grad(lambda p, batch: loss_fn(cfg, p, batch, None, 1.0, train=False)[0]))
 
 
+@pytest.mark.slow
 def test_changing_one_document_leaves_another_documents_gradients_unchanged():
     cfg = tiny_config(n_ctx=N_CTX, **CONFIGS["linear"])
     params = gpt_neo.init_params(cfg, 1)
@@ -191,6 +192,7 @@ def test_softmax_kernels_stop_at_segment_boundaries(window, query_blocks):
         np.testing.assert_allclose(blocked, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_linear_attention_restarts_its_sums_at_segment_boundaries():
     # chunks of 16 over 80 tokens: documents start inside chunks and span chunk boundaries
     q, k, v = _qkv(80, seed=1)
@@ -212,6 +214,7 @@ def test_splash_kernel_takes_segment_ids_in_interpret_mode(window):
     np.testing.assert_allclose(out, expected, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_moe_routes_no_padding():
     cfg = tiny_config(
         n_ctx=16,

@@ -157,6 +157,7 @@ def test_fsdp_on_x2_y4_steps_and_differentiates_the_same_scanned_or_looped():
     assert max_difference(loop_state["opt_state"], scan_state["opt_state"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_log_grads_names_each_layer_of_a_stack():
     cfg = from_dict({**SMALL, "attention_types": [[["global", "local"], 2]], "log_grads": True})
     looped, scanned = both(cfg)

@@ -37,6 +37,17 @@ def v5e():
     return aot.topology_devices("v5e:2x2")
 
 
+@pytest.mark.parametrize(
+    ("topology", "devices"),
+    [("v4:2x2x1", 4), ("v4:2x2x2", 8), ("v5p:2x2x1", 4), ("v3:2x2", 8), ("v5e:2x2", 4)],
+)
+def test_a_slice_has_the_devices_its_vms_show(topology, devices):
+    """A v4-8's VM lists 4 devices (each chip's two cores run as one, megacore), as v5p's do;
+    v3's VMs list each core (8 on a v3-8); v5e chips have one core."""
+    assert len(aot.topology_devices(topology)) == devices
+    assert len(aot.topology_devices(topology, num_slices=2)) == 2 * devices
+
+
 # Llama/Qwen-style: 2 key/value heads for 4 query heads, both split over y; scaled scores
 GROUPED = dict(
     n_kv_head=2, norm="rmsnorm", bias=False, qk_norm=True, scale_attn_weights=True, rotary_emb=True

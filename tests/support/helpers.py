@@ -58,6 +58,24 @@ def write_config(path: Path, keys: dict) -> str:
     return str(path)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills once per test session, shared by pytest-xdist's
+    workers (which would otherwise each build a module fixture's expensive run): the first
+    worker to ask builds it under a file lock, the others wait and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / f"shared-{name}"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not (folder / ".built").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 def tiny_config(**overrides):
     """A small model with every layer kind; override any key."""
     keys = {

@@ -16,7 +16,14 @@ import pytest
 
 from gpt_neo.errors import EXIT_PREEMPTED, EXIT_STORAGE_FULL, EXIT_USER_ERROR
 from tests.support.devices import cpu_flags
-from tests.support.helpers import REPO, SMALL_RUN, restore_params, write_config, write_text_dataset
+from tests.support.helpers import (
+    REPO,
+    SMALL_RUN,
+    built_once,
+    restore_params,
+    write_config,
+    write_text_dataset,
+)
 
 STEPS, EVERY = 20, 5
 
@@ -89,10 +96,11 @@ def error_lines(out):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, dataset):
-    tmp = tmp_path_factory.mktemp("full")
-    code, out = finish(start(config(tmp, dataset, tmp / "run")))
-    assert code == 0, out[-2000:]
-    return params_at(tmp / "run", STEPS)
+    def train(folder):  # the same documents on every worker: `dataset` is deterministic
+        code, out = finish(start(config(folder, dataset, folder / "run")))
+        assert code == 0, out[-2000:]
+
+    return params_at(built_once(tmp_path_factory, "faults-uninterrupted", train) / "run", STEPS)
 
 
 def preempt_after_first_checkpoint(model, run):

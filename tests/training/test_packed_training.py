@@ -4,6 +4,7 @@ counts are reported."""
 
 import jax
 import numpy as np
+import pytest
 
 import gpt_neo
 from gpt_neo.data.batch import Batch
@@ -45,6 +46,7 @@ def mean_cross_entropy_alone(cfg, params, documents):
     return total / count
 
 
+@pytest.mark.slow
 def test_a_packed_step_trains_on_each_document_as_if_alone():
     # two data-parallel replicas, two microbatches each: the rows and their segments travel
     cfg = tiny_config(

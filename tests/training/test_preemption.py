@@ -16,6 +16,7 @@ import pytest
 from gpt_neo.errors import EXIT_PREEMPTED
 from tests.support.helpers import (
     SMALL_RUN,
+    built_once,
     restore_params,
     start_main,
     write_config,
@@ -86,10 +87,12 @@ def params_at(run, step):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, dataset):
-    tmp = tmp_path_factory.mktemp("full")
-    code, out = finish(start(config(tmp, dataset, "full")))
-    assert code == 0, out[-2000:]
-    return params_at(tmp / "full", STEPS)
+    def train(folder):  # the same documents on every worker: `dataset` is deterministic
+        code, out = finish(start(config(folder, dataset, "full")))
+        assert code == 0, out[-2000:]
+
+    folder = built_once(tmp_path_factory, "preemption-uninterrupted", train)
+    return params_at(folder / "full", STEPS)
 
 
 def assert_same(a, b):
