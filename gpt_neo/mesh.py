@@ -489,11 +489,16 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
 
 
 def slice_groups(devices: list) -> list[list] | None:
-    """The devices grouped by TPU slice (`slice_index`, in order), or None where devices carry
-    no slice index (one TPU slice, CPU, GPU)."""
-    if not devices or any(getattr(d, "slice_index", None) is None for d in devices):
+    """The devices grouped by TPU slice (`slice_index`, in order), or None for one slice and
+    where the index says nothing of slices: off a TPU (CPU devices of several processes carry
+    slice_index 0 all alike)."""
+    if not devices or devices[0].platform != "tpu":
+        return None
+    if any(getattr(d, "slice_index", None) is None for d in devices):
         return None
     indices = sorted({d.slice_index for d in devices})
+    if len(indices) == 1:
+        return None
     return [[d for d in devices if d.slice_index == i] for i in indices]
 
 
@@ -512,9 +517,9 @@ class _InSlice:
 def _across_slices(cfg: Config, sizes: dict[str, int], crossing: MeshAxes, devices: list):
     """The devices arranged by JAX's hybrid (ICI x DCN) mesh helper: each axis in `crossing`
     steps from slice to slice, every other one within a slice (its devices in the helper's
-    interconnect order). Slices are the TPU's (`slice_index`); on other platforms, the hosts
-    when there is one per slice, else (one host: tests on CPU) consecutive equal groups of
-    devices stand for slices."""
+    interconnect order). Slices are the TPU's (`slice_index`); on other platforms, equal runs of
+    consecutive hosts (process ids numbered slice by slice, as the pod launcher does), else (one
+    host: tests on CPU) consecutive equal groups of devices stand for slices."""
     dcn = [sizes[a] if a in crossing else 1 for a in sizes]
     ici = [1 if a in crossing else sizes[a] for a in sizes]
     count = math.prod(dcn)
@@ -527,17 +532,18 @@ def _across_slices(cfg: Config, sizes: dict[str, int], crossing: MeshAxes, devic
         )
     if groups is None:
         hosts = sorted({d.process_index for d in devices})
-        per = len(devices) // count
-        groups = (
-            [[d for d in devices if d.process_index == h] for h in hosts]
-            if len(hosts) == count
-            else [devices[i * per : (i + 1) * per] for i in range(count)]
-        )
-        if len(hosts) not in (1, count):
+        if len(hosts) > 1 and len(hosts) % count:
             raise ConfigError(
                 f"{where}, and the devices are on {len(hosts)} hosts: give each slice the "
-                "same number of hosts, one slice per host, or set dcn_axes to match."
+                "same number of hosts, or set dcn_axes to match."
             )
+        if len(hosts) > 1:  # consecutive processes per slice, as the pod launcher numbers them
+            per_slice = len(hosts) // count
+            slice_of = {h: i // per_slice for i, h in enumerate(hosts)}
+            groups = [[d for d in devices if slice_of[d.process_index] == s] for s in range(count)]
+        else:
+            per = len(devices) // count
+            groups = [devices[i * per : (i + 1) * per] for i in range(count)]
         devices = [_InSlice(d, i) for i, group in enumerate(groups) for d in group]
     if len(groups) != count:
         raise ConfigError(

@@ -239,7 +239,7 @@ def test_the_summary_prints_both_networks_traffic_and_the_compiled_transfers(cap
     assert any(
         f"{cost.dcn_bytes / 2**20:,.1f} MiB across slices (DCN, 3.12 GB/s" in line for line in lines
     )
-    assert any(line.startswith("step time ESTIMATE") for line in lines)
+    assert any(line.startswith("step time ESTIMATE with communication") for line in lines)
     assert any("25 all_reduce (3.0 MiB of operands" in line for line in lines)
 
 

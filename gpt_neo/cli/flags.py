@@ -140,7 +140,13 @@ def summary(parser: argparse.ArgumentParser) -> None:
         "FLOPs (needs libtpu: pip install '.[tpu]')",
     )
     group.add_argument(
-        "--num_slices", type=int, default=1, metavar="N", help="with --topology: N such slices"
+        "--num_slices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N slices: with --topology, compile for N such slices; with --tpu NAME "
+        "--accelerator_type T, create N slices as one queued resource (nodes NAME-0 ...) and "
+        "run on all of them",
     )
     group.add_argument(
         "--summary_image",

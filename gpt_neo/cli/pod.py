@@ -8,6 +8,7 @@ workstation that may not have an accelerator at all.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import gpt_neo
@@ -130,6 +131,36 @@ def runtime_version(accelerator_type: str | None) -> str:
     }.get(family, "tpu-ubuntu2204-base")
 
 
+def check_slices(cfg, num_slices: int) -> None:
+    """`--num_slices N` against the config: a mesh that names its axes must say which cross
+    the slices (`dcn_axes`), and their sizes must multiply to N."""
+    if num_slices < 1:
+        raise LaunchError(f"--num_slices {num_slices}: give 1 or more")
+    # load_config checked both keys' syntax; read them here without gpt_neo.mesh (JAX)
+    sizes = {}
+    if cfg.mesh_shape and cfg.mesh_shape != "auto":
+        parts = (p.split(":") for p in cfg.mesh_shape.split(",") if p.strip())
+        sizes = {a.strip(): int(n) for a, n in parts}
+    crossing = [a.strip() for a in (cfg.dcn_axes or "").split("+") if a.strip()]
+    spans = math.prod(sizes[a] for a in crossing) if sizes else num_slices
+    if num_slices > 1 and not cfg.mesh_shape:
+        raise LaunchError(
+            f"--num_slices {num_slices}: set mesh_shape with an axis across the slices (e.g. "
+            f'"slice:{num_slices},x:16" and "dcn_axes": "slice"), or "mesh_shape": "auto"'
+        )
+    if sizes and num_slices > 1 and not crossing:
+        raise LaunchError(
+            f"--num_slices {num_slices}: the mesh '{cfg.mesh_shape}' does not say which axis "
+            f'crosses the slices; set "dcn_axes" (e.g. mesh_shape slice:{num_slices},... and '
+            'dcn_axes "slice") or "mesh_shape": "auto"'
+        )
+    if spans != num_slices:
+        raise LaunchError(
+            f"dcn_axes '{cfg.dcn_axes}' spans {spans} slices in mesh_shape '{cfg.mesh_shape}', "
+            f"but --num_slices is {num_slices}: make them agree"
+        )
+
+
 def launch_pod(args: argparse.Namespace) -> int:
     if not args.zone:
         raise LaunchError(f"--tpu {args.tpu} with launcher flags needs --zone")
@@ -137,6 +168,7 @@ def launch_pod(args: argparse.Namespace) -> int:
     if not cfg.model_path:
         raise LaunchError("set model_path in the config (gs://BUCKET/run for a multi-host slice)")
     provisioning = "spot" if args.spot else "preemptible" if args.preemptible else "standard"
+    check_slices(cfg, args.num_slices)
     spec = SliceSpec(
         name=args.tpu,
         zone=args.zone,
@@ -144,19 +176,21 @@ def launch_pod(args: argparse.Namespace) -> int:
         accelerator_type=args.accelerator_type,
         runtime_version=args.runtime_version or runtime_version(args.accelerator_type),
         provisioning=provisioning,
-        queued=args.queued,
+        queued=args.queued or args.num_slices > 1,  # several slices: one queued resource
+        num_slices=args.num_slices,
     )
     gcloud = Gcloud(args.zone, args.project, find_gcloud())
     account = preflight.check_account(gcloud)
     if spec.accelerator_type:
         preflight.check_accelerator(gcloud, spec)  # also checks the zone
     try:
-        node = gcloud.describe_node(spec.name)
+        node = gcloud.describe_node(spec.nodes[0])
     except GcloudError as err:
-        raise LaunchError(f"cannot describe TPU {spec.name} in {spec.zone}: {err}") from None
+        raise LaunchError(f"cannot describe TPU {spec.nodes[0]} in {spec.zone}: {err}") from None
     hosts = len(node["networkEndpoints"]) if node and node.get("networkEndpoints") else None
     accelerator = spec.accelerator_type or (node or {}).get("acceleratorType", "")
     hosts = hosts or preflight.hosts_of(accelerator) or 2  # unknown naming: assume several
+    hosts *= spec.num_slices
     preflight.check_storage(cfg, hosts, args.shared_filesystem)
     preflight.check_bucket(cfg.model_path, gcloud.project)
     assert gcloud.project is not None  # check_account found it
@@ -193,9 +227,12 @@ def launch_pod(args: argparse.Namespace) -> int:
             delete_when_done=args.delete_when_done,
             log_dir=args.launch_logs or Path("tpu_logs") / args.tpu,
         )
+        slices = (
+            f" ({spec.num_slices} slices: {', '.join(spec.nodes)})" if spec.num_slices > 1 else ""
+        )
         print(
-            f"launcher: TPU {spec.name} in {spec.zone} (project {gcloud.project}, account "
-            f"{account}), {hosts} worker(s), model_path {cfg.model_path}",
+            f"launcher: TPU {spec.name}{slices} in {spec.zone} (project {gcloud.project}, "
+            f"account {account}), {hosts} worker(s), model_path {cfg.model_path}",
             flush=True,
         )
         if takeover:

@@ -42,13 +42,14 @@ class GcloudError(RuntimeError):
 # launcher does about them.
 READY = "READY"
 ACTIVE = "ACTIVE"  # a queued resource whose node exists
+FAILED = "FAILED"  # a queued resource the TPU API could not grant (quota, bad request)
 WAIT = {  # on the way to READY (a node or a queued resource), or to gone: poll again
     *("CREATING", "STARTING", "RESTARTING", "REPAIRING", "REIMAGING", "UNHIDING"),
     *("ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES"),
     *("DELETING", "STOPPING", "SUSPENDING", "HIDING"),
 }
-# anything else (PREEMPTED, TERMINATED, STOPPED, SUSPENDED, FAILED, HIDDEN, UNKNOWN) is lost:
-# delete and recreate
+# anything else (PREEMPTED, TERMINATED, STOPPED, SUSPENDED, HIDDEN, UNKNOWN) is lost: delete
+# and recreate; a queued resource that is FAILED is the user's to look at
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,15 @@ class SliceSpec:
     runtime_version: str
     provisioning: str  # "standard", "spot" or "preemptible"
     queued: bool
+    num_slices: int = 1  # > 1: one queued resource of that many slices (multi-slice)
+
+    @property
+    def nodes(self) -> list[str]:
+        """The TPU VMs' names: the slice's own, or for several slices the queued resource's
+        nodes, which the TPU API names PREFIX-0, PREFIX-1, ... (`--node-prefix NAME`)."""
+        if self.num_slices == 1:
+            return [self.name]
+        return [f"{self.name}-{i}" for i in range(self.num_slices)]
 
 
 class Gcloud:
@@ -106,13 +116,17 @@ class Gcloud:
         if spec.queued:
             if spec.provisioning == "preemptible":  # queued resources know spot, not preemptible
                 provisioning = ["--spot"]
+            if spec.num_slices > 1:  # its nodes are NAME-0 ... NAME-(N-1)
+                nodes = [f"--node-count={spec.num_slices}", f"--node-prefix={spec.name}"]
+            else:
+                nodes = [f"--node-id={spec.name}"]
             self.run(
                 "compute",
                 "tpus",
                 "queued-resources",
                 "create",
                 spec.name,
-                f"--node-id={spec.name}",
+                *nodes,
                 f"--accelerator-type={spec.accelerator_type}",
                 f"--runtime-version={spec.runtime_version}",
                 *provisioning,

@@ -1,5 +1,6 @@
-"""The pod launcher: from a workstation, run one training job on every worker of a TPU slice and
-keep it running through preemptions until it is done.
+"""The pod launcher: from a workstation, run one training job on every worker of a TPU slice (or
+of several slices, one queued resource with a node per slice) and keep it running through
+preemptions until it is done.
 
     ENSURE   describe the slice: absent -> create (capacity errors retried with backoff);
              CREATING & co -> wait; PREEMPTED/TERMINATED/SUSPENDED/FAILED -> delete, create
@@ -7,7 +8,9 @@ keep it running through preemptions until it is done.
     CLEAN    kill the previous attempt's run process by its recorded pid, drop libtpu's lock
     RUN      one `gcloud ... ssh --worker=i` per worker: main.py with an explicit coordinator
              (worker 0's internal IP, a fresh port per attempt), process count and id, and the
-             launch run and attempt it belongs to (its run lock lets a later attempt take over)
+             launch run and attempt it belongs to (its run lock lets a later attempt take over);
+             across slices the workers are numbered slice by slice and get libtpu's MEGASCALE_*
+             variables. Any slice lost: the whole queued resource is recreated.
     WATCH    stream worker 0 with a prefix (all workers to log files); describe the slice every
              `poll_seconds`; no new step logged for the heartbeat timeout -> hung
     DECIDE   exit codes and the slice's state decide (one log line each):
@@ -52,6 +55,7 @@ from gpt_neo.training.checkpoint import run_lock
 EXIT_GAVE_UP = 1  # a retry budget ran out
 EXIT_INTERRUPTED = 130  # Ctrl-C (the workers were asked to save first)
 SSH_LOST = 255  # ssh(1): the connection dropped
+MEGASCALE_PORT = 8081  # libtpu's port between slices (the value Ray's TPU support sets too)
 # What the heartbeat counts as progress: worker 0's step line (gpt_neo.training.metrics) and the line of
 # a run that finds itself complete.
 PROGRESS = re.compile(r"^(step \d+/\d+ \||training is complete)")
@@ -150,16 +154,17 @@ class PodLauncher:
                 self._delete("--delete_when_done")
 
     def _run(self) -> int:
-        synced_to = None  # the createTime of the slice the code was shipped to
+        synced_to = None  # the createTimes of the slices the code was shipped to
         while True:
-            node, created = self.ensure_slice()
-            if created or synced_to is None or node.get("createTime", "") != synced_to:
-                if not self._sync(node):
-                    continue  # the slice went away while we shipped the code
-                synced_to = node.get("createTime", "")
+            nodes, created = self.ensure_slice()
+            born = [node.get("createTime", "") for node in nodes]
+            if created or synced_to != born:
+                if not self._sync(nodes):
+                    continue  # a slice went away while we shipped the code
+                synced_to = born
             if not self._clean():
                 continue
-            outcome = self.run_attempt(node)
+            outcome = self.run_attempt(nodes)
             verdict = self.decide(outcome)
             if verdict is not None:
                 return verdict
@@ -203,36 +208,43 @@ class PodLauncher:
         return None
 
     # --- ENSURE ----------------------------------------------------------------------------
-    def observe(self) -> tuple[str | None, dict | None]:
-        """(state, node): None when the slice does not exist. A queued resource that is not
-        ACTIVE reports its own state; an ACTIVE one its node's."""
-        name = self.o.spec.name
-        if self.o.spec.queued:
-            queued = self.gcloud.describe_queued(name)
+    def observe(self) -> tuple[str | None, list[dict] | None]:
+        """(state, nodes): None when the slice does not exist. A queued resource that is not
+        ACTIVE reports its own state; an ACTIVE one its nodes' (one per slice): READY when
+        every node is, else the first other state."""
+        spec = self.o.spec
+        if spec.queued:
+            queued = self.gcloud.describe_queued(spec.name)
             if queued is None:
                 return None, None
             state = queued.get("state", {}).get("state", "UNKNOWN")
             if state != g.ACTIVE:
                 return state, None
-        node = self.gcloud.describe_node(name)
-        if node is None:  # an ACTIVE queued resource's node appears a moment later
-            return ("CREATING" if self.o.spec.queued else None), None
-        return node.get("state", "UNKNOWN"), node
+        nodes = []
+        for name in spec.nodes:
+            node = self.gcloud.describe_node(name)
+            if node is None:  # an ACTIVE queued resource's nodes appear a moment later
+                return ("CREATING" if spec.queued else None), None
+            if (state := node.get("state", "UNKNOWN")) != g.READY:
+                return state, None
+            nodes.append(node)
+        return g.READY, nodes
 
-    def ensure_slice(self) -> tuple[dict, bool]:
-        """Wait until the slice is READY, creating (or deleting and recreating) it as needed.
-        Returns (node, whether it was created)."""
+    def ensure_slice(self) -> tuple[list[dict], bool]:
+        """Wait until the slice (every slice of a multi-slice queued resource) is READY,
+        creating (or deleting and recreating) it as needed. Returns (its nodes, whether it was
+        created)."""
         spec, created, create_failures = self.o.spec, False, 0
         while True:
             try:
-                state, node = self.observe()
+                state, nodes = self.observe()
             except g.GcloudError as err:
                 self.log(f"describe failed ({err})", f"retry in {self.o.poll_seconds:.0f}s")
                 time.sleep(self.o.poll_seconds)
                 continue
             if state == g.READY:
-                assert node is not None  # a READY slice was described
-                return node, created
+                assert nodes is not None  # a READY slice was described
+                return nodes, created
             if state is None:
                 if spec.accelerator_type is None:
                     raise g.LaunchError(
@@ -254,14 +266,22 @@ class PodLauncher:
                     time.sleep(delay)
                     continue
                 created = True
+                slices = f"{spec.num_slices} x " if spec.num_slices > 1 else ""
                 self.log(
                     f"TPU {spec.name} absent",
-                    f"created {'a queued resource ' if spec.queued else ''}{spec.accelerator_type}"
-                    f" ({spec.provisioning}, {spec.runtime_version})",
+                    f"created {'a queued resource ' if spec.queued else ''}{slices}"
+                    f"{spec.accelerator_type} ({spec.provisioning}, {spec.runtime_version})",
                 )
             elif state in g.WAIT:
                 self.log(f"TPU {spec.name} is {state}", "waiting")
                 time.sleep(self.o.poll_seconds)
+            elif state == g.FAILED and spec.queued:  # the request itself failed: a rerun would too
+                raise g.LaunchError(
+                    f"queued resource {spec.name} is FAILED (gcloud compute tpus queued-resources "
+                    f"describe {spec.name} --zone {spec.zone} says why); delete it with "
+                    f"`gcloud compute tpus queued-resources delete {spec.name} --zone {spec.zone} "
+                    "--force` and rerun"
+                )
             else:
                 self.log(f"TPU {spec.name} is {state}", "deleting it to recreate it")
                 self.gcloud.delete(spec.name, spec.queued)
@@ -274,21 +294,25 @@ class PodLauncher:
             self.log(why, f"deleting TPU {self.o.spec.name} failed ({err}); delete it by hand")
 
     # --- SYNC and CLEAN --------------------------------------------------------------------
-    def _sync(self, node: dict) -> bool:
-        """Ship the code to every worker and run the setup where it has not run. False when
-        the slice was lost meanwhile."""
-        b, name = self.bundle, self.o.spec.name
+    def _sync(self, nodes: list[dict]) -> bool:
+        """Ship the code to every worker of every slice and run the setup where it has not
+        run. False when a slice was lost meanwhile."""
+        b = self.bundle
         unpack = remote.unpack_script(b, self.o.worker_setup)
         with tempfile.TemporaryDirectory() as tmp:
             tarball = Path(tmp) / b.name
             tarball.write_bytes(b.data)
             try:
-                self.gcloud.scp(name, str(tarball), b.name)
-                self.gcloud.ssh(name, "all", unpack)
+                for name in self.o.spec.nodes:
+                    self.gcloud.scp(name, str(tarball), b.name)
+                    self.gcloud.ssh(name, "all", unpack)
             except g.GcloudError as err:
                 return self._slice_trouble(f"shipping the code failed ({err})")
-        workers = len(node.get("networkEndpoints", []))
-        self.log(f"code {b.digest} ({len(b.data) / 1e6:.1f} MB)", f"shipped to {workers} workers")
+        workers = sum(len(node.get("networkEndpoints", [])) for node in nodes)
+        where = f" in {len(nodes)} slices" if len(nodes) > 1 else ""
+        self.log(
+            f"code {b.digest} ({len(b.data) / 1e6:.1f} MB)", f"shipped to {workers} workers{where}"
+        )
         return True
 
     def _clean(self) -> bool:
@@ -296,7 +320,9 @@ class PodLauncher:
         never by name) and remove libtpu's lock file, which a killed process leaves behind and
         which makes the next one fail with "TPU in use"."""
         try:
-            out = self.gcloud.ssh(self.o.spec.name, "all", remote.CLEAN_SCRIPT)
+            out = "".join(
+                self.gcloud.ssh(name, "all", remote.CLEAN_SCRIPT) for name in self.o.spec.nodes
+            )
         except g.GcloudError as err:
             return self._slice_trouble(f"cleaning the workers failed ({err})")
         for line in out.splitlines():
@@ -314,8 +340,11 @@ class PodLauncher:
         return False
 
     # --- RUN and WATCH ---------------------------------------------------------------------
-    def worker_script(self, worker: int, workers: int, coordinator: str) -> str:
-        """What worker `worker` runs for this attempt."""
+    def worker_script(
+        self, worker: int, workers: int, coordinator: str, slice_id: int = 0, slices: int = 1
+    ) -> str:
+        """What worker `worker` (numbered across slices, slice by slice) runs for this
+        attempt."""
         args = [*self.o.worker_args, *(self.o.first_attempt_args if self.attempt == 1 else [])]
         env = {
             run_lock.LAUNCH_RUN_ENV: self.o.launch_run,
@@ -329,25 +358,39 @@ class PodLauncher:
                 "GPT_NEO_NUM_PROCESSES": str(workers),
                 "GPT_NEO_PROCESS_ID": str(worker),
             }
+        if slices > 1:  # what libtpu reads to join the slices over the data-centre network
+            host = coordinator.rsplit(":", 1)[0]
+            env |= {
+                "MEGASCALE_COORDINATOR_ADDRESS": f"{host}:{MEGASCALE_PORT}",
+                "MEGASCALE_PORT": str(MEGASCALE_PORT),
+                "MEGASCALE_NUM_SLICES": str(slices),
+                "MEGASCALE_SLICE_ID": str(slice_id),
+            }
         return remote.run_script(self.bundle, args, env, self.attempt_id, self.attempt)
 
-    def run_attempt(self, node: dict) -> Outcome:
+    def run_attempt(self, nodes: list[dict]) -> Outcome:
         self.attempt += 1
-        endpoints = node.get("networkEndpoints") or [{"ipAddress": "127.0.0.1"}]
-        coordinator = f"{endpoints[0]['ipAddress']}:{self.o.coordinator_port + self.attempt % 16}"
+        # every worker of every slice, slice by slice: (node name, its worker index, slice)
+        hosts = [
+            (name, i, s)
+            for s, (name, node) in enumerate(zip(self.o.spec.nodes, nodes, strict=True))
+            for i, _ in enumerate(node.get("networkEndpoints") or [{}])
+        ]
+        first = (nodes[0].get("networkEndpoints") or [{"ipAddress": "127.0.0.1"}])[0]
+        coordinator = f"{first['ipAddress']}:{self.o.coordinator_port + self.attempt % 16}"
         logs = self.o.log_dir / f"attempt-{self.attempt}"
         logs.mkdir(parents=True, exist_ok=True)
+        where = f" in {len(nodes)} slices" if len(nodes) > 1 else ""
         self.log(
             f"attempt {self.attempt}",
-            f"starting {len(endpoints)} worker(s), coordinator {coordinator}, logs in {logs}",
+            f"starting {len(hosts)} worker(s){where}, coordinator {coordinator}, logs in {logs}",
         )
         self.last_beat = None
-        self.tails = [deque(maxlen=20) for _ in endpoints]
+        self.tails = [deque(maxlen=20) for _ in hosts]
         self.workers, readers = [], []
-        for i in range(len(endpoints)):
-            command = self.gcloud.ssh_command(
-                self.o.spec.name, i, self.worker_script(i, len(endpoints), coordinator)
-            )
+        for i, (name, local, slice_id) in enumerate(hosts):
+            script = self.worker_script(i, len(hosts), coordinator, slice_id, len(nodes))
+            command = self.gcloud.ssh_command(name, local, script)
             worker = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -475,13 +518,9 @@ class PodLauncher:
             f"{self.o.stop_grace:.0f}s; Ctrl-C again to kill them now)",
         )
         try:
-            with contextlib.suppress(g.GcloudError):
-                self.gcloud.ssh(
-                    self.o.spec.name,
-                    "all",
-                    remote.STOP_SCRIPT,
-                    timeout=120,
-                )
+            for name in self.o.spec.nodes:
+                with contextlib.suppress(g.GcloudError):
+                    self.gcloud.ssh(name, "all", remote.STOP_SCRIPT, timeout=120)
             deadline = time.monotonic() + self.o.stop_grace
             while any(w.poll() is None for w in self.workers) and time.monotonic() < deadline:
                 time.sleep(0.2)

@@ -417,8 +417,8 @@ def _traffic_lines(cfg: Config, chip: hardware.Chip, train: Compiled) -> list[st
         f"communication per step per device, ESTIMATED: {cost.ici_bytes / mib:,.1f} MiB over the "
         f"chips' links (ICI, {chip.link_bandwidth / 1e9:.0f} GB/s), {cost.dcn_bytes / mib:,.1f} "
         f"MiB across slices (DCN, {chip.dcn_bandwidth / 1e9:.3g} GB/s per chip)",
-        f"step time ESTIMATE (roofline, {FLOP_CONVENTION}): {duration(cost.seconds)}, bound by "
-        f"{cost.why()}",
+        f"step time ESTIMATE with communication (the planner's roofline: {FLOP_CONVENTION}, "
+        f"recomputation counted): {duration(cost.seconds)}, bound by {cost.why()}",
     ]
     if train.dcn:
         sends = ", ".join(f"{n} {kind.lower()}" for kind, (n, _) in train.dcn.items())

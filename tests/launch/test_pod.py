@@ -136,11 +136,18 @@ def finish(process, timeout=120) -> tuple[int, str]:
     return process.returncode, out
 
 
+def calls(state) -> list[list[str]]:
+    """Each gcloud call's arguments, in order (none before the first call)."""
+    log = state / "calls.jsonl"
+    return (
+        [json.loads(line)["argv"] for line in log.read_text().splitlines()] if log.exists() else []
+    )
+
+
 def verbs(state) -> list[str]:
     """Each gcloud call as its verb: create, delete, ssh, scp, describe, fake preempt..."""
-    calls = [json.loads(line)["argv"] for line in (state / "calls.jsonl").read_text().splitlines()]
     known = ("create", "delete", "describe", "ssh", "scp", "list", "preempt", "stall")
-    return [next((w for w in argv if w in known), argv[0]) for argv in calls]
+    return [next((w for w in argv if w in known), argv[0]) for argv in calls(state)]
 
 
 def disk(state, worker: int, name="pod") -> Path:
@@ -206,6 +213,54 @@ def test_multi_host_slice_needs_model_path_on_gs(tmp_path, fake):
     last = out.strip().splitlines()[-1]
     assert "model_path is" in last and "2 worker VMs" in last and "gs://" in last
     assert "create" not in verbs(state)
+
+
+@pytest.mark.parametrize(
+    ("keys", "shared", "message"),
+    [
+        ({}, True, "the mesh 'x:4,y:2' does not say which axis crosses the slices"),
+        (
+            {"mesh_shape": "slice:4,x:2", "dcn_axes": "slice", "layout": "batch:slice+x"},
+            True,
+            "dcn_axes 'slice' spans 4 slices in mesh_shape 'slice:4,x:2', but --num_slices is 2",
+        ),
+        (
+            {"mesh_shape": "slice:2,x:4", "dcn_axes": "slice", "layout": "batch:slice+x"},
+            False,
+            "model_path is",  # ... a local path, but the slices have 4 worker VMs
+        ),
+    ],
+    ids=["no dcn_axes", "dcn_axes size", "local model_path"],
+)
+def test_bad_multi_slice_input_creates_nothing(tmp_path, fake, keys, shared, message):
+    env, state = fake
+    model = model_config(tmp_path, **keys)
+    process = launch(env, tmp_path, "--num_slices", "2", model=model, shared_filesystem=shared)
+    code, out = finish(process)
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert message in last and (shared or "4 worker VMs" in last)
+    assert "create" not in verbs(state)
+
+
+def test_a_failed_queued_resource_is_one_error_and_not_deleted(tmp_path, fake):
+    """The TPU API could not grant the request (here: a VM took the node's name while it
+    waited). Recreating it would fail the same way: one line, exit 2, and the queued resource
+    stays for the user to look at."""
+    env, state = fake
+    env["FAKE_GCLOUD_QR_WAITING_DESCRIBES"] = "3"
+    process = launch(env, tmp_path, "--queued")
+    deadline = time.monotonic() + 60
+    while "create" not in verbs(state):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    gcloud(env, "compute", "tpus", "tpu-vm", "create", "pod", f"--zone={ZONE}",
+           f"--accelerator-type={TYPE}", "--version=tpu-ubuntu2204-base")  # fmt: skip
+    code, out = finish(process)
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert "queued resource pod is FAILED" in last and "--force` and rerun" in last
+    assert "delete" not in verbs(state)
 
 
 def test_bucket_must_exist(tmp_path, fake, gcs):  # noqa: F811
@@ -515,10 +570,10 @@ def test_rerunning_the_launcher_resumes_when_its_slice_was_recreated_meanwhile(t
 
 
 # --------------------------------------------------------------------------------------------
-# End to end: the real main.py on 2 workers x 4 devices
+# End to end: the real main.py on 2 slices x 2 workers x 2 devices
 
 
-STEPS, EVERY = 24, 4
+STEPS, EVERY = 16, 4
 
 
 @pytest.fixture(scope="module")
@@ -529,9 +584,13 @@ def dataset(tmp_path_factory):
 def e2e_config(tmp_path, dataset, name, model_path=None):
     keys = {
         **SMALL_RUN,
+        # 2 slices of 4 devices: data parallel across them, heads split inside each
+        "mesh_shape": "slice:2,x:2,y:2",
+        "dcn_axes": "slice",
+        "layout": "batch:slice+x,heads:y",
         "train_steps": STEPS,
         "lr_decay_end": STEPS,
-        "input_streams": 2,
+        "input_streams": 4,  # one per host
         "datasets": [[dataset, 1, "documents_random", 1.0]],
         "model_path": model_path or str(tmp_path / name),
     }
@@ -547,19 +606,24 @@ def newest_checkpoint(gcs, url: str) -> int:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_preempted_pod_resumes_and_ends_bit_identical(tmp_path, fake, dataset, gcs):  # noqa: F811
-    """The reference run checkpoints to a local folder, the preempted one to the bucket: the
+def test_preempted_multi_slice_pod_resumes_and_ends_bit_identical(
+    tmp_path,
+    fake,
+    dataset,
+    gcs,  # noqa: F811
+):
+    """2 slices as one queued resource (nodes b-0 and b-1, 2 workers each), one slice
+    preempted mid-run: the launcher recreates the whole queued resource and the run resumes.
+    The reference run checkpoints to a local folder, the preempted one to the bucket: the
     same parameters at the end, bit for bit."""
     env, state = fake
-    vm_image(env, tmp_path, extra=gcs.env)
+    vm_image(env, tmp_path, devices=2, extra=gcs.env)
     timings = {}
+    slices = ("--num_slices", "2", "--steps_per_checkpoint", str(EVERY))
 
     start = time.monotonic()
     reference = e2e_config(tmp_path, dataset, "uninterrupted")
-    code, out = finish(
-        launch(env, tmp_path, "--steps_per_checkpoint", str(EVERY), model=reference, name="a"),
-        timeout=400,
-    )
+    code, out = finish(launch(env, tmp_path, *slices, model=reference, name="a"), timeout=400)
     assert code == 0, out[-4000:]
     timings["uninterrupted"] = time.monotonic() - start
 
@@ -567,14 +631,14 @@ def test_preempted_pod_resumes_and_ends_bit_identical(tmp_path, fake, dataset, g
     model_path = "gs://test-bucket/pod-run"
     model = e2e_config(tmp_path, dataset, "preempted", model_path)
     env.update(gcs.subprocess_env(env))  # for the launcher's bucket check
-    process = launch(env, tmp_path, "--steps_per_checkpoint", str(EVERY), model=model, name="b")
+    process = launch(env, tmp_path, *slices, model=model, name="b")
     deadline = time.monotonic() + 300
     while newest_checkpoint(gcs, model_path) < 2 * EVERY:
         assert process.poll() is None, process.communicate()[0][-4000:]
         assert time.monotonic() < deadline, "no checkpoint"
         time.sleep(0.1)
     preempted_after = newest_checkpoint(gcs, model_path)
-    gcloud(env, "fake", "preempt", "b")
+    gcloud(env, "fake", "preempt", "b-1")  # the second slice only
     code, out = finish(process, timeout=400)
     assert code == 0, out[-4000:]
     timings["preempted"] = time.monotonic() - start
@@ -583,6 +647,12 @@ def test_preempted_pod_resumes_and_ends_bit_identical(tmp_path, fake, dataset, g
 
     # it resumed from a checkpoint at or after the one seen before the preemption...
     attempt_2 = (tmp_path / "logs" / "b" / "attempt-2" / "worker-0.log").read_text()
+    # every worker of both slices got the variables that join the slices, with its slice
+    scripts = [c for c in calls(state) if c[3:4] == ["ssh"] and "MEGASCALE_SLICE_ID" in str(c)]
+    for node, slice_id in (("b-0", 0), ("b-1", 1)):
+        mine = [str(c) for c in scripts if c[4] == node]
+        assert mine and all(f"MEGASCALE_SLICE_ID={slice_id}" in c for c in mine)
+        assert all("MEGASCALE_NUM_SLICES=2" in c and "GPT_NEO_NUM_PROCESSES=4" in c for c in mine)
     resumed = int(attempt_2.split("training from step ")[1].split()[0])
     assert preempted_after <= resumed < STEPS
     # on a recreated VM (another hostname), whose worker 0 took the run lock over from the
@@ -592,14 +662,14 @@ def test_preempted_pod_resumes_and_ends_bit_identical(tmp_path, fake, dataset, g
         took_over.group(2)
         == "an earlier attempt of this launch run, which the launcher ended first"
     )
-    now_on = gcloud(env, "compute", "tpus", "tpu-vm", "ssh", "b", f"--zone={ZONE}",
+    now_on = gcloud(env, "compute", "tpus", "tpu-vm", "ssh", "b-0", f"--zone={ZONE}",
                     "--worker=0", "--command=hostname").strip()  # fmt: skip
     assert now_on.startswith("t1v-n-") and now_on != took_over.group(1)
-    # ...after the launcher deleted and recreated the slice
-    seen = verbs(state)
-    after = seen[seen.index("preempt") :]
-    assert "delete" in after and after.index("delete") < after.index("create")
-    assert "TPU b is PREEMPTED" in out or "TPU is PREEMPTED" in out
+    # ...after the launcher force-deleted and recreated the whole queued resource
+    queued = [c for c in calls(state) if "queued-resources" in c and c[3] in ("create", "delete")]
+    assert [c[3] for c in queued] == ["create", "create", "delete", "create"]  # a, b, b, b
+    assert "--node-count=2" in queued[-1] and "--force" in queued[2]
+    assert "is SUSPENDED" in out or "TPU is PREEMPTED" in out
     # and ends where the uninterrupted run did, bit for bit
     a = restore_params(tmp_path / "uninterrupted" / "checkpoints" / str(STEPS) / "state")
     b = restore_params(f"{model_path}/checkpoints/{STEPS}/state")

@@ -73,8 +73,9 @@ fake gcloud (test double). Global flags, accepted anywhere: --zone Z, --project 
   compute tpus tpu-vm delete NAME --zone=Z [--quiet]
   compute tpus tpu-vm ssh NAME --zone=Z --command=CMD [--worker=all|i|i,j] [--ssh-flag=F]...
   compute tpus tpu-vm scp SRC... NAME:DST --zone=Z [--worker=all|i|i,j] [--recurse]
-  compute tpus queued-resources create NAME --node-id=NODE --zone=Z --accelerator-type=T
-      --runtime-version=V [--spot|--reserved|--guaranteed|--best-effort]
+  compute tpus queued-resources create NAME (--node-id=NODE | --node-count=N [--node-prefix=P])
+      --zone=Z --accelerator-type=T --runtime-version=V
+      [--spot|--reserved|--guaranteed|--best-effort]
   compute tpus queued-resources describe|delete NAME --zone=Z [--force]
   compute tpus queued-resources list --zone=Z
   fake preempt NODE | fake stall NODE [--worker=W] | fake resume NODE [--worker=W]
@@ -122,6 +123,8 @@ VALUE_FLAGS = GLOBAL_VALUE_FLAGS | {
     "version",
     "runtime-version",
     "node-id",
+    "node-count",
+    "node-prefix",
     "worker",
     "command",
     "ssh-flag",
@@ -134,6 +137,8 @@ COMMAND_FLAGS = {
     "tpu-vm scp": {"worker", "recurse", "scp-flag"},
     "queued-resources create": {
         "node-id",
+        "node-count",
+        "node-prefix",
         "accelerator-type",
         "runtime-version",
         "spot",
@@ -1033,18 +1038,7 @@ def _qr_json(qr: dict) -> dict:
         "name": _qr_path(qr),
         "createTime": qr["createTime"],
         "state": state,
-        "tpu": {
-            "nodeSpec": [
-                {
-                    "parent": f"projects/{qr['project']}/locations/{qr['zone']}",
-                    "nodeId": qr["nodeId"],
-                    "node": {
-                        "acceleratorType": qr["acceleratorType"],
-                        "runtimeVersion": qr["runtimeVersion"],
-                    },
-                }
-            ]
-        },
+        "tpu": {"nodeSpec": [_node_spec(qr)]},
     }
     tier = qr.get("tier")
     if tier == "spot":
@@ -1058,25 +1052,42 @@ def _qr_json(qr: dict) -> dict:
     return out
 
 
+def _node_spec(qr: dict) -> dict:
+    """The API's nodeSpec: a node id, or for several slices (multislice) a count and prefix."""
+    spec: dict = {
+        "parent": f"projects/{qr['project']}/locations/{qr['zone']}",
+        "node": {"acceleratorType": qr["acceleratorType"], "runtimeVersion": qr["runtimeVersion"]},
+    }
+    if qr.get("nodePrefix"):
+        spec["multisliceParams"] = {
+            "nodeCount": len(qr["nodeIds"]),
+            "nodeIdPrefix": qr["nodePrefix"],
+        }
+    else:
+        spec["nodeId"] = qr["nodeIds"][0]
+    return spec
+
+
 def _activate_qr(st: dict, qr: dict) -> None:
-    if qr["nodeId"] in st["nodes"]:  # a node of that name appeared meanwhile
+    if any(n in st["nodes"] for n in qr["nodeIds"]):  # a node of that name appeared meanwhile
         qr["state"] = "FAILED"
         return
     qr["state"] = "ACTIVE"
-    _make_node(
-        st,
-        name=qr["nodeId"],
-        project=qr["project"],
-        zone=qr["zone"],
-        acceleratorType=qr["acceleratorType"],
-        runtimeVersion=qr["runtimeVersion"],
-        preemptible=False,
-        spot=qr.get("tier") == "spot",
-        state="READY",
-        creating_describes_left=0,
-        queuedResource=qr["name"],
-        workers=qr["workers"],
-    )
+    for node_id in qr["nodeIds"]:
+        _make_node(
+            st,
+            name=node_id,
+            project=qr["project"],
+            zone=qr["zone"],
+            acceleratorType=qr["acceleratorType"],
+            runtimeVersion=qr["runtimeVersion"],
+            preemptible=False,
+            spot=qr.get("tier") == "spot",
+            state="READY",
+            creating_describes_left=0,
+            queuedResource=qr["name"],
+            workers=qr["workers"],
+        )
 
 
 def _observe_qr(st: dict, qr: dict) -> dict:
@@ -1105,9 +1116,13 @@ def cmd_qr_create(args: Args) -> int:
     name = _need_name(args, command, 5)
     zone, project = _zone(args, command), _project(args)
     _check_zone(zone, command)
-    node_id = args.get("node-id")
-    if not node_id:
-        raise NotImplementedCall  # --node-count/--node-prefix (multislice) are not implemented
+    node_id, count = args.get("node-id"), args.get("node-count")
+    if bool(node_id) == bool(count):
+        raise _fail(command, "Exactly one of (--node-count | --node-id) must be specified.", 2)
+    prefix = args.get("node-prefix") or name  # the API's default: the queued resource's name
+    if count and (not count.isdigit() or int(count) < 2):
+        raise _fail(command, f"INVALID_ARGUMENT: node_count {count} must be > 1", 1)
+    node_ids = [node_id] if node_id else [f"{prefix}-{i}" for i in range(int(count or 0))]
     acc = _check_type(args.get("accelerator-type"), command, zone, "accelerator-type")
     version = args.get("runtime-version")
     if not version:
@@ -1122,17 +1137,18 @@ def cmd_qr_create(args: Args) -> int:
                 f"ALREADY_EXISTS: Resource '{_qr_path(st['queued_resources'][name])}' "
                 "already exists",
             )
-        if node_id in st["nodes"]:
+        for existing in (n for n in node_ids if n in st["nodes"]):
             raise _fail(
                 command,
-                f"ALREADY_EXISTS: Resource '{_node_path(st['nodes'][node_id])}' already exists",
+                f"ALREADY_EXISTS: Resource '{_node_path(st['nodes'][existing])}' already exists",
             )
         _count_create(st, command, zone)
         qr = {
             "name": name,
             "project": project,
             "zone": zone,
-            "nodeId": node_id,
+            "nodeIds": node_ids,
+            "nodePrefix": None if node_id else prefix,
             "acceleratorType": acc,
             "runtimeVersion": version,
             "tier": tiers[0] if tiers else None,
@@ -1179,15 +1195,16 @@ def cmd_qr_delete(args: Args) -> int:
     name = _need_name(args, command, 5)
     with locked_state() as st:
         qr = _qr_or_not_found(st, args, command, name)
-        node = st["nodes"].get(qr["nodeId"])
-        if node is not None and node.get("queuedResource") == name:
-            if not args.flag("force"):
-                raise _fail(
-                    command,
-                    f"FAILED_PRECONDITION: Queued resource '{_qr_path(qr)}' in state "
-                    f"{qr['state']} still has node '{qr['nodeId']}'; delete the node first or "
-                    "pass --force to delete the queued resource together with its node",
-                )
+        nodes = [st["nodes"].get(n) for n in qr["nodeIds"]]
+        nodes = [n for n in nodes if n is not None and n.get("queuedResource") == name]
+        if nodes and not args.flag("force"):
+            raise _fail(
+                command,
+                f"FAILED_PRECONDITION: Queued resource '{_qr_path(qr)}' in state "
+                f"{qr['state']} still has node '{nodes[0]['name']}'; delete the node first or "
+                "pass --force to delete the queued resource together with its node",
+            )
+        for node in nodes:
             _drop_node(st, node)
         del st["queued_resources"][name]
     _stderr(f"Delete request issued for: [{name}]\nWaiting for operation to finish...done.")

@@ -441,6 +441,36 @@ def test_queued_resources_lifecycle(gcloud):
     assert gcloud.json(*node_describe)["state"] == "READY"
 
 
+def test_a_multislice_queued_resource_has_a_node_per_slice_each_preempted_alone(gcloud):
+    """`--node-count N --node-prefix P` makes nodes P-0 ... P-(N-1), as the TPU API names them;
+    preempting one suspends the queued resource and leaves the other slice running; deleting
+    it with --force takes every node."""
+    qr = ("compute", "tpus", "queued-resources")
+    create = (
+        *qr, "create", "ms", "--node-count=2", "--node-prefix=ms", *LOC,
+        "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite",
+    )  # fmt: skip
+    r = gcloud(*qr, "create", "bad", "--node-id=x", "--node-count=2", *create[7:])
+    assert r.returncode == 2 and "Exactly one of (--node-count | --node-id)" in r.stderr
+    gcloud.ok(*create)
+    desc = gcloud.json(*qr, "describe", "ms", *LOC)
+    assert desc["state"]["state"] == "ACTIVE"
+    assert desc["tpu"]["nodeSpec"][0]["multisliceParams"] == {"nodeCount": 2, "nodeIdPrefix": "ms"}
+    for name in ("ms-0", "ms-1"):
+        assert gcloud.json("compute", "tpus", "tpu-vm", "describe", name, *LOC)["state"] == "READY"
+    hosts = {name: gcloud.ssh(name, "hostname").stdout.split() for name in ("ms-0", "ms-1")}
+    assert set(hosts["ms-0"]).isdisjoint(hosts["ms-1"])  # 4 machines of their own
+
+    gcloud.ok("fake", "preempt", "ms-1")
+    assert gcloud.json(*qr, "describe", "ms", *LOC)["state"]["state"] == "SUSPENDED"
+    describe = ("compute", "tpus", "tpu-vm", "describe")
+    assert gcloud.json(*describe, "ms-1", *LOC)["state"] == "PREEMPTED"
+    assert gcloud.json(*describe, "ms-0", *LOC)["state"] == "READY"
+    gcloud.ok(*qr, "delete", "ms", *LOC, "--quiet", "--force")
+    for name in ("ms-0", "ms-1"):
+        assert gcloud(*describe, name, *LOC).returncode == 1
+
+
 def test_every_vm_is_a_machine_of_its_own_and_a_recreated_one_another(gcloud):
     """Cloud TPU names each worker VM `t1v-n-<id>-w-<i>`, new with every node: code that
     identifies a machine by its hostname sees a recreated slice as other machines."""
