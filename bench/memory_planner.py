@@ -119,7 +119,7 @@ def verdict_table(rows: list[int]) -> None:
         )
         where = topology + (f" x {slices}" if slices > 1 else "")
         if slices > 1 and compiled_fits:  # what crosses slices: the roofline against the program
-            sent = 2 * (slices - 1) / slices * sum(size for _, size in c.dcn.values())
+            sent = roofline.all_reduce_bytes(sum(size for _, size in c.dcn.values()), slices)
             dcn = roofline.estimate(
                 cfg, hardware.chip(devices[0].device_kind) or hardware.UNKNOWN
             ).dcn_bytes

@@ -488,6 +488,12 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
         return Mesh(np.asarray(devices).reshape(shape), names, axis_types=auto)
 
 
+def slice_count(cfg: Config) -> int:
+    """How many slices the mesh spans: the product of the `dcn_axes` sizes (1 without)."""
+    sizes = mesh_axes(cfg) or {}
+    return math.prod(sizes[a] for a in dcn_axes(cfg))
+
+
 def slice_groups(devices: list) -> list[list] | None:
     """The devices grouped by TPU slice (`slice_index`, in order), or None for one slice and
     where the index says nothing of slices: off a TPU (CPU devices of several processes carry
@@ -505,7 +511,7 @@ def slice_groups(devices: list) -> list[list] | None:
 @dataclass(frozen=True)
 class _InSlice:
     """A device presented to JAX's hybrid-mesh helper as part of slice `slice_index`: for
-    devices that carry no slice index (simulated slices on CPU, one host per slice on GPU)."""
+    devices whose index says nothing of slices (simulated slices on CPU, hosts off a TPU)."""
 
     device: object
     slice_index: int

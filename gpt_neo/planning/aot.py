@@ -27,10 +27,10 @@ from gpt_neo.inference import sample
 from gpt_neo.mesh import (
     activation_sharding,
     data_parallel_size,
-    dcn_axes,
     make_mesh,
     mesh_axes,
     padded_vocab,
+    slice_count,
 )
 from gpt_neo.models import context
 from gpt_neo.models.attention import resolve_kernel
@@ -99,9 +99,8 @@ class Compiled:
     aliased: int  # outputs that reuse donated arguments' buffers
     flops: float  # per device, recomputation included
     seconds: float  # lowering + compilation
-    # what crosses slices (`dcn_axes`): the operands of the program's transfers over the
-    # data-centre network, per kind ("ALL_REDUCE", ...) -> (count, bytes), each counted once
-    # (a transfer inside a loop runs once per trip)
+    # what crosses slices (`dcn_axes`) per step: the operands of the program's transfers over
+    # the data-centre network, per kind ("ALL_REDUCE", ...) -> (count, bytes) (`dcn_transfers`)
     dcn: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
@@ -423,12 +422,12 @@ def _traffic_lines(cfg: Config, chip: hardware.Chip, train: Compiled) -> list[st
     if train.dcn:
         sends = ", ".join(f"{n} {kind.lower()}" for kind, (n, _) in train.dcn.items())
         total = sum(size for _, size in train.dcn.values())
-        sizes = mesh_axes(cfg) or {}
-        slices = math.prod(sizes[a] for a in dcn_axes(cfg))
+        slices = slice_count(cfg)
+        sent = roofline.all_reduce_bytes(total, slices)
         lines.append(
             f"across slices in the compiled program: {sends} ({total / mib:,.1f} MiB of "
-            f"operands; a ring over {slices} slices sends {2 * (slices - 1) / slices:.2g}x that "
-            f"per device, {2 * (slices - 1) / slices * total / mib:,.1f} MiB)"
+            f"operands; a ring over {slices} slices sends {sent / total:.2g}x that per device, "
+            f"{sent / mib:,.1f} MiB)"
         )
     return lines
 

@@ -110,10 +110,10 @@ def estimate(cfg: Config, chip: hardware.Chip) -> Estimate:
         copies = residual * cfg.moe.experts_per_token
         expert_bytes = len(cfg.moe_layers) * 2 * passes * copies * (experts - 1) / experts
     context_bytes = context_bytes_sent(cfg, sizes, micro)
-    grad_ici, grad_dcn = gradient_bytes(cfg, sizes, crossing, micro, passes, act)
+    used = weights(cfg, every_layer=True).gathered  # what the matmuls read: split by tensor only
+    grad_ici, grad_dcn = gradient_bytes(cfg, sizes, crossing, used, micro, passes, act)
     # HBM: each microbatch reads the weights its matmuls use once per pass; the optimizer
     # reads parameters, moments and gradients and writes parameters and moments (float32)
-    used = weights(cfg, every_layer=True).gathered
     stored = memory_per_device(cfg)
     update_bytes = 2 * (stored["parameters"] + stored["optimizer state"]) + stored["parameters"]
     hbm_bytes = micro * passes * used * act + update_bytes
@@ -144,11 +144,17 @@ def estimate(cfg: Config, chip: hardware.Chip) -> Estimate:
 
 
 def gradient_bytes(
-    cfg: Config, sizes: dict[str, int], crossing: tuple[str, ...], micro: int, passes: int, act: int
+    cfg: Config,
+    sizes: dict[str, int],
+    crossing: tuple[str, ...],
+    used: float,
+    micro: int,
+    passes: int,
+    act: int,
 ) -> tuple[float, float]:
-    """Bytes one device sends per step to sum gradients over the devices that hold other
-    tokens (batch and sequence splits), as (inside a slice, across slices). Hierarchical, as XLA
-    compiles it: FSDP gathers weights per pass and reduce-scatters gradients over its axes; the
+    """Bytes one device sends per step to sum the gradients of the `used` weight elements (as
+    the matmuls read them) over the devices that hold other tokens (batch and sequence
+    splits), as (inside a slice, across slices). Hierarchical, as XLA compiles it: FSDP gathers weights per pass and reduce-scatters gradients over its axes; the
     remaining token axes all-reduce each device's gradient shard, inside the slice first, then
     once over the DCN with what is left (a 1/ICI-ways piece)."""
     tables = rules(cfg)
@@ -159,7 +165,6 @@ def gradient_bytes(
         return math.prod(sizes[a] for a in names) // dcn, dcn
 
     token_ici, token_dcn = ways(tables.activations, (axes.BATCH, axes.SEQ))
-    used = weights(cfg, every_layer=True).gathered  # what the matmuls read: split by tensor only
     fsdp_ici, fsdp_dcn = ways(tables.parameters, (axes.EMBD,)) if cfg.param_layout else (1, 1)
     fsdp_ici, fsdp_dcn = min(fsdp_ici, token_ici), min(fsdp_dcn, token_dcn)
     rest_ici, rest_dcn = token_ici // fsdp_ici, token_dcn // fsdp_dcn

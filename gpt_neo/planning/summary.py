@@ -13,7 +13,7 @@ from rich.table import Table
 
 from gpt_neo import axes, hardware
 from gpt_neo.config import Config
-from gpt_neo.mesh import dcn_axes, mesh_axes, padded_vocab, pieces, rules
+from gpt_neo.mesh import dcn_axes, mesh_axes, padded_vocab, pieces, rules, slice_count
 from gpt_neo.models.gpt import FLOP_CONVENTIONS, flops_per_token, param_count
 from gpt_neo.models.stack import layer_stacks
 from gpt_neo.planning import roofline
@@ -96,8 +96,7 @@ def print_summary(cfg: Config, console: Console | None = None) -> None:
     devices = math.prod(sizes.values()) if sizes else None
     tables = rules(cfg)
     crossing = dcn_axes(cfg)
-    slices = math.prod(sizes[a] for a in crossing) if sizes and crossing else 1
-    across = f"; {'+'.join(crossing)} across {slices} slices (DCN)" if crossing else ""
+    across = f"; {'+'.join(crossing)} across {slice_count(cfg)} slices (DCN)" if crossing else ""
     console.print(f"mesh: {mesh_text} ({devices or '?'} devices{across})")
     console.print(f"layout (activations): {_rules_text(tables.activations)}")
     parameters = _rules_text(tables.parameters) if cfg.param_layout else "as layout"
